@@ -1,13 +1,28 @@
 //! The engine: subtraction and scoring of stamp batches, on the GPU or on the CPU.
 //!
-//! `Engine` has two implementations, `GpuEngine` (wgpu + WGSL in `shaders/`) and `CpuEngine`
+//! `Engine` has two implementations, [`GpuEngine`] (wgpu + WGSL in `shaders/`) and [`CpuEngine`]
 //! (plain Rust, the oracle in tests and the fallback where no adapter exists).
 //! INTERFACE PINNED BY THE PIPELINE: keep `Engine`, `StampBatch`, `StampParams`,
 //! `SubtractionResult`, `EngineError`, `prepare_batch` and `select_engine` as declared here.
+//!
+//! # Layout
+//! - [`prepare`]: alert → [`PreparedStamp`] (variance, PSF widths, masks, matched-filter profile),
+//!   [`assemble`] and [`prepare_batch`] → [`StampBatch`]. CPU, cheap.
+//! - [`select`]: [`EnginePreference`] and [`select_engine`].
+//! - The kernels, in order: `convolve` (template ⊗ Gaussian, variance ⊗ Gaussian²), `fit`
+//!   (flux scale and background), `difference_score` (difference, variance, matched filter).
+//!   WGSL in `shaders/<k>.wgsl`, dispatcher in `gpu::kernels::<k>`, twin in `cpu::<k>`.
+//!   Method, noise model and tolerances: `docs/engine.md`.
 
-use crate::alert::Alert;
+pub mod prepare;
+pub mod select;
 
-/// Per-stamp parameters, computed on the CPU by [`prepare_batch`].
+pub use crate::cpu::CpuEngine;
+pub use crate::gpu::GpuEngine;
+pub use prepare::{assemble, prepare_batch, prepare_stamp, PrepareConfig, PreparedBatch, PreparedStamp};
+pub use select::{select_engine, EnginePreference};
+
+/// Per-stamp parameters, computed on the CPU by [`prepare_stamp`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct StampParams {
     /// Gaussian sigma (pixels) of the kernel the template is convolved with; 0 = no convolution.
@@ -15,6 +30,19 @@ pub struct StampParams {
     /// Candidate position in stamp pixels (0-based).
     pub cand_x: f32,
     pub cand_y: f32,
+    /// Pixels closer than this (pixels) to the candidate stay out of the scale/background fit,
+    /// so the transient cannot bias it; 0 = every usable pixel enters the fit.
+    pub fit_radius: f32,
+    /// Gaussian-equivalent PSF sigma (pixels) of the science and template stamps, as prepared.
+    pub science_sigma: f32,
+    pub template_sigma: f32,
+}
+
+impl StampParams {
+    /// Parameters for a stamp with no convolution and no fit exclusion (tests, simple callers).
+    pub fn new(kernel_sigma: f32, cand_x: f32, cand_y: f32) -> StampParams {
+        StampParams { kernel_sigma, cand_x, cand_y, fit_radius: 0.0, science_sigma: 0.0, template_sigma: 0.0 }
+    }
 }
 
 /// A batch of same-shape stamp pairs, laid out stamp after stamp (`n * width * height` each).
@@ -36,6 +64,50 @@ pub struct StampBatch {
     pub params: Vec<StampParams>,
 }
 
+impl StampBatch {
+    /// Pixels per stamp.
+    pub fn npix(&self) -> usize {
+        self.width * self.height
+    }
+
+    /// Check that every array has `n * width * height` entries and the parameters are finite.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let want = self.n.checked_mul(self.npix()).ok_or_else(|| {
+            EngineError::BadStamp(format!("batch too large: {} x {}x{}", self.n, self.width, self.height))
+        })?;
+        for (name, len) in [
+            ("science", self.science.len()),
+            ("template", self.template.len()),
+            ("science_var", self.science_var.len()),
+            ("template_var", self.template_var.len()),
+            ("weight", self.weight.len()),
+            ("profile", self.profile.len()),
+        ] {
+            if len != want {
+                return Err(EngineError::BadStamp(format!(
+                    "batch array {name} has {len} values, expected {want} ({} stamps of {}x{})",
+                    self.n, self.width, self.height
+                )));
+            }
+        }
+        if self.params.len() != self.n {
+            return Err(EngineError::BadStamp(format!(
+                "batch has {} params for {} stamps",
+                self.params.len(),
+                self.n
+            )));
+        }
+        for (i, p) in self.params.iter().enumerate() {
+            if ![p.kernel_sigma, p.cand_x, p.cand_y, p.fit_radius].iter().all(|v| v.is_finite())
+                || p.kernel_sigma < 0.0
+            {
+                return Err(EngineError::BadStamp(format!("stamp {i}: non-finite or negative params {p:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What the engine reports per stamp.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SubtractionResult {
@@ -48,6 +120,57 @@ pub struct SubtractionResult {
     /// flux / flux_err: the detection score in sigma (signed).
     pub score: f32,
 }
+
+/// The `fit` kernel's output per stamp.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fit {
+    pub scale: f32,
+    pub background: f32,
+    /// How the fit ended, see [`FitStatus`].
+    pub status: FitStatus,
+}
+
+/// Whether the 2x2 normal equations could be solved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FitStatus {
+    Solved,
+    /// The convolved template is flat over the fit pixels: scale = 1, background = median of
+    /// science − template.
+    Singular,
+    /// No pixel could enter the fit: scale = 1, background = 0.
+    Empty,
+}
+
+impl FitStatus {
+    /// The code the kernels write (keep in sync with `shaders/fit.wgsl`).
+    pub fn code(self) -> u32 {
+        match self {
+            FitStatus::Solved => 0,
+            FitStatus::Singular => 1,
+            FitStatus::Empty => 2,
+        }
+    }
+
+    pub fn from_code(code: u32) -> FitStatus {
+        match code {
+            0 => FitStatus::Solved,
+            1 => FitStatus::Singular,
+            _ => FitStatus::Empty,
+        }
+    }
+}
+
+/// Full-frame outputs of one batch: per-stamp results plus the difference image and its
+/// per-pixel variance (laid out like the batch; masked pixels are 0 in both).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubtractionImages {
+    pub results: Vec<SubtractionResult>,
+    pub difference: Vec<f32>,
+    pub variance: Vec<f32>,
+}
+
+/// The value `flux_err` takes when no pixel constrains the matched filter.
+pub const FLUX_ERR_NONE: f32 = f32::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

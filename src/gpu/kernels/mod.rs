@@ -1,0 +1,121 @@
+//! One dispatcher per WGSL kernel (`shaders/<k>.wgsl`, twin `cpu::<k>`), plus the layout every
+//! engine shader shares: the uniform [`BatchParams`], the per-stamp [`StampGpu`] array, and the
+//! plane indices of the packed `pix` (inputs) and `work` (intermediates) buffers.
+//!
+//! Everything for a batch lives in four storage buffers (GL exposes as few as four per stage):
+//! `pix` (6 planes of `n * npix` f32), `stamps`, `work` (7 planes) and `results`
+//! ([`RESULT_STRIDE`] f32 per stamp).
+
+pub mod convolve;
+pub mod difference_score;
+pub mod fit;
+
+use crate::engine::StampParams;
+
+/// Invocations per workgroup (keep in sync with `WG` in every `shaders/*.wgsl`).
+pub const WORKGROUP_SIZE: u32 = 256;
+
+/// Per-dispatch shape (keep in sync with `struct BatchParams` in every `shaders/*.wgsl`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BatchParams {
+    pub width: u32,
+    pub height: u32,
+    /// Stamps in this dispatch.
+    pub n: u32,
+    /// Pixels per stamp.
+    pub npix: u32,
+}
+
+/// Per-stamp parameters (keep in sync with `struct StampGpu` in every `shaders/*.wgsl`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StampGpu {
+    pub kernel_sigma: f32,
+    pub cand_x: f32,
+    pub cand_y: f32,
+    pub fit_radius: f32,
+}
+
+impl From<&StampParams> for StampGpu {
+    fn from(p: &StampParams) -> StampGpu {
+        StampGpu { kernel_sigma: p.kernel_sigma, cand_x: p.cand_x, cand_y: p.cand_y, fit_radius: p.fit_radius }
+    }
+}
+
+/// Planes of the `pix` buffer (keep in sync with `PIX_*` in `shaders/*.wgsl`).
+#[derive(Debug, Clone, Copy)]
+pub enum Pix {
+    Science = 0,
+    Template = 1,
+    ScienceVar = 2,
+    TemplateVar = 3,
+    Weight = 4,
+    Profile = 5,
+}
+pub const PIX_PLANES: usize = 6;
+
+/// Planes of the `work` buffer (keep in sync with `WORK_*` in `shaders/*.wgsl`).
+#[derive(Debug, Clone, Copy)]
+pub enum Work {
+    RowT = 0,
+    RowW = 1,
+    RowV = 2,
+    ConvT = 3,
+    ConvV = 4,
+    Diff = 5,
+    Var = 6,
+}
+pub const WORK_PLANES: usize = 7;
+
+/// f32 per stamp in `results`: scale, background, flux, flux_err, score, num, den, fit status
+/// (keep in sync with `RESULT_STRIDE` in `shaders/*.wgsl`).
+pub const RESULT_STRIDE: usize = 8;
+
+/// The WGSL sources, by kernel name.
+pub const SHADERS: [(&str, &str); 3] = [
+    ("convolve", include_str!("../../../shaders/convolve.wgsl")),
+    ("fit", include_str!("../../../shaders/fit.wgsl")),
+    ("difference_score", include_str!("../../../shaders/difference_score.wgsl")),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Field names and count of a WGSL struct (scalar fields only, 4 bytes each).
+    fn wgsl_fields(src: &str, name: &str) -> Vec<String> {
+        let start = src.find(&format!("struct {name} {{")).expect("struct in shader");
+        let body = &src[start..];
+        let body = &body[body.find('{').expect("{") + 1..body.find('}').expect("}")];
+        body.lines()
+            .map(|l| l.trim())
+            .filter(|l| !l.is_empty() && !l.starts_with("//"))
+            .map(|l| {
+                let (field, ty) = l.split_once(':').expect("field: type");
+                let ty = ty.trim().trim_end_matches(',');
+                assert!(ty == "u32" || ty == "f32" || ty == "i32", "scalar field {l}");
+                field.trim().to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn wgsl_structs_match_rust_sizes() {
+        for (kernel, src) in SHADERS {
+            let b = wgsl_fields(src, "BatchParams");
+            assert_eq!(b, ["width", "height", "n", "npix"], "{kernel}");
+            assert_eq!(4 * b.len(), std::mem::size_of::<BatchParams>(), "{kernel}");
+            let s = wgsl_fields(src, "StampGpu");
+            assert_eq!(s, ["kernel_sigma", "cand_x", "cand_y", "fit_radius"], "{kernel}");
+            assert_eq!(4 * s.len(), std::mem::size_of::<StampGpu>(), "{kernel}");
+            assert!(src.contains(&format!("const WG: u32 = {WORKGROUP_SIZE}u;")), "{kernel}");
+            assert!(src.contains(&format!("const RESULT_STRIDE: u32 = {RESULT_STRIDE}u;")), "{kernel}");
+            for (name, v) in [("PIX_PROFILE", Pix::Profile as usize), ("WORK_VAR", Work::Var as usize)] {
+                assert!(src.contains(&format!("const {name}: u32 = {v}u;")), "{kernel}: {name}");
+            }
+        }
+        assert_eq!(PIX_PLANES, Pix::Profile as usize + 1);
+        assert_eq!(WORK_PLANES, Work::Var as usize + 1);
+    }
+}
