@@ -34,7 +34,7 @@ fn validate_shaders(dir: &Path) {
 }
 
 fn compile_protos() {
-    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=proto/blink/v1/blink.proto");
     let protoc = protoc_bin_vendored::protoc_bin_path().expect("vendored protoc");
     // SAFETY: build scripts are single-threaded; tonic-prost-build reads PROTOC from the env.
     unsafe { std::env::set_var("PROTOC", protoc) };

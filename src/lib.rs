@@ -1,14 +1,38 @@
 //! # blink — GPU transient detection on astronomical alert streams
 //!
+//! Alerts (ZTF, Rubin) arrive on Kafka; blink decodes them, batches same-shape stamps, redoes
+//! the subtraction of each alert's cutouts on the GPU and scores the candidate; results stream
+//! out over gRPC. `ARCHITECTURE.md` has the picture.
+//!
 //! # Layout
 //! - [`alert`]: the survey-neutral alert model every stage shares.
 //! - [`decode`]: ZTF, Rubin and blink-native packets → [`alert::Alert`]; FITS stamps; `inspect`.
-//! - [`engine`]: the `Engine` trait, batch preparation, engine selection.
+//! - [`source`]: Kafka in (consumer group, embedded cluster) and fixture replay.
+//! - [`pipeline`]: the stages and channels, batching, acks and dead letters.
+//! - [`engine`]: the `Engine` trait, stamp preparation, engine selection.
 //! - [`gpu`]: wgpu context, buffer pool and one dispatcher per WGSL kernel (`shaders/<k>.wgsl`).
 //! - [`cpu`]: the CPU twin of every kernel (same names), the oracle in tests.
+//! - [`sink`]: gRPC hub and server.
+//! - [`service`]: everything wired together for `serve` and `demo`.
+//! - [`sim`]: simulated alerts.
+//! - [`config`], [`metrics`], [`cli`].
 
 pub mod alert;
+pub mod cli;
+pub mod config;
 pub mod cpu;
 pub mod decode;
 pub mod engine;
 pub mod gpu;
+pub mod metrics;
+pub mod pipeline;
+pub mod service;
+pub mod sim;
+pub mod sink;
+pub mod source;
+
+/// Code generated from `proto/blink/v1/blink.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("blink.v1");
+}

@@ -1,0 +1,68 @@
+//! The command line: `blink demo | serve | subscribe | status | inspect`. Raw arguments are parsed
+//! once here (clap) and turned into validated values before any work starts.
+
+pub mod demo;
+pub mod serve;
+pub mod subscribe;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "blink",
+    version,
+    about = "GPU transient detection on ZTF and Rubin alert streams",
+    long_about = "blink consumes survey alerts (ZTF, Rubin) from Kafka, redoes the image subtraction \
+of each alert's cutouts on the GPU (wgpu; the CPU engine where no adapter exists), scores the \
+candidate with a matched filter, and streams the results over gRPC.\n\n\
+Start with `blink demo`: it needs nothing installed and runs the whole chain on real fixture \
+alerts through an in-process Kafka cluster.",
+    after_help = "Logs go to stderr; set RUST_LOG=debug (or blink=debug) for more."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole chain on embedded defaults: in-process Kafka, real ZTF and Rubin fixture
+    /// alerts plus simulated ones, the GPU (or llvmpipe / the CPU engine), a gRPC subscriber on
+    /// loopback; print a table of results.
+    Demo(demo::DemoArgs),
+    /// Run the pipeline against real Kafka brokers, configured by a TOML file
+    /// (see blink.example.toml for every key).
+    Serve(serve::ServeArgs),
+    /// Connect to a running blink and print results as JSON lines.
+    Subscribe(subscribe::SubscribeArgs),
+    /// Print a running blink's health and counters as JSON.
+    Status(subscribe::StatusArgs),
+    /// Decode alert files (ZTF or Rubin Avro, Confluent-framed or containers) and print one JSON
+    /// line per alert: ids, position, epoch, band, and each stamp's shape and NaN count.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Alert files: Avro object containers (ZTF, Fink, blink native) or Confluent-framed Rubin
+    /// messages; `.gz` files are inflated first.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Folder of Rubin schemas (default: the copies built into blink).
+    #[arg(long)]
+    pub rubin_schema_dir: Option<PathBuf>,
+    /// Confluent-compatible schema registry for Rubin schema ids not found locally.
+    #[arg(long)]
+    pub schema_registry: Option<String>,
+}
+
+/// Options shared by the commands that run the pipeline.
+#[derive(Debug, Args, Clone)]
+pub struct EngineArgs {
+    /// Which engine runs the kernels: auto (GPU if wgpu finds an adapter, else CPU with a
+    /// warning), gpu (fail without one) or cpu.
+    #[arg(long, value_parser = ["auto", "gpu", "cpu"])]
+    pub engine: Option<String>,
+}

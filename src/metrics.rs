@@ -1,0 +1,49 @@
+//! Counters shared by every stage, read by `Status` and by `blink demo`'s last line.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Kafka messages (or replayed files) taken in.
+    pub messages_in: AtomicU64,
+    /// Messages whose every derived result was delivered (and so may be committed).
+    pub messages_done: AtomicU64,
+    /// Alerts decoded, plus messages that failed to decode as a whole: each is one unit that
+    /// ends as exactly one result or one dead letter.
+    pub alerts_in: AtomicU64,
+    /// Results delivered to the sinks (one per processed alert).
+    pub results_out: AtomicU64,
+    /// Of those, results with |score| >= threshold.
+    pub detected: AtomicU64,
+    pub batches: AtomicU64,
+    pub offsets_committed: AtomicU64,
+    pub subscribers: AtomicU64,
+    dead_letters: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    pub fn add_dead_letter(&self, reason: &str) -> u64 {
+        let mut map = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(reason.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    pub fn dead_letters(&self) -> BTreeMap<String, u64> {
+        self.dead_letters.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn dead_letter_total(&self) -> u64 {
+        self.dead_letters().values().sum()
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+}

@@ -1,0 +1,399 @@
+//! The streaming pipeline: envelope → decode → prepare → batch → engine → sinks, each stage a task
+//! joined to the next by a bounded channel (backpressure is structural).
+//!
+//! ```text
+//!  source ──Envelope──► decode+prepare ──Item──► batcher ──Batch──► engine thread ──► sink
+//!    ▲                      │ (dead letters)                                          │
+//!    └──── commits ◄──── AckTracker ◄────────────── done(token) ◄─────────────────────┘
+//! ```
+//! Every unit derived from a message (one result per alert, or one dead letter) is counted by the
+//! [`ack::AckTracker`]; the source commits an offset only when all earlier units are delivered.
+
+pub mod ack;
+pub mod deadletter;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+use crate::alert::{Alert, Survey};
+use crate::config::Config;
+use crate::decode::{DecodeError, Decoder};
+use crate::engine::{self, Engine, PrepareConfig, PreparedStamp, SubtractionResult};
+use crate::metrics::Metrics;
+use crate::sink::grpc::Hub;
+pub use ack::{AckToken, AckTracker};
+use deadletter::DeadLetterSink;
+
+/// One input message and where it came from.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub bytes: Vec<u8>,
+    pub token: AckToken,
+}
+
+/// What a result needs to know of its alert once the stamps are gone.
+#[derive(Debug, Clone)]
+pub struct AlertMeta {
+    pub survey: Survey,
+    pub alert_id: String,
+    pub object_id: String,
+    pub ra: f64,
+    pub dec: f64,
+    pub mjd_tai: f64,
+    pub band: String,
+    pub survey_snr: Option<f64>,
+}
+
+impl AlertMeta {
+    fn of(a: &Alert) -> AlertMeta {
+        AlertMeta {
+            survey: a.survey,
+            alert_id: a.alert_id.clone(),
+            object_id: a.object_id.clone(),
+            ra: a.ra,
+            dec: a.dec,
+            mjd_tai: a.mjd_tai,
+            band: a.band.clone(),
+            survey_snr: a.candidate.survey_snr,
+        }
+    }
+}
+
+/// A decoded, prepared alert on its way to a batch.
+struct Item {
+    token: AckToken,
+    meta: AlertMeta,
+    stamp: PreparedStamp,
+    arrived: Instant,
+}
+
+/// A result leaving the engine.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub token: AckToken,
+    pub meta: AlertMeta,
+    pub result: SubtractionResult,
+    pub detected: bool,
+}
+
+/// Commit points waiting for the source, coalesced per partition (bounded by the partition count).
+#[derive(Debug, Default)]
+pub struct CommitQueue {
+    points: Mutex<HashMap<(String, i32), i64>>,
+    pub notify: Notify,
+}
+
+impl CommitQueue {
+    pub(crate) fn push(&self, topic: &str, partition: i32, offset: i64) {
+        let mut map = self.points.lock().unwrap_or_else(|p| p.into_inner());
+        let e = map.entry((topic.to_owned(), partition)).or_insert(offset);
+        *e = (*e).max(offset);
+        drop(map);
+        self.notify.notify_one();
+    }
+
+    /// Everything to commit now: (topic, partition, next offset to read).
+    pub fn take(&self) -> Vec<(String, i32, i64)> {
+        let mut map = self.points.lock().unwrap_or_else(|p| p.into_inner());
+        map.drain().map(|((t, p), o)| (t, p, o)).collect()
+    }
+}
+
+/// Shared by the stages that finish units.
+struct Acks {
+    tracker: Mutex<AckTracker>,
+    commits: Arc<CommitQueue>,
+    metrics: Arc<Metrics>,
+}
+
+impl Acks {
+    fn register(&self, token: &AckToken, units: usize) {
+        let advanced = self.tracker.lock().unwrap_or_else(|p| p.into_inner()).register(token, units);
+        if let Some(offset) = advanced {
+            Metrics::inc(&self.metrics.messages_done);
+            self.commits.push(&token.topic, token.partition, offset);
+        } else if units == 0 {
+            Metrics::inc(&self.metrics.messages_done);
+        }
+    }
+
+    fn done(&self, token: &AckToken) {
+        let (advanced, complete) =
+            self.tracker.lock().unwrap_or_else(|p| p.into_inner()).done(token);
+        if complete {
+            Metrics::inc(&self.metrics.messages_done);
+        }
+        if let Some(offset) = advanced {
+            self.commits.push(&token.topic, token.partition, offset);
+        }
+    }
+}
+
+/// A running pipeline: feed it envelopes, read commit points, await it after dropping `input`.
+pub struct Pipeline {
+    pub input: mpsc::Sender<Envelope>,
+    pub commits: Arc<CommitQueue>,
+    pub adapter: String,
+    tasks: Vec<JoinHandle<()>>,
+    engine_thread: std::thread::JoinHandle<()>,
+}
+
+impl Pipeline {
+    /// Start every stage. `engine` moves to a dedicated thread (GPU submission blocks).
+    pub fn start(
+        cfg: &Config,
+        decoder: Arc<Decoder>,
+        engine: Box<dyn Engine>,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Pipeline> {
+        let cap = cfg.batch.channel_capacity;
+        let (input, envelopes) = mpsc::channel::<Envelope>(cap);
+        let (items_tx, items_rx) = mpsc::channel::<Item>(cap);
+        let (batches_tx, batches_rx) = mpsc::channel::<Vec<Item>>(4);
+        let (outcomes_tx, outcomes_rx) = mpsc::channel::<Outcomes>(4);
+        let commits = Arc::new(CommitQueue::default());
+        let acks = Arc::new(Acks {
+            tracker: Mutex::new(AckTracker::default()),
+            commits: commits.clone(),
+            metrics: metrics.clone(),
+        });
+        let dead = Arc::new(DeadLetterSink::open(cfg.dead_letter.file.as_deref(), metrics.clone())?);
+        let adapter = engine.adapter();
+
+        let decode = tokio::spawn(decode_stage(
+            envelopes,
+            items_tx,
+            decoder,
+            acks.clone(),
+            dead.clone(),
+            metrics.clone(),
+        ));
+        let batcher = tokio::spawn(batch_stage(
+            items_rx,
+            batches_tx,
+            cfg.batch.max_alerts,
+            Duration::from_millis(cfg.batch.max_wait_ms),
+        ));
+        let engine_thread = std::thread::Builder::new()
+            .name("blink-engine".into())
+            .spawn(move || engine_stage(engine, batches_rx, outcomes_tx))?;
+        let sink = tokio::spawn(sink_stage(
+            outcomes_rx,
+            hub,
+            acks,
+            dead,
+            metrics,
+            cfg.detect.threshold,
+        ));
+        Ok(Pipeline { input, commits, adapter, tasks: vec![decode, batcher, sink], engine_thread })
+    }
+
+    /// Drain: close the input, let every stage finish what it holds.
+    pub async fn finish(self) {
+        drop(self.input);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = tokio::task::spawn_blocking(move || self.engine_thread.join()).await;
+    }
+}
+
+async fn decode_stage(
+    mut envelopes: mpsc::Receiver<Envelope>,
+    items: mpsc::Sender<Item>,
+    decoder: Arc<Decoder>,
+    acks: Arc<Acks>,
+    dead: Arc<DeadLetterSink>,
+    metrics: Arc<Metrics>,
+) {
+    let prep = Arc::new(PrepareConfig::default());
+    while let Some(env) = envelopes.recv().await {
+        Metrics::inc(&metrics.messages_in);
+        let decoder = decoder.clone();
+        let prep = prep.clone();
+        let bytes = env.bytes;
+        // Decoding and stamp preparation are CPU work: keep them off the async workers.
+        let decoded = tokio::task::spawn_blocking(move || {
+            decoder
+                .decode_message(&bytes)
+                .into_iter()
+                .map(|r| {
+                    let alert = r.map_err(Rejected::Decode)?;
+                    let meta = AlertMeta::of(&alert);
+                    engine::prepare_stamp(&alert, &prep)
+                        .map(|stamp| (meta.clone(), stamp))
+                        .map_err(|e| Rejected::Stamp(meta, e.to_string()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(join) => vec![Err(Rejected::Panic(join.to_string()))],
+        };
+        metrics.alerts_in.fetch_add(decoded.len() as u64, Relaxed);
+        acks.register(&env.token, decoded.len());
+        for unit in decoded {
+            match unit {
+                Ok((meta, stamp)) => {
+                    let item = Item { token: env.token.clone(), meta, stamp, arrived: Instant::now() };
+                    if items.send(item).await.is_err() {
+                        return;
+                    }
+                }
+                Err(rejected) => {
+                    dead.deliver(&env.token, rejected.reason(), &rejected.to_string());
+                    acks.done(&env.token);
+                }
+            }
+        }
+    }
+}
+
+/// Why an alert did not reach the engine.
+#[derive(Debug)]
+enum Rejected {
+    Decode(DecodeError),
+    Stamp(AlertMeta, String),
+    Panic(String),
+}
+
+impl Rejected {
+    fn reason(&self) -> &str {
+        match self {
+            Rejected::Decode(e) => e.reason(),
+            Rejected::Stamp(..) => "stamp",
+            Rejected::Panic(_) => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejected::Decode(e) => write!(f, "{e}"),
+            Rejected::Stamp(m, e) => write!(f, "{} alert {}: {e}", m.survey, m.alert_id),
+            Rejected::Panic(e) => write!(f, "decoder panicked: {e}"),
+        }
+    }
+}
+
+/// Group items by stamp shape; flush a group at `max_alerts` or when its oldest item waited
+/// `max_wait`; flush everything when the input closes.
+async fn batch_stage(
+    mut items: mpsc::Receiver<Item>,
+    batches: mpsc::Sender<Vec<Item>>,
+    max_alerts: usize,
+    max_wait: Duration,
+) {
+    let mut groups: HashMap<(usize, usize), Vec<Item>> = HashMap::new();
+    let tick = (max_wait / 2).max(Duration::from_millis(1));
+    loop {
+        let next = tokio::time::timeout(tick, items.recv()).await;
+        match next {
+            Ok(Some(item)) => {
+                let shape = item.stamp.shape();
+                let group = groups.entry(shape).or_default();
+                group.push(item);
+                if group.len() >= max_alerts {
+                    let full = std::mem::take(group);
+                    if batches.send(full).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(None) => {
+                for (_, group) in groups.drain() {
+                    if !group.is_empty() && batches.send(group).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            Err(_elapsed) => {}
+        }
+        let now = Instant::now();
+        let due: Vec<_> = groups
+            .iter()
+            .filter(|(_, g)| g.first().is_some_and(|i| now.duration_since(i.arrived) >= max_wait))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            if let Some(group) = groups.remove(&key) {
+                if batches.send(group).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+type Outcomes = Vec<((AckToken, AlertMeta), Result<SubtractionResult, String>)>;
+
+/// Runs on its own thread: assemble each batch, run the engine, pass results on.
+fn engine_stage(
+    mut engine: Box<dyn Engine>,
+    mut batches: mpsc::Receiver<Vec<Item>>,
+    outcomes: mpsc::Sender<Outcomes>,
+) {
+    while let Some(items) = batches.blocking_recv() {
+        let (items, stamps): (Vec<(AckToken, AlertMeta)>, Vec<PreparedStamp>) =
+            items.into_iter().map(|i| ((i.token, i.meta), i.stamp)).unzip();
+        let batch = engine::assemble(&stamps);
+        let results: Vec<Result<SubtractionResult, String>> = match engine.subtract(&batch) {
+            Ok(r) if r.len() == items.len() => r.into_iter().map(Ok).collect(),
+            Ok(r) => {
+                let msg = format!("engine returned {} results for {} stamps", r.len(), items.len());
+                items.iter().map(|_| Err(msg.clone())).collect()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, stamps = items.len(), "engine failed on a batch");
+                items.iter().map(|_| Err(e.to_string())).collect()
+            }
+        };
+        if outcomes.blocking_send(items.into_iter().zip(results).collect()).is_err() {
+            return;
+        }
+    }
+}
+
+async fn sink_stage(
+    mut outcomes: mpsc::Receiver<Outcomes>,
+    hub: Hub,
+    acks: Arc<Acks>,
+    dead: Arc<DeadLetterSink>,
+    metrics: Arc<Metrics>,
+    threshold: f64,
+) {
+    while let Some(batch) = outcomes.recv().await {
+        Metrics::inc(&metrics.batches);
+        for ((token, meta), result) in batch {
+            match result {
+                Ok(result) if result.score.is_finite() => {
+                    let detected = f64::from(result.score).abs() >= threshold;
+                    let outcome = Outcome { token: token.clone(), meta, result, detected };
+                    hub.publish(&outcome);
+                    Metrics::inc(&metrics.results_out);
+                    if detected {
+                        Metrics::inc(&metrics.detected);
+                    }
+                }
+                Ok(result) => {
+                    let msg = format!(
+                        "{} alert {}: non-finite score {}",
+                        meta.survey, meta.alert_id, result.score
+                    );
+                    dead.deliver(&token, "engine", &msg);
+                }
+                Err(e) => dead.deliver(&token, "engine", &e),
+            }
+            acks.done(&token);
+        }
+    }
+}

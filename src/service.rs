@@ -1,0 +1,120 @@
+//! The whole service wired together — Kafka source, pipeline, gRPC server — as `blink serve` and
+//! `blink demo` run it. Start with [`Service::start`], stop with [`Service::stop`], which drains
+//! the pipeline and commits the final offsets before returning.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rdkafka::consumer::CommitMode;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::decode::{Decoder, DecoderConfig, Limits};
+use crate::engine::{select_engine, EnginePreference};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::sink::grpc::{self, Hub};
+use crate::source::kafka;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("decoder: {0}")]
+    Decoder(#[from] crate::decode::DecodeError),
+    #[error("engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Kafka(#[from] kafka::KafkaError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("engine selection was interrupted: {0}")]
+    Join(String),
+}
+
+/// Build the decoder the config describes.
+pub fn decoder(cfg: &Config) -> Result<Decoder, ServiceError> {
+    let d = &cfg.decode;
+    Ok(Decoder::new(DecoderConfig {
+        rubin_schema_dir: d.rubin_schema_dir.clone(),
+        schema_registry_url: d.schema_registry_url.clone(),
+        limits: Limits {
+            max_message_bytes: d.max_message_bytes,
+            max_inflated_bytes: d.max_inflated_bytes,
+            max_stamp_pixels: d.max_stamp_pixels,
+        },
+    })?)
+}
+
+pub struct Service {
+    pub grpc_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub adapter: String,
+    shutdown: watch::Sender<bool>,
+    source: JoinHandle<Result<rdkafka::consumer::StreamConsumer, kafka::KafkaError>>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    pipeline: Pipeline,
+}
+
+impl Service {
+    /// Start everything against `brokers` (a bootstrap list; the embedded cluster's too).
+    pub async fn start(cfg: &Config, brokers: &str) -> Result<Service, ServiceError> {
+        let decoder = Arc::new(decoder(cfg)?);
+        let pref: EnginePreference = cfg.engine.prefer.parse().map_err(ServiceError::Engine)?;
+        // Adapter discovery blocks (and may take a second on llvmpipe): off the async workers.
+        let engine = tokio::task::spawn_blocking(move || select_engine(pref))
+            .await
+            .map_err(|e| ServiceError::Join(e.to_string()))??;
+        let adapter = engine.adapter();
+        tracing::info!(%adapter, "engine ready");
+
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(cfg.grpc.subscriber_buffer);
+        let (listener, grpc_addr) = grpc::bind(&cfg.grpc.listen).await?;
+        tracing::info!(%grpc_addr, "gRPC listening");
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut grpc_stop = shutdown_rx.clone();
+        let grpc = tokio::spawn(grpc::serve(
+            listener,
+            hub.clone(),
+            metrics.clone(),
+            adapter.clone(),
+            async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            },
+        ));
+
+        let pipeline = Pipeline::start(cfg, decoder, engine, hub, metrics.clone())?;
+        let consumer = kafka::consumer(&cfg.kafka, brokers)?;
+        tracing::info!(brokers, topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, "consuming");
+        let source = tokio::spawn(kafka::run(
+            consumer,
+            pipeline.input.clone(),
+            pipeline.commits.clone(),
+            metrics.clone(),
+            shutdown_rx,
+        ));
+        Ok(Service { grpc_addr, metrics, adapter, shutdown, source, grpc, pipeline })
+    }
+
+    /// Stop taking input, drain every stage, commit the final offsets, stop the gRPC server.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let consumer = match self.source.await {
+            Ok(Ok(c)) => Some(c),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "kafka source failed");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "kafka source task failed");
+                None
+            }
+        };
+        let commits = self.pipeline.commits.clone();
+        self.pipeline.finish().await;
+        if let Some(c) = consumer {
+            kafka::commit(&c, &commits, &self.metrics, CommitMode::Sync);
+        }
+        let _ = self.grpc.await;
+    }
+}

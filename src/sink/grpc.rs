@@ -1,0 +1,205 @@
+//! The gRPC sink: a [`Hub`] fans results out to every `Subscribe` stream, each through a bounded
+//! buffer; the tonic service (`proto/blink/v1/blink.proto`) serves `Subscribe` and `Status`.
+//!
+//! A subscriber that falls more than `grpc.subscriber_buffer` results behind gets
+//! RESOURCE_EXHAUSTED and is disconnected: memory stays bounded and the others never stall.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::pipeline::Outcome;
+use crate::proto::blink_server::{Blink, BlinkServer};
+use crate::proto::{Detection, StatusReply, StatusRequest, SubscribeRequest};
+
+/// Fan-out point between the pipeline and the subscribers. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    tx: broadcast::Sender<Arc<Detection>>,
+    sequence: Arc<AtomicU64>,
+}
+
+impl Hub {
+    pub fn new(buffer: usize) -> Hub {
+        let (tx, _) = broadcast::channel(buffer.max(1));
+        Hub { tx, sequence: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Hand a result to every current subscriber (none listening is fine: it is still delivered
+    /// to the hub, which is what the ack waits for).
+    pub fn publish(&self, o: &Outcome) -> u64 {
+        let sequence = self.sequence.fetch_add(1, Relaxed) + 1;
+        let d = Detection {
+            id: format!("{}:{}", o.meta.survey, o.meta.alert_id),
+            survey: o.meta.survey.to_string(),
+            alert_id: o.meta.alert_id.clone(),
+            object_id: o.meta.object_id.clone(),
+            ra: o.meta.ra,
+            dec: o.meta.dec,
+            mjd_tai: o.meta.mjd_tai,
+            band: o.meta.band.clone(),
+            score: f64::from(o.result.score),
+            flux: f64::from(o.result.flux),
+            flux_err: f64::from(o.result.flux_err),
+            survey_snr: o.meta.survey_snr.unwrap_or(f64::NAN),
+            flux_scale: f64::from(o.result.flux_scale),
+            background: f64::from(o.result.background),
+            detected: o.detected,
+            timescale: "epoch".into(),
+            sequence,
+            topic: o.token.topic.clone(),
+            partition: o.token.partition,
+            offset: o.token.offset,
+        };
+        let _ = self.tx.send(Arc::new(d));
+        sequence
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Detection>> {
+        self.tx.subscribe()
+    }
+}
+
+/// A subscriber's server-side filter.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    min_score: f64,
+    surveys: Vec<String>,
+    bands: Vec<String>,
+}
+
+impl Filter {
+    pub fn from_request(r: &SubscribeRequest) -> Result<Filter, Status> {
+        if !r.min_score.is_finite() || r.min_score < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "min_score = {}: must be a number >= 0",
+                r.min_score
+            )));
+        }
+        for s in &r.surveys {
+            if crate::alert::Survey::parse(s).is_none() {
+                return Err(Status::invalid_argument(format!(
+                    "unknown survey {s:?}: use ztf, rubin or native"
+                )));
+            }
+        }
+        Ok(Filter {
+            min_score: r.min_score,
+            surveys: r.surveys.iter().map(|s| s.to_ascii_lowercase()).collect(),
+            bands: r.bands.clone(),
+        })
+    }
+
+    pub fn matches(&self, d: &Detection) -> bool {
+        d.score.abs() >= self.min_score
+            && (self.surveys.is_empty()
+                || self.surveys.iter().any(|s| {
+                    crate::alert::Survey::parse(s).map(|s| s.as_str()) == Some(d.survey.as_str())
+                }))
+            && (self.bands.is_empty() || self.bands.iter().any(|b| *b == d.band))
+    }
+}
+
+pub struct BlinkService {
+    hub: Hub,
+    metrics: Arc<Metrics>,
+    adapter: String,
+}
+
+/// Decrements the subscriber gauge when a stream ends, however it ends.
+struct SubscriberGuard(Arc<Metrics>);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.subscribers.fetch_sub(1, Relaxed);
+    }
+}
+
+type DetectionStream = Pin<Box<dyn Stream<Item = Result<Detection, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Blink for BlinkService {
+    type SubscribeStream = DetectionStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let filter = Filter::from_request(request.get_ref())?;
+        let rx = self.hub.subscribe();
+        self.metrics.subscribers.fetch_add(1, Relaxed);
+        let guard = SubscriberGuard(self.metrics.clone());
+        let stream = futures::stream::unfold(
+            (rx, filter, guard, false),
+            |(mut rx, filter, guard, finished)| async move {
+                if finished {
+                    return None;
+                }
+                loop {
+                    match rx.recv().await {
+                        Ok(d) if filter.matches(&d) => {
+                            return Some((Ok(d.as_ref().clone()), (rx, filter, guard, false)));
+                        }
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let status = Status::resource_exhausted(format!(
+                                "subscriber too slow: {n} detections dropped from its buffer; \
+                                 reconnect (and read faster, or raise grpc.subscriber_buffer)"
+                            ));
+                            return Some((Err(status), (rx, filter, guard, true)));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let m = &self.metrics;
+        Ok(Response::new(StatusReply {
+            health: "ok".into(),
+            adapter: self.adapter.clone(),
+            alerts_in: Metrics::get(&m.alerts_in),
+            detections_out: Metrics::get(&m.results_out),
+            detected: Metrics::get(&m.detected),
+            dead_letters: m.dead_letters().into_iter().collect(),
+            subscribers: Metrics::get(&m.subscribers),
+            batches: Metrics::get(&m.batches),
+            offsets_committed: Metrics::get(&m.offsets_committed),
+            messages_in: Metrics::get(&m.messages_in),
+        }))
+    }
+}
+
+/// Serve `Subscribe` and `Status` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Hub,
+    metrics: Arc<Metrics>,
+    adapter: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let service = BlinkService { hub, metrics, adapter };
+    tonic::transport::Server::builder()
+        .add_service(BlinkServer::new(service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Bind the gRPC address, with the address in the error.
+pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
