@@ -313,11 +313,13 @@ fn synthetic_alert(rng: &mut StdRng, flux: f64, cx: f64, cy: f64) -> Alert {
     let unit = Normal::new(0.0f64, 1.0).unwrap_or_else(|e| panic!("{e}"));
     let mut t = vec![200.0f32; w * h];
     let mut s = vec![(SCALE * 200.0 + BACKGROUND) as f32; w * h];
-    for _ in 0..4 {
-        let (x, y) = (rng.gen_range(3.0..60.0), rng.gen_range(3.0..60.0));
+    let mut stars = 0;
+    while stars < 4 {
+        let (x, y) = (rng.gen_range(5.0..58.0), rng.gen_range(5.0..58.0));
         if (x - cx).hypot(y - cy) < 12.0 {
             continue;
         }
+        stars += 1;
         let f = rng.gen_range(2000.0..20000.0);
         gaussian_add(&mut t, w, x, y, SIGMA_T, f);
         gaussian_add(&mut s, w, x, y, SIGMA_S, SCALE * f);
@@ -371,8 +373,11 @@ fn cpu_recovers_scale_background_and_flux() {
     let res = CpuEngine::new().subtract(&batch).unwrap();
     let mut pulls = Vec::new();
     for r in &res {
-        assert!((r.flux_scale as f64 - SCALE).abs() < 0.01, "{r:?}");
-        assert!((r.background as f64 - BACKGROUND).abs() < 3.0, "{r:?}");
+        // The scale rests on a few stars (~1 % each); the sky level a·200 + b on every pixel.
+        assert!((r.flux_scale as f64 - SCALE).abs() < 0.04, "{r:?}");
+        assert!((r.background as f64 - BACKGROUND).abs() < 10.0, "{r:?}");
+        let sky = r.flux_scale as f64 * 200.0 + r.background as f64;
+        assert!((sky - (SCALE * 200.0 + BACKGROUND)).abs() < 1.0, "sky level {sky}: {r:?}");
         assert!((r.score - r.flux / r.flux_err).abs() < 1e-3 * r.score.abs(), "{r:?}");
         let pull = (r.flux as f64 - flux) / r.flux_err as f64;
         assert!(pull.abs() < 3.0 || pulls.len() < 2, "flux {r:?} vs {flux}: pull {pull}");
