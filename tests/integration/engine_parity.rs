@@ -380,11 +380,13 @@ fn cpu_recovers_scale_background_and_flux() {
         assert!((sky - (SCALE * 200.0 + BACKGROUND)).abs() < 1.0, "sky level {sky}: {r:?}");
         assert!((r.score - r.flux / r.flux_err).abs() < 1e-3 * r.score.abs(), "{r:?}");
         let pull = (r.flux as f64 - flux) / r.flux_err as f64;
-        assert!(pull.abs() < 3.0 || pulls.len() < 2, "flux {r:?} vs {flux}: pull {pull}");
         pulls.push(pull);
     }
     let bad = pulls.iter().filter(|p| p.abs() >= 3.0).count();
-    assert!(bad <= 1, "{bad} of 20 flux pulls beyond 3 sigma: {pulls:?}");
+    // 20 unit-normal pulls: two beyond 3 sigma happen 0.1 % of the time, three essentially never.
+    assert!(bad <= 2, "{bad} of 20 flux pulls beyond 3 sigma: {pulls:?}");
+    let mean = pulls.iter().sum::<f64>() / pulls.len() as f64;
+    assert!(mean.abs() < 0.9, "mean flux pull {mean} (bias): {pulls:?}");
     eprintln!("scale/background/flux recovered; pulls {pulls:.2?}; e.g. {:?}", res[0]);
 }
 
