@@ -2,6 +2,8 @@
 //!
 //! - `decode`: every fixture file decodes with the counts of `testdata/README.md`; bad input.
 //! - `engine_parity`: each WGSL kernel against its CPU twin on fresh random inputs.
+//! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
 
 mod decode;
+mod e2e;
 mod engine_parity;
