@@ -13,9 +13,10 @@
 //! the image (nJy) in the primary HDU, the variance in `UNCERT` (its `UTYPE` says
 //! `VarianceUncertainty`; a `StdDevUncertainty` one is squared), the PSF in `PSFIMAGE`. The
 //! images are in nJy, so the zero point is 31.4 (AB) when `BUNIT` says so. The candidate's stamp
-//! position comes from the science cutout's TAN WCS applied to the diaSource position (checked
-//! against `CUTMINX/CUTMINY` and `diaSource.x/y` on the fixtures), else from `LTV1/2` or
-//! `CUTMINX/Y` with `diaSource.x/y`, else the stamp's centre.
+//! position comes from the science cutout's TAN WCS applied to the diaSource position (on the
+//! real fixtures it matches the difference image's centroid to ~0.2 px, and equals
+//! `diaSource.x − CUTMINX − 1`), else from `LTV1/2` or `CUTMINX/Y` with `diaSource.x/y`, else the
+//! stamp's centre.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -47,7 +48,10 @@ impl RubinSchema {
     }
 
     fn from_jsons(id: u32, jsons: &[String]) -> Result<RubinSchema, DecodeError> {
-        let schemata = Schema::parse_list(jsons.iter()).map_err(|e| DecodeError::SchemaId { id, detail: format!("schema does not parse: {e}") })?;
+        let mut schemata = Schema::parse_list(jsons.iter()).map_err(|e| DecodeError::SchemaId { id, detail: format!("schema does not parse: {e}") })?;
+        // apache-avro resolves named references in list order: the alert, which refers to the
+        // others, goes last.
+        schemata.sort_by_key(|s| matches!(s, Schema::Record(r) if r.name.name == "alert"));
         let alert = schemata
             .iter()
             .position(|s| matches!(s, Schema::Record(r) if r.name.name == "alert"))
@@ -283,8 +287,10 @@ pub fn stamp_position(hdr: &Header, ra: f64, dec: f64, x: Option<f64>, y: Option
                 return p;
             }
         }
+        // On the real v10_0 cutouts, `x − CUTMINX − 1` is what agrees with the WCS and with
+        // the difference image's centroid (to ~0.2 px); `x − CUTMINX` is one pixel off.
         if let (Some(c1), Some(c2)) = (hdr.get_f64("CUTMINX"), hdr.get_f64("CUTMINY")) {
-            let p = (x - c1, y - c2);
+            let p = (x - c1 - 1.0, y - c2 - 1.0);
             if on(p) {
                 return p;
             }
