@@ -206,6 +206,9 @@ pub fn read_hdus(bytes: &[u8], limits: &Limits) -> Result<Vec<FitsImage>, Decode
         let data_end = data_end as usize;
         if is_image && naxis == 2 {
             let (w, h) = (dims.first().copied().unwrap_or(0) as usize, dims.get(1).copied().unwrap_or(0) as usize);
+            if w == 0 || h == 0 {
+                return Err(DecodeError::Fits(format!("HDU {name}: empty image {w}x{h}")));
+            }
             let raw = bytes.get(data_start..data_start + w * h * elem as usize).ok_or_else(|| DecodeError::Fits(format!("HDU {name}: data truncated")))?;
             let data = convert(raw, bitpix, &hdr);
             out.push(FitsImage { name, image: Image { width: w, height: h, data }, header: hdr });
@@ -218,6 +221,11 @@ pub fn read_hdus(bytes: &[u8], limits: &Limits) -> Result<Vec<FitsImage>, Decode
         index += 1;
     }
     Ok(out)
+}
+
+/// A chunk from `chunks_exact(N)` as an array (always N long; zeros otherwise, never a panic).
+fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
+    c.try_into().unwrap_or([0; N])
 }
 
 /// Big-endian samples → f32, with BSCALE/BZERO, and BLANK (integer images) → NaN.
@@ -236,18 +244,18 @@ fn convert(raw: &[u8], bitpix: i64, hdr: &Header) -> Vec<f32> {
     let float = |x: f64| -> f32 { if scaled { (x * bscale + bzero) as f32 } else { x as f32 } };
     match bitpix {
         8 => raw.iter().map(|b| int(i64::from(*b))).collect(),
-        16 => raw.chunks_exact(2).map(|c| int(i64::from(i16::from_be_bytes([c[0], c[1]])))).collect(),
-        32 => raw.chunks_exact(4).map(|c| int(i64::from(i32::from_be_bytes([c[0], c[1], c[2], c[3]])))).collect(),
+        16 => raw.chunks_exact(2).map(|c| int(i64::from(i16::from_be_bytes(arr(c))))).collect(),
+        32 => raw.chunks_exact(4).map(|c| int(i64::from(i32::from_be_bytes(arr(c))))).collect(),
         -32 => raw
             .chunks_exact(4)
             .map(|c| {
-                let x = f32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+                let x = f32::from_be_bytes(arr(c));
                 if scaled { float(f64::from(x)) } else { x }
             })
             .collect(),
         -64 => raw
             .chunks_exact(8)
-            .map(|c| float(f64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])))
+            .map(|c| float(f64::from_be_bytes(arr(c))))
             .collect(),
         _ => Vec::new(),
     }

@@ -142,8 +142,11 @@ impl RubinSchemas {
     }
 
     pub(crate) fn decode_confluent(&self, bytes: &[u8]) -> Result<Value, DecodeError> {
-        let head = bytes.get(..5).ok_or_else(|| DecodeError::Avro(format!("Confluent header truncated: {} bytes", bytes.len())))?;
-        let id = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+        let id = bytes
+            .get(1..5)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| DecodeError::Avro(format!("Confluent header truncated: {} bytes", bytes.len())))?;
         let schema = self.get(id)?;
         let alert = schema.alert().ok_or_else(|| DecodeError::SchemaId { id, detail: "no alert schema".into() })?;
         let mut body = bytes.get(5..).unwrap_or(&[]);
