@@ -53,6 +53,7 @@ pub struct Service {
     source: JoinHandle<Result<rdkafka::consumer::StreamConsumer, kafka::KafkaError>>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     pipeline: Pipeline,
+    hub: Hub,
 }
 
 impl Service {
@@ -83,7 +84,7 @@ impl Service {
             },
         ));
 
-        let pipeline = Pipeline::start(cfg, decoder, engine, hub, metrics.clone())?;
+        let pipeline = Pipeline::start(cfg, decoder, engine, hub.clone(), metrics.clone())?;
         let consumer = kafka::consumer(&cfg.kafka, brokers)?;
         tracing::info!(brokers, topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, "consuming");
         let source = tokio::spawn(kafka::run(
@@ -93,7 +94,7 @@ impl Service {
             metrics.clone(),
             shutdown_rx,
         ));
-        Ok(Service { grpc_addr, metrics, adapter, shutdown, source, grpc, pipeline })
+        Ok(Service { grpc_addr, metrics, adapter, shutdown, source, grpc, pipeline, hub })
     }
 
     /// Stop taking input, drain every stage, commit the final offsets, stop the gRPC server.
@@ -115,6 +116,7 @@ impl Service {
         if let Some(c) = consumer {
             kafka::commit(&c, &commits, &self.metrics, CommitMode::Sync);
         }
+        self.hub.close();
         let _ = self.grpc.await;
     }
 }

@@ -164,6 +164,8 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     let pipeline_wall = started.elapsed();
     service.stop().await;
     collector.abort();
+    // Clients before the cluster they talk to.
+    drop(producer);
     drop(embedded);
 
     Ok(DemoReport {

@@ -24,12 +24,21 @@ use crate::proto::{Detection, StatusReply, StatusRequest, SubscribeRequest};
 pub struct Hub {
     tx: broadcast::Sender<Arc<Detection>>,
     sequence: Arc<AtomicU64>,
+    /// Turns true at shutdown: every stream sends what it still holds, then ends, so the gRPC
+    /// server's graceful shutdown does not wait forever on open subscriptions.
+    closed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Hub {
     pub fn new(buffer: usize) -> Hub {
         let (tx, _) = broadcast::channel(buffer.max(1));
-        Hub { tx, sequence: Arc::new(AtomicU64::new(0)) }
+        let (closed, _) = tokio::sync::watch::channel(false);
+        Hub { tx, sequence: Arc::new(AtomicU64::new(0)), closed: Arc::new(closed) }
+    }
+
+    /// End every subscription once it has sent what it holds.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
     }
 
     /// Hand a result to every current subscriber (none listening is fine: it is still delivered
@@ -134,18 +143,35 @@ impl Blink for BlinkService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let filter = Filter::from_request(request.get_ref())?;
         let rx = self.hub.subscribe();
+        let closed = self.hub.closed.subscribe();
         self.metrics.subscribers.fetch_add(1, Relaxed);
         let guard = SubscriberGuard(self.metrics.clone());
         let stream = futures::stream::unfold(
-            (rx, filter, guard, false),
-            |(mut rx, filter, guard, finished)| async move {
+            (rx, closed, filter, guard, false),
+            |(mut rx, mut closed, filter, guard, finished)| async move {
                 if finished {
                     return None;
                 }
                 loop {
-                    match rx.recv().await {
+                    let next = if *closed.borrow() {
+                        // Shutting down: drain what is buffered, then end the stream.
+                        match rx.try_recv() {
+                            Ok(d) => Ok(d),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                Err(broadcast::error::RecvError::Lagged(n))
+                            }
+                            Err(_) => return None,
+                        }
+                    } else {
+                        tokio::select! {
+                            r = rx.recv() => r,
+                            _ = closed.changed() => continue,
+                        }
+                    };
+                    match next {
                         Ok(d) if filter.matches(&d) => {
-                            return Some((Ok(d.as_ref().clone()), (rx, filter, guard, false)));
+                            let state = (rx, closed, filter, guard, false);
+                            return Some((Ok(d.as_ref().clone()), state));
                         }
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -153,7 +179,7 @@ impl Blink for BlinkService {
                                 "subscriber too slow: {n} detections dropped from its buffer; \
                                  reconnect (and read faster, or raise grpc.subscriber_buffer)"
                             ));
-                            return Some((Err(status), (rx, filter, guard, true)));
+                            return Some((Err(status), (rx, closed, filter, guard, true)));
                         }
                         Err(broadcast::error::RecvError::Closed) => return None,
                     }
