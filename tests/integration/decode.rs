@@ -24,7 +24,7 @@ fn decoder() -> Decoder {
 }
 
 const ZTF_33: &str = "ztf/ztf-avro-alert/472263571115115000.avro";
-const RUBIN: &str = "lsst/fink-transfer/part-2-918301.avro";
+const RUBIN: &str = "lsst/fink-transfer-2026-03-18/part-2-918301.avro";
 const SNAPPY1: &str = "ztf/fink-client/sample_snappy/part-00001-0f70696a-f8dd-40ab-89e7-e7f64c104e25-c000.avro";
 const SNAPPY2: &str = "ztf/fink-client/sample_snappy/part-00002-0f70696a-f8dd-40ab-89e7-e7f64c104e25-c000.avro";
 
