@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blink=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blink=info,wgpu_hal::gles::egl=off")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -32,6 +32,7 @@ fn main() -> ExitCode {
             Command::Serve(a) => blink::cli::serve::run(a).await,
             Command::Subscribe(a) => blink::cli::subscribe::subscribe(a).await,
             Command::Status(a) => blink::cli::subscribe::status(a).await,
+            Command::Publish(a) => blink::cli::publish::run(a).await,
             Command::Inspect(_) => unreachable!("handled above"),
         }
     });

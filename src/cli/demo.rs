@@ -20,7 +20,7 @@ use crate::source::replay::{fixture_messages, Message};
 pub struct DemoArgs {
     /// Kafka to use: "embedded" (librdkafka's in-process cluster, nothing to install) or a
     /// bootstrap list host:port of a real cluster (the topic must exist or be auto-created).
-    #[arg(long, default_value = "embedded")]
+    #[arg(long, alias = "brokers", default_value = "embedded")]
     pub kafka: String,
     /// Topic the demo publishes to and consumes from.
     #[arg(long, default_value = "blink-demo-alerts")]

@@ -2,6 +2,7 @@
 //! once here (clap) and turned into validated values before any work starts.
 
 pub mod demo;
+pub mod publish;
 pub mod serve;
 pub mod subscribe;
 
@@ -39,6 +40,9 @@ pub enum Command {
     Subscribe(subscribe::SubscribeArgs),
     /// Print a running blink's health and counters as JSON.
     Status(subscribe::StatusArgs),
+    /// Publish alert files to a Kafka topic, one alert per message as the surveys do
+    /// (multi-alert Avro containers are split); for feeding `blink serve` by hand.
+    Publish(publish::PublishArgs),
     /// Decode alert files (ZTF or Rubin Avro, Confluent-framed or containers) and print one JSON
     /// line per alert: ids, position, epoch, band, and each stamp's shape and NaN count.
     Inspect(InspectArgs),

@@ -15,7 +15,7 @@ pub struct ServeArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Kafka bootstrap servers (host:port,...), or "embedded" for the in-process cluster.
-    #[arg(long)]
+    #[arg(long, alias = "kafka")]
     pub brokers: Option<String>,
     /// gRPC listen address, e.g. 0.0.0.0:50051.
     #[arg(long)]
