@@ -10,6 +10,17 @@ fn main() {
 
 fn validate_shaders(dir: &Path) {
     println!("cargo:rerun-if-changed={}", dir.display());
+    // Declarations shared by every kernel are prepended, as src/gpu/kernels/mod.rs does.
+    let mut shared = String::new();
+    if let Ok(entries) = std::fs::read_dir(dir.join("shared")) {
+        let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths {
+            println!("cargo:rerun-if-changed={}", p.display());
+            shared.push_str(&std::fs::read_to_string(&p).expect("read shared shader"));
+            shared.push('\n');
+        }
+    }
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
@@ -18,7 +29,7 @@ fn validate_shaders(dir: &Path) {
             continue;
         }
         println!("cargo:rerun-if-changed={}", path.display());
-        let src = std::fs::read_to_string(&path).expect("read shader");
+        let src = shared.clone() + &std::fs::read_to_string(&path).expect("read shader");
         let module = match naga::front::wgsl::parse_str(&src) {
             Ok(m) => m,
             Err(e) => panic!("{}: {}", path.display(), e.emit_to_string(&src)),

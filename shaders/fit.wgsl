@@ -3,56 +3,8 @@
 // then centred sums), the 2x2 solved here. Singular (flat T') → a = 1, b = median(S − T') by
 // bisection; no usable pixel → a = 1, b = 0. CPU twin: src/cpu/fit.rs; dispatcher:
 // src/gpu/kernels/fit.rs.
-// ---- shared declarations: identical in every engine shader ----
-// Keep in sync with `BatchParams` in src/gpu/kernels/mod.rs (size checked by a test).
-struct BatchParams {
-    width: u32,
-    height: u32,
-    // Stamps in this dispatch and pixels per stamp.
-    n: u32,
-    npix: u32,
-};
-
-// Keep in sync with `StampGpu` in src/gpu/kernels/mod.rs (size checked by a test).
-struct StampGpu {
-    kernel_sigma: f32,
-    cand_x: f32,
-    cand_y: f32,
-    fit_radius: f32,
-};
-
-// Workgroup size; keep in sync with `WORKGROUP_SIZE` in src/gpu/kernels/mod.rs.
-const WG: u32 = 256u;
-
-// Planes of `pix` (inputs) and `work` (intermediates), each `n * npix` floats; keep in sync with
-// `Pix` and `Work` in src/gpu/kernels/mod.rs.
-const PIX_SCIENCE: u32 = 0u;
-const PIX_TEMPLATE: u32 = 1u;
-const PIX_SCIENCE_VAR: u32 = 2u;
-const PIX_TEMPLATE_VAR: u32 = 3u;
-const PIX_WEIGHT: u32 = 4u;
-const PIX_PROFILE: u32 = 5u;
-const WORK_ROW_T: u32 = 0u;
-const WORK_ROW_W: u32 = 1u;
-const WORK_ROW_V: u32 = 2u;
-const WORK_CONV_T: u32 = 3u;
-const WORK_CONV_V: u32 = 4u;
-const WORK_DIFF: u32 = 5u;
-const WORK_VAR: u32 = 6u;
-// Per-stamp results: scale, background, flux, flux_err, score, num, den, fit status; keep in
-// sync with `RESULT_STRIDE` in src/gpu/kernels/mod.rs.
-const RESULT_STRIDE: u32 = 8u;
-
-@group(0) @binding(0) var<uniform> batch: BatchParams;
-@group(0) @binding(1) var<storage, read> pix: array<f32>;
-@group(0) @binding(2) var<storage, read> stamps: array<StampGpu>;
-@group(0) @binding(3) var<storage, read_write> work: array<f32>;
-@group(0) @binding(4) var<storage, read_write> results: array<f32>;
-
-fn plane(p: u32, s: u32) -> u32 {
-    return (p * batch.n + s) * batch.npix;
-}
-// ---- end of shared declarations ----
+// Shared declarations (BatchParams, StampGpu, planes, bindings): shaders/shared/batch.wgsl,
+// prepended when the module is built (src/gpu/kernels/mod.rs `shader_source`, build.rs).
 
 // Keep in sync with `SINGULAR_REL` in src/cpu/fit.rs (f32 here, so it rounds the same way).
 const SINGULAR_REL: f32 = 1e-12;

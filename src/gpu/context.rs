@@ -1,7 +1,7 @@
 //! The wgpu context: instance, adapter, device, queue, and the engine's bind-group layout,
 //! pipeline layout and pipelines, all built once.
 
-use super::kernels::{convolve, difference_score, fit, SHADERS, WORKGROUP_SIZE};
+use super::kernels::{convolve, difference_score, fit, shader_source, WORKGROUP_SIZE};
 use crate::engine::EngineError;
 
 /// The compute pipelines, one per entry point.
@@ -159,7 +159,7 @@ fn build_pipelines(device: &wgpu::Device) -> (wgpu::BindGroupLayout, Pipelines) 
         immediate_size: 0,
     });
     let module = |kernel: &str| {
-        let src = SHADERS.iter().find(|(k, _)| *k == kernel).map(|(_, s)| *s).unwrap_or("");
+        let src = shader_source(kernel).unwrap_or_default();
         device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&format!("blink.{kernel}")),
             source: wgpu::ShaderSource::Wgsl(src.into()),

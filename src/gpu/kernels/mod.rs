@@ -72,7 +72,15 @@ pub const WORK_PLANES: usize = 7;
 /// (keep in sync with `RESULT_STRIDE` in `shaders/*.wgsl`).
 pub const RESULT_STRIDE: usize = 8;
 
-/// The WGSL sources, by kernel name.
+/// Declarations every kernel shares (`shaders/shared/batch.wgsl`).
+pub const SHARED_WGSL: &str = include_str!("../../../shaders/shared/batch.wgsl");
+
+/// A kernel's complete WGSL module: the shared declarations, then the kernel.
+pub fn shader_source(kernel: &str) -> Option<String> {
+    SHADERS.iter().find(|(k, _)| *k == kernel).map(|(_, s)| format!("{SHARED_WGSL}\n{s}"))
+}
+
+/// The WGSL sources of the kernels (without the shared declarations), by kernel name.
 pub const SHADERS: [(&str, &str); 3] = [
     ("convolve", include_str!("../../../shaders/convolve.wgsl")),
     ("fit", include_str!("../../../shaders/fit.wgsl")),
@@ -102,7 +110,8 @@ mod tests {
 
     #[test]
     fn wgsl_structs_match_rust_sizes() {
-        for (kernel, src) in SHADERS {
+        for (kernel, _) in SHADERS {
+            let src = &shader_source(kernel).expect("known kernel");
             let b = wgsl_fields(src, "BatchParams");
             assert_eq!(b, ["width", "height", "n", "npix"], "{kernel}");
             assert_eq!(4 * b.len(), std::mem::size_of::<BatchParams>(), "{kernel}");
