@@ -1,9 +1,10 @@
-//! The command line: `blink demo | serve | subscribe | status | inspect`. Raw arguments are parsed
+//! The command line: `blink demo | serve | subscribe | status | inspect | simulate`. Raw arguments are parsed
 //! once here (clap) and turned into validated values before any work starts.
 
 pub mod demo;
 pub mod publish;
 pub mod serve;
+pub mod simulate;
 pub mod subscribe;
 
 use std::path::PathBuf;
@@ -46,6 +47,11 @@ pub enum Command {
     /// Decode alert files (ZTF or Rubin Avro, Confluent-framed or containers) and print one JSON
     /// line per alert: ids, position, epoch, band, and each stamp's shape and NaN count.
     Inspect(InspectArgs),
+    /// Write a simulated night folder: one FITS frame per epoch (stars, galaxies, transients,
+    /// variable stars, cosmic rays, hot pixels; Moffat PSFs that change with the seeing), a deep
+    /// template, manifest.toml and truth.csv. The folder format is docs/night-format.md; every
+    /// parameter is in docs/simulation.md. Example: `blink simulate --out night --size 1024x1024`.
+    Simulate(simulate::SimulateArgs),
 }
 
 #[derive(Debug, Args)]

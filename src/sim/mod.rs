@@ -3,7 +3,9 @@
 //! the candidate position. Each alert carries its variance and PSF images (like Rubin's), and its
 //! optimal SNR as `survey_snr`, so the demo shows blink's score next to the truth.
 //!
-//! (Full simulated FITS nights, `blink simulate`, are a later piece of work.)
+//! Full simulated FITS nights (`blink simulate`) are in [`night`].
+
+pub mod night;
 
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
