@@ -3,7 +3,10 @@
 //! - `decode`: every fixture file decodes with the counts of `testdata/README.md`; bad input.
 //! - `engine_parity`: each WGSL kernel against its CPU twin on fresh random inputs.
 //! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
+//! - `simulate`: `blink simulate` against its own claims (noise, flux, template depth, headers,
+//!   manifest and truth, determinism).
 
 mod decode;
 mod e2e;
 mod engine_parity;
+mod simulate;
