@@ -40,7 +40,10 @@ pub struct TruthRow {
 #[derive(Debug, Clone)]
 pub struct Frame {
     pub index: usize,
+    /// Start of the exposure (`MJD-OBS`).
     pub mjd: f64,
+    /// Mid-exposure: when light curves are evaluated (the truth table's `mjd`).
+    pub mjd_mid: f64,
     pub psf: Psf,
     /// Sky at the frame centre, ADU.
     pub sky: f64,
@@ -122,6 +125,7 @@ pub fn render(cfg: &SimConfig, field: &Field, pop: &Population, tmpl: &Template,
     let c = &cfg.camera;
     let (w, h) = (cfg.width, cfg.height);
     let mjd = cfg.epoch_mjd(i);
+    let mjd_mid = mjd + 0.5 * c.exptime / 86400.0;
     let psf = Psf::draw(&mut rng, o, w, h);
     let sky0 = rng.gen_range(o.sky_range[0]..=o.sky_range[1]);
     let ga = rng.gen_range(0.0..std::f64::consts::TAU);
@@ -148,14 +152,14 @@ pub fn render(cfg: &SimConfig, field: &Field, pop: &Population, tmpl: &Template,
     // Variable sources: render now, score once the whole expected image is known.
     let mut varying: Vec<(Stamp, TruthRow)> = Vec::new();
     for v in &pop.variables {
-        let (f, rf) = (v.flux(mjd, zp), v.mean_flux(zp));
+        let (f, rf) = (v.flux(mjd_mid, zp), v.mean_flux(zp));
         let (x, y) = (v.x + dx, v.y + dy);
         let stamp = psf.point(x, y, psf.radius_for(psf.fwhm_at(x, y), f.max(rf)));
         stamp.add_to(&mut img, w, h, f);
         varying.push((stamp, TruthRow { id: v.id, kind: "variable", host: None, x: v.x, y: v.y, flux: f, ref_flux: rf, snr: None, mag: mag_of(f) }));
     }
     for t in &pop.transients {
-        let f = t.curve.flux(mjd, zp);
+        let f = t.curve.flux(mjd_mid, zp);
         let (x, y) = (t.x + dx, t.y + dy);
         let stamp = psf.point(x, y, psf.radius_for(psf.fwhm_at(x, y), f));
         if f > 0.0 {
@@ -221,5 +225,5 @@ pub fn render(cfg: &SimConfig, field: &Field, pop: &Population, tmpl: &Template,
     for v in &mut img {
         *v = v.min(sat);
     }
-    Frame { index: i, mjd, psf, sky: sky0, zero_point: zp, dx, dy, image: img, truth }
+    Frame { index: i, mjd, mjd_mid, psf, sky: sky0, zero_point: zp, dx, dy, image: img, truth }
 }

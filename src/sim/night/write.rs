@@ -185,7 +185,7 @@ impl NightWriter {
         };
         write_fits(&self.out.join(&file), self.width, self.height, &fr.image, &hdr)?;
         for r in &fr.truth {
-            self.truth_row(r, &file, fr.mjd)?;
+            self.truth_row(r, &file, fr.mjd_mid)?;
         }
         self.manifest.frames.push(FrameEntry {
             file: file.clone(),
