@@ -29,6 +29,9 @@ pub struct SimulateArgs {
     /// TOML file of simulation parameters (every key optional; see docs/simulation.md).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Do not write the night's alerts (alerts/*.avro).
+    #[arg(long)]
+    pub no_alerts: bool,
     /// No progress lines on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -60,6 +63,9 @@ pub fn config(args: &SimulateArgs) -> anyhow::Result<SimConfig> {
     if let Some(s) = args.seed {
         cfg.seed = s;
     }
+    if args.no_alerts {
+        cfg.alerts.enabled = false;
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -85,7 +91,8 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     let summary = night::simulate(&cfg, &args.out, &mut progress)
         .with_context(|| format!("simulating into {}", args.out.display()))?;
     eprintln!(
-        "wrote {n} frames, 1 template, manifest.toml and truth.csv to {} in {:.1}s: {} stars ({} saturated), {} galaxies, {} transients, {} variables",
+        "wrote {n} frames, 1 template, {} alerts, manifest.toml and truth.csv to {} in {:.1}s: {} stars ({} saturated), {} galaxies, {} transients, {} variables",
+        summary.alerts,
         args.out.display(),
         t0.elapsed().as_secs_f64(),
         summary.stars,

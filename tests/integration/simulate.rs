@@ -324,6 +324,10 @@ fn same_seed_same_files_other_seed_other_pixels() {
     run(&busy(12), &c);
     let mut files: Vec<String> = m.frames.iter().map(|f| f.file.clone()).collect();
     files.push(m.templates[0].file.clone());
+    for f in &m.frames {
+        let stem = Path::new(&f.file).file_stem().and_then(|s| s.to_str()).expect("stem");
+        files.push(format!("alerts/{stem}.avro"));
+    }
     files.push("truth.csv".into());
     files.push("manifest.toml".into());
     for f in &files {
@@ -348,4 +352,43 @@ fn bad_config_is_refused_with_the_key() {
     assert!(e.to_string().contains("count"), "{e}");
     let ok: SimConfig = toml::from_str("width = 300\n[camera]\ngain = 2.0\n").expect("partial config");
     assert_eq!((ok.width, ok.height, ok.camera.gain, ok.camera.read_noise), (300, 2048, 2.0, 5.0));
+}
+
+#[test]
+fn alerts_decode_and_match_the_truth() {
+    let out = tmp("alerts");
+    let cfg = busy(5);
+    let m = run(&cfg, &out);
+    assert_eq!(m.alerts.as_deref(), Some("alerts"));
+    let truth = read_truth(&out);
+    let decoder = blink::decode::Decoder::new(blink::decode::DecoderConfig::default()).expect("decoder");
+    let mut total = 0;
+    for f in &m.frames {
+        let stem = Path::new(&f.file).file_stem().and_then(|s| s.to_str()).expect("stem").to_string();
+        let alerts: Vec<_> = decoder
+            .decode_file(&out.join("alerts").join(format!("{stem}.avro")))
+            .expect("alert file")
+            .into_iter()
+            .map(|a| a.expect("alert decodes"))
+            .collect();
+        let expected: Vec<&Row> = truth
+            .iter()
+            .filter(|r| r.frame == f.file)
+            .filter(|r| r.kind == "cosmic" || (["fast", "sn", "slow", "variable"].contains(&r.kind.as_str()) && r.snr.unwrap_or(0.0) >= 5.0))
+            .collect();
+        assert_eq!(alerts.len(), expected.len(), "{}: alerts vs truth rows that should raise one", f.file);
+        for a in &alerts {
+            let r = expected.iter().find(|r| r.id.to_string() == a.object_id).expect("alert names a truth id");
+            assert!((a.ra - r.ra).abs() < 1e-6 && (a.dec - r.dec).abs() < 1e-6, "{}: position", a.alert_id);
+            assert_eq!(a.triplet.science.width(), 63);
+            if r.kind != "cosmic" {
+                assert!((a.candidate.survey_snr.expect("snr") - r.snr.expect("snr")).abs() < 1e-2);
+            }
+            // The candidate sits at the cutout's centre, within half a pixel.
+            assert!((a.candidate.stamp_x - 31.0).abs() <= 0.5 && (a.candidate.stamp_y - 31.0).abs() <= 0.5);
+        }
+        total += alerts.len();
+    }
+    assert!(total > 0, "no alerts in the busy field");
+    let _ = std::fs::remove_dir_all(&out);
 }

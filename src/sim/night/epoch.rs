@@ -52,6 +52,8 @@ pub struct Frame {
     pub dx: f64,
     pub dy: f64,
     pub image: Vec<f32>,
+    /// The noise-free image (sky and sources, no artifacts), for variances.
+    pub expected: Vec<f32>,
     pub truth: Vec<TruthRow>,
 }
 
@@ -183,6 +185,7 @@ pub fn render(cfg: &SimConfig, field: &Field, pop: &Population, tmpl: &Template,
     }
     truth.extend(varying.into_iter().map(|(_, r)| r));
 
+    let expected = img.clone();
     add_noise(&mut img, w, g, c.read_noise, cfg.seed, 1000 + i as u64);
 
     // Detector defects and cosmic rays.
@@ -225,5 +228,5 @@ pub fn render(cfg: &SimConfig, field: &Field, pop: &Population, tmpl: &Template,
     for v in &mut img {
         *v = v.min(sat);
     }
-    Frame { index: i, mjd, mjd_mid, psf, sky: sky0, zero_point: zp, dx, dy, image: img, truth }
+    Frame { index: i, mjd, mjd_mid, psf, sky: sky0, zero_point: zp, dx, dy, image: img, expected, truth }
 }

@@ -24,6 +24,9 @@ pub struct Manifest {
     /// Truth table, relative to the folder (absent for real data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truth: Option<String>,
+    /// Folder of alert files (Avro containers, one per frame), relative to the folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<String>,
     #[serde(default)]
     pub templates: Vec<TemplateEntry>,
     #[serde(default)]
@@ -61,6 +64,7 @@ impl Manifest {
             version: VERSION,
             generator: Some(generator.into()),
             truth: None,
+            alerts: None,
             templates: Vec::new(),
             frames: Vec::new(),
         }
@@ -76,7 +80,7 @@ impl Manifest {
         if m.version != VERSION {
             return Err(err(format!("version = {}, this blink reads version {VERSION}", m.version)));
         }
-        for f in m.templates.iter().map(|t| &t.file).chain(m.frames.iter().map(|f| &f.file)).chain(m.truth.iter()) {
+        for f in m.templates.iter().map(|t| &t.file).chain(m.frames.iter().map(|f| &f.file)).chain(m.truth.iter()).chain(m.alerts.iter()) {
             if !relative_inside(f) {
                 return Err(err(format!("file {f:?} is not a relative path inside the folder")));
             }

@@ -12,6 +12,7 @@
 //! - [`epoch`]: one science frame: sky, sources, Poisson and read noise, saturation, cosmic rays.
 //! - [`template`]: the reference, the exact mean of M epochs taken with its own PSF.
 //! - [`manifest`]: the night folder's manifest (read and written).
+//! - [`alerts`]: the night's alerts (blink-native Avro) where a survey would raise them.
 //! - [`write`]: FITS frames with their headers, the manifest and the truth table on disk.
 //! - [`wcs`]: the TAN projection the frames carry.
 //!
@@ -21,6 +22,7 @@
 //! Determinism: every random draw comes from a generator seeded from `seed` and the thing it is
 //! for (field, epoch, row band), so the output does not depend on the number of threads.
 
+pub mod alerts;
 pub mod epoch;
 pub mod field;
 pub mod manifest;
@@ -48,6 +50,8 @@ pub enum NightError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: FITS: {source}")]
     Fits { path: PathBuf, source: fitsio::errors::Error },
+    #[error("{path}: alerts: {message}")]
+    Alerts { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Manifest { path: PathBuf, message: String },
 }
@@ -75,6 +79,7 @@ pub struct SimConfig {
     pub variables: VariableConfig,
     pub artifacts: ArtifactConfig,
     pub template: TemplateConfig,
+    pub alerts: alerts::AlertConfig,
 }
 
 impl Default for SimConfig {
@@ -94,6 +99,7 @@ impl Default for SimConfig {
             variables: VariableConfig::default(),
             artifacts: ArtifactConfig::default(),
             template: TemplateConfig::default(),
+            alerts: alerts::AlertConfig::default(),
         }
     }
 }
@@ -426,6 +432,9 @@ impl SimConfig {
         if self.template.depth == 0 || self.template.fwhm_scale <= 0.0 || self.template.beta < 1.5 {
             return bad("template: depth >= 1, fwhm_scale > 0, beta >= 1.5".into());
         }
+        if !(self.alerts.min_snr.is_finite() && (7..=255).contains(&self.alerts.cutout)) {
+            return bad(format!("alerts: min_snr finite and cutout in 7..=255 (got {}, {})", self.alerts.min_snr, self.alerts.cutout));
+        }
         if self.field.name.is_empty() || !self.field.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return bad(format!("field.name {:?}: letters, digits, '-' and '_' only", self.field.name));
         }
@@ -471,6 +480,7 @@ pub struct NightSummary {
     pub galaxies: usize,
     pub transients: usize,
     pub variables: usize,
+    pub alerts: usize,
 }
 
 /// Simulate the night described by `cfg` into the folder `out` (created if needed).
@@ -491,11 +501,14 @@ pub fn simulate(cfg: &SimConfig, out: &Path, progress: &mut dyn FnMut(&str)) -> 
     ));
 
     let n = cfg.n_epochs();
+    let mut alerts_total = 0;
     for i in 0..n {
         let frame = epoch::render(cfg, &field, &sources, &tmpl, i);
         let name = writer.write_frame(&frame)?;
+        let n_alerts = if cfg.alerts.enabled { writer.write_alerts(cfg, &frame, &tmpl)? } else { 0 };
+        alerts_total += n_alerts;
         progress(&format!(
-            "epoch {}/{n} {name}  MJD {:.4}  seeing {:.2} px  sky {:.0} ADU",
+            "epoch {}/{n} {name}  MJD {:.4}  seeing {:.2} px  sky {:.0} ADU  {n_alerts} alerts",
             i + 1,
             frame.mjd,
             frame.psf.fwhm,
@@ -510,5 +523,6 @@ pub fn simulate(cfg: &SimConfig, out: &Path, progress: &mut dyn FnMut(&str)) -> 
         galaxies: field.galaxies.len(),
         transients: sources.transients.len(),
         variables: sources.variables.len(),
+        alerts: alerts_total,
     })
 }

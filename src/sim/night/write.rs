@@ -85,6 +85,89 @@ pub fn write_fits(path: &Path, width: usize, height: usize, data: &[f32], hdr: &
     Ok(())
 }
 
+/// Make an Avro object container byte-for-byte reproducible: apache-avro writes a random sync
+/// marker and its header metadata in hash-map order. Re-emit the header with the keys sorted and a
+/// marker derived from the seed and the frame, and put that marker after every block. Returns
+/// `None` on anything that is not a well-formed container (the caller keeps the bytes as they are).
+fn reproducible_container(bytes: &[u8], seed: u64, frame: u64) -> Option<Vec<u8>> {
+    use rand::RngCore;
+    fn read_long(b: &[u8], i: &mut usize) -> Option<i64> {
+        let (mut v, mut shift) = (0u64, 0u32);
+        loop {
+            let byte = *b.get(*i)?;
+            *i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(((v >> 1) as i64) ^ -((v & 1) as i64));
+            }
+            shift += 7;
+            if shift > 63 {
+                return None;
+            }
+        }
+    }
+    fn write_long(out: &mut Vec<u8>, v: i64) {
+        let mut z = ((v << 1) ^ (v >> 63)) as u64;
+        while z >= 0x80 {
+            out.push((z as u8) | 0x80);
+            z >>= 7;
+        }
+        out.push(z as u8);
+    }
+    fn read_bytes<'b>(b: &'b [u8], i: &mut usize) -> Option<&'b [u8]> {
+        let n = usize::try_from(read_long(b, i)?).ok()?;
+        let s = b.get(*i..i.checked_add(n)?)?;
+        *i += n;
+        Some(s)
+    }
+    if !bytes.starts_with(b"Obj\x01") {
+        return None;
+    }
+    let mut i = 4;
+    let mut meta: Vec<(&[u8], &[u8])> = Vec::new();
+    loop {
+        let n = read_long(bytes, &mut i)?;
+        if n == 0 {
+            break;
+        }
+        if n < 0 {
+            read_long(bytes, &mut i)?; // block size in bytes, unused
+        }
+        for _ in 0..n.unsigned_abs() {
+            meta.push((read_bytes(bytes, &mut i)?, read_bytes(bytes, &mut i)?));
+        }
+    }
+    let old = bytes.get(i..i + 16)?;
+    i += 16;
+    meta.sort();
+    let mut marker = [0u8; 16];
+    super::rng_for(seed, 4, frame).fill_bytes(&mut marker);
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(b"Obj\x01");
+    write_long(&mut out, meta.len() as i64);
+    for (k, v) in &meta {
+        write_long(&mut out, k.len() as i64);
+        out.extend_from_slice(k);
+        write_long(&mut out, v.len() as i64);
+        out.extend_from_slice(v);
+    }
+    write_long(&mut out, 0);
+    out.extend_from_slice(&marker);
+    while i < bytes.len() {
+        let start = i;
+        read_long(bytes, &mut i)?; // objects in the block
+        let size = usize::try_from(read_long(bytes, &mut i)?).ok()?;
+        let end = i.checked_add(size)?;
+        out.extend_from_slice(bytes.get(start..end)?);
+        if bytes.get(end..end + 16)? != old {
+            return None;
+        }
+        out.extend_from_slice(&marker);
+        i = end + 16;
+    }
+    Some(out)
+}
+
 /// Writes a night folder file by file; `finish` writes the manifest last, so a folder with a
 /// manifest is complete.
 pub struct NightWriter {
@@ -218,6 +301,24 @@ impl NightWriter {
             opt(r.snr, 3)
         )
         .map_err(|source| NightError::Io { path: self.truth_path.clone(), source })
+    }
+
+    /// Write the frame's alerts to `alerts/<frame stem>.avro`; returns how many.
+    pub fn write_alerts(&mut self, cfg: &SimConfig, fr: &Frame, tmpl: &Template) -> Result<usize, NightError> {
+        let dir = self.out.join("alerts");
+        std::fs::create_dir_all(&dir).map_err(|source| NightError::Io { path: dir.clone(), source })?;
+        let stem = format!("{}-{}-{:04}", self.field, self.band, fr.index);
+        let path = dir.join(format!("{stem}.avro"));
+        let alerts = super::alerts::frame_alerts(cfg, fr, tmpl, &self.wcs.shifted(fr.dx, fr.dy), &stem);
+        let bytes = crate::decode::encode_native(&alerts)
+            .map_err(|e| NightError::Alerts { path: path.clone(), message: e.to_string() })?;
+        let bytes = reproducible_container(&bytes, cfg.seed, fr.index as u64).ok_or_else(|| NightError::Alerts {
+            path: path.clone(),
+            message: "the Avro writer produced a container this code cannot re-emit".into(),
+        })?;
+        std::fs::write(&path, bytes).map_err(|source| NightError::Io { path: path.clone(), source })?;
+        self.manifest.alerts = Some("alerts".into());
+        Ok(alerts.len())
     }
 
     /// Flush the truth table and write the manifest.
