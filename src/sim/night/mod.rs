@@ -401,7 +401,7 @@ impl SimConfig {
         if !(self.stars.per_mpix >= 0.0 && self.stars.per_mpix <= 1e5 && self.galaxies.per_mpix >= 0.0 && self.galaxies.per_mpix <= 1e4) {
             return bad("stars.per_mpix in 0..=1e5 and galaxies.per_mpix in 0..=1e4".into());
         }
-        if !(self.stars.mag_bright <= self.stars.mag_faint) {
+        if self.stars.mag_bright.is_nan() || self.stars.mag_faint.is_nan() || self.stars.mag_bright > self.stars.mag_faint {
             return bad("stars: mag_bright must not be fainter than mag_faint".into());
         }
         let g = &self.galaxies;

@@ -142,10 +142,9 @@ impl Population {
         let t_first = cfg.epoch_mjd(0);
         let t_last = cfg.epoch_mjd(cfg.n_epochs() - 1);
         let tc = &cfg.transients;
-        let kinds = std::iter::repeat(Kind::Fast)
-            .take(tc.fast)
-            .chain(std::iter::repeat(Kind::Sn).take(tc.sn))
-            .chain(std::iter::repeat(Kind::Slow).take(tc.slow));
+        let kinds = std::iter::repeat_n(Kind::Fast, tc.fast)
+            .chain(std::iter::repeat_n(Kind::Sn, tc.sn))
+            .chain(std::iter::repeat_n(Kind::Slow, tc.slow));
         let mut transients = Vec::new();
         for (i, kind) in kinds.enumerate() {
             let mut x = rng.gen_range(margin..w - margin);
