@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             Command::Subscribe(a) => blink::cli::subscribe::subscribe(a).await,
             Command::Status(a) => blink::cli::subscribe::status(a).await,
             Command::Publish(a) => blink::cli::publish::run(a).await,
-            Command::Simulate(a) => blink::cli::simulate::run(a),
+            Command::Simulate(a) => blink::cli::simulate::run(a).await,
             Command::Inspect(_) => unreachable!("handled above"),
         }
     });

@@ -446,3 +446,26 @@ fn optimal_snr_matches_the_noise_a_matched_filter_sees() {
     assert!(mean.abs() < 4.0 / n.sqrt(), "matched-filter noise mean {mean:.3}");
     assert!((sd - 1.0).abs() < 0.12, "matched-filter noise / claimed = {sd:.3} over {n} measurements");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_puts_every_alert_on_the_topic() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let out = tmp("publish");
+    let m = run(&busy(6), &out);
+    let mut expected = 0;
+    for f in &m.frames {
+        let stem = Path::new(&f.file).file_stem().and_then(|s| s.to_str()).expect("stem");
+        let path = out.join("alerts").join(format!("{stem}.avro"));
+        let bytes = std::fs::read(&path).expect("alerts file");
+        expected += blink::source::replay::split_container(&bytes, "test").expect("container").len();
+    }
+    assert!(expected > 0);
+    let kafka = blink::source::kafka::EmbeddedKafka::start(&["sim".into()], 1).expect("embedded kafka");
+    let brokers = kafka.bootstrap_servers();
+    let n = blink::cli::simulate::publish(&out, &brokers, "sim").await.expect("publish");
+    assert_eq!(n, expected);
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("consumer");
+    let (lo, hi) = consumer.fetch_watermarks("sim", 0, std::time::Duration::from_secs(10)).expect("watermarks");
+    assert_eq!((hi - lo) as usize, expected, "messages on the topic");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -103,7 +103,7 @@ impl Manifest {
     /// Read `DIR/manifest.toml` (or the file itself when `path` is a file).
     pub fn read(path: &Path) -> Result<Manifest, NightError> {
         let file = if path.is_dir() { path.join("manifest.toml") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).map_err(|source| NightError::Io { path: file.clone(), source })?;
+        let text = std::fs::read_to_string(&file).map_err(|source| NightError::Io { path: file.clone(), error: source })?;
         Manifest::parse(&text, &file)
     }
 

@@ -42,14 +42,14 @@ use serde::{Deserialize, Serialize};
 pub enum NightError {
     #[error("invalid simulation config: {0}")]
     Config(String),
-    #[error("cannot read config {path}: {source}")]
-    ConfigRead { path: PathBuf, source: std::io::Error },
-    #[error("cannot parse config {path}: {source}")]
-    ConfigParse { path: PathBuf, source: toml::de::Error },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: FITS: {source}")]
-    Fits { path: PathBuf, source: fitsio::errors::Error },
+    #[error("cannot read config {path}: {error}")]
+    ConfigRead { path: PathBuf, error: std::io::Error },
+    #[error("cannot parse config {path}: {error}")]
+    ConfigParse { path: PathBuf, error: toml::de::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: FITS: {error}")]
+    Fits { path: PathBuf, error: fitsio::errors::Error },
     #[error("{path}: alerts: {message}")]
     Alerts { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -366,8 +366,8 @@ impl SimConfig {
     /// Read a TOML file; absent keys take their defaults.
     pub fn from_file(path: &Path) -> Result<SimConfig, NightError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| NightError::ConfigRead { path: path.to_path_buf(), source })?;
-        toml::from_str(&text).map_err(|source| NightError::ConfigParse { path: path.to_path_buf(), source })
+            .map_err(|source| NightError::ConfigRead { path: path.to_path_buf(), error: source })?;
+        toml::from_str(&text).map_err(|source| NightError::ConfigParse { path: path.to_path_buf(), error: source })
     }
 
     /// Check every value once, before any work.

@@ -35,7 +35,7 @@ pub struct Header<'a> {
 
 /// Write a `width`×`height` f32 image with `hdr` as a single-HDU FITS file.
 pub fn write_fits(path: &Path, width: usize, height: usize, data: &[f32], hdr: &Header) -> Result<(), NightError> {
-    let fe = |source| NightError::Fits { path: path.to_path_buf(), source };
+    let fe = |source| NightError::Fits { path: path.to_path_buf(), error: source };
     let desc = ImageDescription { data_type: ImageType::Float, dimensions: &[height, width] };
     let mut f = FitsFile::create(path).with_custom_primary(&desc).overwrite().open().map_err(fe)?;
     let hdu = f.primary_hdu().map_err(fe)?;
@@ -190,7 +190,7 @@ impl NightWriter {
     pub fn create(out: &Path, cfg: &SimConfig) -> Result<NightWriter, NightError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| NightError::Io { path, source }
+            move |source| NightError::Io { path, error: source }
         };
         for d in [out.to_path_buf(), out.join("frames"), out.join("templates")] {
             std::fs::create_dir_all(&d).map_err(io(&d))?;
@@ -300,13 +300,13 @@ impl NightWriter {
             r.ref_flux,
             opt(r.snr, 3)
         )
-        .map_err(|source| NightError::Io { path: self.truth_path.clone(), source })
+        .map_err(|source| NightError::Io { path: self.truth_path.clone(), error: source })
     }
 
     /// Write the frame's alerts to `alerts/<frame stem>.avro`; returns how many.
     pub fn write_alerts(&mut self, cfg: &SimConfig, fr: &Frame, tmpl: &Template) -> Result<usize, NightError> {
         let dir = self.out.join("alerts");
-        std::fs::create_dir_all(&dir).map_err(|source| NightError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| NightError::Io { path: dir.clone(), error: source })?;
         let stem = format!("{}-{}-{:04}", self.field, self.band, fr.index);
         let path = dir.join(format!("{stem}.avro"));
         let alerts = super::alerts::frame_alerts(cfg, fr, tmpl, &self.wcs.shifted(fr.dx, fr.dy), &stem);
@@ -316,15 +316,15 @@ impl NightWriter {
             path: path.clone(),
             message: "the Avro writer produced a container this code cannot re-emit".into(),
         })?;
-        std::fs::write(&path, bytes).map_err(|source| NightError::Io { path: path.clone(), source })?;
+        std::fs::write(&path, bytes).map_err(|source| NightError::Io { path: path.clone(), error: source })?;
         self.manifest.alerts = Some("alerts".into());
         Ok(alerts.len())
     }
 
     /// Flush the truth table and write the manifest.
     pub fn finish(mut self) -> Result<(), NightError> {
-        self.truth.flush().map_err(|source| NightError::Io { path: self.truth_path.clone(), source })?;
+        self.truth.flush().map_err(|source| NightError::Io { path: self.truth_path.clone(), error: source })?;
         let path = self.out.join("manifest.toml");
-        std::fs::write(&path, self.manifest.to_toml()).map_err(|source| NightError::Io { path, source })
+        std::fs::write(&path, self.manifest.to_toml()).map_err(|source| NightError::Io { path, error: source })
     }
 }
