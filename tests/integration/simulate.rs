@@ -469,3 +469,44 @@ async fn publish_puts_every_alert_on_the_topic() {
     assert_eq!((hi - lo) as usize, expected, "messages on the topic");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// With registration jitter on, a frame's WCS follows its pixels: the source sits at the truth
+/// position (template grid) plus the frame's CRPIX offset from the template's.
+#[test]
+fn jittered_frames_carry_their_offset_in_the_wcs() {
+    let out = tmp("jitter");
+    let mut cfg = empty_sky(200, 200);
+    cfg.nights = 6;
+    cfg.epochs_per_night = 1;
+    cfg.observing.jitter_px = 0.5;
+    cfg.observing.fwhm_variation = 0.0;
+    // A steady star, present in every frame.
+    cfg.variables.count = 1;
+    cfg.variables.mag_range = [15.5, 15.5];
+    cfg.variables.amplitude = [0.0, 0.0];
+    let m = run(&cfg, &out);
+    let mut t = open(&out.join(&m.templates[0].file));
+    let (tx, ty) = (t.key("CRPIX1"), t.key("CRPIX2"));
+    let truth = read_truth(&out);
+    let mut offsets = Vec::new();
+    for r in truth.iter().filter(|r| r.kind == "variable") {
+        let mut img = open(&out.join(&r.frame));
+        let (dx, dy) = (img.key("CRPIX1") - tx, img.key("CRPIX2") - ty);
+        let sky = img.key("SKYLEVEL");
+        let (mut s, mut sx, mut sy) = (0.0, 0.0, 0.0);
+        assert!(r.x > 10.0 && r.y > 10.0 && r.x < 189.0 && r.y < 189.0, "the star must be away from the edges: {r:?}");
+        let (x0, y0) = (r.x.round() as usize, r.y.round() as usize);
+        for y in y0 - 10..=y0 + 10 {
+            for x in x0 - 10..=x0 + 10 {
+                let v = img.at(x, y) - sky;
+                (s, sx, sy) = (s + v, sx + v * x as f64, sy + v * y as f64);
+            }
+        }
+        let (cx, cy) = (sx / s - r.x, sy / s - r.y);
+        assert!((cx - dx).abs() < 0.1 && (cy - dy).abs() < 0.1, "{}: light offset ({cx:.3}, {cy:.3}) vs CRPIX offset ({dx:.3}, {dy:.3})", r.frame);
+        offsets.push(dx.abs().max(dy.abs()));
+    }
+    assert_eq!(offsets.len(), 6);
+    assert!(offsets.iter().any(|&o| o > 0.1), "jitter moved nothing: {offsets:?}");
+    let _ = std::fs::remove_dir_all(&out);
+}
