@@ -387,6 +387,33 @@ fn alerts_decode_and_match_the_truth() {
             // The candidate sits at the cutout's centre, within half a pixel.
             assert!((a.candidate.stamp_x - 31.0).abs() <= 0.5 && (a.candidate.stamp_y - 31.0).abs() <= 0.5);
         }
+        // The same alerts, ZTF-shaped, read by blink's ZTF decoder.
+        let ztf: Vec<_> = decoder
+            .decode_file(&out.join("alerts").join(format!("{stem}.ztf.avro")))
+            .expect("ZTF alert file")
+            .into_iter()
+            .map(|a| a.expect("ZTF alert decodes"))
+            .collect();
+        assert_eq!(ztf.len(), alerts.len(), "{}: ZTF packets vs native alerts", f.file);
+        for (z, a) in ztf.iter().zip(&alerts) {
+            assert_eq!(z.survey, blink::alert::Survey::Ztf);
+            assert_eq!(z.object_id, format!("ZTFsim{}", a.object_id));
+            assert!((z.ra - a.ra).abs() < 1e-9 && (z.dec - a.dec).abs() < 1e-9);
+            assert!((z.mjd_tai - a.mjd_tai).abs() < 1e-6, "ZTF jd is UTC exposure start: {} vs {}", z.mjd_tai, a.mjd_tai);
+            if a.triplet.science.nan_count() == 0 {
+                let (dx, dy) = (z.candidate.stamp_x - a.candidate.stamp_x, z.candidate.stamp_y - a.candidate.stamp_y);
+                assert!(dx.abs() < 0.01 && dy.abs() < 0.01, "{}: stamp position off by ({dx}, {dy})", a.alert_id);
+            }
+            if let Some(snr) = a.candidate.survey_snr {
+                assert!((z.candidate.survey_snr.expect("sigmapsf") / snr - 1.0).abs() < 1e-4);
+            }
+            if a.triplet.science.nan_count() == 0 {
+                assert_eq!(z.triplet.science.image, a.triplet.science.image, "same science cutout");
+            } else {
+                assert!(z.triplet.science.width() * z.triplet.science.height() < 63 * 63, "ZTF truncates at the edge");
+            }
+            assert!(z.triplet.difference.is_some());
+        }
         total += alerts.len();
     }
     assert!(total > 0, "no alerts in the busy field");

@@ -27,11 +27,13 @@ pub struct AlertConfig {
     pub cutout: usize,
     /// Alert on cosmic rays.
     pub cosmic_rays: bool,
+    /// Also write ZTF-shaped packets (`alerts/<frame>.ztf.avro`).
+    pub ztf: bool,
 }
 
 impl Default for AlertConfig {
     fn default() -> Self {
-        AlertConfig { enabled: true, min_snr: 5.0, cutout: 63, cosmic_rays: true }
+        AlertConfig { enabled: true, min_snr: 5.0, cutout: 63, cosmic_rays: true, ztf: true }
     }
 }
 
@@ -69,8 +71,20 @@ fn psf_image(psf: &Psf, x: f64, y: f64) -> Image {
     Image::new(PSF_SIDE, PSF_SIDE, s.data.iter().map(|&v| v as f32).collect())
 }
 
+/// One alert with what the ZTF packet also needs.
+#[derive(Debug, Clone)]
+pub struct SimAlert {
+    pub alert: Alert,
+    /// The ideal difference cutout: science noise − scaled template noise + the alerting source.
+    pub difference: Image,
+    /// Position in the frame, 0-based pixels.
+    pub x: f64,
+    pub y: f64,
+    pub truth_id: u64,
+}
+
 /// The alerts of one frame.
-pub fn frame_alerts(cfg: &SimConfig, frame: &Frame, tmpl: &Template, wcs: &TanWcs, file_stem: &str) -> Vec<Alert> {
+pub fn frame_alerts(cfg: &SimConfig, frame: &Frame, tmpl: &Template, wcs: &TanWcs, file_stem: &str) -> Vec<SimAlert> {
     let ac = &cfg.alerts;
     let (w, h) = (cfg.width, cfg.height);
     let g = cfg.camera.gain;
@@ -96,7 +110,30 @@ pub fn frame_alerts(cfg: &SimConfig, frame: &Frame, tmpl: &Template, wcs: &TanWc
         let (ti, tmask, tvar) = cut(&tmpl.image, w, h, row.x.round() as i64, row.y.round() as i64, side, &tmpl_var);
         let (ra, dec) = wcs.pixel_to_sky(x, y);
         let r = (side / 2) as f64;
-        out.push(Alert {
+        // Ideal difference: the noise of both images, the artifacts, and the source's change.
+        let s = 10f64.powf(0.4 * (frame.zero_point - tmpl.zero_point));
+        let delta = row.flux - row.ref_flux;
+        let src = (row.kind != "cosmic" && delta != 0.0)
+            .then(|| frame.psf.point(x, y, frame.psf.radius_for(frame.psf.fwhm_at(x, y), delta.abs())));
+        let mut diff = vec![0f32; side * side];
+        for sy in 0..side {
+            for sx in 0..side {
+                let (px, py) = (cx - r as i64 + sx as i64, cy - r as i64 + sy as i64);
+                if px < 0 || py < 0 || px >= w as i64 || py >= h as i64 {
+                    continue;
+                }
+                let k = py as usize * w + px as usize;
+                let mut v = (frame.image[k] - frame.expected[k]) as f64 - s * (tmpl.image[k] - tmpl.expected[k]) as f64;
+                if let Some(p) = &src {
+                    let (qx, qy) = (px - p.x0, py - p.y0);
+                    if qx >= 0 && qy >= 0 && (qx as usize) < p.w && (qy as usize) < p.h {
+                        v += delta * p.data[qy as usize * p.w + qx as usize];
+                    }
+                }
+                diff[sy * side + sx] = v as f32;
+            }
+        }
+        let alert = Alert {
             survey: Survey::Native,
             alert_id: format!("{file_stem}-{}", row.id),
             object_id: row.id.to_string(),
@@ -120,7 +157,8 @@ pub fn frame_alerts(cfg: &SimConfig, frame: &Frame, tmpl: &Template, wcs: &TanWc
                 template: Stamp { image: ti, mask: tmask, variance: Some(tvar), psf: Some(psf_image(&tmpl.psf, row.x, row.y)) },
                 difference: None,
             },
-        });
+        };
+        out.push(SimAlert { alert, difference: Image::new(side, side, diff), x, y, truth_id: row.id });
     }
     out
 }

@@ -13,6 +13,7 @@
 //! - [`template`]: the reference, the exact mean of M epochs taken with its own PSF.
 //! - [`manifest`]: the night folder's manifest (read and written).
 //! - [`alerts`]: the night's alerts (blink-native Avro) where a survey would raise them.
+//! - [`ztf`]: the same alerts as ZTF-shaped packets (ZTF's schema, gzipped FITS cutouts).
 //! - [`write`]: FITS frames with their headers, the manifest and the truth table on disk.
 //! - [`wcs`]: the TAN projection the frames carry.
 //!
@@ -31,6 +32,7 @@ pub mod template;
 pub mod transients;
 pub mod wcs;
 pub mod write;
+pub mod ztf;
 
 use std::path::{Path, PathBuf};
 

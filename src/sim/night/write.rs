@@ -309,7 +309,22 @@ impl NightWriter {
         std::fs::create_dir_all(&dir).map_err(|source| NightError::Io { path: dir.clone(), error: source })?;
         let stem = format!("{}-{}-{:04}", self.field, self.band, fr.index);
         let path = dir.join(format!("{stem}.avro"));
-        let alerts = super::alerts::frame_alerts(cfg, fr, tmpl, &self.wcs.shifted(fr.dx, fr.dy), &stem);
+        let sim = super::alerts::frame_alerts(cfg, fr, tmpl, &self.wcs.shifted(fr.dx, fr.dy), &stem);
+        let alerts: Vec<crate::alert::Alert> = sim.iter().map(|a| a.alert.clone()).collect();
+        if cfg.alerts.ztf {
+            let zpath = dir.join(format!("{stem}.ztf.avro"));
+            let diffs: Vec<_> = sim.iter().map(|a| a.difference.clone()).collect();
+            let xy: Vec<_> = sim.iter().map(|a| (a.x, a.y)).collect();
+            // Unique per night: frame index and truth id.
+            let candid: Vec<i64> = sim.iter().map(|a| (fr.index as i64 + 1) * 10_000_000 + a.truth_id as i64).collect();
+            let bytes = super::ztf::encode(&alerts, &diffs, &candid, &xy)
+                .map_err(|message| NightError::Alerts { path: zpath.clone(), message })?;
+            let bytes = reproducible_container(&bytes, cfg.seed, 1_000_000 + fr.index as u64).ok_or_else(|| NightError::Alerts {
+                path: zpath.clone(),
+                message: "the Avro writer produced a container this code cannot re-emit".into(),
+            })?;
+            std::fs::write(&zpath, bytes).map_err(|source| NightError::Io { path: zpath.clone(), error: source })?;
+        }
         let bytes = crate::decode::encode_native(&alerts)
             .map_err(|e| NightError::Alerts { path: path.clone(), message: e.to_string() })?;
         let bytes = reproducible_container(&bytes, cfg.seed, fr.index as u64).ok_or_else(|| NightError::Alerts {
