@@ -311,27 +311,39 @@ impl NightWriter {
         let path = dir.join(format!("{stem}.avro"));
         let sim = super::alerts::frame_alerts(cfg, fr, tmpl, &self.wcs.shifted(fr.dx, fr.dy), &stem);
         let alerts: Vec<crate::alert::Alert> = sim.iter().map(|a| a.alert.clone()).collect();
-        if cfg.alerts.ztf {
-            let zpath = dir.join(format!("{stem}.ztf.avro"));
+        let recontain = |bytes: Vec<u8>, tag: u64, path: &Path| {
+            reproducible_container(&bytes, cfg.seed, tag).ok_or_else(|| NightError::Alerts {
+                path: path.to_path_buf(),
+                message: "the Avro writer produced a container this code cannot re-emit".into(),
+            })
+        };
+        let zpath = dir.join(format!("{stem}.ztf.avro"));
+        let ztf = || -> Result<(), NightError> {
             let diffs: Vec<_> = sim.iter().map(|a| a.difference.clone()).collect();
             let xy: Vec<_> = sim.iter().map(|a| (a.x, a.y)).collect();
             // Unique per night: frame index and truth id.
             let candid: Vec<i64> = sim.iter().map(|a| (fr.index as i64 + 1) * 10_000_000 + a.truth_id as i64).collect();
             let bytes = super::ztf::encode(&alerts, &diffs, &candid, &xy)
                 .map_err(|message| NightError::Alerts { path: zpath.clone(), message })?;
-            let bytes = reproducible_container(&bytes, cfg.seed, 1_000_000 + fr.index as u64).ok_or_else(|| NightError::Alerts {
-                path: zpath.clone(),
-                message: "the Avro writer produced a container this code cannot re-emit".into(),
-            })?;
-            std::fs::write(&zpath, bytes).map_err(|source| NightError::Io { path: zpath.clone(), error: source })?;
-        }
-        let bytes = crate::decode::encode_native(&alerts)
-            .map_err(|e| NightError::Alerts { path: path.clone(), message: e.to_string() })?;
-        let bytes = reproducible_container(&bytes, cfg.seed, fr.index as u64).ok_or_else(|| NightError::Alerts {
-            path: path.clone(),
-            message: "the Avro writer produced a container this code cannot re-emit".into(),
+            let bytes = recontain(bytes, 1_000_000 + fr.index as u64, &zpath)?;
+            std::fs::write(&zpath, bytes).map_err(|source| NightError::Io { path: zpath.clone(), error: source })
+        };
+        let native = || -> Result<(), NightError> {
+            let bytes = crate::decode::encode_native(&alerts)
+                .map_err(|e| NightError::Alerts { path: path.clone(), message: e.to_string() })?;
+            let bytes = recontain(bytes, fr.index as u64, &path)?;
+            std::fs::write(&path, bytes).map_err(|source| NightError::Io { path: path.clone(), error: source })
+        };
+        // The two encodings (deflate, gzip) are independent: one on another core.
+        std::thread::scope(|s| {
+            let z = cfg.alerts.ztf.then(|| s.spawn(ztf));
+            native()?;
+            match z.map(|h| h.join()) {
+                Some(Ok(r)) => r,
+                Some(Err(_)) => Err(NightError::Alerts { path: zpath.clone(), message: "the ZTF encoding thread panicked".into() }),
+                None => Ok(()),
+            }
         })?;
-        std::fs::write(&path, bytes).map_err(|source| NightError::Io { path: path.clone(), error: source })?;
         self.manifest.alerts = Some("alerts".into());
         Ok(alerts.len())
     }
