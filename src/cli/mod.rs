@@ -49,8 +49,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Write a simulated night folder: one FITS frame per epoch (stars, galaxies, transients,
     /// variable stars, cosmic rays, hot pixels; Moffat PSFs that change with the seeing), a deep
-    /// template, manifest.toml and truth.csv. The folder format is docs/night-format.md; every
-    /// parameter is in docs/simulation.md. Example: `blink simulate --out night --size 1024x1024`.
+    /// template, manifest.toml, truth.csv and the alerts a survey would send (blink-native and
+    /// ZTF-shaped Avro; --publish puts them on Kafka). The folder format is docs/night-format.md;
+    /// every parameter is in docs/simulation.md. Example: `blink simulate --out night`.
     Simulate(simulate::SimulateArgs),
 }
 

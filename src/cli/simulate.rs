@@ -43,6 +43,9 @@ pub struct SimulateArgs {
     /// Topic for --publish.
     #[arg(long, default_value = "alerts")]
     pub topic: String,
+    /// With --publish: send the ZTF-shaped packets (alerts/*.ztf.avro) instead of blink's own.
+    #[arg(long)]
+    pub publish_ztf: bool,
     /// No progress lines on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -73,6 +76,9 @@ pub fn config(args: &SimulateArgs) -> anyhow::Result<SimConfig> {
     }
     if let Some(s) = args.seed {
         cfg.seed = s;
+    }
+    if args.publish_ztf && !cfg.alerts.ztf {
+        anyhow::bail!("--publish-ztf needs the ZTF-shaped packets that [alerts] ztf = false turns off");
     }
     if args.no_alerts {
         if args.publish {
@@ -123,22 +129,23 @@ pub async fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     );
     if args.publish {
         let t1 = Instant::now();
-        let n = publish(&args.out, &args.brokers, &args.topic).await?;
+        let n = publish(&args.out, &args.brokers, &args.topic, args.publish_ztf).await?;
         eprintln!("published {n} alerts to {} on {} in {:.1}s", args.topic, args.brokers, t1.elapsed().as_secs_f64());
     }
     Ok(())
 }
 
 /// Publish every alert of the night folder `dir` (frames in manifest order), one per message,
-/// keyed by its frame's alert file and index; returns how many. Up to 256 sends are in flight.
-pub async fn publish(dir: &std::path::Path, brokers: &str, topic: &str) -> anyhow::Result<usize> {
+/// keyed by its frame's alert file and index; the ZTF-shaped packets when `ztf`. Returns how
+/// many. Up to 256 sends are in flight.
+pub async fn publish(dir: &std::path::Path, brokers: &str, topic: &str, ztf: bool) -> anyhow::Result<usize> {
     let manifest = night::manifest::Manifest::read(dir)?;
     let alerts_dir = dir.join(manifest.alerts.as_deref().context("the manifest lists no alerts folder")?);
     let producer = crate::source::kafka::producer(brokers)?;
     let mut n = 0;
     for f in &manifest.frames {
         let stem = std::path::Path::new(&f.file).file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-        let path = alerts_dir.join(format!("{stem}.avro"));
+        let path = alerts_dir.join(if ztf { format!("{stem}.ztf.avro") } else { format!("{stem}.avro") });
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let payloads = crate::source::replay::split_container(&bytes, &path.display().to_string())?;
         for (c, chunk) in payloads.chunks(256).enumerate() {

@@ -487,13 +487,17 @@ async fn publish_puts_every_alert_on_the_topic() {
         expected += blink::source::replay::split_container(&bytes, "test").expect("container").len();
     }
     assert!(expected > 0);
-    let kafka = blink::source::kafka::EmbeddedKafka::start(&["sim".into()], 1).expect("embedded kafka");
+    let kafka = blink::source::kafka::EmbeddedKafka::start(&["sim".into(), "simz".into()], 1).expect("embedded kafka");
     let brokers = kafka.bootstrap_servers();
-    let n = blink::cli::simulate::publish(&out, &brokers, "sim").await.expect("publish");
+    let n = blink::cli::simulate::publish(&out, &brokers, "sim", false).await.expect("publish");
     assert_eq!(n, expected);
     let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("consumer");
     let (lo, hi) = consumer.fetch_watermarks("sim", 0, std::time::Duration::from_secs(10)).expect("watermarks");
     assert_eq!((hi - lo) as usize, expected, "messages on the topic");
+    let nz = blink::cli::simulate::publish(&out, &brokers, "simz", true).await.expect("publish ZTF");
+    assert_eq!(nz, expected, "one ZTF packet per alert");
+    let (lo, hi) = consumer.fetch_watermarks("simz", 0, std::time::Duration::from_secs(10)).expect("watermarks");
+    assert_eq!((hi - lo) as usize, expected, "ZTF packets on the topic");
     let _ = std::fs::remove_dir_all(&out);
 }
 
