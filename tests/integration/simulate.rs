@@ -294,6 +294,12 @@ fn manifest_and_truth_parse_and_agree() {
         assert_eq!(f.template, m.templates[0].file);
     }
     let truth = read_truth(&out);
+    // The library's reader agrees with this file's own.
+    let lib = blink::sim::night::truth::read(&out.join("truth.csv")).expect("truth reader");
+    assert_eq!(lib.len(), truth.len());
+    for (a, b) in lib.iter().zip(&truth) {
+        assert_eq!((a.id, a.kind.as_str(), a.frame.as_str(), a.x, a.snr), (b.id, b.kind.as_str(), b.frame.as_str(), b.x, b.snr));
+    }
     let frames: BTreeSet<&str> = m.frames.iter().map(|f| f.file.as_str()).collect();
     let kinds: BTreeSet<&str> = truth.iter().map(|r| r.kind.as_str()).collect();
     for k in ["star", "galaxy", "fast", "sn", "slow", "variable", "cosmic", "hot_pixel", "bad_column"] {

@@ -12,6 +12,7 @@
 //! - [`epoch`]: one science frame: sky, sources, Poisson and read noise, saturation, cosmic rays.
 //! - [`template`]: the reference, the exact mean of M epochs taken with its own PSF.
 //! - [`manifest`]: the night folder's manifest (read and written).
+//! - [`truth`]: reading `truth.csv`.
 //! - [`alerts`]: the night's alerts (blink-native Avro) where a survey would raise them.
 //! - [`ztf`]: the same alerts as ZTF-shaped packets (ZTF's schema, gzipped FITS cutouts).
 //! - [`write`]: FITS frames with their headers, the manifest and the truth table on disk.
@@ -30,6 +31,7 @@ pub mod manifest;
 pub mod psf;
 pub mod template;
 pub mod transients;
+pub mod truth;
 pub mod wcs;
 pub mod write;
 pub mod ztf;
@@ -56,6 +58,8 @@ pub enum NightError {
     Alerts { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Manifest { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Truth { path: PathBuf, message: String },
 }
 
 /// The whole simulation, as read from `--config sim.toml` (every section and key optional).
