@@ -14,7 +14,7 @@
 //! - [`cpu`]: the CPU twin of every kernel (same names), the oracle in tests.
 //! - [`sink`]: gRPC hub and server.
 //! - [`service`]: everything wired together for `serve` and `demo`.
-//! - [`sim`]: simulated alerts.
+//! - [`sim`]: simulated alerts, and simulated FITS nights (`sim::night`, `blink simulate`).
 //! - [`config`], [`metrics`], [`cli`].
 
 pub mod alert;
