@@ -229,3 +229,86 @@ pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
     let local = listener.local_addr()?;
     Ok((listener, local))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alert::Survey;
+    use crate::engine::SubtractionResult;
+    use crate::pipeline::{AckToken, AlertMeta};
+    use futures::StreamExt;
+
+    fn outcome(i: usize, survey: Survey, score: f32) -> Outcome {
+        Outcome {
+            token: AckToken { topic: "t".into(), partition: 0, offset: i as i64 },
+            meta: AlertMeta {
+                survey,
+                alert_id: format!("a{i}"),
+                object_id: format!("o{i}"),
+                ra: 10.0,
+                dec: -5.0,
+                mjd_tai: 61000.0,
+                band: "r".into(),
+                survey_snr: None,
+            },
+            result: SubtractionResult {
+                flux_scale: 1.0,
+                background: 0.0,
+                flux: score,
+                flux_err: 1.0,
+                score,
+            },
+            detected: score.abs() >= 5.0,
+        }
+    }
+
+    fn service(buffer: usize) -> BlinkService {
+        BlinkService { hub: Hub::new(buffer), metrics: Arc::new(Metrics::default()), adapter: "test".into() }
+    }
+
+    async fn open(svc: &BlinkService, req: SubscribeRequest) -> DetectionStream {
+        svc.subscribe(Request::new(req)).await.expect("subscribe").into_inner()
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_is_told_and_dropped_while_others_keep_up() {
+        let svc = service(4);
+        let mut slow = open(&svc, SubscribeRequest::default()).await;
+        let mut fast = open(&svc, SubscribeRequest::default()).await;
+        for i in 0..4 {
+            svc.hub.publish(&outcome(i, Survey::Ztf, 6.0));
+            assert_eq!(fast.next().await.unwrap().unwrap().alert_id, format!("a{i}"));
+        }
+        for i in 4..10 {
+            svc.hub.publish(&outcome(i, Survey::Ztf, 6.0));
+            assert_eq!(fast.next().await.unwrap().unwrap().alert_id, format!("a{i}"));
+        }
+        // The slow one never read: its buffer of 4 overflowed.
+        let err = slow.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        assert!(slow.next().await.is_none(), "disconnected after the status");
+        assert_eq!(Metrics::get(&svc.metrics.subscribers), 1);
+    }
+
+    #[tokio::test]
+    async fn filters_and_close() {
+        let svc = service(16);
+        let req = SubscribeRequest { min_score: 5.0, surveys: vec!["LSST".into()], bands: vec!["r".into()] };
+        let mut s = open(&svc, req).await;
+        svc.hub.publish(&outcome(0, Survey::Ztf, 9.0)); // wrong survey
+        svc.hub.publish(&outcome(1, Survey::Rubin, 2.0)); // below min score
+        svc.hub.publish(&outcome(2, Survey::Rubin, -7.0)); // |score| counts
+        svc.hub.close();
+        let got: Vec<_> = s.by_ref().collect().await;
+        assert_eq!(got.len(), 1);
+        let d = got[0].as_ref().unwrap();
+        assert_eq!((d.alert_id.as_str(), d.sequence, d.id.as_str()), ("a2", 3, "rubin:a2"));
+
+        let bad = svc.subscribe(Request::new(SubscribeRequest { min_score: -1.0, ..Default::default() })).await;
+        assert_eq!(bad.err().unwrap().code(), tonic::Code::InvalidArgument);
+        let bad = svc
+            .subscribe(Request::new(SubscribeRequest { surveys: vec!["hst".into()], ..Default::default() }))
+            .await;
+        assert_eq!(bad.err().unwrap().code(), tonic::Code::InvalidArgument);
+    }
+}
