@@ -56,3 +56,33 @@ impl DeadLetterSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letters_are_counted_and_written_as_json_lines() {
+        let path = std::env::temp_dir().join(format!("blink-dl-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let metrics = Arc::new(Metrics::default());
+        let sink = DeadLetterSink::open(Some(&path), metrics.clone()).unwrap();
+        let tok = |offset| AckToken { topic: "alerts".into(), partition: 3, offset };
+        sink.deliver(&tok(7), "gzip_bomb", "stamp inflates past 4194304 bytes");
+        sink.deliver(&tok(8), "empty", "empty message (0 bytes)");
+        sink.deliver(&tok(9), "empty", "empty message (0 bytes)");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0]["reason"], "gzip_bomb");
+        assert_eq!(lines[0]["partition"], 3);
+        assert_eq!(lines[2]["offset"], 9);
+        assert_eq!(metrics.dead_letters().get("empty"), Some(&2));
+        assert_eq!(metrics.dead_letter_total(), 3);
+        std::fs::remove_file(&path).unwrap();
+
+        let err = DeadLetterSink::open(Some(Path::new("/nonexistent-dir/x.jsonl")), metrics).err().unwrap();
+        assert!(err.to_string().contains("/nonexistent-dir/x.jsonl"), "{err}");
+    }
+}
