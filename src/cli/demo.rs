@@ -203,7 +203,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let mut rows = report.received.clone();
     rows.sort_by(|a, b| (&a.survey, &a.alert_id).cmp(&(&b.survey, &b.alert_id)));
     if !args.quiet {
-        println!("{:<26} {:<7} {:<4} {:>8} {:>8}  {}", "alert", "survey", "band", "blink", "survey", "");
+        println!("{:<26} {:<7} {:<4} {:>8} {:>8}", "alert", "survey", "band", "blink", "survey");
         println!("{:<26} {:<7} {:<4} {:>8} {:>8}", "", "", "", "score", "snr");
         for d in &rows {
             println!(

@@ -112,7 +112,7 @@ impl Filter {
                 || self.surveys.iter().any(|s| {
                     crate::alert::Survey::parse(s).map(|s| s.as_str()) == Some(d.survey.as_str())
                 }))
-            && (self.bands.is_empty() || self.bands.iter().any(|b| *b == d.band))
+            && (self.bands.is_empty() || self.bands.contains(&d.band))
     }
 }
 
