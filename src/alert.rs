@@ -24,6 +24,14 @@ impl Survey {
         }
     }
 
+    /// A survey from its name, case-insensitive; "lsst" is Rubin.
+    ///
+    /// ```
+    /// use blink::alert::Survey;
+    /// assert_eq!(Survey::parse("LSST"), Some(Survey::Rubin));
+    /// assert_eq!(Survey::parse("ztf").map(|s| s.as_str()), Some("ztf"));
+    /// assert_eq!(Survey::parse("hst"), None);
+    /// ```
     pub fn parse(s: &str) -> Option<Survey> {
         match s.to_ascii_lowercase().as_str() {
             "ztf" => Some(Survey::Ztf),

@@ -15,6 +15,16 @@ pub struct AckToken {
     pub offset: i64,
 }
 
+/// ```
+/// use blink::pipeline::{AckToken, AckTracker};
+/// let tok = |offset| AckToken { topic: "alerts".into(), partition: 0, offset };
+/// let mut acks = AckTracker::default();
+/// acks.register(&tok(41), 1);
+/// acks.register(&tok(42), 2); // a container with two alerts
+/// assert_eq!(acks.done(&tok(42)), (None, false));
+/// assert_eq!(acks.done(&tok(42)), (Some(41), true)); // 41 still pending: commit stays at 41
+/// assert_eq!(acks.done(&tok(41)), (Some(43), true)); // everything delivered: next to read is 43
+/// ```
 #[derive(Debug, Default)]
 pub struct AckTracker {
     /// (topic, partition) → offset → units still outstanding.
