@@ -65,6 +65,22 @@ pub struct StampBatch {
 }
 
 impl StampBatch {
+    /// A batch of no stamps of the given shape, to be filled stamp by stamp.
+    pub fn empty(width: usize, height: usize) -> StampBatch {
+        StampBatch {
+            width,
+            height,
+            n: 0,
+            science: Vec::new(),
+            template: Vec::new(),
+            science_var: Vec::new(),
+            template_var: Vec::new(),
+            weight: Vec::new(),
+            profile: Vec::new(),
+            params: Vec::new(),
+        }
+    }
+
     /// Pixels per stamp.
     pub fn npix(&self) -> usize {
         self.width * self.height

@@ -405,18 +405,7 @@ pub fn prepare_stamp(alert: &Alert, cfg: &PrepareConfig) -> Result<PreparedStamp
 /// [`prepare_batch`]).
 pub fn assemble(stamps: &[PreparedStamp]) -> StampBatch {
     let (width, height) = stamps.first().map(PreparedStamp::shape).unwrap_or((0, 0));
-    let mut b = StampBatch {
-        width,
-        height,
-        n: 0,
-        science: Vec::new(),
-        template: Vec::new(),
-        science_var: Vec::new(),
-        template_var: Vec::new(),
-        weight: Vec::new(),
-        profile: Vec::new(),
-        params: Vec::new(),
-    };
+    let mut b = StampBatch::empty(width, height);
     for s in stamps {
         if s.shape() != (width, height) {
             tracing::warn!(alert_id = %s.alert_id, shape = ?s.shape(), batch = ?(width, height), "stamp of another shape left out of the batch");

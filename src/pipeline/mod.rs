@@ -138,7 +138,6 @@ impl Acks {
 pub struct Pipeline {
     pub input: mpsc::Sender<Envelope>,
     pub commits: Arc<CommitQueue>,
-    pub adapter: String,
     tasks: Vec<JoinHandle<()>>,
     engine_thread: std::thread::JoinHandle<()>,
 }
@@ -164,7 +163,6 @@ impl Pipeline {
             metrics: metrics.clone(),
         });
         let dead = Arc::new(DeadLetterSink::open(cfg.dead_letter.file.as_deref(), metrics.clone())?);
-        let adapter = engine.adapter();
 
         let decode = tokio::spawn(decode_stage(
             envelopes,
@@ -191,7 +189,7 @@ impl Pipeline {
             metrics,
             cfg.detect.threshold,
         ));
-        Ok(Pipeline { input, commits, adapter, tasks: vec![decode, batcher, sink], engine_thread })
+        Ok(Pipeline { input, commits, tasks: vec![decode, batcher, sink], engine_thread })
     }
 
     /// Drain: close the input, let every stage finish what it holds.

@@ -63,18 +63,7 @@ fn gaussian_add(img: &mut [f32], w: usize, cx: f64, cy: f64, sigma: f64, flux: f
 /// A random batch: sky, stars, a source at the candidate, noise, masks, random kernel sigmas.
 fn random_batch(rng: &mut StdRng, w: usize, h: usize, n: usize) -> StampBatch {
     let npix = w * h;
-    let mut b = StampBatch {
-        width: w,
-        height: h,
-        n,
-        science: Vec::new(),
-        template: Vec::new(),
-        science_var: Vec::new(),
-        template_var: Vec::new(),
-        weight: Vec::new(),
-        profile: Vec::new(),
-        params: Vec::new(),
-    };
+    let mut b = StampBatch { n, ..StampBatch::empty(w, h) };
     let unit = Normal::new(0.0f64, 1.0).unwrap_or_else(|e| panic!("{e}"));
     for k in 0..n {
         let sky_t = rng.gen_range(10.0..500.0);

@@ -64,8 +64,6 @@ fn sersic_b(n: f64) -> f64 {
 /// Unit-sum Sérsic image centred at (x, y), on the frame's grid.
 pub fn sersic_stamp(x: f64, y: f64, r_eff: f64, n: f64, q: f64, theta: f64) -> Stamp {
     let r = (4.0 * r_eff).clamp(3.0, 30.0).ceil() as i64;
-    let (xc, yc) = (x.round() as i64, y.round() as i64);
-    let side = (2 * r + 1) as usize;
     let b = sersic_b(n);
     let (c, s) = (theta.cos(), theta.sin());
     let f = |dx: f64, dy: f64| {
@@ -74,32 +72,8 @@ pub fn sersic_stamp(x: f64, y: f64, r_eff: f64, n: f64, q: f64, theta: f64) -> S
         let rr = (u * u + v * v).sqrt() / r_eff;
         (-b * (rr.powf(1.0 / n) - 1.0)).exp()
     };
-    let mut data = vec![0.0; side * side];
-    let mut sum = 0.0;
-    for sy in 0..side {
-        let dy = (yc - r + sy as i64) as f64 - y;
-        for sx in 0..side {
-            let dx = (xc - r + sx as i64) as f64 - x;
-            // The cusp of high-n profiles needs subsampling near the centre.
-            let v = if dx * dx + dy * dy < 4.0 {
-                let mut acc = 0.0;
-                for oy in 0..5 {
-                    for ox in 0..5 {
-                        acc += f(dx + (ox as f64 - 2.0) / 5.0, dy + (oy as f64 - 2.0) / 5.0);
-                    }
-                }
-                acc / 25.0
-            } else {
-                f(dx, dy)
-            };
-            data[sy * side + sx] = v;
-            sum += v;
-        }
-    }
-    for v in &mut data {
-        *v /= sum;
-    }
-    Stamp { x0: xc - r, y0: yc - r, w: side, h: side, data }
+    // The cusp of high-n profiles needs subsampling near the centre.
+    Stamp::render(x, y, r, 2.0, 5, f)
 }
 
 impl Field {

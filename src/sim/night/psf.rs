@@ -37,8 +37,44 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    /// Add `scale` × this stamp into a `width`×`height` frame, clipping at the edges.
-    pub fn add_to(&self, frame: &mut [f32], width: usize, height: usize, scale: f64) {
+    /// A unit-sum image of profile `f(dx, dy)` (offsets from (x, y) in pixels) on the frame's
+    /// grid, (2r+1)² pixels around the pixel nearest (x, y). Pixels within `sub_radius` of the
+    /// centre average a k×k grid of samples (cusps and sharp peaks); the rest take the value at
+    /// their centre. Truncated at the stamp's edge and normalised inside it.
+    pub fn render(x: f64, y: f64, r: i64, sub_radius: f64, k: usize, f: impl Fn(f64, f64) -> f64) -> Stamp {
+        let (x0, y0) = (x.round() as i64 - r, y.round() as i64 - r);
+        let n = (2 * r + 1) as usize;
+        let offsets: Vec<f64> = (0..k).map(|o| (o as f64 - (k as f64 - 1.0) / 2.0) / k as f64).collect();
+        let mut data = vec![0.0; n * n];
+        let mut sum = 0.0;
+        for sy in 0..n {
+            let dy = (y0 + sy as i64) as f64 - y;
+            for sx in 0..n {
+                let dx = (x0 + sx as i64) as f64 - x;
+                let v = if dx * dx + dy * dy < sub_radius * sub_radius {
+                    let mut acc = 0.0;
+                    for oy in &offsets {
+                        for ox in &offsets {
+                            acc += f(dx + ox, dy + oy);
+                        }
+                    }
+                    acc / (k * k) as f64
+                } else {
+                    f(dx, dy)
+                };
+                data[sy * n + sx] = v;
+                sum += v;
+            }
+        }
+        for v in &mut data {
+            *v /= sum;
+        }
+        Stamp { x0, y0, w: n, h: n, data }
+    }
+
+    /// Visit the stamp's pixels that fall inside a `width`×`height` frame, as
+    /// (frame index, stamp value).
+    fn each_in_frame(&self, width: usize, height: usize, mut f: impl FnMut(usize, f64)) {
         for sy in 0..self.h {
             let y = self.y0 + sy as i64;
             if y < 0 || y >= height as i64 {
@@ -49,32 +85,26 @@ impl Stamp {
                 if x < 0 || x >= width as i64 {
                     continue;
                 }
-                let i = y as usize * width + x as usize;
-                frame[i] += (scale * self.data[sy * self.w + sx]) as f32;
+                f(y as usize * width + x as usize, self.data[sy * self.w + sx]);
             }
         }
+    }
+
+    /// Add `scale` × this stamp into a `width`×`height` frame, clipping at the edges.
+    pub fn add_to(&self, frame: &mut [f32], width: usize, height: usize, scale: f64) {
+        self.each_in_frame(width, height, |i, v| frame[i] += (scale * v) as f32);
     }
 
     /// Σ over the stamp's pixels inside the frame of (scale · value)² / var(pixel).
     pub fn snr2(&self, var: &dyn Fn(usize) -> f64, width: usize, height: usize, scale: f64) -> f64 {
         let mut s = 0.0;
-        for sy in 0..self.h {
-            let y = self.y0 + sy as i64;
-            if y < 0 || y >= height as i64 {
-                continue;
+        self.each_in_frame(width, height, |i, v| {
+            let var = var(i);
+            if var > 0.0 {
+                let f = scale * v;
+                s += f * f / var;
             }
-            for sx in 0..self.w {
-                let x = self.x0 + sx as i64;
-                if x < 0 || x >= width as i64 {
-                    continue;
-                }
-                let v = var(y as usize * width + x as usize);
-                if v > 0.0 {
-                    let f = scale * self.data[sy * self.w + sx];
-                    s += f * f / v;
-                }
-            }
-        }
+        });
         s
     }
 }
@@ -167,36 +197,7 @@ impl Psf {
     }
 
     fn point_with_fwhm(&self, fwhm: f64, x: f64, y: f64, radius: f64) -> Stamp {
-        let f = self.profile(fwhm);
-        let r = radius.ceil() as i64;
-        let (xc, yc) = (x.round() as i64, y.round() as i64);
-        let (x0, y0) = (xc - r, yc - r);
-        let n = (2 * r + 1) as usize;
-        let mut data = vec![0.0; n * n];
-        let mut sum = 0.0;
-        for sy in 0..n {
-            let dy = (y0 + sy as i64) as f64 - y;
-            for sx in 0..n {
-                let dx = (x0 + sx as i64) as f64 - x;
-                let v = if dx * dx + dy * dy < fwhm * fwhm {
-                    let mut acc = 0.0;
-                    for oy in [-1.0 / 3.0, 0.0, 1.0 / 3.0] {
-                        for ox in [-1.0 / 3.0, 0.0, 1.0 / 3.0] {
-                            acc += f(dx + ox, dy + oy);
-                        }
-                    }
-                    acc / 9.0
-                } else {
-                    f(dx, dy)
-                };
-                data[sy * n + sx] = v;
-                sum += v;
-            }
-        }
-        for v in &mut data {
-            *v /= sum;
-        }
-        Stamp { x0, y0, w: n, h: n, data }
+        Stamp::render(x, y, radius.ceil() as i64, fwhm, 3, self.profile(fwhm))
     }
 
     /// Convolve a galaxy's intrinsic image (unit sum, in frame pixels) with this PSF as it is
