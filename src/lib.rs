@@ -15,13 +15,18 @@
 //! - [`sink`]: gRPC hub and server.
 //! - [`service`]: everything wired together for `serve` and `demo`.
 //! - [`sim`]: simulated alerts, and simulated FITS nights (`sim::night`, `blink simulate`).
+//! - [`detect`]: full-frame subtraction and detection on night folders (`blink detect`), the
+//!   detection catalogue.
+//! - [`bench`]: `blink bench`, detection, speed and latency against a night's truth.
 //! - [`config`], [`metrics`], [`cli`].
 
 pub mod alert;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod cpu;
 pub mod decode;
+pub mod detect;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;

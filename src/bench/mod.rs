@@ -1,0 +1,14 @@
+//! `blink bench`: detection, speed and latency measured on a night folder with a truth table.
+//!
+//! # Layout
+//! - [`matching`]: detections ↔ truth within a radius, per frame.
+//! - [`stats`]: completeness, false positives, score vs optimal SNR, summaries.
+//! - [`report`]: the plain-text table and the JSON file.
+//! - [`plots`]: PNG plots and the stamp gallery.
+//! - [`alerts`]: alerts mode, the night's Avro alerts replayed through the `serve` pipeline.
+
+pub mod alerts;
+pub mod matching;
+pub mod plots;
+pub mod report;
+pub mod stats;
