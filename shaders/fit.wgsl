@@ -1,6 +1,7 @@
 // fit: per stamp, weighted least squares science ≈ a·T' + b, weights = fit weight /
 // (science_var + T'var), one workgroup per stamp with shared-memory reductions (means first,
-// then centred sums), the 2x2 solved here. Singular (flat T') → a = 1, b = median(S − T') by
+// then centred sums), the 2x2 solved here. With `fixed_scale` > 0, a = fixed_scale and
+// b = my − a·mx (the weighted mean of S − a·T'). Singular (flat T') → a = 1, b = median(S − T') by
 // bisection; no usable pixel → a = 1, b = 0. CPU twin: src/cpu/fit.rs; dispatcher:
 // src/gpu/kernels/fit.rs.
 // Shared declarations (BatchParams, StampGpu, planes, bindings): shaders/shared/batch.wgsl,
@@ -119,7 +120,7 @@ fn fit(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l
         let var_x = sxx / sw;
         if (!(sw > 0.0)) {
             code = STATUS_EMPTY;
-        } else if (var_x > SINGULAR_REL * mx * mx && var_x > 0.0) {
+        } else if (st.fixed_scale > 0.0 || (var_x > SINGULAR_REL * mx * mx && var_x > 0.0)) {
             code = STATUS_SOLVED;
         }
         status = code;
@@ -128,7 +129,10 @@ fn fit(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l
 
     var a = 1.0;
     var b = 0.0;
-    if (code == STATUS_SOLVED) {
+    if (code == STATUS_SOLVED && st.fixed_scale > 0.0) {
+        a = st.fixed_scale;
+        b = my - a * mx;
+    } else if (code == STATUS_SOLVED) {
         a = sxy / sxx;
         b = my - a * mx;
     } else if (code == STATUS_SINGULAR) {

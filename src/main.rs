@@ -34,6 +34,7 @@ fn main() -> ExitCode {
             Command::Status(a) => blink::cli::subscribe::status(a).await,
             Command::Publish(a) => blink::cli::publish::run(a).await,
             Command::Simulate(a) => blink::cli::simulate::run(a).await,
+            Command::Detect(a) => blink::cli::detect::run(a).await,
             Command::Inspect(_) => unreachable!("handled above"),
         }
     });

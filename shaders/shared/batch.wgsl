@@ -16,6 +16,8 @@ struct StampGpu {
     cand_x: f32,
     cand_y: f32,
     fit_radius: f32,
+    // > 0: the flux scale to use instead of fitting it (only the background is fitted).
+    fixed_scale: f32,
 };
 
 // Workgroup size; keep in sync with `WORKGROUP_SIZE` in src/gpu/kernels/mod.rs.

@@ -1,7 +1,8 @@
-//! The command line: `blink demo | serve | subscribe | status | inspect | simulate`. Raw arguments are parsed
+//! The command line: `blink demo | serve | subscribe | status | publish | inspect | simulate | detect | bench`. Raw arguments are parsed
 //! once here (clap) and turned into validated values before any work starts.
 
 pub mod demo;
+pub mod detect;
 pub mod publish;
 pub mod serve;
 pub mod simulate;
@@ -53,6 +54,11 @@ pub enum Command {
     /// ZTF-shaped Avro; --publish puts them on Kafka). The folder format is docs/night-format.md;
     /// every parameter is in docs/simulation.md. Example: `blink simulate --out night`.
     Simulate(simulate::SimulateArgs),
+    /// Subtract every frame of a night folder from its template (PSF-matched, on the GPU or the
+    /// CPU engine), detect on the matched-filter score image and write the catalogue (CSV: frame,
+    /// mjd, band, x, y, ra, dec, score, flux, flux_err, mag, flags; docs/detections.md).
+    /// Example: `blink detect night --out detections.csv`.
+    Detect(detect::DetectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -76,4 +82,9 @@ pub struct EngineArgs {
     /// warning), gpu (fail without one) or cpu.
     #[arg(long, value_parser = ["auto", "gpu", "cpu"])]
     pub engine: Option<String>,
+}
+
+/// The engine asked for with `--engine` (default auto).
+pub fn engine_preference(args: &EngineArgs) -> anyhow::Result<crate::engine::EnginePreference> {
+    Ok(args.engine.as_deref().unwrap_or("auto").parse()?)
 }

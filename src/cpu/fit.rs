@@ -4,7 +4,9 @@
 //!
 //! A pixel enters the fit when its mask weight is non-zero, its variance is positive and it lies
 //! at least `fit_radius` from the candidate. Where the template is flat over those pixels the
-//! system is singular: scale 1, background the (lower) median of `science − T'`.
+//! system is singular: scale 1, background the (lower) median of `science − T'`. With
+//! `fixed_scale` > 0 the scale is given and the background is the weighted mean of
+//! `science − a·T'`.
 
 use crate::engine::{Fit, FitStatus, StampBatch, StampParams};
 
@@ -44,7 +46,10 @@ pub fn fit(batch: &StampBatch, conv_t: &[f32], conv_tv: &[f32]) -> Vec<Fit> {
         let sxx: f64 = pts.iter().map(|q| q.0 * (q.1 - mx) * (q.1 - mx)).sum();
         let sxy: f64 = pts.iter().map(|q| q.0 * (q.1 - mx) * (q.2 - my)).sum();
         let var_x = sxx / sw;
-        if var_x > SINGULAR_REL * mx * mx && var_x > 0.0 && (sxy / sxx).is_finite() {
+        if p.fixed_scale > 0.0 {
+            let a = p.fixed_scale as f64;
+            out.push(Fit { scale: p.fixed_scale, background: (my - a * mx) as f32, status: FitStatus::Solved });
+        } else if var_x > SINGULAR_REL * mx * mx && var_x > 0.0 && (sxy / sxx).is_finite() {
             let a = sxy / sxx;
             out.push(Fit { scale: a as f32, background: (my - a * mx) as f32, status: FitStatus::Solved });
         } else {

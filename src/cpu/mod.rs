@@ -32,6 +32,10 @@ impl Engine for CpuEngine {
     }
 
     fn subtract(&mut self, batch: &StampBatch) -> Result<Vec<SubtractionResult>, EngineError> {
-        Ok(self.subtract_images(batch)?.results)
+        Ok(CpuEngine::subtract_images(self, batch)?.results)
+    }
+
+    fn subtract_images(&mut self, batch: &StampBatch) -> Result<SubtractionImages, EngineError> {
+        CpuEngine::subtract_images(self, batch)
     }
 }

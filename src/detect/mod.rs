@@ -2,5 +2,316 @@
 //! (`docs/night-format.md`) is subtracted from its template by the engine (tiles of the frame
 //! as a batch of stamps), a matched-filter score image is built, and its local extrema above
 //! threshold become [`catalog::Detection`]s (`docs/detections.md`).
+//!
+//! # Layout
+//! - [`image`]: FITS frames and templates with their header keys, read liberally; variance,
+//!   gain and seeing estimates.
+//! - [`frame`]: subtraction on tiles, the score image, peaks, measurements and flags.
+//! - [`catalog`]: the detection catalogue (CSV) and its flags.
+//! - This file: opening a night, [`Detector`] (one engine, a template cache, per-stage times).
 
 pub mod catalog;
+pub mod frame;
+pub mod image;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::engine::Engine;
+use crate::sim::night::manifest::{FrameEntry, Manifest};
+
+pub use catalog::Detection;
+pub use frame::FrameOptions;
+pub use image::Image;
+
+/// What can stop detection; every variant names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("{path}: not a night folder: {message}")]
+    NotANight { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Fits { path: PathBuf, message: String },
+    #[error("{path}: header key {key}: {message}")]
+    Header { path: PathBuf, key: String, message: String },
+    #[error("{path}: {message}")]
+    Shape { path: PathBuf, message: String },
+    #[error("{path}: registration: {message}")]
+    Registration { path: PathBuf, message: String },
+    #[error("{path}: engine: {message}")]
+    Engine { path: PathBuf, message: String },
+}
+
+/// Largest offset between a frame's pixel grid and its template's that blink accepts, pixels.
+pub const MAX_REGISTRATION_OFFSET_PX: f64 = 0.5;
+
+/// A night folder: its directory and manifest.
+#[derive(Debug, Clone)]
+pub struct Night {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Night {
+    /// Open `dir` (or its `manifest.toml`) and check the manifest.
+    pub fn open(dir: &Path) -> Result<Night, DetectError> {
+        let (dir, file) = if dir.is_file() {
+            (dir.parent().unwrap_or(Path::new(".")).to_path_buf(), dir.to_path_buf())
+        } else {
+            (dir.to_path_buf(), dir.join("manifest.toml"))
+        };
+        if !dir.is_dir() {
+            return Err(DetectError::NotANight { path: dir, message: "no such directory".into() });
+        }
+        if !file.is_file() {
+            return Err(DetectError::NotANight {
+                path: dir,
+                message: "no manifest.toml (`blink simulate --out DIR` writes one; the format is docs/night-format.md)".into(),
+            });
+        }
+        let manifest = Manifest::read(&file).map_err(|e| DetectError::NotANight { path: file.clone(), message: e.to_string() })?;
+        if manifest.frames.is_empty() {
+            return Err(DetectError::NotANight { path: file, message: "the manifest lists no [[frames]]".into() });
+        }
+        Ok(Night { dir, manifest })
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// The truth table's path, when the manifest names one.
+    pub fn truth_path(&self) -> Option<PathBuf> {
+        self.manifest.truth.as_deref().map(|t| self.path(t))
+    }
+}
+
+/// Seconds spent per stage over one frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimes {
+    /// FITS reading (templates are read once and cached).
+    pub read: Duration,
+    /// Variance, masks and the tile batch.
+    pub prepare: Duration,
+    /// The engine: convolve, fit, difference (upload and read-back included).
+    pub engine: Duration,
+    /// Background of the difference and the matched-filter score image.
+    pub score: Duration,
+    /// Peaks, measurements, flags.
+    pub detect: Duration,
+}
+
+impl StageTimes {
+    pub fn add(&mut self, o: &StageTimes) {
+        self.read += o.read;
+        self.prepare += o.prepare;
+        self.engine += o.engine;
+        self.score += o.score;
+        self.detect += o.detect;
+    }
+
+    /// (name, seconds) in pipeline order.
+    pub fn named(&self) -> [(&'static str, f64); 5] {
+        [
+            ("read", self.read.as_secs_f64()),
+            ("prepare", self.prepare.as_secs_f64()),
+            ("engine", self.engine.as_secs_f64()),
+            ("score", self.score.as_secs_f64()),
+            ("detect", self.detect.as_secs_f64()),
+        ]
+    }
+
+    pub fn total(&self) -> Duration {
+        self.read + self.prepare + self.engine + self.score + self.detect
+    }
+}
+
+/// Images of one frame kept for inspection (bench's gallery), all `width`×`height`.
+#[derive(Debug, Clone)]
+pub struct FrameImages {
+    pub width: usize,
+    pub height: usize,
+    pub science: Vec<f32>,
+    pub template: Vec<f32>,
+    pub difference: Vec<f32>,
+    pub score: Vec<f32>,
+    /// True where the difference has no data (masked).
+    pub masked: Vec<bool>,
+}
+
+/// What detection produced on one frame.
+#[derive(Debug, Clone)]
+pub struct FrameResult {
+    pub frame: String,
+    pub width: usize,
+    pub height: usize,
+    pub detections: Vec<Detection>,
+    pub times: StageTimes,
+    /// PSF FWHM of science, template and difference, pixels.
+    pub fwhm_science: f64,
+    pub fwhm_template: f64,
+    pub kernel_sigma: f64,
+    pub scale: f64,
+    /// Robust σ (1.4826 MAD) of the score image over unmasked pixels: 1 for white noise.
+    pub score_sigma: f64,
+    pub images: Option<FrameImages>,
+}
+
+/// Runs detection frame after frame with one engine; the last template read is cached.
+pub struct Detector {
+    engine: Box<dyn Engine>,
+    pub options: FrameOptions,
+    /// Keep the frame's images in [`FrameResult::images`].
+    pub keep_images: bool,
+    template: Option<Image>,
+}
+
+impl Detector {
+    pub fn new(engine: Box<dyn Engine>, options: FrameOptions) -> Detector {
+        Detector { engine, options, keep_images: false, template: None }
+    }
+
+    pub fn adapter(&self) -> String {
+        self.engine.adapter()
+    }
+
+    /// Detect on one frame of `night`.
+    pub fn detect_frame(&mut self, night: &Night, entry: &FrameEntry) -> Result<FrameResult, DetectError> {
+        let t0 = Instant::now();
+        let science = image::read_image(&night.path(&entry.file))?;
+        let tpath = night.path(&entry.template);
+        if self.template.as_ref().map(|t| t.path != tpath).unwrap_or(true) {
+            let t = image::read_image(&tpath)?;
+            for w in &t.warnings {
+                tracing::warn!(file = %tpath.display(), "{w}");
+            }
+            self.template = Some(t);
+        }
+        for w in &science.warnings {
+            tracing::warn!(file = %science.path.display(), "{w}");
+        }
+        let template = self.template.as_ref().expect("template cached above");
+        let read = t0.elapsed();
+        check_registration(&science, template)?;
+        let diff = frame::subtract(self.engine.as_mut(), &science, template, &self.options)?;
+        let t1 = Instant::now();
+        let sc = frame::score_image(&diff);
+        let score = t1.elapsed();
+        let t2 = Instant::now();
+        let meta = frame::FrameMeta {
+            frame: &entry.file,
+            mjd: science.header.mjd_mid(),
+            band: &entry.band,
+            zero_point: science.header.zero_point,
+            wcs: template.header.wcs.or(science.header.wcs),
+        };
+        let detections = frame::find_peaks(&diff, &sc, &meta, self.options.threshold);
+        let sample: Vec<f32> =
+            sc.score.iter().zip(&diff.variance).step_by(3).filter(|(_, v)| **v > 0.0).map(|(s, _)| *s).collect();
+        let score_sigma = image::robust_stats(&sample).map(|(_, s)| s as f64).unwrap_or(f64::NAN);
+        let detect = t2.elapsed();
+        let images = self.keep_images.then(|| FrameImages {
+            width: diff.width,
+            height: diff.height,
+            science: science.data.clone(),
+            template: template.data.clone(),
+            masked: diff.variance.iter().map(|v| !(*v > 0.0)).collect(),
+            difference: diff.difference.clone(),
+            score: sc.score.clone(),
+        });
+        Ok(FrameResult {
+            frame: entry.file.clone(),
+            width: diff.width,
+            height: diff.height,
+            detections,
+            times: StageTimes { read, prepare: diff.prepare, engine: diff.engine, score, detect },
+            fwhm_science: diff.sigma_science * frame::FWHM_PER_SIGMA,
+            fwhm_template: diff.sigma_template * frame::FWHM_PER_SIGMA,
+            kernel_sigma: diff.kernel_sigma,
+            scale: diff.scale,
+            score_sigma,
+            images,
+        })
+    }
+}
+
+/// Frames must sit on their template's pixel grid (`docs/night-format.md`, "Registration"):
+/// the frame's centre and corners, mapped through both WCSs, may move at most
+/// [`MAX_REGISTRATION_OFFSET_PX`]. Without a WCS in either file, frames are taken as registered.
+pub fn check_registration(science: &Image, template: &Image) -> Result<f64, DetectError> {
+    let (Some(fw), Some(tw)) = (science.header.wcs, template.header.wcs) else { return Ok(0.0) };
+    let (w, h) = (science.width as f64 - 1.0, science.height as f64 - 1.0);
+    let mut worst = 0.0f64;
+    for (x, y) in [(w / 2.0, h / 2.0), (0.0, 0.0), (w, 0.0), (0.0, h), (w, h)] {
+        let (ra, dec) = fw.pixel_to_sky(x, y);
+        let Some((tx, ty)) = tw.sky_to_pixel(ra, dec) else {
+            return Err(DetectError::Registration {
+                path: science.path.clone(),
+                message: format!("pixel ({x}, {y}) is not on the template's sky ({})", template.path.display()),
+            });
+        };
+        worst = worst.max(((tx - x).powi(2) + (ty - y).powi(2)).sqrt());
+    }
+    if worst > MAX_REGISTRATION_OFFSET_PX {
+        return Err(DetectError::Registration {
+            path: science.path.clone(),
+            message: format!(
+                "the frame is offset from its template {} by up to {worst:.2} px (more than {MAX_REGISTRATION_OFFSET_PX}); \
+                 blink does not resample: register the frame to the template's grid first (e.g. SWarp, reproject)",
+                template.path.display()
+            ),
+        });
+    }
+    if worst > 0.01 {
+        tracing::info!(file = %science.path.display(), offset_px = worst, "frame offset from its template; the matching kernel absorbs it");
+    }
+    Ok(worst)
+}
+
+/// Every frame's result, in manifest order, and the wall time.
+#[derive(Debug)]
+pub struct NightRun {
+    pub adapter: String,
+    pub frames: Vec<FrameResult>,
+    pub wall: Duration,
+}
+
+impl NightRun {
+    pub fn detections(&self) -> impl Iterator<Item = &Detection> {
+        self.frames.iter().flat_map(|f| f.detections.iter())
+    }
+
+    pub fn times(&self) -> StageTimes {
+        let mut t = StageTimes::default();
+        for f in &self.frames {
+            t.add(&f.times);
+        }
+        t
+    }
+
+    pub fn megapixels(&self) -> f64 {
+        self.frames.iter().map(|f| (f.width * f.height) as f64 / 1e6).sum()
+    }
+}
+
+impl Detector {
+    /// Detect on the first `limit` frames of `night` (all when `None`), in manifest order;
+    /// `each` sees every frame's result as it is done (progress, per-frame work) and may take its
+    /// images. Stops at the first error.
+    pub fn detect_night(
+        &mut self,
+        night: &Night,
+        limit: Option<usize>,
+        mut each: impl FnMut(usize, usize, &mut FrameResult),
+    ) -> Result<NightRun, DetectError> {
+        let t0 = Instant::now();
+        let n = limit.unwrap_or(usize::MAX).min(night.manifest.frames.len());
+        let mut frames = Vec::with_capacity(n);
+        for (i, entry) in night.manifest.frames.iter().take(n).enumerate() {
+            let mut r = self.detect_frame(night, entry)?;
+            each(i, n, &mut r);
+            r.images = None;
+            frames.push(r);
+        }
+        Ok(NightRun { adapter: self.adapter(), frames, wall: t0.elapsed() })
+    }
+}

@@ -33,6 +33,10 @@ pub struct StampParams {
     /// Pixels closer than this (pixels) to the candidate stay out of the scale/background fit,
     /// so the transient cannot bias it; 0 = every usable pixel enters the fit.
     pub fit_radius: f32,
+    /// When > 0, the flux scale (science / template) is this value instead of a fit, and only
+    /// the background is fitted: full frames take it from the zero points (`MAGZP`), which bright
+    /// stars with a mismatched PSF cannot bias. 0 = fit both.
+    pub fixed_scale: f32,
     /// Gaussian-equivalent PSF sigma (pixels) of the science and template stamps, as prepared.
     pub science_sigma: f32,
     pub template_sigma: f32,
@@ -41,7 +45,7 @@ pub struct StampParams {
 impl StampParams {
     /// Parameters for a stamp with no convolution and no fit exclusion (tests, simple callers).
     pub fn new(kernel_sigma: f32, cand_x: f32, cand_y: f32) -> StampParams {
-        StampParams { kernel_sigma, cand_x, cand_y, fit_radius: 0.0, science_sigma: 0.0, template_sigma: 0.0 }
+        StampParams { kernel_sigma, cand_x, cand_y, fit_radius: 0.0, fixed_scale: 0.0, science_sigma: 0.0, template_sigma: 0.0 }
     }
 }
 
@@ -114,8 +118,9 @@ impl StampBatch {
             )));
         }
         for (i, p) in self.params.iter().enumerate() {
-            if ![p.kernel_sigma, p.cand_x, p.cand_y, p.fit_radius].iter().all(|v| v.is_finite())
+            if ![p.kernel_sigma, p.cand_x, p.cand_y, p.fit_radius, p.fixed_scale].iter().all(|v| v.is_finite())
                 || p.kernel_sigma < 0.0
+                || p.fixed_scale < 0.0
             {
                 return Err(EngineError::BadStamp(format!("stamp {i}: non-finite or negative params {p:?}")));
             }
@@ -203,4 +208,7 @@ pub trait Engine: Send {
     /// Human-readable adapter name, e.g. "Vulkan | NVIDIA H200 | DiscreteGpu" or "cpu".
     fn adapter(&self) -> String;
     fn subtract(&mut self, batch: &StampBatch) -> Result<Vec<SubtractionResult>, EngineError>;
+    /// Like [`Engine::subtract`], also returning the difference and variance images (full
+    /// frames cut into tiles use these; alerts need only the results).
+    fn subtract_images(&mut self, batch: &StampBatch) -> Result<SubtractionImages, EngineError>;
 }

@@ -375,6 +375,7 @@ pub fn prepare_stamp(alert: &Alert, cfg: &PrepareConfig) -> Result<PreparedStamp
         cand_x: cx as f32,
         cand_y: cy as f32,
         fit_radius: fit_radius as f32,
+        fixed_scale: 0.0,
         science_sigma: science_sigma as f32,
         template_sigma: template_sigma as f32,
     };

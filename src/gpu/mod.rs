@@ -310,4 +310,8 @@ impl Engine for GpuEngine {
         let (res, _) = self.run(batch, plan)?;
         Ok(to_results(&res))
     }
+
+    fn subtract_images(&mut self, batch: &StampBatch) -> Result<SubtractionImages, EngineError> {
+        GpuEngine::subtract_images(self, batch)
+    }
 }

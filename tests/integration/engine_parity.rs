@@ -122,6 +122,8 @@ fn random_batch(rng: &mut StdRng, w: usize, h: usize, n: usize) -> StampBatch {
             cand_x: cx as f32,
             cand_y: cy as f32,
             fit_radius: rng.gen_range(0.0..10.0),
+            // Every third stamp takes its scale from outside (zero points), as full frames do.
+            fixed_scale: if k % 3 == 1 { rng.gen_range(0.5..2.0) } else { 0.0 },
             science_sigma: psf_sigma as f32,
             template_sigma: 1.5,
         });

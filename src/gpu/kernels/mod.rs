@@ -35,11 +35,18 @@ pub struct StampGpu {
     pub cand_x: f32,
     pub cand_y: f32,
     pub fit_radius: f32,
+    pub fixed_scale: f32,
 }
 
 impl From<&StampParams> for StampGpu {
     fn from(p: &StampParams) -> StampGpu {
-        StampGpu { kernel_sigma: p.kernel_sigma, cand_x: p.cand_x, cand_y: p.cand_y, fit_radius: p.fit_radius }
+        StampGpu {
+            kernel_sigma: p.kernel_sigma,
+            cand_x: p.cand_x,
+            cand_y: p.cand_y,
+            fit_radius: p.fit_radius,
+            fixed_scale: p.fixed_scale,
+        }
     }
 }
 
@@ -116,7 +123,7 @@ mod tests {
             assert_eq!(b, ["width", "height", "n", "npix"], "{kernel}");
             assert_eq!(4 * b.len(), std::mem::size_of::<BatchParams>(), "{kernel}");
             let s = wgsl_fields(src, "StampGpu");
-            assert_eq!(s, ["kernel_sigma", "cand_x", "cand_y", "fit_radius"], "{kernel}");
+            assert_eq!(s, ["kernel_sigma", "cand_x", "cand_y", "fit_radius", "fixed_scale"], "{kernel}");
             assert_eq!(4 * s.len(), std::mem::size_of::<StampGpu>(), "{kernel}");
             assert!(src.contains(&format!("const WG: u32 = {WORKGROUP_SIZE}u;")), "{kernel}");
             assert!(src.contains(&format!("const RESULT_STRIDE: u32 = {RESULT_STRIDE}u;")), "{kernel}");

@@ -37,6 +37,27 @@ impl TanWcs {
         let dec = (eta * dec0.cos() + dec0.sin()).atan2((xi * xi + den * den).sqrt());
         (ra.to_degrees().rem_euclid(360.0), dec.to_degrees())
     }
+
+    /// The 0-based pixel position of (ra, dec) in degrees; `None` on the far side of the sky or
+    /// with a singular CD matrix.
+    pub fn sky_to_pixel(&self, ra: f64, dec: f64) -> Option<(f64, f64)> {
+        let (ra, dec) = (ra.to_radians(), dec.to_radians());
+        let (ra0, dec0) = (self.crval[0].to_radians(), self.crval[1].to_radians());
+        let cosc = dec0.sin() * dec.sin() + dec0.cos() * dec.cos() * (ra - ra0).cos();
+        if !(cosc > 0.0) {
+            return None;
+        }
+        let xi = (dec.cos() * (ra - ra0).sin() / cosc).to_degrees();
+        let eta = ((dec0.cos() * dec.sin() - dec0.sin() * dec.cos() * (ra - ra0).cos()) / cosc).to_degrees();
+        let [[a, b], [c, d]] = self.cd;
+        let det = a * d - b * c;
+        if !(det.abs() > 0.0) {
+            return None;
+        }
+        let px = (d * xi - b * eta) / det;
+        let py = (-c * xi + a * eta) / det;
+        Some((px + self.crpix[0] - 1.0, py + self.crpix[1] - 1.0))
+    }
 }
 
 #[cfg(test)]
@@ -53,5 +74,10 @@ mod tests {
         assert!((dec2 - dec).abs() < 1e-6);
         let (_, dec3) = w.pixel_to_sky(50.0, 86.0);
         assert!((dec3 - dec - 36.0 / 3600.0).abs() < 1e-8);
+        for (x, y) in [(0.0, 0.0), (100.0, 3.5), (-20.0, 80.25)] {
+            let (r, d) = w.pixel_to_sky(x, y);
+            let (bx, by) = w.sky_to_pixel(r, d).unwrap();
+            assert!((bx - x).abs() < 1e-7 && (by - y).abs() < 1e-7, "{x},{y} -> {bx},{by}");
+        }
     }
 }

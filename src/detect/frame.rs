@@ -1,0 +1,473 @@
+//! One frame against its template: PSF matching and subtraction by the engine on tiles of the
+//! frame, the matched-filter score image, and its peaks measured and flagged.
+//!
+//! # Method
+//! 1. **Variance and masks.** Each image's variance is `max(v, 0)/GAIN + (RDNOISE/GAIN)²`. A
+//!    pixel is masked (weight 0) where either image is NaN or at/above 99.9% of its `SATURATE`;
+//!    saturated pixels are remembered for the `saturated` flag.
+//! 2. **Subtraction on tiles.** The frame is cut into `tile`×`tile` cores with a halo wide enough
+//!    for the matching kernel, and the tiles go to the engine as one batch of stamps (the same
+//!    `convolve → fit → difference_score` kernels as alert cutouts, on the GPU or the CPU). The
+//!    image with the sharper PSF is convolved with a Gaussian of σ = √(σ_broad² − σ_sharp²) (σ from
+//!    the header's `SEEING`, else estimated). When the science frame is the sharper one the two
+//!    swap places in the batch and the difference is mapped back to science units,
+//!    `D = −D'/a`, `V = V'/a²`. The flux scale comes from the zero points (`MAGZP` of both
+//!    headers), else it is fitted per tile; the background is fitted per tile.
+//! 3. **Background of the difference.** The median of the difference on a 64-px mesh, bilinearly
+//!    interpolated, is subtracted: the per-tile constant background cannot follow a sky gradient.
+//! 4. **Score image.** With `P` the difference's PSF (a unit-sum Gaussian of the broader σ),
+//!    `num = P ⋆ (D/V)`, `den = P² ⋆ (1/V)` over unmasked pixels: flux = num/den,
+//!    error = 1/√den, score = num/√den, in sigma. Separable, on the CPU.
+//! 5. **Peaks.** Local extrema of the score with |score| ≥ threshold, one per `FWHM` radius;
+//!    position refined by a parabola through the peak and its neighbours; flux and error read at
+//!    the peak. Flags: `edge`, `masked`, `saturated`, `negative`, `sharp` (the difference's peak
+//!    is much narrower than the PSF: a cosmic ray or hot pixel), `dipole` (an opposite lobe of
+//!    comparable strength next to it: a mismatched or misregistered star).
+
+use std::time::{Duration, Instant};
+
+use super::catalog::{flags, Detection};
+use super::image::{median, Image};
+use super::DetectError;
+use crate::engine::{Engine, StampBatch, StampParams};
+
+/// FWHM of a Gaussian over its σ.
+pub const FWHM_PER_SIGMA: f64 = 2.354_820_045;
+
+/// Pixels at or above this fraction of `SATURATE` count as saturated.
+const SATURATED_FRACTION: f32 = 0.999;
+
+/// Options of the subtraction and the detection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameOptions {
+    /// |score| at or above which a peak is a detection, sigma.
+    pub threshold: f64,
+    /// Core size of the tiles sent to the engine, pixels.
+    pub tile: usize,
+    /// Mesh size of the difference's background, pixels (0: none).
+    pub background_mesh: usize,
+    /// Take the flux scale from the headers' `MAGZP` when both have one (else fit it per tile).
+    pub scale_from_zero_points: bool,
+}
+
+impl Default for FrameOptions {
+    fn default() -> Self {
+        FrameOptions { threshold: 5.0, tile: 256, background_mesh: 64, scale_from_zero_points: true }
+    }
+}
+
+/// The subtraction of one frame: difference and variance in the science frame's ADU.
+#[derive(Debug, Clone)]
+pub struct Difference {
+    pub width: usize,
+    pub height: usize,
+    /// Science − scale · (K ⊗ template) − background (0 on masked pixels).
+    pub difference: Vec<f32>,
+    /// Its per-pixel variance (0 on masked pixels).
+    pub variance: Vec<f32>,
+    /// Pixels saturated in the science frame or the template.
+    pub saturated: Vec<bool>,
+    /// Gaussian σ of the science and template PSFs, and of the difference's PSF, pixels.
+    pub sigma_science: f64,
+    pub sigma_template: f64,
+    pub sigma_difference: f64,
+    /// σ of the matching kernel, pixels, and whether the template (not the science) was convolved.
+    pub kernel_sigma: f64,
+    pub convolved_template: bool,
+    /// Median over tiles of the fitted flux scale (science / template).
+    pub scale: f64,
+    /// Time to build the batch and to run the engine.
+    pub prepare: Duration,
+    pub engine: Duration,
+}
+
+fn saturation_mask(img: &Image) -> Vec<bool> {
+    match img.header.saturate {
+        Some(s) => {
+            let lim = s as f32 * SATURATED_FRACTION;
+            img.data.iter().map(|&v| v >= lim).collect()
+        }
+        None => vec![false; img.data.len()],
+    }
+}
+
+/// Subtract `template` from `science` (same size, registered) with `engine`.
+pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts: &FrameOptions) -> Result<Difference, DetectError> {
+    let t0 = Instant::now();
+    let (w, h) = (science.width, science.height);
+    if (template.width, template.height) != (w, h) {
+        return Err(DetectError::Shape {
+            path: science.path.clone(),
+            message: format!(
+                "frame is {w}x{h} but its template {} is {}x{}; register the frame to the template's grid first",
+                template.path.display(),
+                template.width,
+                template.height
+            ),
+        });
+    }
+    let sig_s = science.fwhm()? / FWHM_PER_SIGMA;
+    let sig_t = template.fwhm()? / FWHM_PER_SIGMA;
+    let convolved_template = sig_t <= sig_s;
+    let (kernel_sigma, sigma_difference) =
+        if convolved_template { ((sig_s * sig_s - sig_t * sig_t).sqrt(), sig_s) } else { ((sig_t * sig_t - sig_s * sig_s).sqrt(), sig_t) };
+    let (var_s, var_t) = (science.variance(), template.variance());
+    let mut saturated = saturation_mask(science);
+    for (s, t) in saturated.iter_mut().zip(saturation_mask(template)) {
+        *s |= t;
+    }
+    // The sharper image takes the batch's "science" slot (not convolved).
+    let (sharp, sharp_var, broad, broad_var) = if convolved_template {
+        (&science.data, &var_s, &template.data, &var_t)
+    } else {
+        (&template.data, &var_t, &science.data, &var_s)
+    };
+    // Flux scale science/template from the zero points when both headers have one (the
+    // per-tile fit is pulled by the wings of bright stars whose PSF shapes differ).
+    let zp_scale = match (science.header.zero_point, template.header.zero_point) {
+        (Some(zs), Some(zt)) if opts.scale_from_zero_points => Some(10f64.powf(0.4 * (zs - zt))),
+        _ => None,
+    };
+    let fixed_scale = zp_scale.map(|a| if convolved_template { a } else { 1.0 / a }).unwrap_or(0.0) as f32;
+    let tile = opts.tile.clamp(16, 4096);
+    let halo = ((4.0 * kernel_sigma).ceil() as usize + 4).min(crate::cpu::convolve::MAX_RADIUS as usize + 4);
+    let side = tile + 2 * halo;
+    let (nx, ny) = (w.div_ceil(tile), h.div_ceil(tile));
+    let mut batch = StampBatch::empty(side, side);
+    let npix = side * side;
+    for ty in 0..ny {
+        for tx in 0..nx {
+            let (x0, y0) = ((tx * tile) as i64 - halo as i64, (ty * tile) as i64 - halo as i64);
+            for sy in 0..side as i64 {
+                for sx in 0..side as i64 {
+                    let (x, y) = (x0 + sx, y0 + sy);
+                    let inside = x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h;
+                    let p = if inside { y as usize * w + x as usize } else { 0 };
+                    let ok = inside
+                        && !saturated[p]
+                        && sharp[p].is_finite()
+                        && broad[p].is_finite()
+                        && sharp_var[p] > 0.0
+                        && broad_var[p] > 0.0;
+                    let (a, b, va, vb) = if ok { (sharp[p], broad[p], sharp_var[p], broad_var[p]) } else { (0.0, 0.0, 0.0, 0.0) };
+                    batch.science.push(a);
+                    batch.template.push(b);
+                    batch.science_var.push(va);
+                    batch.template_var.push(vb);
+                    batch.weight.push(if ok { 1.0 } else { 0.0 });
+                }
+            }
+            batch.profile.extend(std::iter::repeat_n(0.0, npix));
+            let c = side as f32 / 2.0;
+            batch.params.push(StampParams { fixed_scale, ..StampParams::new(kernel_sigma as f32, c, c) });
+            batch.n += 1;
+        }
+    }
+    let prepare = t0.elapsed();
+    let t1 = Instant::now();
+    let out = engine
+        .subtract_images(&batch)
+        .map_err(|e| DetectError::Engine { path: science.path.clone(), message: e.to_string() })?;
+    let engine_time = t1.elapsed();
+    let mut difference = vec![0.0f32; w * h];
+    let mut variance = vec![0.0f32; w * h];
+    let mut scales = Vec::with_capacity(batch.n);
+    for (k, r) in out.results.iter().enumerate() {
+        let (tx, ty) = (k % nx, k / nx);
+        let a = r.flux_scale as f64;
+        scales.push(if convolved_template { a } else { 1.0 / a } as f32);
+        // Swapped: D' = T − a·(K⊗S) − b with a ≈ 1/scale, so D = −D'/a in science units.
+        let (m, m2) = if convolved_template || !(a.abs() > 1e-12) { (1.0, 1.0) } else { (-1.0 / a, 1.0 / (a * a)) };
+        for cy in 0..tile {
+            let y = ty * tile + cy;
+            if y >= h {
+                break;
+            }
+            for cx in 0..tile {
+                let x = tx * tile + cx;
+                if x >= w {
+                    break;
+                }
+                let q = k * npix + (cy + halo) * side + cx + halo;
+                difference[y * w + x] = (out.difference[q] as f64 * m) as f32;
+                variance[y * w + x] = (out.variance[q] as f64 * m2) as f32;
+            }
+        }
+    }
+    if opts.background_mesh > 0 {
+        subtract_mesh_background(&mut difference, &variance, w, h, opts.background_mesh);
+    }
+    Ok(Difference {
+        width: w,
+        height: h,
+        difference,
+        variance,
+        saturated,
+        sigma_science: sig_s,
+        sigma_template: sig_t,
+        sigma_difference,
+        kernel_sigma,
+        convolved_template,
+        scale: median(scales).unwrap_or(1.0) as f64,
+        prepare,
+        engine: engine_time,
+    })
+}
+
+/// Subtract the median of each `mesh`×`mesh` cell (unmasked pixels), bilinearly interpolated
+/// between cell centres.
+fn subtract_mesh_background(d: &mut [f32], v: &[f32], w: usize, h: usize, mesh: usize) {
+    let (mx, my) = (w.div_ceil(mesh), h.div_ceil(mesh));
+    let mut grid = vec![0.0f32; mx * my];
+    for gy in 0..my {
+        for gx in 0..mx {
+            let mut vals = Vec::with_capacity(mesh * mesh);
+            for y in gy * mesh..((gy + 1) * mesh).min(h) {
+                for x in gx * mesh..((gx + 1) * mesh).min(w) {
+                    if v[y * w + x] > 0.0 {
+                        vals.push(d[y * w + x]);
+                    }
+                }
+            }
+            grid[gy * mx + gx] = if vals.len() >= mesh * mesh / 4 { median(vals).unwrap_or(0.0) } else { f32::NAN };
+        }
+    }
+    // Cells with too few pixels take the median of the others.
+    let fill = median(grid.clone()).unwrap_or(0.0);
+    for g in &mut grid {
+        if !g.is_finite() {
+            *g = fill;
+        }
+    }
+    let coord = |p: usize, n: usize| {
+        let t = ((p as f64 + 0.5) / mesh as f64 - 0.5).clamp(0.0, (n - 1) as f64);
+        let i = (t.floor() as usize).min(n.saturating_sub(2));
+        (i, (t - i as f64).clamp(0.0, 1.0))
+    };
+    for y in 0..h {
+        let (iy, fy) = if my > 1 { coord(y, my) } else { (0, 0.0) };
+        for x in 0..w {
+            let (ix, fx) = if mx > 1 { coord(x, mx) } else { (0, 0.0) };
+            let g = |i: usize, j: usize| grid[j.min(my - 1) * mx + i.min(mx - 1)] as f64;
+            let b = (1.0 - fx) * (1.0 - fy) * g(ix, iy) + fx * (1.0 - fy) * g(ix + 1, iy) + (1.0 - fx) * fy * g(ix, iy + 1) + fx * fy * g(ix + 1, iy + 1);
+            if v[y * w + x] > 0.0 {
+                d[y * w + x] -= b as f32;
+            }
+        }
+    }
+}
+
+/// The matched filter's images: flux, its error and score per pixel (score 0 and error ∞ where
+/// no unmasked pixel is in reach).
+#[derive(Debug, Clone)]
+pub struct ScoreImage {
+    pub score: Vec<f32>,
+    pub flux: Vec<f32>,
+    pub flux_err: Vec<f32>,
+    /// Half-width of the filter, pixels.
+    pub radius: usize,
+}
+
+/// Separable correlation of `src` with the symmetric 1-D kernel `k` along rows then columns.
+fn separable(src: &[f64], w: usize, h: usize, k: &[f64]) -> Vec<f64> {
+    let r = (k.len() / 2) as i64;
+    let mut tmp = vec![0.0f64; w * h];
+    for y in 0..h {
+        let row = &src[y * w..(y + 1) * w];
+        for x in 0..w {
+            let (lo, hi) = ((x as i64 - r).max(0), (x as i64 + r).min(w as i64 - 1));
+            let mut s = 0.0;
+            for j in lo..=hi {
+                s += k[(j - x as i64 + r) as usize] * row[j as usize];
+            }
+            tmp[y * w + x] = s;
+        }
+    }
+    let mut out = vec![0.0f64; w * h];
+    for y in 0..h {
+        let (lo, hi) = ((y as i64 - r).max(0), (y as i64 + r).min(h as i64 - 1));
+        for j in lo..=hi {
+            let kj = k[(j - y as i64 + r) as usize];
+            let src_row = &tmp[j as usize * w..(j as usize + 1) * w];
+            let dst = &mut out[y * w..(y + 1) * w];
+            for (o, s) in dst.iter_mut().zip(src_row) {
+                *o += kj * s;
+            }
+        }
+    }
+    out
+}
+
+/// The matched filter with a unit-sum Gaussian PSF of `sigma` pixels (method step 4).
+pub fn score_image(diff: &Difference) -> ScoreImage {
+    let (w, h) = (diff.width, diff.height);
+    let s = diff.sigma_difference.max(0.3);
+    let r = (3.5 * s).ceil() as usize;
+    let g: Vec<f64> = (-(r as i64)..=r as i64).map(|i| (-0.5 * (i as f64 / s).powi(2)).exp()).collect();
+    let norm: f64 = g.iter().sum();
+    let g: Vec<f64> = g.iter().map(|v| v / norm).collect();
+    let g2: Vec<f64> = g.iter().map(|v| v * v).collect();
+    let (dv, iv): (Vec<f64>, Vec<f64>) = diff
+        .difference
+        .iter()
+        .zip(&diff.variance)
+        .map(|(&d, &v)| if v > 0.0 { (d as f64 / v as f64, 1.0 / v as f64) } else { (0.0, 0.0) })
+        .unzip();
+    let num = separable(&dv, w, h, &g);
+    let den = separable(&iv, w, h, &g2);
+    let mut out = ScoreImage { score: vec![0.0; w * h], flux: vec![0.0; w * h], flux_err: vec![f32::INFINITY; w * h], radius: r };
+    for i in 0..w * h {
+        if den[i] > 0.0 {
+            out.score[i] = (num[i] / den[i].sqrt()) as f32;
+            out.flux[i] = (num[i] / den[i]) as f32;
+            out.flux_err[i] = (1.0 / den[i].sqrt()) as f32;
+        }
+    }
+    out
+}
+
+/// Where a frame's detections come from and what they are called.
+#[derive(Debug, Clone)]
+pub struct FrameMeta<'a> {
+    pub frame: &'a str,
+    pub mjd: f64,
+    pub band: &'a str,
+    pub zero_point: Option<f64>,
+    pub wcs: Option<crate::sim::night::wcs::TanWcs>,
+}
+
+/// Peaks of the score image above threshold, measured and flagged (method step 5), strongest
+/// first.
+pub fn find_peaks(diff: &Difference, sc: &ScoreImage, meta: &FrameMeta, threshold: f64) -> Vec<Detection> {
+    let (w, h) = (diff.width, diff.height);
+    let fwhm = diff.sigma_difference * FWHM_PER_SIGMA;
+    let m = (fwhm.round() as i64).max(2);
+    let thr = threshold as f32;
+    let at = |x: i64, y: i64| -> f32 {
+        if x < 0 || y < 0 || x >= w as i64 || y >= h as i64 {
+            0.0
+        } else {
+            sc.score[y as usize * w + x as usize]
+        }
+    };
+    let mut out = Vec::new();
+    for y in 0..h as i64 {
+        for x in 0..w as i64 {
+            let s = at(x, y);
+            if !(s.abs() >= thr) {
+                continue;
+            }
+            // A strict extremum of |score| of the same sign within m (ties: first in raster order).
+            let mut peak = true;
+            'win: for yy in y - m..=y + m {
+                for xx in x - m..=x + m {
+                    let u = at(xx, yy) * s.signum();
+                    let v = s.abs();
+                    if u > v || (u == v && (yy, xx) < (y, x)) {
+                        peak = false;
+                        break 'win;
+                    }
+                }
+            }
+            if !peak {
+                continue;
+            }
+            out.push(measure(diff, sc, meta, x as usize, y as usize, threshold));
+        }
+    }
+    out.sort_by(|a, b| b.score.abs().total_cmp(&a.score.abs()));
+    out
+}
+
+/// Sub-pixel offset of the vertex of the parabola through (−1, a), (0, b), (1, c).
+fn vertex(a: f32, b: f32, c: f32) -> f64 {
+    let den = a as f64 - 2.0 * b as f64 + c as f64;
+    if den.abs() < 1e-12 {
+        0.0
+    } else {
+        (0.5 * (a as f64 - c as f64) / den).clamp(-0.5, 0.5)
+    }
+}
+
+fn measure(diff: &Difference, sc: &ScoreImage, meta: &FrameMeta, x: usize, y: usize, threshold: f64) -> Detection {
+    let (w, h) = (diff.width, diff.height);
+    let i = y * w + x;
+    let s = sc.score[i];
+    let get = |v: &[f32], xx: i64, yy: i64| -> f32 {
+        if xx < 0 || yy < 0 || xx >= w as i64 || yy >= h as i64 {
+            v[i]
+        } else {
+            v[yy as usize * w + xx as usize]
+        }
+    };
+    let (xi, yi) = (x as i64, y as i64);
+    let dx = vertex(get(&sc.score, xi - 1, yi), s, get(&sc.score, xi + 1, yi));
+    let dy = vertex(get(&sc.score, xi, yi - 1), s, get(&sc.score, xi, yi + 1));
+    let (px, py) = (x as f64 + dx, y as f64 + dy);
+    let fwhm = diff.sigma_difference * FWHM_PER_SIGMA;
+    let mut fl = 0u32;
+    let r_edge = sc.radius;
+    if x < r_edge || y < r_edge || x + r_edge >= w || y + r_edge >= h {
+        fl |= flags::EDGE;
+    }
+    if s < 0.0 {
+        fl |= flags::NEGATIVE;
+    }
+    // Masked or saturated pixels nearby; the opposite-sign extreme of the score (dipole test).
+    let rm = (2.0 * fwhm).ceil() as i64;
+    let rs = (3.0 * fwhm).ceil() as i64;
+    let mut opposite = 0.0f32;
+    for yy in (yi - rs).max(0)..=(yi + rs).min(h as i64 - 1) {
+        for xx in (xi - rs).max(0)..=(xi + rs).min(w as i64 - 1) {
+            let q = yy as usize * w + xx as usize;
+            let near = (xx - xi).abs() <= rm && (yy - yi).abs() <= rm;
+            if diff.saturated[q] {
+                fl |= flags::SATURATED;
+            } else if near && !(diff.variance[q] > 0.0) {
+                fl |= flags::MASKED;
+            }
+            if near {
+                opposite = opposite.max(-sc.score[q] * s.signum());
+            }
+        }
+    }
+    if opposite as f64 >= (0.6 * threshold).max(0.25 * s.abs() as f64) {
+        fl |= flags::DIPOLE;
+    }
+    // Sharpness: the difference's 8 neighbours against its peak, relative to what the PSF gives.
+    let d0 = diff.difference[i] * s.signum();
+    let sd = diff.variance[i].max(0.0).sqrt();
+    if d0 > 5.0 * sd && sd > 0.0 {
+        let mut nb = 0.0f32;
+        for (ox, oy) in [(-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)] {
+            nb += get(&diff.difference, xi + ox, yi + oy) * s.signum();
+        }
+        let sig = diff.sigma_difference.max(0.3);
+        let expect = 0.5 * ((-0.5 / (sig * sig)).exp() + (-1.0 / (sig * sig)).exp());
+        if ((nb / 8.0) / d0) as f64 <= 0.4 * expect {
+            fl |= flags::SHARP;
+        }
+    }
+    let flux = sc.flux[i] as f64;
+    let (ra, dec) = match meta.wcs {
+        Some(wcs) => {
+            let (r, d) = wcs.pixel_to_sky(px, py);
+            (Some(r), Some(d))
+        }
+        None => (None, None),
+    };
+    Detection {
+        frame: meta.frame.to_string(),
+        mjd: meta.mjd,
+        band: meta.band.to_string(),
+        x: px,
+        y: py,
+        ra,
+        dec,
+        score: s as f64,
+        flux,
+        flux_err: sc.flux_err[i] as f64,
+        mag: meta.zero_point.filter(|_| flux > 0.0).map(|zp| zp - 2.5 * flux.log10()),
+        flags: fl,
+    }
+}

@@ -1,0 +1,336 @@
+//! Reading frames and templates of a night folder: the first 2-D image HDU of a FITS file
+//! (cfitsio: any `BITPIX`, `BSCALE`/`BZERO`, tile compression) and its header keys, read
+//! liberally as `docs/night-format.md` says ("Readers accept").
+
+use std::path::{Path, PathBuf};
+
+use fitsio::hdu::{FitsHdu, HduInfo};
+use fitsio::FitsFile;
+
+use super::DetectError;
+use crate::sim::night::wcs::TanWcs;
+
+/// Largest image blink reads, in pixels (64k × 64k would be 16 GiB of f32).
+pub const MAX_PIXELS: usize = 1 << 28;
+
+/// What the header says about an image, with the reader's fallbacks applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageHeader {
+    /// Start of the exposure, MJD.
+    pub mjd_start: f64,
+    /// Seconds; 0 when absent.
+    pub exptime: f64,
+    pub band: Option<String>,
+    /// e⁻/ADU; `None` when absent (estimated from the sky by [`ImageHeader::gain_or_estimate`]).
+    pub gain: Option<f64>,
+    /// e⁻ RMS; 0 when absent.
+    pub read_noise: f64,
+    /// ADU; `None`: no saturation mask.
+    pub saturate: Option<f64>,
+    pub zero_point: Option<f64>,
+    /// PSF FWHM in pixels; `None`: estimate it from the image.
+    pub seeing: Option<f64>,
+    pub wcs: Option<TanWcs>,
+    /// Templates: exposures averaged.
+    pub ncombine: Option<f64>,
+}
+
+impl ImageHeader {
+    /// Mid-exposure MJD.
+    pub fn mjd_mid(&self) -> f64 {
+        self.mjd_start + self.exptime / 2.0 / 86400.0
+    }
+}
+
+/// One image in ADU with its header; NaN marks pixels with no data.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub path: PathBuf,
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<f32>,
+    pub header: ImageHeader,
+    /// Problems the reader worked around (missing keys), one line each, for the log.
+    pub warnings: Vec<String>,
+}
+
+fn fits_err(path: &Path, e: impl std::fmt::Display) -> DetectError {
+    DetectError::Fits { path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// The first key of `names` present and numeric.
+fn key_f64(f: &mut FitsFile, hdu: &FitsHdu, names: &[&str]) -> Option<f64> {
+    names.iter().find_map(|k| hdu.read_key::<f64>(f, k).ok().filter(|v| v.is_finite()))
+}
+
+fn key_str(f: &mut FitsFile, hdu: &FitsHdu, names: &[&str]) -> Option<String> {
+    names.iter().find_map(|k| hdu.read_key::<String>(f, k).ok()).map(|s| s.trim().to_string())
+}
+
+/// MJD from an ISO 8601 `DATE-OBS` (`YYYY-MM-DD[THH:MM:SS[.fff]]`).
+pub fn mjd_from_iso(s: &str) -> Option<f64> {
+    let s = s.trim().trim_end_matches('Z');
+    let (date, time) = s.split_once('T').unwrap_or((s, "00:00:00"));
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let mut t = time.split(':');
+    let hh: f64 = t.next()?.parse().ok()?;
+    let mm: f64 = t.next().unwrap_or("0").parse().ok()?;
+    let ss: f64 = t.next().unwrap_or("0").parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm), then MJD = days since 1858-11-17.
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days_since_1970 = era * 146097 + doe - 719468;
+    Some(days_since_1970 as f64 + 40587.0 + (hh * 3600.0 + mm * 60.0 + ss) / 86400.0)
+}
+
+/// The linear WCS from `CD`, or `PC` + `CDELT`, or `CDELT` + `CROTA2`; `None` unless the axes
+/// are RA/Dec TAN-like (`RA---TAN`, `RA---TAN-SIP`; SIP terms ignored).
+fn read_wcs(f: &mut FitsFile, hdu: &FitsHdu) -> Option<TanWcs> {
+    let c1 = key_str(f, hdu, &["CTYPE1"])?;
+    let c2 = key_str(f, hdu, &["CTYPE2"])?;
+    if !(c1.starts_with("RA---TAN") && c2.starts_with("DEC--TAN")) {
+        return None;
+    }
+    let crval = [key_f64(f, hdu, &["CRVAL1"])?, key_f64(f, hdu, &["CRVAL2"])?];
+    let crpix = [key_f64(f, hdu, &["CRPIX1"])?, key_f64(f, hdu, &["CRPIX2"])?];
+    let cd = if let Some(c11) = key_f64(f, hdu, &["CD1_1"]) {
+        let g = |f: &mut FitsFile, k| key_f64(f, hdu, &[k]).unwrap_or(0.0);
+        [[c11, g(f, "CD1_2")], [g(f, "CD2_1"), g(f, "CD2_2")]]
+    } else {
+        let (d1, d2) = (key_f64(f, hdu, &["CDELT1"])?, key_f64(f, hdu, &["CDELT2"])?);
+        if let Some(p11) = key_f64(f, hdu, &["PC1_1"]) {
+            let g = |f: &mut FitsFile, k| key_f64(f, hdu, &[k]).unwrap_or(0.0);
+            let (p12, p21, p22) = (g(f, "PC1_2"), g(f, "PC2_1"), key_f64(f, hdu, &["PC2_2"]).unwrap_or(1.0));
+            [[d1 * p11, d1 * p12], [d2 * p21, d2 * p22]]
+        } else {
+            let rot = key_f64(f, hdu, &["CROTA2"]).unwrap_or(0.0).to_radians();
+            [[d1 * rot.cos(), -d2 * rot.sin()], [d1 * rot.sin(), d2 * rot.cos()]]
+        }
+    };
+    Some(TanWcs { crval, crpix, cd })
+}
+
+/// Read the first 2-D image HDU of `path` and its header. Errors name the file and what is wrong;
+/// missing optional keys become warnings (see [`Image::warnings`]).
+pub fn read_image(path: &Path) -> Result<Image, DetectError> {
+    if !path.is_file() {
+        return Err(DetectError::Fits { path: path.to_path_buf(), message: "no such file".into() });
+    }
+    let mut f = FitsFile::open(path).map_err(|e| fits_err(path, format!("not a FITS file ({e})")))?;
+    let n = f.num_hdus().map_err(|e| fits_err(path, e))?;
+    let mut found = None;
+    for i in 0..n {
+        let hdu = f.hdu(i).map_err(|e| fits_err(path, e))?;
+        if let HduInfo::ImageInfo { shape, .. } = &hdu.info {
+            if shape.len() == 2 && shape[0] > 0 && shape[1] > 0 {
+                let (width, height) = (shape[1], shape[0]);
+                found = Some((hdu, width, height));
+                break;
+            }
+        }
+    }
+    let (hdu, width, height) =
+        found.ok_or_else(|| fits_err(path, "no 2-D image HDU (NAXIS = 2) in the file: not an image"))?;
+    if width.saturating_mul(height) > MAX_PIXELS {
+        return Err(fits_err(path, format!("image of {width}x{height} pixels is larger than blink reads ({MAX_PIXELS})")));
+    }
+    let data: Vec<f32> = hdu.read_image(&mut f).map_err(|e| fits_err(path, format!("reading pixels: {e}")))?;
+    if data.len() != width * height {
+        return Err(fits_err(path, format!("read {} pixels, expected {width}x{height}", data.len())));
+    }
+    let mut warnings = Vec::new();
+    let exptime = key_f64(&mut f, &hdu, &["EXPTIME", "EXPOSURE"]).unwrap_or(0.0);
+    let mjd_start = match key_f64(&mut f, &hdu, &["MJD-OBS", "MJD"]) {
+        Some(m) => m,
+        None => key_str(&mut f, &hdu, &["DATE-OBS"]).as_deref().and_then(mjd_from_iso).ok_or_else(|| {
+            DetectError::Header { path: path.to_path_buf(), key: "MJD-OBS".into(), message: "no time key (MJD-OBS, MJD or DATE-OBS)".into() }
+        })?,
+    };
+    let gain = key_f64(&mut f, &hdu, &["GAIN", "EGAIN"]).filter(|g| *g > 0.0);
+    if gain.is_none() {
+        warnings.push("no GAIN: estimated from the sky (mean / variance)".into());
+    }
+    let read_noise = key_f64(&mut f, &hdu, &["RDNOISE", "READNOIS", "RON"]).unwrap_or_else(|| {
+        warnings.push("no RDNOISE: read noise taken as 0".into());
+        0.0
+    });
+    let saturate = key_f64(&mut f, &hdu, &["SATURATE", "SATLEVEL"]);
+    if saturate.is_none() {
+        warnings.push("no SATURATE: no saturation mask".into());
+    }
+    let zero_point = key_f64(&mut f, &hdu, &["MAGZP", "MAGZPT", "PHOTZP", "ZP"]);
+    let seeing = key_f64(&mut f, &hdu, &["SEEING", "FWHM"]).filter(|s| *s > 0.0);
+    let wcs = read_wcs(&mut f, &hdu);
+    let header = ImageHeader {
+        mjd_start,
+        exptime,
+        band: key_str(&mut f, &hdu, &["FILTER", "BAND"]),
+        gain,
+        read_noise,
+        saturate,
+        zero_point,
+        seeing,
+        wcs,
+        ncombine: key_f64(&mut f, &hdu, &["NCOMBINE"]),
+    };
+    Ok(Image { path: path.to_path_buf(), width, height, data, header, warnings })
+}
+
+/// Median of finite values (lower median); `None` when there are none.
+pub fn median(mut v: Vec<f32>) -> Option<f32> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    let k = (v.len() - 1) / 2;
+    let (_, m, _) = v.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+    Some(*m)
+}
+
+/// Robust (median, sigma) of a sample: sigma = 1.4826 × the median absolute deviation.
+pub fn robust_stats(v: &[f32]) -> Option<(f32, f32)> {
+    let m = median(v.to_vec())?;
+    let mad = median(v.iter().map(|x| (x - m).abs()).collect())?;
+    Some((m, 1.4826 * mad))
+}
+
+/// Every `step`-th finite pixel (a sample for sky statistics).
+fn sample(data: &[f32], step: usize) -> Vec<f32> {
+    data.iter().step_by(step.max(1)).copied().filter(|v| v.is_finite()).collect()
+}
+
+impl Image {
+    /// The gain from the header, else estimated as sky mean / (sky variance − read-noise term):
+    /// Poisson statistics of the sky in electrons.
+    pub fn gain_or_estimate(&self) -> f64 {
+        if let Some(g) = self.header.gain {
+            return g;
+        }
+        let s = sample(&self.data, 7);
+        let Some((sky, sigma)) = robust_stats(&s) else { return 1.0 };
+        // var_adu = sky/g + (rn/g)²  ⇒  g = (sky + sqrt(sky² + 4 var rn²)) / (2 var).
+        let (var, rn) = (sigma as f64 * sigma as f64, self.header.read_noise);
+        let g = (sky as f64 + (sky as f64 * sky as f64 + 4.0 * var * rn * rn).sqrt()) / (2.0 * var);
+        if g.is_finite() && g > 0.0 {
+            g
+        } else {
+            1.0
+        }
+    }
+
+    /// Per-pixel variance in ADU²: `max(value, 0)/gain + (read noise/gain)²`; NaN stays NaN.
+    pub fn variance(&self) -> Vec<f32> {
+        let g = self.gain_or_estimate();
+        let rn2 = (self.header.read_noise / g).powi(2);
+        self.data.iter().map(|&v| if v.is_finite() { (v.max(0.0) as f64 / g + rn2) as f32 } else { f32::NAN }).collect()
+    }
+
+    /// The header's seeing, else an estimate from the image ([`estimate_fwhm`]).
+    pub fn fwhm(&self) -> Result<f64, DetectError> {
+        if let Some(s) = self.header.seeing {
+            return Ok(s);
+        }
+        estimate_fwhm(self).ok_or_else(|| DetectError::Header {
+            path: self.path.clone(),
+            key: "SEEING".into(),
+            message: "no SEEING or FWHM key and too few isolated stars to estimate it".into(),
+        })
+    }
+}
+
+/// PSF FWHM estimated from the image: the median, over bright, unsaturated, isolated local
+/// maxima, of the FWHM of a Gaussian with the same half-light flux ratio between a 1-pixel-radius
+/// core and a 4σ aperture, computed from second moments inside 6 px. Returns `None` with fewer than
+/// 5 usable stars.
+pub fn estimate_fwhm(img: &Image) -> Option<f64> {
+    let (w, h) = (img.width, img.height);
+    let (sky, sigma) = robust_stats(&sample(&img.data, 5))?;
+    let sat = img.header.saturate.map(|s| s as f32 * 0.8).unwrap_or(f32::INFINITY);
+    let r = 7usize;
+    let mut fwhms = Vec::new();
+    let at = |x: usize, y: usize| img.data[y * w + x];
+    let mut y = r;
+    while y + r < h && fwhms.len() < 400 {
+        for x in r..w - r {
+            let v = at(x, y);
+            if !(v - sky > 50.0 * sigma) || v >= sat {
+                continue;
+            }
+            // Isolated local maximum: the brightest pixel within r, nothing saturated or NaN.
+            let mut ok = true;
+            'win: for yy in y - r..=y + r {
+                for xx in x - r..=x + r {
+                    let u = at(xx, yy);
+                    if !u.is_finite() || u >= sat || (u > v) || (u == v && (yy, xx) < (y, x)) {
+                        ok = false;
+                        break 'win;
+                    }
+                }
+            }
+            if !ok {
+                continue;
+            }
+            let (mut s, mut sxx, mut syy) = (0.0f64, 0.0f64, 0.0f64);
+            for yy in y - 5..=y + 5 {
+                for xx in x - 5..=x + 5 {
+                    let (dx, dy) = (xx as f64 - x as f64, yy as f64 - y as f64);
+                    if dx * dx + dy * dy > 25.0 {
+                        continue;
+                    }
+                    let f = (at(xx, yy) - sky) as f64;
+                    s += f;
+                    sxx += f * dx * dx;
+                    syy += f * dy * dy;
+                }
+            }
+            if s > 0.0 {
+                // Second moments truncated at 5 px underestimate wide wings; for seeing of a few
+                // pixels the Gaussian-equivalent width is what the matched filter needs anyway.
+                let sig2 = (sxx + syy) / (2.0 * s);
+                if sig2 > 0.09 {
+                    fwhms.push((2.3548 * sig2.sqrt()) as f32);
+                }
+            }
+        }
+        y += 1;
+    }
+    if fwhms.len() < 5 {
+        return None;
+    }
+    median(fwhms).map(|v| v as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates() {
+        assert_eq!(mjd_from_iso("1858-11-17"), Some(0.0));
+        assert_eq!(mjd_from_iso("2000-01-01T12:00:00"), Some(51544.5));
+        let m = mjd_from_iso("2026-11-26T06:00:00.0Z").unwrap();
+        assert!((m - 61370.25).abs() < 1e-9, "{m}");
+        assert_eq!(mjd_from_iso("2026-13-01"), None);
+        assert_eq!(mjd_from_iso("yesterday"), None);
+    }
+
+    #[test]
+    fn robust_sigma_of_gaussian_noise() {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let n = Normal::new(100.0f32, 4.0).unwrap();
+        let mut v: Vec<f32> = (0..20000).map(|_| n.sample(&mut rng)).collect();
+        v.extend([1e6f32; 500]); // outliers: stars
+        let (m, s) = robust_stats(&v).unwrap();
+        assert!((m - 100.0).abs() < 0.3 && (s - 4.0).abs() < 0.2, "{m} {s}");
+    }
+}
