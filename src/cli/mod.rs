@@ -1,6 +1,7 @@
 //! The command line: `blink demo | serve | subscribe | status | publish | inspect | simulate | detect | bench`. Raw arguments are parsed
 //! once here (clap) and turned into validated values before any work starts.
 
+pub mod bench;
 pub mod demo;
 pub mod detect;
 pub mod publish;
@@ -59,6 +60,14 @@ pub enum Command {
     /// mjd, band, x, y, ra, dec, score, flux, flux_err, mag, flags; docs/detections.md).
     /// Example: `blink detect night --out detections.csv`.
     Detect(detect::DetectArgs),
+    /// Measure detection, speed and latency on a night folder with a truth table: runs `detect`
+    /// and matches the catalogue to truth within 1.5 px (completeness vs optimal SNR and
+    /// magnitude per kind, false positives per frame on stars / sky / artifacts, measured vs
+    /// optimal SNR, score scatter on empty sky, frames/s, time per stage), and replays the
+    /// night's alerts through the serve pipeline (alerts/s, latency p50/p95/p99, purity,
+    /// completeness). Prints a table; --json and --plots write the rest (docs/bench.md).
+    /// Example: `blink simulate --out night && blink bench night --plots night/plots`.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
