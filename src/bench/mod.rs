@@ -5,10 +5,12 @@
 //! - [`stats`]: completeness, false positives, score vs optimal SNR, summaries.
 //! - [`report`]: the plain-text table and the JSON file.
 //! - [`plots`]: PNG plots and the stamp gallery.
+//! - [`sky`]: the score image's scatter on empty sky.
 //! - [`alerts`]: alerts mode, the night's Avro alerts replayed through the `serve` pipeline.
 
 pub mod alerts;
 pub mod matching;
 pub mod plots;
 pub mod report;
+pub mod sky;
 pub mod stats;

@@ -14,7 +14,6 @@ use crate::bench::matching::{self, MATCH_RADIUS_PX};
 use crate::bench::plots::{self, GalleryPick, GalleryRow};
 use crate::bench::report::{BenchReport, FramesReport, Speed, StageTime};
 use crate::bench::stats;
-use crate::detect::image::robust_stats;
 use crate::detect::{Detection, Detector, FrameImages, FrameResult, Night};
 use crate::sim::night::truth::{self, TruthRecord};
 
@@ -91,36 +90,6 @@ fn cut(img: &FrameImages, x: f64, y: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     out
 }
 
-/// Robust σ of the score image away from every truth source and artifact of the frame.
-fn empty_sky_sigma(img: &FrameImages, truth: &[&TruthRecord], fwhm: f64) -> Option<f64> {
-    let (w, h) = (img.width, img.height);
-    let mut keep = img.masked.iter().map(|m| !m).collect::<Vec<bool>>();
-    for t in truth {
-        if t.kind == "bad_column" {
-            let c = t.x.round() as i64;
-            for x in (c - 3).max(0)..=(c + 3).min(w as i64 - 1) {
-                for y in 0..h {
-                    keep[y * w + x as usize] = false;
-                }
-            }
-            continue;
-        }
-        let r = if t.is_artifact() { 8.0 } else { matching::source_radius(t.flux.max(t.ref_flux).abs(), MATCH_RADIUS_PX) + 2.0 * fwhm };
-        let (x0, y0) = (t.x, t.y);
-        let (lo_x, hi_x) = (((x0 - r).floor().max(0.0)) as usize, ((x0 + r).ceil().min(w as f64 - 1.0)).max(0.0) as usize);
-        let (lo_y, hi_y) = (((y0 - r).floor().max(0.0)) as usize, ((y0 + r).ceil().min(h as f64 - 1.0)).max(0.0) as usize);
-        for y in lo_y..=hi_y {
-            for x in lo_x..=hi_x {
-                if (x as f64 - x0).powi(2) + (y as f64 - y0).powi(2) <= r * r {
-                    keep[y * w + x] = false;
-                }
-            }
-        }
-    }
-    let sample: Vec<f32> = img.score.iter().zip(&keep).filter(|(_, k)| **k).map(|(s, _)| *s).collect();
-    robust_stats(&sample).map(|(_, s)| s as f64)
-}
-
 /// Gallery candidates of one frame, cut while its images are in memory.
 #[derive(Default)]
 struct GalleryCache {
@@ -160,7 +129,7 @@ fn run_frames(args: &BenchArgs, night: &Night, truth_rows: &[TruthRecord]) -> an
     let run = det.detect_night(night, args.detect.frames, |i, n, r: &mut FrameResult| {
         let rows: Vec<&TruthRecord> = by_frame.get(r.frame.as_str()).cloned().unwrap_or_default();
         let img = r.images.take().expect("the detector keeps images for bench");
-        if let Some(s) = empty_sky_sigma(&img, &rows, r.fwhm_science) {
+        if let Some(s) = crate::bench::sky::empty_sky_sigma(&img, &rows, r.fwhm_science) {
             sky_sigmas.push(s as f32);
         }
         if n_gallery > 0 {

@@ -54,12 +54,13 @@ impl DetectOptionsArgs {
 /// One progress line per frame.
 pub fn progress_line(i: usize, n: usize, r: &crate::detect::FrameResult) -> String {
     format!(
-        "[{}/{n}] {}: {} detections, FWHM {:.2} px (template {:.2}), score sigma {:.3}, {:.2} s",
+        "[{}/{n}] {}: {} detections, FWHM {:.2} px (template {:.2}), aperture corr. {:.3}, score sigma {:.3}, {:.2} s",
         i + 1,
         r.frame,
         r.detections.len(),
         r.fwhm_science,
         r.fwhm_template,
+        r.aperture_correction,
         r.score_sigma,
         r.times.total().as_secs_f64()
     )

@@ -2,7 +2,9 @@
 //! frame, the matched-filter score image, and its peaks measured and flagged.
 //!
 //! # Method
-//! 1. **Variance and masks.** Each image's variance is `max(v, 0)/GAIN + (RDNOISE/GAIN)²`. A
+//! 1. **Sky, variance and masks.** Each image's sky, the median of 64-px cells interpolated, is
+//!    subtracted. Its variance is `max(v̄, 0)/GAIN + (RDNOISE/GAIN)²` with `v̄` the 3×3 mean
+//!    around the pixel (a pixel's own noise in its variance would bias the score low). A
 //!    pixel is masked (weight 0) where either image is NaN or at/above 99.9% of its `SATURATE`;
 //!    saturated pixels are remembered for the `saturated` flag.
 //! 2. **Subtraction on tiles.** The frame is cut into `tile`×`tile` cores with a halo wide enough
@@ -13,14 +15,15 @@
 //!    swap places in the batch and the difference is mapped back to science units,
 //!    `D = −D'/a`, `V = V'/a²`. The flux scale comes from the zero points (`MAGZP` of both
 //!    headers), else it is fitted per tile; the background is fitted per tile.
-//! 3. **Background of the difference.** The median of the difference on a 64-px mesh, bilinearly
-//!    interpolated, is subtracted: the per-tile constant background cannot follow a sky gradient.
+//! 3. **Background of the difference.** What is left of the background (the per-tile constant
+//!    of the fit), a 64-px mesh median interpolated, is subtracted.
 //! 4. **Score image.** With `P` the difference's PSF (a unit-sum Gaussian of the broader σ),
 //!    `num = P ⋆ (D/V)`, `den = P² ⋆ (1/V)` over unmasked pixels: flux = num/den,
 //!    error = 1/√den, score = num/√den, in sigma. Separable, on the CPU.
 //! 5. **Peaks.** Local extrema of the score with |score| ≥ threshold, one per `FWHM` radius;
 //!    position refined by a parabola through the peak and its neighbours; flux and error read at
-//!    the peak. Flags: `edge`, `masked`, `saturated`, `negative`, `sharp` (the difference's peak
+//!    the peak, divided by the aperture correction (filter flux over 4-FWHM aperture flux of
+//!    bright isolated stars in the image whose PSF the difference has). Flags: `edge`, `masked`, `saturated`, `negative`, `sharp` (the difference's peak
 //!    is much narrower than the PSF: a cosmic ray or hot pixel), `dipole` (an opposite lobe of
 //!    comparable strength next to it: a mismatched or misregistered star).
 
@@ -111,17 +114,26 @@ pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts
     let convolved_template = sig_t <= sig_s;
     let (kernel_sigma, sigma_difference) =
         if convolved_template { ((sig_s * sig_s - sig_t * sig_t).sqrt(), sig_s) } else { ((sig_t * sig_t - sig_s * sig_s).sqrt(), sig_t) };
-    let (var_s, var_t) = (science.variance(), template.variance());
+    let (var_s, var_t) = (science.variance_smoothed(), template.variance_smoothed());
     let mut saturated = saturation_mask(science);
     for (s, t) in saturated.iter_mut().zip(saturation_mask(template)) {
         *s |= t;
     }
     // The sharper image takes the batch's "science" slot (not convolved).
-    let (sharp, sharp_var, broad, broad_var) = if convolved_template {
-        (&science.data, &var_s, &template.data, &var_t)
+    // Each image's own sky (a mesh median) comes off before the engine, so the per-tile
+    // background the fit leaves is a small constant, not a gradient.
+    let (sky_s, sky_t) = if opts.background_mesh > 0 {
+        let m = opts.background_mesh;
+        (
+            mesh_background(&science.data, |i| !saturated[i], w, h, m),
+            mesh_background(&template.data, |i| !saturated[i], w, h, m),
+        )
     } else {
-        (&template.data, &var_t, &science.data, &var_s)
+        (vec![0.0; w * h], vec![0.0; w * h])
     };
+    let sci: Vec<f32> = science.data.iter().zip(&sky_s).map(|(v, b)| v - b).collect();
+    let tmp: Vec<f32> = template.data.iter().zip(&sky_t).map(|(v, b)| v - b).collect();
+    let (sharp, sharp_var, broad, broad_var) = if convolved_template { (&sci, &var_s, &tmp, &var_t) } else { (&tmp, &var_t, &sci, &var_s) };
     // Flux scale science/template from the zero points when both headers have one (the
     // per-tile fit is pulled by the wings of bright stars whose PSF shapes differ).
     let zp_scale = match (science.header.zero_point, template.header.zero_point) {
@@ -195,7 +207,12 @@ pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts
         }
     }
     if opts.background_mesh > 0 {
-        subtract_mesh_background(&mut difference, &variance, w, h, opts.background_mesh);
+        let b = mesh_background(&difference, |i| variance[i] > 0.0, w, h, opts.background_mesh);
+        for ((d, v), b) in difference.iter_mut().zip(&variance).zip(&b) {
+            if *v > 0.0 {
+                *d -= b;
+            }
+        }
     }
     Ok(Difference {
         width: w,
@@ -214,9 +231,11 @@ pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts
     })
 }
 
-/// Subtract the median of each `mesh`×`mesh` cell (unmasked pixels), bilinearly interpolated
-/// between cell centres.
-fn subtract_mesh_background(d: &mut [f32], v: &[f32], w: usize, h: usize, mesh: usize) {
+/// A smooth background map: the median of each `mesh`×`mesh` cell over the pixels where `valid`
+/// holds, bilinearly interpolated between cell centres (cells with under a quarter of their
+/// pixels valid take the median of the other cells).
+pub fn mesh_background(d: &[f32], valid: impl Fn(usize) -> bool, w: usize, h: usize, mesh: usize) -> Vec<f32> {
+    let mesh = mesh.max(8);
     let (mx, my) = (w.div_ceil(mesh), h.div_ceil(mesh));
     let mut grid = vec![0.0f32; mx * my];
     for gy in 0..my {
@@ -224,15 +243,14 @@ fn subtract_mesh_background(d: &mut [f32], v: &[f32], w: usize, h: usize, mesh: 
             let mut vals = Vec::with_capacity(mesh * mesh);
             for y in gy * mesh..((gy + 1) * mesh).min(h) {
                 for x in gx * mesh..((gx + 1) * mesh).min(w) {
-                    if v[y * w + x] > 0.0 {
+                    if valid(y * w + x) && d[y * w + x].is_finite() {
                         vals.push(d[y * w + x]);
                     }
                 }
             }
-            grid[gy * mx + gx] = if vals.len() >= mesh * mesh / 4 { median(vals).unwrap_or(0.0) } else { f32::NAN };
+            grid[gy * mx + gx] = if vals.len() >= mesh * mesh / 4 { median(vals).unwrap_or(f32::NAN) } else { f32::NAN };
         }
     }
-    // Cells with too few pixels take the median of the others.
     let fill = median(grid.clone()).unwrap_or(0.0);
     for g in &mut grid {
         if !g.is_finite() {
@@ -240,21 +258,24 @@ fn subtract_mesh_background(d: &mut [f32], v: &[f32], w: usize, h: usize, mesh: 
         }
     }
     let coord = |p: usize, n: usize| {
+        if n < 2 {
+            return (0, 0.0);
+        }
         let t = ((p as f64 + 0.5) / mesh as f64 - 0.5).clamp(0.0, (n - 1) as f64);
-        let i = (t.floor() as usize).min(n.saturating_sub(2));
+        let i = (t.floor() as usize).min(n - 2);
         (i, (t - i as f64).clamp(0.0, 1.0))
     };
+    let g = |i: usize, j: usize| grid[j.min(my - 1) * mx + i.min(mx - 1)] as f64;
+    let mut out = vec![0.0f32; w * h];
     for y in 0..h {
-        let (iy, fy) = if my > 1 { coord(y, my) } else { (0, 0.0) };
+        let (iy, fy) = coord(y, my);
         for x in 0..w {
-            let (ix, fx) = if mx > 1 { coord(x, mx) } else { (0, 0.0) };
-            let g = |i: usize, j: usize| grid[j.min(my - 1) * mx + i.min(mx - 1)] as f64;
+            let (ix, fx) = coord(x, mx);
             let b = (1.0 - fx) * (1.0 - fy) * g(ix, iy) + fx * (1.0 - fy) * g(ix + 1, iy) + (1.0 - fx) * fy * g(ix, iy + 1) + fx * fy * g(ix + 1, iy + 1);
-            if v[y * w + x] > 0.0 {
-                d[y * w + x] -= b as f32;
-            }
+            out[y * w + x] = b as f32;
         }
     }
+    out
 }
 
 /// The matched filter's images: flux, its error and score per pixel (score 0 and error ∞ where
@@ -334,6 +355,9 @@ pub struct FrameMeta<'a> {
     pub band: &'a str,
     pub zero_point: Option<f64>,
     pub wcs: Option<crate::sim::night::wcs::TanWcs>,
+    /// Filter flux / total flux of the difference's PSF ([`super::image::aperture_correction`]);
+    /// fluxes and errors are divided by it.
+    pub aperture_correction: f64,
 }
 
 /// Peaks of the score image above threshold, measured and flagged (method step 5), strongest
@@ -448,7 +472,8 @@ fn measure(diff: &Difference, sc: &ScoreImage, meta: &FrameMeta, x: usize, y: us
             fl |= flags::SHARP;
         }
     }
-    let flux = sc.flux[i] as f64;
+    let ac = meta.aperture_correction;
+    let flux = sc.flux[i] as f64 / ac;
     let (ra, dec) = match meta.wcs {
         Some(wcs) => {
             let (r, d) = wcs.pixel_to_sky(px, py);
@@ -466,7 +491,7 @@ fn measure(diff: &Difference, sc: &ScoreImage, meta: &FrameMeta, x: usize, y: us
         dec,
         score: s as f64,
         flux,
-        flux_err: sc.flux_err[i] as f64,
+        flux_err: sc.flux_err[i] as f64 / ac,
         mag: meta.zero_point.filter(|_| flux > 0.0).map(|zp| zp - 2.5 * flux.log10()),
         flags: fl,
     }

@@ -233,6 +233,35 @@ impl Image {
         self.data.iter().map(|&v| if v.is_finite() { (v.max(0.0) as f64 / g + rn2) as f32 } else { f32::NAN }).collect()
     }
 
+    /// [`Image::variance`] of the 3×3 mean around each pixel (NaN neighbours left out): the
+    /// pixel's own noise barely enters its variance, so inverse-variance weights do not favour
+    /// pixels that fluctuated low.
+    pub fn variance_smoothed(&self) -> Vec<f32> {
+        let (w, h) = (self.width, self.height);
+        let g = self.gain_or_estimate();
+        let rn2 = (self.header.read_noise / g).powi(2);
+        let mut out = vec![f32::NAN; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                if !self.data[y * w + x].is_finite() {
+                    continue;
+                }
+                let (mut s, mut n) = (0.0f64, 0.0f64);
+                for yy in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+                    for xx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+                        let v = self.data[yy * w + xx];
+                        if v.is_finite() {
+                            s += v as f64;
+                            n += 1.0;
+                        }
+                    }
+                }
+                out[y * w + x] = ((s / n).max(0.0) / g + rn2) as f32;
+            }
+        }
+        out
+    }
+
     /// The header's seeing, else an estimate from the image ([`estimate_fwhm`]).
     pub fn fwhm(&self) -> Result<f64, DetectError> {
         if let Some(s) = self.header.seeing {
@@ -246,25 +275,24 @@ impl Image {
     }
 }
 
-/// PSF FWHM estimated from the image: the median, over bright, unsaturated, isolated local
-/// maxima, of the FWHM of a Gaussian with the same half-light flux ratio between a 1-pixel-radius
-/// core and a 4σ aperture, computed from second moments inside 6 px. Returns `None` with fewer than
-/// 5 usable stars.
-pub fn estimate_fwhm(img: &Image) -> Option<f64> {
+/// Bright, unsaturated, isolated local maxima: the brightest pixel within `r` (nothing NaN or
+/// saturated there), at least 50σ of sky above the sky, at least `r` from the edge; at most 400,
+/// in raster order. Also returns the global (sky, σ).
+fn isolated_stars(img: &Image, r: usize) -> Option<(Vec<(usize, usize)>, f32, f32)> {
     let (w, h) = (img.width, img.height);
     let (sky, sigma) = robust_stats(&sample(&img.data, 5))?;
     let sat = img.header.saturate.map(|s| s as f32 * 0.8).unwrap_or(f32::INFINITY);
-    let r = 7usize;
-    let mut fwhms = Vec::new();
     let at = |x: usize, y: usize| img.data[y * w + x];
-    let mut y = r;
-    while y + r < h && fwhms.len() < 400 {
+    let mut out = Vec::new();
+    if w <= 2 * r || h <= 2 * r {
+        return Some((out, sky, sigma));
+    }
+    for y in r..h - r {
         for x in r..w - r {
             let v = at(x, y);
             if !(v - sky > 50.0 * sigma) || v >= sat {
                 continue;
             }
-            // Isolated local maximum: the brightest pixel within r, nothing saturated or NaN.
             let mut ok = true;
             'win: for yy in y - r..=y + r {
                 for xx in x - r..=x + r {
@@ -275,37 +303,104 @@ pub fn estimate_fwhm(img: &Image) -> Option<f64> {
                     }
                 }
             }
-            if !ok {
-                continue;
-            }
-            let (mut s, mut sxx, mut syy) = (0.0f64, 0.0f64, 0.0f64);
-            for yy in y - 5..=y + 5 {
-                for xx in x - 5..=x + 5 {
-                    let (dx, dy) = (xx as f64 - x as f64, yy as f64 - y as f64);
-                    if dx * dx + dy * dy > 25.0 {
-                        continue;
-                    }
-                    let f = (at(xx, yy) - sky) as f64;
-                    s += f;
-                    sxx += f * dx * dx;
-                    syy += f * dy * dy;
-                }
-            }
-            if s > 0.0 {
-                // Second moments truncated at 5 px underestimate wide wings; for seeing of a few
-                // pixels the Gaussian-equivalent width is what the matched filter needs anyway.
-                let sig2 = (sxx + syy) / (2.0 * s);
-                if sig2 > 0.09 {
-                    fwhms.push((2.3548 * sig2.sqrt()) as f32);
+            if ok {
+                out.push((x, y));
+                if out.len() >= 400 {
+                    return Some((out, sky, sigma));
                 }
             }
         }
-        y += 1;
+    }
+    Some((out, sky, sigma))
+}
+
+/// PSF FWHM estimated from the image: the median, over bright, unsaturated, isolated stars, of
+/// the FWHM of the Gaussian with the same second moment inside 5 px. Returns `None` with fewer
+/// than 5 usable stars.
+pub fn estimate_fwhm(img: &Image) -> Option<f64> {
+    let w = img.width;
+    let (stars, sky, _) = isolated_stars(img, 7)?;
+    let mut fwhms = Vec::new();
+    for (x, y) in stars {
+        let (mut s, mut sxx, mut syy) = (0.0f64, 0.0f64, 0.0f64);
+        for yy in y - 5..=y + 5 {
+            for xx in x - 5..=x + 5 {
+                let (dx, dy) = (xx as f64 - x as f64, yy as f64 - y as f64);
+                if dx * dx + dy * dy > 25.0 {
+                    continue;
+                }
+                let f = (img.data[yy * w + xx] - sky) as f64;
+                s += f;
+                sxx += f * dx * dx;
+                syy += f * dy * dy;
+            }
+        }
+        if s > 0.0 {
+            // Second moments truncated at 5 px underestimate wide wings; for seeing of a few
+            // pixels the Gaussian-equivalent width is what the matched filter needs anyway.
+            let sig2 = (sxx + syy) / (2.0 * s);
+            if sig2 > 0.09 {
+                fwhms.push((2.3548 * sig2.sqrt()) as f32);
+            }
+        }
     }
     if fwhms.len() < 5 {
         return None;
     }
     median(fwhms).map(|v| v as f64)
+}
+
+/// Aperture correction of a Gaussian matched filter of `sigma` pixels on this image's PSF: the
+/// median over bright isolated stars of (filter flux at the peak pixel) / (flux in a 4-FWHM
+/// aperture, local sky from the annulus outside it). Real PSFs have wider wings than a Gaussian,
+/// so this is below 1; dividing filter fluxes by it gives total fluxes. `None` with fewer than 3
+/// stars.
+pub fn aperture_correction(img: &Image, sigma: f64) -> Option<f64> {
+    let w = img.width;
+    let r_ap = (4.0 * 2.3548 * sigma).ceil().max(4.0) as usize;
+    let r_out = r_ap + 5;
+    let (stars, _, _) = isolated_stars(img, r_out)?;
+    let rf = (3.5 * sigma).ceil() as i64;
+    let mut ratios = Vec::new();
+    for (x, y) in stars {
+        let mut ann = Vec::new();
+        let (mut ap, mut nap) = (0.0f64, 0.0f64);
+        for yy in y - r_out..=y + r_out {
+            for xx in x - r_out..=x + r_out {
+                let d2 = (xx as f64 - x as f64).powi(2) + (yy as f64 - y as f64).powi(2);
+                let v = img.data[yy * w + xx];
+                if d2 <= (r_ap * r_ap) as f64 {
+                    ap += v as f64;
+                    nap += 1.0;
+                } else if d2 <= (r_out * r_out) as f64 {
+                    ann.push(v);
+                }
+            }
+        }
+        let Some(sky) = median(ann) else { continue };
+        let total = ap - nap * sky as f64;
+        let (mut num, mut den, mut gs) = (0.0f64, 0.0f64, 0.0f64);
+        for dy in -rf..=rf {
+            for dx in -rf..=rf {
+                gs += (-0.5 * ((dx * dx + dy * dy) as f64) / (sigma * sigma)).exp();
+            }
+        }
+        for dy in -rf..=rf {
+            for dx in -rf..=rf {
+                let g = (-0.5 * ((dx * dx + dy * dy) as f64) / (sigma * sigma)).exp() / gs;
+                let v = img.data[(y as i64 + dy) as usize * w + (x as i64 + dx) as usize] as f64 - sky as f64;
+                num += g * v;
+                den += g * g;
+            }
+        }
+        if total > 0.0 && den > 0.0 {
+            ratios.push(((num / den) / total) as f32);
+        }
+    }
+    if ratios.len() < 3 {
+        return None;
+    }
+    median(ratios).map(|v| v as f64)
 }
 
 #[cfg(test)]

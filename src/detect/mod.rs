@@ -151,6 +151,8 @@ pub struct FrameResult {
     pub fwhm_template: f64,
     pub kernel_sigma: f64,
     pub scale: f64,
+    /// Filter flux / total flux of the difference's PSF (1 when too few stars to measure).
+    pub aperture_correction: f64,
     /// Robust σ (1.4826 MAD) of the score image over unmasked pixels: 1 for white noise.
     pub score_sigma: f64,
     pub images: Option<FrameImages>,
@@ -197,12 +199,18 @@ impl Detector {
         let sc = frame::score_image(&diff);
         let score = t1.elapsed();
         let t2 = Instant::now();
+        // The difference's PSF is the broader one: the science frame's when the template was
+        // convolved, else the template's.
+        let psf_image = if diff.convolved_template { &science } else { template };
+        let aperture_correction =
+            image::aperture_correction(psf_image, diff.sigma_difference).filter(|c| (0.5..=1.2).contains(c)).unwrap_or(1.0);
         let meta = frame::FrameMeta {
             frame: &entry.file,
             mjd: science.header.mjd_mid(),
             band: &entry.band,
             zero_point: science.header.zero_point,
             wcs: template.header.wcs.or(science.header.wcs),
+            aperture_correction,
         };
         let detections = frame::find_peaks(&diff, &sc, &meta, self.options.threshold);
         let sample: Vec<f32> =
@@ -228,6 +236,7 @@ impl Detector {
             fwhm_template: diff.sigma_template * frame::FWHM_PER_SIGMA,
             kernel_sigma: diff.kernel_sigma,
             scale: diff.scale,
+            aperture_correction,
             score_sigma,
             images,
         })
