@@ -319,6 +319,32 @@ fn separable(src: &[f64], w: usize, h: usize, k: &[f64]) -> Vec<f64> {
     out
 }
 
+/// How much the matched filter's noise exceeds what the per-pixel variance says when the
+/// science frame was the image convolved (its noise is then correlated over the kernel K):
+/// `sqrt(Σ(P∗K)² / (ΣP² · ΣK²))` for the discrete kernels, 1 when the template was convolved
+/// (a deep template's correlated noise is a small share of the total). A stand-in for the
+/// decorrelation of the full subtraction.
+pub fn correlated_noise_factor(diff: &Difference, p: &[f64]) -> f64 {
+    if diff.convolved_template || diff.kernel_sigma < crate::cpu::convolve::SIGMA_MIN as f64 {
+        return 1.0;
+    }
+    let s = diff.kernel_sigma as f32;
+    let r = crate::cpu::convolve::radius(s);
+    let k: Vec<f64> = (-r..=r).map(|i| (-0.5 * (i as f64 / s as f64).powi(2)).exp()).collect();
+    let ks: f64 = k.iter().sum();
+    let k: Vec<f64> = k.iter().map(|v| v / ks).collect();
+    let mut pk = vec![0.0f64; p.len() + k.len() - 1];
+    for (i, a) in p.iter().enumerate() {
+        for (j, b) in k.iter().enumerate() {
+            pk[i + j] += a * b;
+        }
+    }
+    let sq = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
+    // Separable: each 2-D sum of squares is the square of the 1-D one.
+    let ratio = (sq(&pk) / (sq(p) * sq(&k))).powi(2);
+    ratio.sqrt().max(1.0)
+}
+
 /// The matched filter with a unit-sum Gaussian PSF of `sigma` pixels (method step 4).
 pub fn score_image(diff: &Difference) -> ScoreImage {
     let (w, h) = (diff.width, diff.height);
@@ -336,12 +362,13 @@ pub fn score_image(diff: &Difference) -> ScoreImage {
         .unzip();
     let num = separable(&dv, w, h, &g);
     let den = separable(&iv, w, h, &g2);
+    let inflate = correlated_noise_factor(diff, &g);
     let mut out = ScoreImage { score: vec![0.0; w * h], flux: vec![0.0; w * h], flux_err: vec![f32::INFINITY; w * h], radius: r };
     for i in 0..w * h {
         if den[i] > 0.0 {
-            out.score[i] = (num[i] / den[i].sqrt()) as f32;
+            out.score[i] = (num[i] / den[i].sqrt() / inflate) as f32;
             out.flux[i] = (num[i] / den[i]) as f32;
-            out.flux_err[i] = (1.0 / den[i].sqrt()) as f32;
+            out.flux_err[i] = (inflate / den[i].sqrt()) as f32;
         }
     }
     out

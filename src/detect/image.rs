@@ -275,9 +275,10 @@ impl Image {
     }
 }
 
-/// Bright, unsaturated, isolated local maxima: the brightest pixel within `r` (nothing NaN or
-/// saturated there), at least 50σ of sky above the sky, at least `r` from the edge; at most 400,
-/// in raster order. Also returns the global (sky, σ).
+/// Bright, unsaturated, isolated point sources: the brightest pixel within `r` (nothing NaN or
+/// saturated there), at least 50σ of sky above the sky, at least `r` from the edge, with each of
+/// its four neighbours above a quarter of its height (hot pixels and cosmic rays are sharper); at
+/// most 400, in raster order. Also returns the global (sky, σ).
 fn isolated_stars(img: &Image, r: usize) -> Option<(Vec<(usize, usize)>, f32, f32)> {
     let (w, h) = (img.width, img.height);
     let (sky, sigma) = robust_stats(&sample(&img.data, 5))?;
@@ -303,7 +304,9 @@ fn isolated_stars(img: &Image, r: usize) -> Option<(Vec<(usize, usize)>, f32, f3
                     }
                 }
             }
-            if ok {
+            // Not a hot pixel or cosmic ray: all four neighbours carry a share of the peak.
+            let floor = sky + 0.25 * (v - sky);
+            if ok && [at(x - 1, y), at(x + 1, y), at(x, y - 1), at(x, y + 1)].iter().all(|&u| u > floor) {
                 out.push((x, y));
                 if out.len() >= 400 {
                     return Some((out, sky, sigma));
@@ -315,34 +318,24 @@ fn isolated_stars(img: &Image, r: usize) -> Option<(Vec<(usize, usize)>, f32, f3
 }
 
 /// PSF FWHM estimated from the image: the median, over bright, unsaturated, isolated stars, of
-/// the FWHM of the Gaussian with the same second moment inside 5 px. Returns `None` with fewer
-/// than 5 usable stars.
+/// `2·sqrt(A/π)` with `A` the number of pixels above half the peak (sky subtracted): the FWHM
+/// whatever the profile's wings. Returns `None` with fewer than 5 usable stars.
 pub fn estimate_fwhm(img: &Image) -> Option<f64> {
     let w = img.width;
-    let (stars, sky, _) = isolated_stars(img, 7)?;
+    let r = 7usize;
+    let (stars, sky, _) = isolated_stars(img, r)?;
     let mut fwhms = Vec::new();
     for (x, y) in stars {
-        let (mut s, mut sxx, mut syy) = (0.0f64, 0.0f64, 0.0f64);
-        for yy in y - 5..=y + 5 {
-            for xx in x - 5..=x + 5 {
-                let (dx, dy) = (xx as f64 - x as f64, yy as f64 - y as f64);
-                if dx * dx + dy * dy > 25.0 {
-                    continue;
+        let half = 0.5 * (img.data[y * w + x] - sky);
+        let mut area = 0usize;
+        for yy in y - r..=y + r {
+            for xx in x - r..=x + r {
+                if img.data[yy * w + xx] - sky >= half {
+                    area += 1;
                 }
-                let f = (img.data[yy * w + xx] - sky) as f64;
-                s += f;
-                sxx += f * dx * dx;
-                syy += f * dy * dy;
             }
         }
-        if s > 0.0 {
-            // Second moments truncated at 5 px underestimate wide wings; for seeing of a few
-            // pixels the Gaussian-equivalent width is what the matched filter needs anyway.
-            let sig2 = (sxx + syy) / (2.0 * s);
-            if sig2 > 0.09 {
-                fwhms.push((2.3548 * sig2.sqrt()) as f32);
-            }
-        }
+        fwhms.push((2.0 * (area as f64 / std::f64::consts::PI).sqrt()) as f32);
     }
     if fwhms.len() < 5 {
         return None;
