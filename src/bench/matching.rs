@@ -37,6 +37,11 @@ pub const NOMINAL_FWHM_PX: f64 = 3.0;
 /// The largest radius around a source in which a false positive counts as `on_star`, pixels.
 pub const MAX_SOURCE_RADIUS_PX: f64 = 20.0;
 
+/// Cosmic rays are streaks whose truth position is their middle: a detection anywhere along one
+/// is on the artifact, so their reach is the radius plus this half-length (the simulator's
+/// longest streak is 10 px).
+pub const COSMIC_HALF_LENGTH_PX: f64 = 5.0;
+
 /// Timescale key of frames that are single exposures.
 pub const EPOCH: &str = "epoch";
 
@@ -256,7 +261,8 @@ pub fn match_night(dets: &[Detection], truth: &[TruthRecord], frames: &[String],
                 _ => sources.push(r),
             }
         }
-        let agrid = Grid::new(cell, artifacts.iter().map(|&r| (r, truth[r].x, truth[r].y)));
+        let areach = radius + COSMIC_HALF_LENGTH_PX;
+        let agrid = Grid::new(cell.max(areach), artifacts.iter().map(|&r| (r, truth[r].x, truth[r].y)));
         let sgrid = Grid::new(MAX_SOURCE_RADIUS_PX.max(cell), sources.iter().map(|&r| (r, truth[r].x, truth[r].y)));
         let search = MAX_SOURCE_RADIUS_PX.max(radius);
         for &di in det_ix {
@@ -265,7 +271,11 @@ pub fn match_night(dets: &[Detection], truth: &[TruthRecord], frames: &[String],
             }
             let d = &dets[di];
             let on_artifact = columns.iter().any(|&c| (d.x - c).abs() <= radius)
-                || agrid.near(d.x, d.y, radius).any(|r| dist(d.x, d.y, truth[r].x, truth[r].y) <= radius);
+                || agrid.near(d.x, d.y, areach).any(|r| {
+                    let t = &truth[r];
+                    let reach = if t.kind == "cosmic" { areach } else { radius };
+                    dist(d.x, d.y, t.x, t.y) <= reach
+                });
             let class = if on_artifact {
                 FpClass::Artifact
             } else if sgrid.near(d.x, d.y, search).any(|r| {
@@ -320,7 +330,8 @@ pub(crate) mod tests {
     ///  5. T6 at 1.5 px exactly → matched (the radius is inclusive)
     ///  6. T3 at 0.0 px        → matched
     ///  7. star (flux 1e5, radius 9 px) at 5 px → FP on_star
-    ///  8. cosmic ray at 1 px, also 4 px from that star → FP artifact (artifact wins)
+    ///  8. cosmic ray (a streak: reach 1.5 + 5 px) at 1.4 px, also 5 px from that star → FP
+    ///     artifact (artifact wins); detection 7 is 7.2 px from it, beyond its reach
     ///  9. 1 px from the bad column at x = 700, y far from anything → FP artifact
     /// 10. empty sky            → FP on_sky
     /// 11. faint star (flux 200, radius 1.5 px) at 2 px → FP on_sky
@@ -343,7 +354,7 @@ pub(crate) mod tests {
         t.push(truth(2, "star", a, 900.0, 900.0, 200.0, 200.0, Some(0.0)));
         t.push(truth(3_000_100, "variable", a, 300.0, 300.0, 500.0, 500.0, Some(0.0)));
         t.push(truth(2_000_100, "fast", a, 600.0, 600.0, 0.0, 0.0, None));
-        t.push(truth(4_000_000, "cosmic", a, 504.0, 500.0, 3000.0, 0.0, None));
+        t.push(truth(4_000_000, "cosmic", a, 504.0, 499.0, 3000.0, 0.0, None));
         t.push(truth(6_000_000, "bad_column", a, 700.0, 1024.0, 0.0, 0.0, None));
         t.push(truth(2_000_011, "fast", b, 50.0, 50.0, 2000.0, 0.0, Some(20.0)));
         let d = vec![
