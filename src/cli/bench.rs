@@ -113,7 +113,10 @@ impl GalleryCache {
 }
 
 /// Frames mode: detect on every frame, match, summarise, and keep gallery stamps.
-fn run_frames(args: &BenchArgs, night: &Night, truth_rows: &[TruthRecord]) -> anyhow::Result<(FramesReport, Vec<Detection>, Vec<(String, Vec<GalleryRow>)>)> {
+/// Gallery sections: a title and its stamp rows.
+type Gallery = Vec<(String, Vec<GalleryRow>)>;
+
+fn run_frames(args: &BenchArgs, night: &Night, truth_rows: &[TruthRecord]) -> anyhow::Result<(FramesReport, Vec<Detection>, Gallery)> {
     let opts = args.detect.options()?;
     let engine = crate::engine::select_engine(super::engine_preference(&args.engine)?)?;
     let mut det = Detector::new(engine, opts.clone());

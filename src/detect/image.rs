@@ -278,15 +278,20 @@ impl Image {
 /// Bright, unsaturated, isolated point sources: the brightest pixel within `r` (nothing NaN or
 /// saturated there), at least 50σ of sky above the sky, at least `r` from the edge, with each of
 /// its four neighbours above a quarter of its height (hot pixels and cosmic rays are sharper); at
-/// most 400, in raster order. Also returns the global (sky, σ).
-fn isolated_stars(img: &Image, r: usize) -> Option<(Vec<(usize, usize)>, f32, f32)> {
+/// most 400, in raster order, with the global sky and its σ.
+struct Stars {
+    at: Vec<(usize, usize)>,
+    sky: f32,
+}
+
+fn isolated_stars(img: &Image, r: usize) -> Option<Stars> {
     let (w, h) = (img.width, img.height);
     let (sky, sigma) = robust_stats(&sample(&img.data, 5))?;
     let sat = img.header.saturate.map(|s| s as f32 * 0.8).unwrap_or(f32::INFINITY);
     let at = |x: usize, y: usize| img.data[y * w + x];
     let mut out = Vec::new();
     if w <= 2 * r || h <= 2 * r {
-        return Some((out, sky, sigma));
+        return Some(Stars { at: out, sky });
     }
     for y in r..h - r {
         for x in r..w - r {
@@ -309,12 +314,12 @@ fn isolated_stars(img: &Image, r: usize) -> Option<(Vec<(usize, usize)>, f32, f3
             if ok && [at(x - 1, y), at(x + 1, y), at(x, y - 1), at(x, y + 1)].iter().all(|&u| u > floor) {
                 out.push((x, y));
                 if out.len() >= 400 {
-                    return Some((out, sky, sigma));
+                    return Some(Stars { at: out, sky });
                 }
             }
         }
     }
-    Some((out, sky, sigma))
+    Some(Stars { at: out, sky })
 }
 
 /// PSF FWHM estimated from the image: the median, over bright, unsaturated, isolated stars, of
@@ -323,7 +328,7 @@ fn isolated_stars(img: &Image, r: usize) -> Option<(Vec<(usize, usize)>, f32, f3
 pub fn estimate_fwhm(img: &Image) -> Option<f64> {
     let w = img.width;
     let r = 7usize;
-    let (stars, sky, _) = isolated_stars(img, r)?;
+    let Stars { at: stars, sky } = isolated_stars(img, r)?;
     let mut fwhms = Vec::new();
     for (x, y) in stars {
         let half = 0.5 * (img.data[y * w + x] - sky);
@@ -352,7 +357,7 @@ pub fn aperture_correction(img: &Image, sigma: f64) -> Option<f64> {
     let w = img.width;
     let r_ap = (4.0 * 2.3548 * sigma).ceil().max(4.0) as usize;
     let r_out = r_ap + 5;
-    let (stars, _, _) = isolated_stars(img, r_out)?;
+    let stars = isolated_stars(img, r_out)?.at;
     let rf = (3.5 * sigma).ceil() as i64;
     let mut ratios = Vec::new();
     for (x, y) in stars {
