@@ -171,6 +171,20 @@ impl FramesReport {
             let f = &s.false_positives.flagged;
             let by = FpClass::ALL.iter().map(|c| format!("{} {}", c.name(), f.get(*c))).collect::<Vec<_>>().join(", ");
             line("  of which flagged", format!("{} of {} ({by})", f.total, s.false_positives.total.total));
+            if s.frames > 0 {
+                let t = &s.false_positives.total;
+                let per = |c: FpClass| (t.get(c) - f.get(c)) as f64 / s.frames as f64;
+                line(
+                    "  unflagged / frame",
+                    format!(
+                        "{}  (on star {}, on sky {}, artifact {})",
+                        num((t.total - f.total) as f64 / s.frames as f64, 2),
+                        num(per(FpClass::OnStar), 2),
+                        num(per(FpClass::OnSky), 2),
+                        num(per(FpClass::Artifact), 2)
+                    ),
+                );
+            }
         }
         let ratio = s.timescales.get(super::matching::EPOCH).map(|e| &e.score_over_snr);
         line(
