@@ -1,11 +1,13 @@
 //! blink's integration tests, one binary (module index below).
 //!
+//! - `bench_alerts`: `blink bench` alerts mode on a tiny simulated night through embedded Kafka.
 //! - `decode`: every fixture file decodes with the counts of `testdata/README.md`; bad input.
 //! - `engine_parity`: each WGSL kernel against its CPU twin on fresh random inputs.
 //! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
 //! - `simulate`: `blink simulate` against its own claims (noise, flux, template depth, headers,
 //!   manifest and truth, determinism).
 
+mod bench_alerts;
 mod decode;
 mod e2e;
 mod engine_parity;
