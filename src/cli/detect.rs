@@ -54,13 +54,13 @@ impl DetectOptionsArgs {
 /// One progress line per frame.
 pub fn progress_line(i: usize, n: usize, r: &crate::detect::FrameResult) -> String {
     format!(
-        "[{}/{n}] {}: {} detections, FWHM {:.2} px (template {:.2}), aperture corr. {:.3}, score sigma {:.3}, {:.2} s",
+        "[{}/{n}] {}: {} detections, FWHM {:.2} px (template {:.2}), aperture corr. {}, score sigma {:.3}, {:.2} s",
         i + 1,
         r.frame,
         r.detections.len(),
         r.fwhm_science,
         r.fwhm_template,
-        r.aperture_correction,
+        r.aperture_correction.map(|c| format!("{c:.3}")).unwrap_or_else(|| "none".into()),
         r.score_sigma,
         r.times.total().as_secs_f64()
     )

@@ -19,15 +19,18 @@ pub mod flags {
     pub const SHARP: u32 = 16;
     /// A positive and a negative lobe side by side: a misregistered or mismatched star.
     pub const DIPOLE: u32 = 32;
+    /// Elongated far beyond the PSF: a cosmic-ray track or a satellite trail.
+    pub const STREAK: u32 = 64;
 
     /// Every flag with its name, in the order they are written.
-    pub const NAMES: [(u32, &str); 6] = [
+    pub const NAMES: [(u32, &str); 7] = [
         (EDGE, "edge"),
         (MASKED, "masked"),
         (SATURATED, "saturated"),
         (NEGATIVE, "negative"),
         (SHARP, "sharp"),
         (DIPOLE, "dipole"),
+        (STREAK, "streak"),
     ];
 
     /// `edge|sharp`-style text for a set of flags.
@@ -47,7 +50,7 @@ pub mod flags {
 }
 
 /// Flags that mark a detection as probably not astrophysical (artifact tests).
-pub const ARTIFACT_FLAGS: u32 = flags::SHARP | flags::DIPOLE | flags::SATURATED | flags::MASKED;
+pub const ARTIFACT_FLAGS: u32 = flags::SHARP | flags::STREAK | flags::DIPOLE | flags::SATURATED | flags::MASKED;
 
 /// One detection: a local extremum of the score image above threshold.
 #[derive(Debug, Clone, PartialEq)]

@@ -495,8 +495,40 @@ fn measure(diff: &Difference, sc: &ScoreImage, meta: &FrameMeta, x: usize, y: us
         }
         let sig = diff.sigma_difference.max(0.3);
         let expect = 0.5 * ((-0.5 / (sig * sig)).exp() + (-1.0 / (sig * sig)).exp());
-        if ((nb / 8.0) / d0) as f64 <= 0.4 * expect {
+        // The peak against the filter's flux: a point source's peak pixel holds about
+        // flux · P(0) (a little more for Moffat wings, less off-centre); a streak (a cosmic ray
+        // crossing several pixels) holds ~1.25σ times that, a single hot pixel far more.
+        let p0 = 1.0 / (2.0 * std::f64::consts::PI * sig * sig);
+        let peakiness = d0 as f64 / ((sc.flux[i] * s.signum()) as f64 * p0);
+        if ((nb / 8.0) / d0) as f64 <= 0.4 * expect || peakiness > 1.6 {
             fl |= flags::SHARP;
+        }
+    }
+    // Elongation: second moments of the difference (this sign, above 2σ per pixel) within
+    // 2 FWHM; a PSF's axis ratio is near 1, a cosmic-ray track's several.
+    if s.abs() as f64 >= 2.0 * threshold {
+        let (mut m0, mut mxx, mut myy, mut mxy) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for yy in (yi - rm).max(0)..=(yi + rm).min(h as i64 - 1) {
+            for xx in (xi - rm).max(0)..=(xi + rm).min(w as i64 - 1) {
+                let q = yy as usize * w + xx as usize;
+                let v = (diff.difference[q] * s.signum()) as f64;
+                if diff.variance[q] > 0.0 && v > 2.0 * (diff.variance[q] as f64).sqrt() {
+                    let (dx, dy) = ((xx - xi) as f64, (yy - yi) as f64);
+                    m0 += v;
+                    mxx += v * dx * dx;
+                    myy += v * dy * dy;
+                    mxy += v * dx * dy;
+                }
+            }
+        }
+        if m0 > 0.0 {
+            let (a, b, c) = (mxx / m0, myy / m0, mxy / m0);
+            let tr = 0.5 * (a + b);
+            let det = (0.25 * (a - b) * (a - b) + c * c).sqrt();
+            let (major, minor) = (tr + det, (tr - det).max(1e-3));
+            if major / minor > 4.0 && major > 1.5 * diff.sigma_difference * diff.sigma_difference {
+                fl |= flags::STREAK;
+            }
         }
     }
     let ac = meta.aperture_correction;

@@ -1,6 +1,7 @@
 //! blink's integration tests, one binary (module index below).
 //!
 //! - `bench_alerts`: `blink bench` alerts mode on a tiny simulated night through embedded Kafka.
+//! - `detect`: `blink detect` and `blink bench` on simulated nights against truth; bad folders.
 //! - `decode`: every fixture file decodes with the counts of `testdata/README.md`; bad input.
 //! - `engine_parity`: each WGSL kernel against its CPU twin on fresh random inputs.
 //! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
@@ -9,6 +10,7 @@
 
 mod bench_alerts;
 mod decode;
+mod detect;
 mod e2e;
 mod engine_parity;
 mod simulate;

@@ -216,7 +216,9 @@ pub fn render(cfg: &SimConfig, field: &Field, pop: &Population, tmpl: &Template,
             }
         }
         let (cx, cy) = (x0 + 0.5 * len * ang.cos(), y0 + 0.5 * len * ang.sin());
-        truth.push(TruthRow { id: COSMIC_ID0 + (i * 100_000 + k) as u64, kind: "cosmic", host: None, x: cx - dx, y: cy - dy, flux: deposited, ref_flux: 0.0, snr: None, mag: None });
+        // Within 4000000…4999999 whatever the number of epochs: unique within a frame and over
+        // ten consecutive frames (k stays below 100000: at most ~1e5 tracks a frame).
+        truth.push(TruthRow { id: COSMIC_ID0 + ((i % 10) * 100_000 + k % 100_000) as u64, kind: "cosmic", host: None, x: cx - dx, y: cy - dy, flux: deposited, ref_flux: 0.0, snr: None, mag: None });
     }
     let sat = c.saturate as f32;
     if let Some(col) = field.bad_column {
