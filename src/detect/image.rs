@@ -415,6 +415,65 @@ mod tests {
         assert_eq!(mjd_from_iso("yesterday"), None);
     }
 
+    /// A 400² frame of Gaussian stars of FWHM `fwhm` on sky 500 with noise, plus hot pixels.
+    fn star_field(fwhm: f64) -> Image {
+        use rand::{Rng, SeedableRng};
+        use rand_distr::{Distribution, Normal};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (w, h) = (400usize, 400usize);
+        let sigma = fwhm / 2.3548;
+        let mut data = vec![500.0f32; w * h];
+        for _ in 0..60 {
+            let (x0, y0, f) = (rng.gen_range(20.0..380.0), rng.gen_range(20.0..380.0), rng.gen_range(2e4..2e5));
+            for y in (y0 as usize - 15)..(y0 as usize + 16) {
+                for x in (x0 as usize - 15)..(x0 as usize + 16) {
+                    let d2 = (x as f64 - x0).powi(2) + (y as f64 - y0).powi(2);
+                    data[y * w + x] += (f * (-0.5 * d2 / (sigma * sigma)).exp() / (2.0 * std::f64::consts::PI * sigma * sigma)) as f32;
+                }
+            }
+        }
+        let n = Normal::new(0.0f32, 1.0).unwrap();
+        for v in &mut data {
+            *v += n.sample(&mut rng) * (*v / 1.5).sqrt() / 1.5f32.sqrt();
+        }
+        for _ in 0..100 {
+            let p = rng.gen_range(0..w * h);
+            data[p] += 20000.0;
+        }
+        let header = ImageHeader {
+            mjd_start: 61000.0,
+            exptime: 30.0,
+            band: None,
+            gain: Some(1.5),
+            read_noise: 5.0,
+            saturate: Some(1e7),
+            zero_point: None,
+            seeing: None,
+            wcs: None,
+            ncombine: None,
+        };
+        Image { path: PathBuf::from("stars.fits"), width: w, height: h, data, header, warnings: Vec::new() }
+    }
+
+    #[test]
+    fn seeing_and_aperture_correction_from_isolated_stars() {
+        for fwhm in [2.5, 4.0] {
+            let img = star_field(fwhm);
+            // The area above half maximum, in whole pixels, reads a little wide.
+            let est = estimate_fwhm(&img).expect("enough stars");
+            assert!(est > 0.95 * fwhm && est < 1.2 * fwhm, "FWHM {fwhm}: estimated {est}");
+            assert_eq!(img.fwhm().unwrap(), est, "no SEEING key: the estimate is used");
+            // A Gaussian filter on a Gaussian PSF of the same width reads the total flux.
+            let ac = aperture_correction(&img, fwhm / 2.3548).expect("enough stars");
+            assert!((ac - 1.0).abs() < 0.05, "FWHM {fwhm}: aperture correction {ac}");
+            // A filter narrower than the PSF reads low (2σf²/(σf² + σ²) of the flux centred, less
+            // off-centre), a wider one high.
+            let (narrow, wide) = (aperture_correction(&img, 0.6 * fwhm / 2.3548).unwrap(), aperture_correction(&img, 1.6 * fwhm / 2.3548).unwrap());
+            assert!(narrow < 0.6 && narrow > 0.3, "FWHM {fwhm}: narrow filter {narrow}");
+            assert!(wide > 1.05 && wide < 1.5, "FWHM {fwhm}: wide filter {wide}");
+        }
+    }
+
     #[test]
     fn robust_sigma_of_gaussian_noise() {
         use rand::SeedableRng;
