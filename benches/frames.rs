@@ -57,7 +57,7 @@ fn image(side: usize, fwhm: f64, seed: u64, scale: f32) -> Image {
         height: side,
         data,
         header: ImageHeader {
-            mjd_start: 61000.0,
+            mjd_start: Some(61000.0),
             exptime: 30.0,
             band: Some("r".into()),
             gain: Some(1.5),

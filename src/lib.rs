@@ -18,11 +18,12 @@
 //! - [`detect`]: full-frame subtraction and detection on night folders (`blink detect`), the
 //!   detection catalogue.
 //! - [`bench`]: `blink bench`, detection, speed and latency against a night's truth.
-//! - [`config`], [`metrics`], [`cli`].
+//! - [`config`], [`metrics`], [`cli`], [`columns`] (CSV tables read by column name).
 
 pub mod alert;
 pub mod bench;
 pub mod cli;
+pub mod columns;
 pub mod config;
 pub mod cpu;
 pub mod decode;

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             Command::Publish(a) => blink::cli::publish::run(a).await,
             Command::Simulate(a) => blink::cli::simulate::run(a).await,
             Command::Detect(a) => blink::cli::detect::run(a).await,
+            Command::Subtract(a) => blink::cli::subtract::run(a).await,
             Command::Bench(a) => blink::cli::bench::run(a).await,
             Command::Inspect(_) => unreachable!("handled above"),
         }

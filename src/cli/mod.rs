@@ -8,6 +8,7 @@ pub mod publish;
 pub mod serve;
 pub mod simulate;
 pub mod subscribe;
+pub mod subtract;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,10 @@ pub enum Command {
     /// mjd, band, x, y, ra, dec, score, flux, flux_err, mag, flags; docs/detections.md).
     /// Example: `blink detect night --out detections.csv`.
     Detect(detect::DetectArgs),
+    /// Subtract one template from one science image (same pixel grid), HOTPANTS-style: writes the
+    /// difference in science flux units and the score image in sigma as FITS. Example:
+    /// `blink subtract --science sci.fits --template ref.fits --out-diff d.fits --out-score z.fits`.
+    Subtract(subtract::SubtractArgs),
     /// Measure detection, speed and latency on a night folder with a truth table: runs `detect`
     /// and matches the catalogue to truth within 1.5 px (completeness vs optimal SNR and
     /// magnitude per kind, false positives per frame on stars / sky / artifacts, measured vs

@@ -117,45 +117,24 @@ pub fn write_csv<W: Write>(mut w: W, dets: &[Detection]) -> std::io::Result<()> 
 
 /// Parse a catalogue's text; `path` names it in errors, which give the line and column.
 pub fn parse_csv(text: &str, path: &Path) -> Result<Vec<Detection>, String> {
-    let err = |line: usize, m: String| format!("{}: line {line}: {m}", path.display());
-    let mut lines = text.lines().enumerate();
-    let header = lines.next().map(|(_, l)| l).ok_or_else(|| err(1, "empty catalogue".into()))?;
-    let cols: std::collections::HashMap<&str, usize> =
-        header.split(',').map(str::trim).enumerate().map(|(i, c)| (c, i)).collect();
-    for c in ["frame", "mjd", "x", "y", "score", "flux", "flux_err"] {
-        if !cols.contains_key(c) {
-            return Err(err(1, format!("no column {c:?} (header: {header})")));
-        }
-    }
-    let mut out = Vec::new();
-    for (n, line) in lines {
-        let ln = n + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Vec<&str> = line.split(',').map(str::trim).collect();
-        let get = |c: &str| cols.get(c).and_then(|&i| v.get(i)).copied().unwrap_or("");
-        let num = |c: &str| get(c).parse::<f64>().map_err(|e| err(ln, format!("column {c} = {:?}: {e}", get(c))));
-        let optn = |c: &str| match get(c) {
-            "" => Ok(None),
-            s => s.parse::<f64>().map(Some).map_err(|e| err(ln, format!("column {c} = {s:?}: {e}"))),
-        };
-        out.push(Detection {
-            frame: get("frame").to_string(),
-            mjd: num("mjd")?,
-            band: get("band").to_string(),
-            x: num("x")?,
-            y: num("y")?,
-            ra: optn("ra")?,
-            dec: optn("dec")?,
-            score: num("score")?,
-            flux: num("flux")?,
-            flux_err: num("flux_err")?,
-            mag: optn("mag")?,
-            flags: flags::from_names(get("flags")).map_err(|e| err(ln, e))?,
-        });
-    }
-    Ok(out)
+    let required = ["frame", "mjd", "x", "y", "score", "flux", "flux_err"];
+    crate::columns::parse(text, "catalogue", &required, |r| {
+        Ok(Detection {
+            frame: r.get("frame").to_string(),
+            mjd: r.parse("mjd")?,
+            band: r.get("band").to_string(),
+            x: r.parse("x")?,
+            y: r.parse("y")?,
+            ra: r.opt("ra")?,
+            dec: r.opt("dec")?,
+            score: r.parse("score")?,
+            flux: r.parse("flux")?,
+            flux_err: r.parse("flux_err")?,
+            mag: r.opt("mag")?,
+            flags: flags::from_names(r.get("flags")).map_err(|e| r.err(e))?,
+        })
+    })
+    .map_err(|e| format!("{}: line {}: {}", path.display(), e.line, e.message))
 }
 
 /// Read a catalogue from disk.

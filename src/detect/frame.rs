@@ -14,7 +14,8 @@
 //!    the header's `SEEING`, else estimated). When the science frame is the sharper one the two
 //!    swap places in the batch and the difference is mapped back to science units,
 //!    `D = −D'/a`, `V = V'/a²`. The flux scale comes from the zero points (`MAGZP` of both
-//!    headers), else it is fitted per tile; the background is fitted per tile.
+//!    headers), else from aperture photometry of stars, else it is fitted per tile; the
+//!    background is fitted per tile.
 //! 3. **Background of the difference.** What is left of the background (the per-tile constant
 //!    of the fit), a 64-px mesh median interpolated, is subtracted.
 //! 4. **Score image.** With `P` the difference's PSF (a unit-sum Gaussian of the broader σ),
@@ -77,8 +78,9 @@ pub struct Difference {
     /// σ of the matching kernel, pixels, and whether the template (not the science) was convolved.
     pub kernel_sigma: f64,
     pub convolved_template: bool,
-    /// Median over tiles of the fitted flux scale (science / template).
+    /// Flux scale science / template (the median over tiles when fitted per tile).
     pub scale: f64,
+    pub scale_source: ScaleSource,
     /// Time to build the batch and to run the engine.
     pub prepare: Duration,
     pub engine: Duration,
@@ -91,6 +93,27 @@ fn saturation_mask(img: &Image) -> Vec<bool> {
             img.data.iter().map(|&v| v >= lim).collect()
         }
         None => vec![false; img.data.len()],
+    }
+}
+
+/// Where the flux scale science / template came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleSource {
+    /// `MAGZP` of both headers.
+    ZeroPoints,
+    /// Aperture photometry of bright isolated stars in both images.
+    Stars,
+    /// Least squares per tile (no zero points, too few stars).
+    Fit,
+}
+
+impl ScaleSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScaleSource::ZeroPoints => "zero points",
+            ScaleSource::Stars => "stars",
+            ScaleSource::Fit => "fit per tile",
+        }
     }
 }
 
@@ -134,13 +157,17 @@ pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts
     let sci: Vec<f32> = science.data.iter().zip(&sky_s).map(|(v, b)| v - b).collect();
     let tmp: Vec<f32> = template.data.iter().zip(&sky_t).map(|(v, b)| v - b).collect();
     let (sharp, sharp_var, broad, broad_var) = if convolved_template { (&sci, &var_s, &tmp, &var_t) } else { (&tmp, &var_t, &sci, &var_s) };
-    // Flux scale science/template from the zero points when both headers have one (the
-    // per-tile fit is pulled by the wings of bright stars whose PSF shapes differ).
-    let zp_scale = match (science.header.zero_point, template.header.zero_point) {
-        (Some(zs), Some(zt)) if opts.scale_from_zero_points => Some(10f64.powf(0.4 * (zs - zt))),
-        _ => None,
+    // Flux scale science/template: from the zero points when both headers have one, else from
+    // aperture photometry of stars, else fitted per tile (a fit on pixels is pulled by the wings
+    // of bright stars whose PSF shapes differ).
+    let (scale, scale_source) = match (science.header.zero_point, template.header.zero_point) {
+        (Some(zs), Some(zt)) if opts.scale_from_zero_points => (Some(10f64.powf(0.4 * (zs - zt))), ScaleSource::ZeroPoints),
+        _ => match super::image::photometric_scale(science, template, sigma_difference * FWHM_PER_SIGMA) {
+            Some(a) => (Some(a), ScaleSource::Stars),
+            None => (None, ScaleSource::Fit),
+        },
     };
-    let fixed_scale = zp_scale.map(|a| if convolved_template { a } else { 1.0 / a }).unwrap_or(0.0) as f32;
+    let fixed_scale = scale.map(|a| if convolved_template { a } else { 1.0 / a }).unwrap_or(0.0) as f32;
     let tile = opts.tile.clamp(16, 4096);
     let halo = ((4.0 * kernel_sigma).ceil() as usize + 4).min(crate::cpu::convolve::MAX_RADIUS as usize + 4);
     let side = tile + 2 * halo;
@@ -226,6 +253,7 @@ pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts
         kernel_sigma,
         convolved_template,
         scale: median(scales).unwrap_or(1.0) as f64,
+        scale_source,
         prepare,
         engine: engine_time,
     })

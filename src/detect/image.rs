@@ -16,8 +16,9 @@ pub const MAX_PIXELS: usize = 1 << 28;
 /// What the header says about an image, with the reader's fallbacks applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageHeader {
-    /// Start of the exposure, MJD.
-    pub mjd_start: f64,
+    /// Start of the exposure, MJD; `None` without a time key (detection on a night needs one,
+    /// `blink subtract` does not).
+    pub mjd_start: Option<f64>,
     /// Seconds; 0 when absent.
     pub exptime: f64,
     pub band: Option<String>,
@@ -37,8 +38,8 @@ pub struct ImageHeader {
 
 impl ImageHeader {
     /// Mid-exposure MJD.
-    pub fn mjd_mid(&self) -> f64 {
-        self.mjd_start + self.exptime / 2.0 / 86400.0
+    pub fn mjd_mid(&self) -> Option<f64> {
+        self.mjd_start.map(|m| m + self.exptime / 2.0 / 86400.0)
     }
 }
 
@@ -148,12 +149,8 @@ pub fn read_image(path: &Path) -> Result<Image, DetectError> {
     }
     let mut warnings = Vec::new();
     let exptime = key_f64(&mut f, &hdu, &["EXPTIME", "EXPOSURE"]).unwrap_or(0.0);
-    let mjd_start = match key_f64(&mut f, &hdu, &["MJD-OBS", "MJD"]) {
-        Some(m) => m,
-        None => key_str(&mut f, &hdu, &["DATE-OBS"]).as_deref().and_then(mjd_from_iso).ok_or_else(|| {
-            DetectError::Header { path: path.to_path_buf(), key: "MJD-OBS".into(), message: "no time key (MJD-OBS, MJD or DATE-OBS)".into() }
-        })?,
-    };
+    let mjd_start = key_f64(&mut f, &hdu, &["MJD-OBS", "MJD"])
+        .or_else(|| key_str(&mut f, &hdu, &["DATE-OBS"]).as_deref().and_then(mjd_from_iso));
     let gain = key_f64(&mut f, &hdu, &["GAIN", "EGAIN"]).filter(|g| *g > 0.0);
     if gain.is_none() {
         warnings.push("no GAIN: estimated from the sky (mean / variance)".into());
@@ -182,6 +179,33 @@ pub fn read_image(path: &Path) -> Result<Image, DetectError> {
         ncombine: key_f64(&mut f, &hdu, &["NCOMBINE"]),
     };
     Ok(Image { path: path.to_path_buf(), width, height, data, header, warnings })
+}
+
+/// Write a `width`×`height` f32 image as a single-HDU FITS file (replacing `path`), with numeric
+/// and text header keys `(name, value, comment)`.
+pub fn write_image(
+    path: &Path,
+    width: usize,
+    height: usize,
+    data: &[f32],
+    numbers: &[(&str, f64, &str)],
+    texts: &[(&str, String, &str)],
+) -> Result<(), DetectError> {
+    use fitsio::images::{ImageDescription, ImageType};
+    let fe = |e: fitsio::errors::Error| fits_err(path, format!("writing: {e}"));
+    let desc = ImageDescription { data_type: ImageType::Float, dimensions: &[height, width] };
+    let mut f = FitsFile::create(path).with_custom_primary(&desc).overwrite().open().map_err(fe)?;
+    let hdu = f.primary_hdu().map_err(fe)?;
+    hdu.write_image(&mut f, data).map_err(fe)?;
+    for (k, v, c) in numbers {
+        if v.is_finite() {
+            hdu.write_key(&mut f, k, (*v, *c)).map_err(fe)?;
+        }
+    }
+    for (k, v, c) in texts {
+        hdu.write_key(&mut f, k, (v.clone(), *c)).map_err(fe)?;
+    }
+    Ok(())
 }
 
 /// Median of finite values (lower median); `None` when there are none.
@@ -348,6 +372,59 @@ pub fn estimate_fwhm(img: &Image) -> Option<f64> {
     median(fwhms).map(|v| v as f64)
 }
 
+/// Flux in an aperture of radius `r_ap` around (x, y) minus the median of the annulus out to
+/// `r_ap + 5`; `None` when the annulus runs off the image or holds nothing finite.
+fn aperture_flux(img: &Image, x: usize, y: usize, r_ap: usize) -> Option<f64> {
+    let (w, h) = (img.width, img.height);
+    let r_out = r_ap + 5;
+    if x < r_out || y < r_out || x + r_out >= w || y + r_out >= h {
+        return None;
+    }
+    let mut ann = Vec::new();
+    let (mut ap, mut nap) = (0.0f64, 0.0f64);
+    for yy in y - r_out..=y + r_out {
+        for xx in x - r_out..=x + r_out {
+            let d2 = (xx as f64 - x as f64).powi(2) + (yy as f64 - y as f64).powi(2);
+            let v = img.data[yy * w + xx];
+            if !v.is_finite() {
+                if d2 <= (r_ap * r_ap) as f64 {
+                    return None;
+                }
+                continue;
+            }
+            if d2 <= (r_ap * r_ap) as f64 {
+                ap += v as f64;
+                nap += 1.0;
+            } else if d2 <= (r_out * r_out) as f64 {
+                ann.push(v);
+            }
+        }
+    }
+    let sky = median(ann)?;
+    Some(ap - nap * sky as f64)
+}
+
+/// The flux ratio science / template measured on stars: the median over bright isolated stars
+/// of the template of the ratio of their aperture fluxes (radius 4 × `fwhm`, the broader FWHM)
+/// in the two images. Apertures that wide hold nearly all the flux whatever the PSF shapes, so
+/// unlike a least-squares fit on pixels this is not pulled by mismatched wings. `None` with fewer
+/// than 5 stars.
+pub fn photometric_scale(science: &Image, template: &Image, fwhm: f64) -> Option<f64> {
+    let r_ap = (4.0 * fwhm).ceil().max(4.0) as usize;
+    let stars = isolated_stars(template, r_ap + 5)?.at;
+    let mut ratios = Vec::new();
+    for (x, y) in stars {
+        let (Some(s), Some(t)) = (aperture_flux(science, x, y, r_ap), aperture_flux(template, x, y, r_ap)) else { continue };
+        if t > 0.0 && s.is_finite() {
+            ratios.push((s / t) as f32);
+        }
+    }
+    if ratios.len() < 5 {
+        return None;
+    }
+    median(ratios).map(|v| v as f64)
+}
+
 /// Aperture correction of a Gaussian matched filter of `sigma` pixels on this image's PSF: the
 /// median over bright isolated stars of (filter flux at the peak pixel) / (flux in a 4-FWHM
 /// aperture, local sky from the annulus outside it). Real PSFs have wider wings than a Gaussian,
@@ -441,7 +518,7 @@ mod tests {
             data[p] += 20000.0;
         }
         let header = ImageHeader {
-            mjd_start: 61000.0,
+            mjd_start: Some(61000.0),
             exptime: 30.0,
             band: None,
             gain: Some(1.5),
@@ -472,6 +549,20 @@ mod tests {
             assert!(narrow < 0.6 && narrow > 0.3, "FWHM {fwhm}: narrow filter {narrow}");
             assert!(wide > 1.05 && wide < 1.5, "FWHM {fwhm}: wide filter {wide}");
         }
+    }
+
+    #[test]
+    fn flux_scale_from_aperture_photometry_ignores_psf_shape() {
+        // The same stars (same seed) with another PSF width, at a quarter of the flux.
+        let template = star_field(2.5);
+        let mut science = star_field(4.0);
+        science.data.iter_mut().for_each(|v| *v = 500.0 + 0.25 * (*v - 500.0));
+        let a = photometric_scale(&science, &template, 4.0).expect("enough stars");
+        assert!((a - 0.25).abs() < 0.01, "scale {a}");
+        // Without stars there is nothing to measure.
+        let mut blank = template.clone();
+        blank.data.iter_mut().for_each(|v| *v = 500.0);
+        assert_eq!(photometric_scale(&science, &blank, 4.0), None);
     }
 
     #[test]

@@ -181,6 +181,11 @@ impl Detector {
     pub fn detect_frame(&mut self, night: &Night, entry: &FrameEntry) -> Result<FrameResult, DetectError> {
         let t0 = Instant::now();
         let science = image::read_image(&night.path(&entry.file))?;
+        let mjd = science.header.mjd_mid().ok_or_else(|| DetectError::Header {
+            path: science.path.clone(),
+            key: "MJD-OBS".into(),
+            message: "no time key (MJD-OBS, MJD or DATE-OBS)".into(),
+        })?;
         let tpath = night.path(&entry.template);
         if self.template.as_ref().map(|t| t.path != tpath).unwrap_or(true) {
             let t = image::read_image(&tpath)?;
@@ -209,7 +214,7 @@ impl Detector {
         }
         let meta = frame::FrameMeta {
             frame: &entry.file,
-            mjd: science.header.mjd_mid(),
+            mjd,
             band: &entry.band,
             zero_point: science.header.zero_point,
             wcs: template.header.wcs.or(science.header.wcs),

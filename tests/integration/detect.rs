@@ -237,3 +237,71 @@ fn folders_that_are_not_nights_get_an_error_naming_the_file() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&empty);
 }
+
+fn read_fits(path: &Path) -> (usize, usize, Vec<f32>, fitsio::FitsFile) {
+    let mut f = fitsio::FitsFile::open(path).expect("open");
+    let hdu = f.primary_hdu().expect("hdu");
+    let (h, w) = match &hdu.info {
+        fitsio::hdu::HduInfo::ImageInfo { shape, .. } => (shape[0], shape[1]),
+        other => panic!("not an image: {other:?}"),
+    };
+    let data: Vec<f32> = hdu.read_image(&mut f).expect("pixels");
+    (w, h, data, f)
+}
+
+#[test]
+fn subtract_writes_the_difference_and_a_unit_score_image() {
+    let (dir, truth) = night("subtract", 14);
+    let night = Night::open(&dir).unwrap();
+    let frame = night.manifest.frames[1].file.clone();
+    let (sci, tpl) = (dir.join(&frame), dir.join(&night.manifest.frames[1].template));
+    let (d, z) = (dir.join("diff.fits"), dir.join("score.fits"));
+    let args = ["subtract", "--science", sci.to_str().unwrap(), "--template", tpl.to_str().unwrap(), "--out-diff", d.to_str().unwrap(), "--out-score", z.to_str().unwrap(), "--engine", "cpu"];
+    let (code, err) = blink(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("flux scale") && err.contains("zero points"), "{err}");
+    let (w, h, diff, mut f) = read_fits(&d);
+    assert_eq!((w, h), (512, 384));
+    let hdu = f.primary_hdu().unwrap();
+    assert_eq!(hdu.read_key::<String>(&mut f, "FSCALSRC").unwrap(), "zero points");
+    let (_, _, score, _) = read_fits(&z);
+    let finite: Vec<f32> = score.iter().copied().filter(|v| v.is_finite()).collect();
+    assert!(finite.len() > w * h * 9 / 10, "most pixels unmasked");
+    let (_, s) = blink::detect::image::robust_stats(&finite).unwrap();
+    assert!((0.95..1.1).contains(&s), "score sigma {s}");
+    // The brightest transient of that frame is a positive peak of the score, and the difference
+    // there holds its flux (a 5-px-radius sum, well over half of it for these PSFs).
+    let t = truth
+        .iter()
+        .filter(|t| t.frame == frame && t.is_variable() && t.flux > t.ref_flux && t.x > 20.0 && t.y > 20.0 && t.x < 492.0 && t.y < 364.0)
+        .max_by(|a, b| a.snr.unwrap_or(0.0).total_cmp(&b.snr.unwrap_or(0.0)))
+        .expect("a brightening transient");
+    let (x, y) = (t.x.round() as usize, t.y.round() as usize);
+    assert!(score[y * w + x] > 5.0, "score {} at {:?} (snr {:?})", score[y * w + x], (x, y), t.snr);
+    let sum: f64 = (y - 5..=y + 5)
+        .flat_map(|yy| (x - 5..=x + 5).map(move |xx| (xx, yy)))
+        .filter(|(xx, yy)| (*xx as f64 - t.x).hypot(*yy as f64 - t.y) <= 5.0)
+        .map(|(xx, yy)| diff[yy * w + xx] as f64)
+        .sum();
+    let want = t.flux - t.ref_flux;
+    assert!(sum > 0.6 * want && sum < 1.2 * want, "aperture sum {sum} vs injected {want}");
+
+    // Different sizes: an error naming both files.
+    let other = tmp("subtract-other");
+    std::fs::create_dir_all(&other).unwrap();
+    let small = other.join("small.fits");
+    {
+        use fitsio::images::{ImageDescription, ImageType};
+        let desc = ImageDescription { data_type: ImageType::Float, dimensions: &[64, 64] };
+        let mut f = fitsio::FitsFile::create(&small).with_custom_primary(&desc).open().unwrap();
+        let hdu = f.primary_hdu().unwrap();
+        hdu.write_image(&mut f, &vec![500.0f32; 64 * 64]).unwrap();
+        hdu.write_key(&mut f, "SEEING", 3.0f64).unwrap();
+    }
+    let args = ["subtract", "--science", sci.to_str().unwrap(), "--template", small.to_str().unwrap(), "--out-diff", d.to_str().unwrap(), "--engine", "cpu"];
+    let (code, err) = blink(&args);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("small.fits") && err.contains("512x384") && err.contains("64x64"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&other);
+}

@@ -2,7 +2,6 @@
 //! Columns are found by name in the header line, in any order; unknown columns are ignored, so a
 //! simulator may add its own. A bad row is an error naming the file, line and column.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use super::NightError;
@@ -42,49 +41,25 @@ impl TruthRecord {
 
 /// Parse the text of a truth table; `path` names it in errors.
 pub fn parse(text: &str, path: &Path) -> Result<Vec<TruthRecord>, NightError> {
-    let err = |line: usize, message: String| NightError::Truth { path: path.to_path_buf(), message: format!("line {line}: {message}") };
-    let mut lines = text.lines().enumerate();
-    let header = lines.next().map(|(_, l)| l).ok_or_else(|| err(1, "empty truth table".into()))?;
-    let cols: HashMap<&str, usize> = header.split(',').map(str::trim).enumerate().map(|(i, c)| (c, i)).collect();
     let required = ["id", "kind", "frame", "mjd", "x", "y", "ra", "dec", "flux"];
-    for c in required {
-        if !cols.contains_key(c) {
-            return Err(err(1, format!("no column {c:?} (header: {header})")));
-        }
-    }
-    let mut out = Vec::new();
-    for (n, line) in lines {
-        let ln = n + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Vec<&str> = line.split(',').map(str::trim).collect();
-        let get = |c: &str| cols.get(c).and_then(|&i| v.get(i)).copied().unwrap_or("");
-        let num = |c: &str| get(c).parse::<f64>().map_err(|e| err(ln, format!("column {c} = {:?}: {e}", get(c))));
-        let opt = |c: &str| match get(c) {
-            "" => Ok(None),
-            s => s.parse::<f64>().map(Some).map_err(|e| err(ln, format!("column {c} = {s:?}: {e}"))),
-        };
-        out.push(TruthRecord {
-            id: get("id").parse().map_err(|e| err(ln, format!("column id = {:?}: {e}", get("id"))))?,
-            kind: get("kind").to_string(),
-            host: match get("host") {
-                "" => None,
-                s => Some(s.parse().map_err(|e| err(ln, format!("column host = {s:?}: {e}")))?),
-            },
-            frame: get("frame").to_string(),
-            mjd: num("mjd")?,
-            x: num("x")?,
-            y: num("y")?,
-            ra: num("ra")?,
-            dec: num("dec")?,
-            mag: opt("mag")?,
-            flux: num("flux")?,
-            ref_flux: opt("ref_flux")?.unwrap_or(0.0),
-            snr: opt("snr")?,
-        });
-    }
-    Ok(out)
+    crate::columns::parse(text, "truth table", &required, |r| {
+        Ok(TruthRecord {
+            id: r.parse("id")?,
+            kind: r.get("kind").to_string(),
+            host: r.opt("host")?,
+            frame: r.get("frame").to_string(),
+            mjd: r.parse("mjd")?,
+            x: r.parse("x")?,
+            y: r.parse("y")?,
+            ra: r.parse("ra")?,
+            dec: r.parse("dec")?,
+            mag: r.opt("mag")?,
+            flux: r.parse("flux")?,
+            ref_flux: r.opt("ref_flux")?.unwrap_or(0.0),
+            snr: r.opt("snr")?,
+        })
+    })
+    .map_err(|e| NightError::Truth { path: path.to_path_buf(), message: format!("line {}: {}", e.line, e.message) })
 }
 
 /// Read a truth table from disk.

@@ -1,0 +1,135 @@
+//! `blink subtract`: one science/template pair, HOTPANTS-style: the difference in the science
+//! image's flux units and the detection score image in sigma, as FITS. The same path as
+//! `blink detect` (`src/detect/frame.rs`, `docs/detections.md`) without the peaks.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::detect::frame::{score_image, subtract, FrameOptions, FWHM_PER_SIGMA};
+use crate::detect::image::{read_image, robust_stats, write_image, Image};
+
+#[derive(Debug, Args, Clone)]
+pub struct SubtractArgs {
+    /// Science image (FITS; the first 2-D image HDU). GAIN, RDNOISE, SATURATE, SEEING and MAGZP
+    /// are read from its header when present (docs/night-format.md lists the accepted keys).
+    #[arg(long)]
+    pub science: PathBuf,
+    /// Template (reference) image on the same pixel grid as the science image.
+    #[arg(long)]
+    pub template: PathBuf,
+    /// Where to write the difference (science flux units; NaN where masked).
+    #[arg(long)]
+    pub out_diff: PathBuf,
+    /// Where to write the score image: matched-filter signal to noise in sigma at every pixel
+    /// (NaN where masked).
+    #[arg(long)]
+    pub out_score: Option<PathBuf>,
+    /// Science gain, e-/ADU (overrides GAIN; absent from both: estimated from the sky).
+    #[arg(long)]
+    pub science_gain: Option<f64>,
+    /// Template gain, e-/ADU (for a mean of N exposures: N × the single-exposure gain).
+    #[arg(long)]
+    pub template_gain: Option<f64>,
+    /// Science read noise, e- (overrides RDNOISE).
+    #[arg(long)]
+    pub science_read_noise: Option<f64>,
+    /// Template read noise, e-.
+    #[arg(long)]
+    pub template_read_noise: Option<f64>,
+    /// Science PSF FWHM in pixels (overrides SEEING; absent from both: estimated from stars).
+    #[arg(long)]
+    pub science_seeing: Option<f64>,
+    /// Template PSF FWHM in pixels.
+    #[arg(long)]
+    pub template_seeing: Option<f64>,
+    /// Saturation level in ADU for both images (overrides SATURATE).
+    #[arg(long)]
+    pub saturate: Option<f64>,
+    /// Tile size in pixels (the frame goes to the engine as a batch of tiles).
+    #[arg(long, default_value_t = 256)]
+    pub tile: usize,
+    #[command(flatten)]
+    pub engine: super::EngineArgs,
+}
+
+fn apply(img: &mut Image, gain: Option<f64>, read_noise: Option<f64>, seeing: Option<f64>, saturate: Option<f64>) -> anyhow::Result<()> {
+    for (name, v) in [("gain", gain), ("read noise", read_noise), ("seeing", seeing), ("saturation", saturate)] {
+        if let Some(v) = v {
+            if !(v.is_finite() && v >= 0.0) || (name != "read noise" && v == 0.0) {
+                anyhow::bail!("{}: {name} {v} is not a positive number", img.path.display());
+            }
+        }
+    }
+    img.header.gain = gain.or(img.header.gain);
+    img.header.read_noise = read_noise.unwrap_or(img.header.read_noise);
+    img.header.seeing = seeing.or(img.header.seeing);
+    img.header.saturate = saturate.or(img.header.saturate);
+    Ok(())
+}
+
+pub async fn run(args: &SubtractArgs) -> anyhow::Result<()> {
+    let a = args.clone();
+    tokio::task::spawn_blocking(move || run_blocking(&a)).await.context("the subtraction thread failed")?
+}
+
+fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let mut science = read_image(&a.science)?;
+    let mut template = read_image(&a.template)?;
+    apply(&mut science, a.science_gain, a.science_read_noise, a.science_seeing, a.saturate)?;
+    apply(&mut template, a.template_gain, a.template_read_noise, a.template_seeing, a.saturate)?;
+    for img in [&science, &template] {
+        for w in &img.warnings {
+            tracing::warn!(file = %img.path.display(), "{w}");
+        }
+    }
+    crate::detect::check_registration(&science, &template)?;
+    let opts = FrameOptions { tile: a.tile.clamp(16, 4096), ..FrameOptions::default() };
+    let mut engine = crate::engine::select_engine(super::engine_preference(&a.engine)?)?;
+    let read = t0.elapsed();
+    let t1 = Instant::now();
+    let diff = subtract(engine.as_mut(), &science, &template, &opts)?;
+    let sc = score_image(&diff);
+    let work = t1.elapsed();
+    let (w, h) = (diff.width, diff.height);
+    let masked = |i: usize| !(diff.variance[i] > 0.0);
+    let d: Vec<f32> = (0..w * h).map(|i| if masked(i) { f32::NAN } else { diff.difference[i] }).collect();
+    let z: Vec<f32> = (0..w * h).map(|i| if masked(i) { f32::NAN } else { sc.score[i] }).collect();
+    let numbers = [
+        ("FWHM_SCI", diff.sigma_science * FWHM_PER_SIGMA, "science PSF FWHM used, px"),
+        ("FWHM_TPL", diff.sigma_template * FWHM_PER_SIGMA, "template PSF FWHM used, px"),
+        ("FWHM_DIF", diff.sigma_difference * FWHM_PER_SIGMA, "difference PSF FWHM (matched filter), px"),
+        ("KSIGMA", diff.kernel_sigma, "Gaussian matching kernel sigma, px"),
+        ("FSCALE", diff.scale, "flux scale science / template"),
+    ];
+    let texts = [
+        ("CONVOLVD", if diff.convolved_template { "template" } else { "science" }.to_string(), "image convolved"),
+        ("FSCALSRC", diff.scale_source.name().to_string(), "where the flux scale came from"),
+        ("ORIGIN", format!("blink {}", env!("CARGO_PKG_VERSION")), ""),
+    ];
+    write_image(&a.out_diff, w, h, &d, &numbers, &[texts[0].clone(), texts[1].clone(), texts[2].clone(), ("BUNIT", "science ADU".into(), "")])?;
+    if let Some(p) = &a.out_score {
+        write_image(p, w, h, &z, &numbers, &[texts[0].clone(), texts[1].clone(), texts[2].clone(), ("BUNIT", "sigma".into(), "matched-filter score")])?;
+    }
+    let sample: Vec<f32> = z.iter().step_by(3).copied().filter(|v| v.is_finite()).collect();
+    let sigma = robust_stats(&sample).map(|(_, s)| s).unwrap_or(f32::NAN);
+    eprintln!(
+        "{}x{}: FWHM science {:.2} px, template {:.2} px; convolved the {} (kernel sigma {:.2} px); flux scale {:.4} ({}); score sigma {:.3}; {:.2} s ({:.2} s reading) on {}",
+        w,
+        h,
+        diff.sigma_science * FWHM_PER_SIGMA,
+        diff.sigma_template * FWHM_PER_SIGMA,
+        if diff.convolved_template { "template" } else { "science" },
+        diff.kernel_sigma,
+        diff.scale,
+        diff.scale_source.name(),
+        sigma,
+        (read + work).as_secs_f64(),
+        read.as_secs_f64(),
+        engine.adapter()
+    );
+    Ok(())
+}
