@@ -81,7 +81,7 @@ pub struct Difference {
     /// Flux scale science / template (the median over tiles when fitted per tile).
     pub scale: f64,
     pub scale_source: ScaleSource,
-    /// Time to build the batch and to run the engine.
+    /// Time outside the engine (preparation, the batch, reassembly, background) and in it.
     pub prepare: Duration,
     pub engine: Duration,
 }
@@ -117,9 +117,42 @@ impl ScaleSource {
     }
 }
 
+/// What subtraction needs of one image, computed once per image (a template serves every frame
+/// of its field): its PSF FWHM, the image less its sky mesh, the smoothed variance, the
+/// saturation mask.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub fwhm: f64,
+    pub sky_subtracted: Vec<f32>,
+    pub variance: Vec<f32>,
+    pub saturated: Vec<bool>,
+}
+
+impl Prepared {
+    pub fn new(img: &Image, opts: &FrameOptions) -> Result<Prepared, DetectError> {
+        let fwhm = img.fwhm()?;
+        let saturated = saturation_mask(img);
+        let sky_subtracted = if opts.background_mesh > 0 {
+            let sky = mesh_background(&img.data, |i| !saturated[i], img.width, img.height, opts.background_mesh);
+            img.data.iter().zip(&sky).map(|(v, b)| v - b).collect()
+        } else {
+            img.data.clone()
+        };
+        Ok(Prepared { fwhm, sky_subtracted, variance: img.variance_smoothed(), saturated })
+    }
+}
+
 /// Subtract `template` from `science` (same size, registered) with `engine`.
 pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts: &FrameOptions) -> Result<Difference, DetectError> {
     let t0 = Instant::now();
+    check_same_size(science, template)?;
+    let (ps, pt) = (Prepared::new(science, opts)?, Prepared::new(template, opts)?);
+    let mut d = subtract_prepared(engine, science, &ps, template, &pt, opts)?;
+    d.prepare = t0.elapsed() - d.engine;
+    Ok(d)
+}
+
+fn check_same_size(science: &Image, template: &Image) -> Result<(), DetectError> {
     let (w, h) = (science.width, science.height);
     if (template.width, template.height) != (w, h) {
         return Err(DetectError::Shape {
@@ -132,31 +165,32 @@ pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts
             ),
         });
     }
-    let sig_s = science.fwhm()? / FWHM_PER_SIGMA;
-    let sig_t = template.fwhm()? / FWHM_PER_SIGMA;
+    Ok(())
+}
+
+/// [`subtract`] with both images already [`Prepared`].
+pub fn subtract_prepared(
+    engine: &mut dyn Engine,
+    science: &Image,
+    ps: &Prepared,
+    template: &Image,
+    pt: &Prepared,
+    opts: &FrameOptions,
+) -> Result<Difference, DetectError> {
+    let t0 = Instant::now();
+    check_same_size(science, template)?;
+    let (w, h) = (science.width, science.height);
+    let sig_s = ps.fwhm / FWHM_PER_SIGMA;
+    let sig_t = pt.fwhm / FWHM_PER_SIGMA;
     let convolved_template = sig_t <= sig_s;
     let (kernel_sigma, sigma_difference) =
         if convolved_template { ((sig_s * sig_s - sig_t * sig_t).sqrt(), sig_s) } else { ((sig_t * sig_t - sig_s * sig_s).sqrt(), sig_t) };
-    let (var_s, var_t) = (science.variance_smoothed(), template.variance_smoothed());
-    let mut saturated = saturation_mask(science);
-    for (s, t) in saturated.iter_mut().zip(saturation_mask(template)) {
-        *s |= t;
-    }
-    // The sharper image takes the batch's "science" slot (not convolved).
-    // Each image's own sky (a mesh median) comes off before the engine, so the per-tile
-    // background the fit leaves is a small constant, not a gradient.
-    let (sky_s, sky_t) = if opts.background_mesh > 0 {
-        let m = opts.background_mesh;
-        (
-            mesh_background(&science.data, |i| !saturated[i], w, h, m),
-            mesh_background(&template.data, |i| !saturated[i], w, h, m),
-        )
-    } else {
-        (vec![0.0; w * h], vec![0.0; w * h])
-    };
-    let sci: Vec<f32> = science.data.iter().zip(&sky_s).map(|(v, b)| v - b).collect();
-    let tmp: Vec<f32> = template.data.iter().zip(&sky_t).map(|(v, b)| v - b).collect();
-    let (sharp, sharp_var, broad, broad_var) = if convolved_template { (&sci, &var_s, &tmp, &var_t) } else { (&tmp, &var_t, &sci, &var_s) };
+    let saturated: Vec<bool> = ps.saturated.iter().zip(&pt.saturated).map(|(a, b)| *a || *b).collect();
+    // Each image's own sky (a mesh median) is already off, so the per-tile background the fit
+    // leaves is a small constant, not a gradient. The sharper image takes the batch's "science"
+    // slot (not convolved).
+    let (sci, var_s, tmp, var_t) = (&ps.sky_subtracted, &ps.variance, &pt.sky_subtracted, &pt.variance);
+    let (sharp, sharp_var, broad, broad_var) = if convolved_template { (sci, var_s, tmp, var_t) } else { (tmp, var_t, sci, var_s) };
     // Flux scale science/template: from the zero points when both headers have one, else from
     // aperture photometry of stars, else fitted per tile (a fit on pixels is pulled by the wings
     // of bright stars whose PSF shapes differ).
@@ -202,7 +236,6 @@ pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts
             batch.n += 1;
         }
     }
-    let prepare = t0.elapsed();
     let t1 = Instant::now();
     let out = engine
         .subtract_images(&batch)
@@ -254,7 +287,8 @@ pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts
         convolved_template,
         scale: median(scales).unwrap_or(1.0) as f64,
         scale_source,
-        prepare,
+        // Everything but the engine: the batch before it, reassembly and background after.
+        prepare: t0.elapsed().saturating_sub(engine_time),
         engine: engine_time,
     })
 }

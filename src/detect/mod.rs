@@ -165,7 +165,8 @@ pub struct Detector {
     pub options: FrameOptions,
     /// Keep the frame's images in [`FrameResult::images`].
     pub keep_images: bool,
-    template: Option<Image>,
+    /// The last template read, with what subtraction needs of it (computed once per template).
+    template: Option<(Image, frame::Prepared)>,
 }
 
 impl Detector {
@@ -187,20 +188,28 @@ impl Detector {
             message: "no time key (MJD-OBS, MJD or DATE-OBS)".into(),
         })?;
         let tpath = night.path(&entry.template);
-        if self.template.as_ref().map(|t| t.path != tpath).unwrap_or(true) {
+        let mut template_prepare = Duration::ZERO;
+        if self.template.as_ref().map(|(t, _)| t.path != tpath).unwrap_or(true) {
             let t = image::read_image(&tpath)?;
             for w in &t.warnings {
                 tracing::warn!(file = %tpath.display(), "{w}");
             }
-            self.template = Some(t);
+            let tp = Instant::now();
+            let prepared = frame::Prepared::new(&t, &self.options)?;
+            template_prepare = tp.elapsed();
+            self.template = Some((t, prepared));
         }
         for w in &science.warnings {
             tracing::warn!(file = %science.path.display(), "{w}");
         }
-        let template = self.template.as_ref().expect("template cached above");
-        let read = t0.elapsed();
+        let (template, tprep) = self.template.as_ref().expect("template cached above");
+        let read = t0.elapsed() - template_prepare;
         check_registration(&science, template)?;
-        let diff = frame::subtract(self.engine.as_mut(), &science, template, &self.options)?;
+        let tp = Instant::now();
+        let sprep = frame::Prepared::new(&science, &self.options)?;
+        let science_prepare = tp.elapsed();
+        let mut diff = frame::subtract_prepared(self.engine.as_mut(), &science, &sprep, template, tprep, &self.options)?;
+        diff.prepare += template_prepare + science_prepare;
         let t1 = Instant::now();
         let sc = frame::score_image(&diff);
         let score = t1.elapsed();
