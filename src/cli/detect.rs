@@ -31,7 +31,8 @@ pub struct DetectOptionsArgs {
     #[arg(long, default_value_t = 5.0)]
     pub threshold: f64,
     /// Tile size in pixels: frames go to the engine as a batch of tiles of this size (plus a
-    /// halo for the matching kernel); scale and background are fitted per tile.
+    /// halo for the matching kernel); the background (and the flux scale, when neither zero
+    /// points nor stars give it) is fitted per tile.
     #[arg(long, default_value_t = 256)]
     pub tile: usize,
     /// Process only the first N frames of the manifest.
