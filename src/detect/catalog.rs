@@ -85,8 +85,8 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 }
 
 impl Detection {
-    /// One CSV row (no newline). Frame names and bands with commas are refused by the reader of
-    /// the manifest, so no quoting is needed.
+    /// One CSV row (no newline). The manifest reader refuses frame names and bands with commas,
+    /// quotes or line breaks, so no quoting is needed.
     pub fn to_csv_row(&self) -> String {
         format!(
             "{},{:.6},{},{:.3},{:.3},{},{},{:.3},{:.3},{:.3},{},{}",

@@ -85,6 +85,12 @@ impl Manifest {
                 return Err(err(format!("file {f:?} is not a relative path inside the folder")));
             }
         }
+        // Frame names and bands go into CSV files (truth, catalogues) unquoted.
+        for v in m.frames.iter().flat_map(|f| [&f.file, &f.band, &f.field]) {
+            if v.contains([',', '\n', '\r', '"']) {
+                return Err(err(format!("{v:?}: names and bands may not contain commas, quotes or line breaks")));
+            }
+        }
         for f in &m.frames {
             match m.templates.iter().find(|t| t.file == f.template) {
                 None => return Err(err(format!("frame {:?}: template {:?} is not listed under [[templates]]", f.file, f.template))),
@@ -133,6 +139,9 @@ mod tests {
         assert!(Manifest::parse(&bad, p).is_err());
         let escape = m.to_toml().replace("frames/a-r-0.fits", "../x.fits");
         assert!(Manifest::parse(&escape, p).is_err());
+        let comma = m.to_toml().replace("frames/a-r-0.fits", "frames/a,r.fits");
+        let e = Manifest::parse(&comma, p).expect_err("a comma would break the CSV files");
+        assert!(e.to_string().contains("commas"), "{e}");
         let extra = format!("future_key = 3\n{}", m.to_toml());
         assert!(Manifest::parse(&extra, p).is_ok(), "unknown keys are ignored");
     }
