@@ -17,6 +17,7 @@
 //! - [`sim`]: simulated alerts, and simulated FITS nights (`sim::night`, `blink simulate`).
 //! - [`detect`]: full-frame subtraction and detection on night folders (`blink detect`), the
 //!   detection catalogue.
+//! - [`subtract`]: Alard–Lupton PSF matching: kernel basis, fitting stamps, the spatially varying fit.
 //! - [`bench`]: `blink bench`, detection, speed and latency against a night's truth.
 //! - [`config`], [`metrics`], [`cli`], [`columns`] (CSV tables read by column name).
 
@@ -36,6 +37,7 @@ pub mod service;
 pub mod sim;
 pub mod sink;
 pub mod source;
+pub mod subtract;
 
 /// Code generated from `proto/blink/v1/blink.proto`.
 pub mod proto {

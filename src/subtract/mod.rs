@@ -1,0 +1,135 @@
+//! PSF-matched subtraction with a spatially varying Alard–Lupton kernel (Alard & Lupton 1998,
+//! Alard 2000, HOTPANTS), on the CPU.
+//!
+//! The template (the image with the sharper PSF; the caller swaps the two when the science frame
+//! is sharper) is matched to the science frame by a kernel that is a sum of basis functions,
+//! Gaussians of three widths times 2-D polynomials, whose coefficients are polynomials of the
+//! position on the frame:
+//!
+//! ```text
+//! science(x, y) ≈ Σ_k a_k(x, y) · (B_k ⊗ template)(x, y) + bg(x, y)
+//! ```
+//!
+//! The coefficients come from a weighted least-squares fit on stamps around bright, isolated,
+//! unsaturated stars, with whole stamps sigma-clipped on their χ².
+//!
+//! # Layout
+//! - [`basis`]: the basis functions (separable Gaussian × polynomial, the first of unit sum, the
+//!   others of zero sum) and their separable convolution of an image, the part a WGSL kernel
+//!   will mirror.
+//! - [`stamps`]: choosing the fitting stamps on the sharper image.
+//! - [`solve`]: the normal equations, a hand-written Cholesky, sigma clipping, and
+//!   [`KernelSolution`] (kernel, scale and background at a position; the frame convolved with
+//!   the spatially varying kernel, and its variance).
+//! - This file: the error type, the spatial polynomials shared by the others, and
+//!   [`fit_kernel`], which runs the three steps on a pair of images.
+//!
+//! Convention: `(K ⊗ I)(x, y) = Σ_{u,v} K(u, v) · I(x − u, y − v)` for `u, v ∈ [−h, h]`; a
+//! kernel is stored row-major on its `(2h+1)²` grid, `K[(v + h)(2h + 1) + (u + h)]`. Positions
+//! are 0-based pixel centres.
+
+pub mod basis;
+pub mod solve;
+pub mod stamps;
+
+pub use basis::{Basis, BasisOptions};
+pub use solve::{fit, FitOptions, KernelSolution, StampFit};
+pub use stamps::{select_stamps, Stamp, StampOptions};
+
+/// What can stop the fit. None of these is a panic: bad input is reported with its numbers.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubtractError {
+    /// Fewer usable stamps than the fit needs (after dropping bad ones and clipping).
+    #[error("too few stamps for the kernel fit: {found} usable, {needed} needed ({detail})")]
+    TooFewStamps { found: usize, needed: usize, detail: String },
+    /// The normal equations are not positive definite even with the largest ridge tried.
+    #[error("singular kernel fit: {unknowns} unknowns, {detail}")]
+    Singular { unknowns: usize, detail: String },
+    /// A NaN or infinity where a number is required.
+    #[error("non-finite input: {what}")]
+    NonFinite { what: String },
+    /// Buffers or options of inconsistent sizes.
+    #[error("shape: {what}")]
+    Shape { what: String },
+}
+
+/// The exponents `(p, q)` of the monomials `X^p Y^q` of total degree ≤ `order`, by degree:
+/// `1, X, Y, X², XY, Y², …`. Shared by the kernel coefficients and the background.
+pub fn spatial_terms(order: usize) -> Vec<(usize, usize)> {
+    let mut t = Vec::with_capacity((order + 1) * (order + 2) / 2);
+    for d in 0..=order {
+        for q in 0..=d {
+            t.push((d - q, q));
+        }
+    }
+    t
+}
+
+/// Pixel coordinate mapped to [−1, 1] across a frame of `n` pixels (spatial polynomials are in
+/// these units so their coefficients stay of order one whatever the frame size).
+pub fn normalised(x: f64, n: usize) -> f64 {
+    if n <= 1 {
+        0.0
+    } else {
+        2.0 * x / (n - 1) as f64 - 1.0
+    }
+}
+
+/// The monomials of [`spatial_terms`]`(order)` at normalised `(xn, yn)`, into `out`.
+pub fn monomials(order: usize, xn: f64, yn: f64, out: &mut Vec<f64>) {
+    out.clear();
+    for d in 0..=order {
+        for q in 0..=d {
+            out.push(xn.powi((d - q) as i32) * yn.powi(q as i32));
+        }
+    }
+}
+
+/// All options of [`fit_kernel`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Options {
+    pub basis: BasisOptions,
+    pub stamps: StampOptions,
+    pub fit: FitOptions,
+}
+
+/// A science frame and its template on the same pixel grid, sky subtracted or not (the
+/// background polynomial takes what is left), with per-pixel variances in ADU².
+#[derive(Debug, Clone, Copy)]
+pub struct Pair<'a> {
+    pub width: usize,
+    pub height: usize,
+    /// The image not convolved.
+    pub science: &'a [f32],
+    /// The image convolved (the sharper PSF).
+    pub template: &'a [f32],
+    pub science_variance: &'a [f32],
+    /// When given, `ΣK² · template variance` is added to the weights' variance after the first
+    /// fit (the convolved template's noise; small for a deep template).
+    pub template_variance: Option<&'a [f32]>,
+}
+
+impl Pair<'_> {
+    pub(crate) fn check(&self) -> Result<(), SubtractError> {
+        let n = self.width.checked_mul(self.height).ok_or_else(|| SubtractError::Shape { what: format!("{}x{} overflows", self.width, self.height) })?;
+        let mut bufs = vec![("science", self.science.len()), ("template", self.template.len()), ("science variance", self.science_variance.len())];
+        if let Some(v) = self.template_variance {
+            bufs.push(("template variance", v.len()));
+        }
+        for (name, len) in bufs {
+            if len != n {
+                return Err(SubtractError::Shape { what: format!("{name} has {len} pixels, the frame is {}x{} = {n}", self.width, self.height) });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fit the matching kernel of a pair: the basis from the two PSF widths (Gaussian σ in pixels,
+/// `sigma_template` the sharper), stamps around stars of the template, the clipped fit.
+pub fn fit_kernel(pair: &Pair, sigma_science: f64, sigma_template: f64, opts: &Options) -> Result<KernelSolution, SubtractError> {
+    pair.check()?;
+    let basis = Basis::from_seeing(sigma_template, sigma_science, &opts.basis)?;
+    let stamps = select_stamps(pair, basis.half, &opts.stamps);
+    fit(pair, &basis, &stamps, &opts.fit)
+}
