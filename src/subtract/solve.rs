@@ -43,14 +43,14 @@ pub struct FitOptions {
     /// not damped). The template's PSF smooths away the kernel's highest frequencies, so those
     /// are not determined by the data: unregularised (0, as in HOTPANTS) the fitted kernel
     /// carries large high-frequency noise that convolves to almost nothing against stars but
-    /// raises ΣK² (the convolved template's noise). 1e-3..1e-2 takes most of it out at a cost of
-    /// ~0.1% in scale and in χ² on the synthetic tests.
+    /// raises ΣK² (the convolved template's noise) 2–4× on the synthetic test. The default 1e-2
+    /// brings ΣK² to within ~2% of the truth, moving the scale by ~0.1% and χ² not measurably.
     pub regularization: f64,
 }
 
 impl Default for FitOptions {
     fn default() -> Self {
-        FitOptions { spatial_order: 2, background_order: 1, constant_scale: true, clip_sigma: 3.0, max_iterations: 5, min_stamps: None, regularization: 0.0 }
+        FitOptions { spatial_order: 2, background_order: 1, constant_scale: true, clip_sigma: 3.0, max_iterations: 5, min_stamps: None, regularization: 1e-2 }
     }
 }
 
@@ -873,6 +873,16 @@ mod tests {
         let errs: Vec<f64> = [(40.0, 40.0), (360.0, 40.0), (200.0, 200.0), (40.0, 360.0), (360.0, 360.0)].iter().map(|&(x, y)| kernel_error(&sol, &s, x, y)).collect();
         let chi2 = frame_chi2(&sol, &s);
         let raw: Vec<f64> = [(40.0, 40.0), (200.0, 200.0)].iter().map(|&(x, y)| kernel_error_of(&sol, &s, x, y, true)).collect();
+        let k2 = |k: Vec<f64>| k.iter().map(|v| v * v).sum::<f64>();
+        let (k2_fit, k2_true) = (k2(sol.kernel_at(200.0, 200.0)), k2(s.truth_at(200.0)));
+        let plain = fit(&pair(&s), &basis, &stamps, &FitOptions { regularization: 0.0, ..Default::default() }).unwrap();
+        println!(
+            "seed {seed}: ΣK² fit/truth {:.3}; unregularised {:.2} (scale {:.5}, χ²/px {:.4})",
+            k2_fit / k2_true,
+            k2(plain.kernel_at(200.0, 200.0)) / k2_true,
+            plain.scale_at(0.0, 0.0),
+            plain.chi2
+        );
         println!(
             "seed {seed}: {} stamps, {kept} kept, {} fits, scale {scale:.5}, raw kernel error/peak {raw:.3?}, matched-PSF error/peak {errs:.4?}, χ²/px fit {:.4} frame {chi2:.4}, bg {:.2} vs {:.2}",
             stamps.len(),
@@ -881,7 +891,8 @@ mod tests {
             sol.background_at(100.0, 300.0),
             background(100.0, 300.0, 400, 400)
         );
-        assert!(kept >= 30, "seed {seed}: {kept} stamps kept of {}", stamps.len());
+        assert!(kept >= 20 && kept as f64 >= 0.8 * stamps.len() as f64, "seed {seed}: {kept} stamps kept of {}", stamps.len());
+        assert!((k2_fit / k2_true - 1.0).abs() < 0.1, "seed {seed}: ΣK² {k2_fit} vs {k2_true}: the convolved template's noise");
         assert!((scale / s.scale - 1.0).abs() < 0.005, "seed {seed}: scale {scale}");
         assert!(errs.iter().all(|e| *e < 0.04), "seed {seed}: matched-PSF error / peak {errs:?}");
         assert!((chi2 - 1.0).abs() < 0.1 && (sol.chi2 - 1.0).abs() < 0.1, "seed {seed}: χ²/pixel {chi2} (fit {})", sol.chi2);
