@@ -38,6 +38,11 @@ pub struct DetectOptionsArgs {
     /// Process only the first N frames of the manifest.
     #[arg(long)]
     pub frames: Option<usize>,
+    /// Matching kernel: `al` (Alard–Lupton fitted on stars, varying across the frame; CPU for
+    /// now; falls back to `gaussian` on frames with too few stars) or `gaussian` (one Gaussian
+    /// from the two seeings, on the GPU or CPU engine).
+    #[arg(long, value_parser = ["al", "gaussian"], default_value = "al")]
+    pub method: String,
 }
 
 impl DetectOptionsArgs {
@@ -48,7 +53,8 @@ impl DetectOptionsArgs {
         if !(16..=4096).contains(&self.tile) {
             anyhow::bail!("--tile {}: expected 16 to 4096 pixels", self.tile);
         }
-        Ok(FrameOptions { threshold: self.threshold, tile: self.tile, ..FrameOptions::default() })
+        let method = self.method.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        Ok(FrameOptions { threshold: self.threshold, tile: self.tile, method, ..FrameOptions::default() })
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::detect::frame::{score_image, subtract, FrameOptions, FWHM_PER_SIGMA};
+use crate::detect::al::subtract_al;
+use crate::detect::frame::{score_image, subtract, subtract_prepared, FrameOptions, Prepared, FWHM_PER_SIGMA};
 use crate::detect::image::{read_image, robust_stats, write_image, Image};
 
 #[derive(Debug, Args, Clone)]
@@ -51,6 +52,11 @@ pub struct SubtractArgs {
     /// Tile size in pixels (the frame goes to the engine as a batch of tiles).
     #[arg(long, default_value_t = 256)]
     pub tile: usize,
+    /// Matching kernel: `al` (Alard–Lupton, fitted on bright isolated stars, varying across the
+    /// frame; CPU for now) or `gaussian` (one Gaussian from the two seeings, on the engine).
+    /// `al` falls back to `gaussian`, with a warning, when the frame has too few stars.
+    #[arg(long, value_parser = ["al", "gaussian"], default_value = "al")]
+    pub method: String,
     #[command(flatten)]
     pub engine: super::EngineArgs,
 }
@@ -91,7 +97,18 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let mut engine = crate::engine::select_engine(super::engine_preference(&a.engine)?)?;
     let read = t0.elapsed();
     let t1 = Instant::now();
-    let diff = subtract(engine.as_mut(), &science, &template, &opts)?;
+    let diff = if a.method == "al" {
+        let (ps, pt) = (Prepared::new(&science, &opts)?, Prepared::new(&template, &opts)?);
+        match subtract_al(&science, &ps, &template, &pt, &opts) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("{e}; falling back to a Gaussian kernel");
+                subtract_prepared(engine.as_mut(), &science, &ps, &template, &pt, &opts)?
+            }
+        }
+    } else {
+        subtract(engine.as_mut(), &science, &template, &opts)?
+    };
     let sc = score_image(&diff);
     let work = t1.elapsed();
     let (w, h) = (diff.width, diff.height);

@@ -52,11 +52,35 @@ pub struct FrameOptions {
     pub background_mesh: usize,
     /// Take the flux scale from the headers' `MAGZP` when both have one (else fit it per tile).
     pub scale_from_zero_points: bool,
+    /// The matching kernel.
+    pub method: Method,
+}
+
+/// The PSF-matching kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// One Gaussian from the two seeings, on the engine (GPU or CPU).
+    Gaussian,
+    /// Alard–Lupton fitted on stars ([`crate::subtract`], CPU for now); falls back to the
+    /// Gaussian kernel when the frame has too few stars.
+    #[default]
+    AlardLupton,
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Method, String> {
+        match s {
+            "gaussian" => Ok(Method::Gaussian),
+            "al" => Ok(Method::AlardLupton),
+            o => Err(format!("unknown method {o:?}: expected al or gaussian")),
+        }
+    }
 }
 
 impl Default for FrameOptions {
     fn default() -> Self {
-        FrameOptions { threshold: 5.0, tile: 256, background_mesh: 64, scale_from_zero_points: true }
+        FrameOptions { threshold: 5.0, tile: 256, background_mesh: 64, scale_from_zero_points: true, method: Method::AlardLupton }
     }
 }
 
@@ -81,6 +105,8 @@ pub struct Difference {
     /// Flux scale science / template (the median over tiles when fitted per tile).
     pub scale: f64,
     pub scale_source: ScaleSource,
+    /// The convolved image's correlated noise, for the score.
+    pub noise: NoiseModel,
     /// Time outside the engine (preparation, the batch, reassembly, background) and in it.
     pub prepare: Duration,
     pub engine: Duration,
@@ -105,6 +131,8 @@ pub enum ScaleSource {
     Stars,
     /// Least squares per tile (no zero points, too few stars).
     Fit,
+    /// The sum of a fitted Alard–Lupton kernel.
+    Kernel,
 }
 
 impl ScaleSource {
@@ -113,6 +141,7 @@ impl ScaleSource {
             ScaleSource::ZeroPoints => "zero points",
             ScaleSource::Stars => "stars",
             ScaleSource::Fit => "fit per tile",
+            ScaleSource::Kernel => "Alard-Lupton kernel",
         }
     }
 }
@@ -274,6 +303,7 @@ pub fn subtract_prepared(
             }
         }
     }
+    let median_scale = median(scales).unwrap_or(1.0) as f64;
     Ok(Difference {
         width: w,
         height: h,
@@ -285,8 +315,17 @@ pub fn subtract_prepared(
         sigma_difference,
         kernel_sigma,
         convolved_template,
-        scale: median(scales).unwrap_or(1.0) as f64,
+        scale: median_scale,
         scale_source,
+        noise: {
+            // The engine's kernel: a unit-sum Gaussian, times the scale applied to the convolved image.
+            let a = if convolved_template { median_scale } else { 1.0 / median_scale };
+            let r = crate::cpu::convolve::radius(kernel_sigma as f32) as i64;
+            let g: Vec<f64> = (-r..=r).map(|i| if r == 0 { 1.0 } else { (-0.5 * (i as f64 / kernel_sigma).powi(2)).exp() }).collect();
+            let gs: f64 = g.iter().sum();
+            let kernel = g.iter().flat_map(|y| g.iter().map(move |x| a * x * y / (gs * gs))).collect();
+            NoiseModel { kernel, kernel_side: g.len(), var_unconvolved: median_variance(sharp_var), var_convolved: median_variance(broad_var) }
+        },
         // Everything but the engine: the batch before it, reassembly and background after.
         prepare: t0.elapsed().saturating_sub(engine_time),
         engine: engine_time,
@@ -381,30 +420,60 @@ fn separable(src: &[f64], w: usize, h: usize, k: &[f64]) -> Vec<f64> {
     out
 }
 
-/// How much the matched filter's noise exceeds what the per-pixel variance says when the
-/// science frame was the image convolved (its noise is then correlated over the kernel K):
-/// `sqrt(Σ(P∗K)² / (ΣP² · ΣK²))` for the discrete kernels, 1 when the template was convolved
-/// (a deep template's correlated noise is a small share of the total). A stand-in for the
-/// decorrelation of the full subtraction.
+/// The convolved image's noise is correlated over the kernel `K`, which the per-pixel variance
+/// cannot say: through the matched filter `P` its variance is `Σ(P∗K)²·V_c`, not
+/// `ΣP²·ΣK²·V_c`. With `V_b` the other image's (white) variance, the score is divided by
+/// `sqrt((ΣP²·V_b + Σ(P∗K)²·V_c) / (ΣP²·(V_b + ΣK²·V_c)))`, from the kernel at the frame
+/// centre and the median variances. A stand-in for the decorrelation of the full subtraction.
 pub fn correlated_noise_factor(diff: &Difference, p: &[f64]) -> f64 {
-    if diff.convolved_template || diff.kernel_sigma < crate::cpu::convolve::SIGMA_MIN as f64 {
+    let n = diff.noise.kernel_side;
+    let k = &diff.noise.kernel;
+    if n == 0 || k.len() != n * n || !(diff.noise.var_convolved > 0.0) {
         return 1.0;
     }
-    let s = diff.kernel_sigma as f32;
-    let r = crate::cpu::convolve::radius(s);
-    let k: Vec<f64> = (-r..=r).map(|i| (-0.5 * (i as f64 / s as f64).powi(2)).exp()).collect();
-    let ks: f64 = k.iter().sum();
-    let k: Vec<f64> = k.iter().map(|v| v / ks).collect();
-    let mut pk = vec![0.0f64; p.len() + k.len() - 1];
-    for (i, a) in p.iter().enumerate() {
-        for (j, b) in k.iter().enumerate() {
-            pk[i + j] += a * b;
+    let m = p.len();
+    let side = m + n - 1;
+    let mut pk = vec![0.0f64; side * side];
+    for (py, a) in p.iter().enumerate() {
+        for (px, b) in p.iter().enumerate() {
+            let pv = a * b;
+            for ky in 0..n {
+                let row = &k[ky * n..(ky + 1) * n];
+                let o = (py + ky) * side + px;
+                for (kx, kv) in row.iter().enumerate() {
+                    pk[o + kx] += pv * kv;
+                }
+            }
         }
     }
-    let sq = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
-    // Separable: each 2-D sum of squares is the square of the 1-D one.
-    let ratio = (sq(&pk) / (sq(p) * sq(&k))).powi(2);
-    ratio.sqrt().max(1.0)
+    let sp2 = p.iter().map(|x| x * x).sum::<f64>().powi(2);
+    let spk2: f64 = pk.iter().map(|x| x * x).sum();
+    let sk2: f64 = k.iter().map(|x| x * x).sum();
+    let (vb, vc) = (diff.noise.var_unconvolved.max(0.0), diff.noise.var_convolved);
+    let ratio = (sp2 * vb + spk2 * vc) / (sp2 * (vb + sk2 * vc));
+    if ratio.is_finite() {
+        ratio.sqrt().max(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// What the score needs to know of the convolved image's correlated noise.
+#[derive(Debug, Clone, Default)]
+pub struct NoiseModel {
+    /// The kernel applied to the convolved image (flux scale included) at the frame centre,
+    /// `kernel_side`² row-major.
+    pub kernel: Vec<f64>,
+    pub kernel_side: usize,
+    /// Median per-pixel variance of the image not convolved and of the convolved one (each in
+    /// its own units, before the kernel).
+    pub var_unconvolved: f64,
+    pub var_convolved: f64,
+}
+
+/// Median of every 7th finite positive value.
+pub fn median_variance(v: &[f32]) -> f64 {
+    median(v.iter().step_by(7).copied().filter(|x| *x > 0.0 && x.is_finite()).collect()).unwrap_or(0.0) as f64
 }
 
 /// The matched filter with a unit-sum Gaussian PSF of `sigma` pixels (method step 4).

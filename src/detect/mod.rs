@@ -10,6 +10,7 @@
 //! - [`catalog`]: the detection catalogue (CSV) and its flags.
 //! - This file: opening a night, [`Detector`] (one engine, a template cache, per-stage times).
 
+pub mod al;
 pub mod catalog;
 pub mod frame;
 pub mod image;
@@ -208,7 +209,20 @@ impl Detector {
         let tp = Instant::now();
         let sprep = frame::Prepared::new(&science, &self.options)?;
         let science_prepare = tp.elapsed();
-        let mut diff = frame::subtract_prepared(self.engine.as_mut(), &science, &sprep, template, tprep, &self.options)?;
+        let al = match self.options.method {
+            frame::Method::AlardLupton => match al::subtract_al(&science, &sprep, template, tprep, &self.options) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::warn!("{e}; falling back to a Gaussian kernel");
+                    None
+                }
+            },
+            frame::Method::Gaussian => None,
+        };
+        let mut diff = match al {
+            Some(d) => d,
+            None => frame::subtract_prepared(self.engine.as_mut(), &science, &sprep, template, tprep, &self.options)?,
+        };
         diff.prepare += template_prepare + science_prepare;
         let t1 = Instant::now();
         let sc = frame::score_image(&diff);

@@ -33,8 +33,12 @@ fn night(name: &str, seed: u64) -> (PathBuf, Vec<TruthRecord>) {
 }
 
 fn detect_all(engine: Box<dyn Engine>, dir: &Path) -> blink::detect::NightRun {
+    detect_with(engine, dir, FrameOptions::default())
+}
+
+fn detect_with(engine: Box<dyn Engine>, dir: &Path, opts: FrameOptions) -> blink::detect::NightRun {
     let night = Night::open(dir).expect("a night");
-    let mut det = Detector::new(engine, FrameOptions::default());
+    let mut det = Detector::new(engine, opts);
     det.detect_night(&night, None, |_, _, _| {}).expect("detect")
 }
 
@@ -143,8 +147,10 @@ fn the_gpu_engine_gives_the_cpu_catalogue() {
         }
     };
     let (dir, _) = night("gpu", 12);
-    let cpu = detect_all(Box::new(CpuEngine::new()), &dir);
-    let gpu = detect_all(Box::new(gpu), &dir);
+    // The Gaussian kernel is the path that runs on the engine.
+    let opts = FrameOptions { method: blink::detect::frame::Method::Gaussian, ..FrameOptions::default() };
+    let cpu = detect_with(Box::new(CpuEngine::new()), &dir, opts.clone());
+    let gpu = detect_with(Box::new(gpu), &dir, opts);
     for (c, g) in cpu.frames.iter().zip(&gpu.frames) {
         assert!(!c.detections.is_empty(), "{}: no detections", c.frame);
         // f32 sums in another order may tip a peak at the threshold; everything else agrees.
@@ -259,11 +265,22 @@ fn subtract_writes_the_difference_and_a_unit_score_image() {
     let args = ["subtract", "--science", sci.to_str().unwrap(), "--template", tpl.to_str().unwrap(), "--out-diff", d.to_str().unwrap(), "--out-score", z.to_str().unwrap(), "--engine", "cpu"];
     let (code, err) = blink(&args);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("flux scale") && err.contains("zero points"), "{err}");
+    assert!(err.contains("flux scale") && err.contains("Alard-Lupton kernel"), "{err}");
     let (w, h, diff, mut f) = read_fits(&d);
     assert_eq!((w, h), (512, 384));
     let hdu = f.primary_hdu().unwrap();
-    assert_eq!(hdu.read_key::<String>(&mut f, "FSCALSRC").unwrap(), "zero points");
+    assert_eq!(hdu.read_key::<String>(&mut f, "FSCALSRC").unwrap(), "Alard-Lupton kernel");
+    // The kernel's sum is the flux scale; the zero points say what it should be.
+    let a: f64 = hdu.read_key(&mut f, "FSCALE").unwrap();
+    let zp = |p: &Path| blink::detect::image::read_image(p).unwrap().header.zero_point.unwrap();
+    let want = 10f64.powf(0.4 * (zp(&sci) - zp(&tpl)));
+    assert!((a / want - 1.0).abs() < 0.02, "kernel scale {a} vs zero points {want}");
+    // The Gaussian kernel on the engine takes the zero points.
+    let mut gargs = args.to_vec();
+    gargs.extend(["--method", "gaussian"]);
+    let (code, err) = blink(&gargs);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("(zero points)"), "{err}");
     let (_, _, score, _) = read_fits(&z);
     let finite: Vec<f32> = score.iter().copied().filter(|v| v.is_finite()).collect();
     assert!(finite.len() > w * h * 9 / 10, "most pixels unmasked");
