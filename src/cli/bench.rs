@@ -155,7 +155,11 @@ fn run_frames(args: &BenchArgs, night: &Night, truth_rows: &[TruthRecord]) -> an
     }
     let summary = stats::summarize(&m, &dets, opts.threshold);
     let stages = run.times().named().iter().map(|(n, s)| StageTime { name: n.to_string(), seconds: *s }).collect();
-    let speed = Speed::new(run.adapter.clone(), run.frames.len(), run.megapixels(), run.wall.as_secs_f64(), stages);
+    let adapter = match opts.method {
+        crate::detect::frame::Method::AlardLupton => format!("cpu (Alard-Lupton kernel; engine {} only for frames without stars)", run.adapter),
+        crate::detect::frame::Method::Gaussian => run.adapter.clone(),
+    };
+    let speed = Speed::new(adapter, run.frames.len(), run.megapixels(), run.wall.as_secs_f64(), stages);
     let sky = crate::detect::image::median(sky_sigmas).map(|v| v as f64).unwrap_or(f64::NAN);
     let picks = plots::gallery_picks(&m, &dets, n_gallery);
     let sections = vec![

@@ -95,12 +95,13 @@ pub async fn run(args: &DetectArgs) -> anyhow::Result<()> {
     catalog::write_csv(std::io::BufWriter::new(file), &dets).with_context(|| format!("writing {}", args.out.display()))?;
     let secs = run.wall.as_secs_f64().max(1e-9);
     eprintln!(
-        "{} detections in {} frames written to {} ({:.2} frames/s, {:.1} Mpix/s, engine {})",
+        "{} detections in {} frames written to {} ({:.2} frames/s, {:.1} Mpix/s, {} kernel, engine {})",
         dets.len(),
         run.frames.len(),
         args.out.display(),
         run.frames.len() as f64 / secs,
         run.megapixels() / secs,
+        args.detect.method,
         run.adapter
     );
     Ok(())
