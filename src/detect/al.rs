@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::frame::{median_variance, mesh_background, Difference, FrameOptions, NoiseModel, Prepared, ScaleSource, FWHM_PER_SIGMA};
+use super::frame::{check_same_size, median_variance, subtract_residual_background, Difference, FrameOptions, NoiseModel, Prepared, ScaleSource, FWHM_PER_SIGMA};
 use super::image::Image;
 use super::DetectError;
 use crate::subtract::{fit_kernel, Options, Pair};
@@ -15,13 +15,8 @@ use crate::subtract::{fit_kernel, Options, Pair};
 /// Gaussian kernel) when the frame holds too few usable stars.
 pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions) -> Result<Difference, DetectError> {
     let t0 = Instant::now();
+    check_same_size(science, template)?;
     let (w, h) = (science.width, science.height);
-    if (template.width, template.height) != (w, h) {
-        return Err(DetectError::Shape {
-            path: science.path.clone(),
-            message: format!("frame is {w}x{h} but its template {} is {}x{}", template.path.display(), template.width, template.height),
-        });
-    }
     let (sig_s, sig_t) = (ps.fwhm / FWHM_PER_SIGMA, pt.fwhm / FWHM_PER_SIGMA);
     let convolved_template = sig_t <= sig_s;
     let (broad, sharp) = if convolved_template { (ps, pt) } else { (pt, ps) };
@@ -75,14 +70,7 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
             variance[i] = ((b_var[i] as f64 + kv[i] as f64) * m2) as f32;
         }
     }
-    if opts.background_mesh > 0 {
-        let b = mesh_background(&difference, |i| variance[i] > 0.0, w, h, opts.background_mesh);
-        for ((d, v), b) in difference.iter_mut().zip(&variance).zip(&b) {
-            if *v > 0.0 {
-                *d -= b;
-            }
-        }
-    }
+    subtract_residual_background(&mut difference, &variance, w, h, opts.background_mesh);
     let saturated: Vec<bool> = ps.saturated.iter().zip(&pt.saturated).map(|(a, b)| *a || *b).collect();
     let scale = if convolved_template { scale_c } else { 1.0 / scale_c };
     Ok(Difference {

@@ -181,7 +181,7 @@ pub fn subtract(engine: &mut dyn Engine, science: &Image, template: &Image, opts
     Ok(d)
 }
 
-fn check_same_size(science: &Image, template: &Image) -> Result<(), DetectError> {
+pub(crate) fn check_same_size(science: &Image, template: &Image) -> Result<(), DetectError> {
     let (w, h) = (science.width, science.height);
     if (template.width, template.height) != (w, h) {
         return Err(DetectError::Shape {
@@ -295,14 +295,7 @@ pub fn subtract_prepared(
             }
         }
     }
-    if opts.background_mesh > 0 {
-        let b = mesh_background(&difference, |i| variance[i] > 0.0, w, h, opts.background_mesh);
-        for ((d, v), b) in difference.iter_mut().zip(&variance).zip(&b) {
-            if *v > 0.0 {
-                *d -= b;
-            }
-        }
-    }
+    subtract_residual_background(&mut difference, &variance, w, h, opts.background_mesh);
     let median_scale = median(scales).unwrap_or(1.0) as f64;
     Ok(Difference {
         width: w,
@@ -377,6 +370,20 @@ pub fn mesh_background(d: &[f32], valid: impl Fn(usize) -> bool, w: usize, h: us
         }
     }
     out
+}
+
+/// Take what is left of the background off a difference (a `mesh`-px mesh median over the
+/// unmasked pixels, interpolated); `mesh` 0 does nothing.
+pub fn subtract_residual_background(difference: &mut [f32], variance: &[f32], w: usize, h: usize, mesh: usize) {
+    if mesh == 0 {
+        return;
+    }
+    let b = mesh_background(difference, |i| variance[i] > 0.0, w, h, mesh);
+    for ((d, v), b) in difference.iter_mut().zip(variance).zip(&b) {
+        if *v > 0.0 {
+            *d -= b;
+        }
+    }
 }
 
 /// The matched filter's images: flux, its error and score per pixel (score 0 and error ∞ where

@@ -373,8 +373,9 @@ pub fn estimate_fwhm(img: &Image) -> Option<f64> {
 }
 
 /// Flux in an aperture of radius `r_ap` around (x, y) minus the median of the annulus out to
-/// `r_ap + 5`; `None` when the annulus runs off the image or holds nothing finite.
-fn aperture_flux(img: &Image, x: usize, y: usize, r_ap: usize) -> Option<f64> {
+/// `r_ap + 5`, and that sky level; `None` when the annulus runs off the image, the aperture holds
+/// a NaN or the annulus nothing finite.
+fn aperture_flux(img: &Image, x: usize, y: usize, r_ap: usize) -> Option<(f64, f64)> {
     let (w, h) = (img.width, img.height);
     let r_out = r_ap + 5;
     if x < r_out || y < r_out || x + r_out >= w || y + r_out >= h {
@@ -400,8 +401,8 @@ fn aperture_flux(img: &Image, x: usize, y: usize, r_ap: usize) -> Option<f64> {
             }
         }
     }
-    let sky = median(ann)?;
-    Some(ap - nap * sky as f64)
+    let sky = median(ann)? as f64;
+    Some((ap - nap * sky, sky))
 }
 
 /// The flux ratio science / template measured on stars: the median over bright isolated stars
@@ -414,7 +415,7 @@ pub fn photometric_scale(science: &Image, template: &Image, fwhm: f64) -> Option
     let stars = isolated_stars(template, r_ap + 5)?.at;
     let mut ratios = Vec::new();
     for (x, y) in stars {
-        let (Some(s), Some(t)) = (aperture_flux(science, x, y, r_ap), aperture_flux(template, x, y, r_ap)) else { continue };
+        let (Some((s, _)), Some((t, _))) = (aperture_flux(science, x, y, r_ap), aperture_flux(template, x, y, r_ap)) else { continue };
         if t > 0.0 && s.is_finite() {
             ratios.push((s / t) as f32);
         }
@@ -433,39 +434,20 @@ pub fn photometric_scale(science: &Image, template: &Image, fwhm: f64) -> Option
 pub fn aperture_correction(img: &Image, sigma: f64) -> Option<f64> {
     let w = img.width;
     let r_ap = (4.0 * 2.3548 * sigma).ceil().max(4.0) as usize;
-    let r_out = r_ap + 5;
-    let stars = isolated_stars(img, r_out)?.at;
+    let stars = isolated_stars(img, r_ap + 5)?.at;
     let rf = (3.5 * sigma).ceil() as i64;
+    let g = |dx: i64, dy: i64| (-0.5 * ((dx * dx + dy * dy) as f64) / (sigma * sigma)).exp();
+    let gs: f64 = (-rf..=rf).flat_map(|dy| (-rf..=rf).map(move |dx| (dx, dy))).map(|(dx, dy)| g(dx, dy)).sum();
     let mut ratios = Vec::new();
     for (x, y) in stars {
-        let mut ann = Vec::new();
-        let (mut ap, mut nap) = (0.0f64, 0.0f64);
-        for yy in y - r_out..=y + r_out {
-            for xx in x - r_out..=x + r_out {
-                let d2 = (xx as f64 - x as f64).powi(2) + (yy as f64 - y as f64).powi(2);
-                let v = img.data[yy * w + xx];
-                if d2 <= (r_ap * r_ap) as f64 {
-                    ap += v as f64;
-                    nap += 1.0;
-                } else if d2 <= (r_out * r_out) as f64 {
-                    ann.push(v);
-                }
-            }
-        }
-        let Some(sky) = median(ann) else { continue };
-        let total = ap - nap * sky as f64;
-        let (mut num, mut den, mut gs) = (0.0f64, 0.0f64, 0.0f64);
+        let Some((total, sky)) = aperture_flux(img, x, y, r_ap) else { continue };
+        let (mut num, mut den) = (0.0f64, 0.0f64);
         for dy in -rf..=rf {
             for dx in -rf..=rf {
-                gs += (-0.5 * ((dx * dx + dy * dy) as f64) / (sigma * sigma)).exp();
-            }
-        }
-        for dy in -rf..=rf {
-            for dx in -rf..=rf {
-                let g = (-0.5 * ((dx * dx + dy * dy) as f64) / (sigma * sigma)).exp() / gs;
-                let v = img.data[(y as i64 + dy) as usize * w + (x as i64 + dx) as usize] as f64 - sky as f64;
-                num += g * v;
-                den += g * g;
+                let p = g(dx, dy) / gs;
+                let v = img.data[(y as i64 + dy) as usize * w + (x as i64 + dx) as usize] as f64 - sky;
+                num += p * v;
+                den += p * p;
             }
         }
         if total > 0.0 && den > 0.0 {
