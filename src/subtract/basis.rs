@@ -25,13 +25,15 @@ pub struct BasisOptions {
     /// Widths of the Gaussians as multiples of the matching width
     /// `σ_m = √max(σ_broad² − σ_sharp², min_match_sigma²)`, narrowest first.
     ///
-    /// Why (0.5, 1, 2) × σ_m: a Gaussian PSF σ_sharp convolved with a Gaussian of σ_m gives
-    /// σ_broad, so the kernel's core is about σ_m wide. A Gaussian half as wide, with the highest
-    /// polynomial degree, models the core's shape (asymmetry, a sub-pixel shift); one twice as
-    /// wide, with a low degree, the extended wings a Moffat PSF has and a Gaussian has not.
-    /// HOTPANTS's defaults, 0.7, 1.5 and 3.0 px, are the same ratios (≈ 1 : 2 : 4) for the
-    /// typical σ_m ≈ 1.5 px of ground-based pairs; scaling with σ_m keeps the basis matched to
-    /// pairs of very different seeing instead of fixing it for one.
+    /// Why (0.7, 1.5, 3.5) × σ_m: a Gaussian PSF σ_sharp convolved with a Gaussian of σ_m gives
+    /// σ_broad, so the kernel's core is about σ_m wide. The narrowest Gaussian, with the highest
+    /// polynomial degree, models the core's shape (asymmetry, a sub-pixel shift); the widest,
+    /// with a low degree, the extended wings a Moffat PSF has and a Gaussian has not. HOTPANTS's
+    /// defaults are 0.7, 1.5 and 3.0 px; scaling with σ_m keeps the basis matched to pairs of
+    /// very different seeing. Measured on `../shared/bench/subtraction` (Moffat β = 3 science,
+    /// Gaussian template, seeds 42–44): (0.5, 1, 2) left 34 false positives per image on the
+    /// wings of bright stars, (0.7, 1.5, 3.5) 1.3, (0.7, 1.5, 4) 2.0: the wings need the wide
+    /// Gaussian.
     pub sigma_factors: Vec<f64>,
     /// Degree of the polynomial of each Gaussian (same length as `sigma_factors`).
     pub degrees: Vec<usize>,
@@ -51,7 +53,7 @@ pub struct BasisOptions {
 impl Default for BasisOptions {
     fn default() -> Self {
         BasisOptions {
-            sigma_factors: vec![0.5, 1.0, 2.0],
+            sigma_factors: vec![0.7, 1.5, 3.5],
             degrees: vec![6, 4, 2],
             min_match_sigma: 0.6,
             min_sigma: 0.5,
@@ -324,8 +326,10 @@ mod tests {
         }
         // Widths scale with the matching kernel; the half-width follows the widest, capped.
         let b = Basis::from_seeing(1.5, (1.5f64.powi(2) + 1.5f64.powi(2)).sqrt(), &BasisOptions::default()).unwrap();
-        assert!(b.sigmas.iter().zip([0.75, 1.5, 3.0]).all(|(a, e)| (a - e).abs() < 1e-9), "{:?}", b.sigmas);
-        assert_eq!(b.half, 11);
+        assert!(b.sigmas.iter().zip([1.05, 2.25, 5.25]).all(|(a, e)| (a - e).abs() < 1e-9), "{:?}", b.sigmas);
+        assert_eq!(b.half, 15, "3.5 × 5.25 px, capped");
+        let b = Basis::from_seeing(1.0, (1.0f64 + 0.36).sqrt(), &BasisOptions::default()).unwrap();
+        assert_eq!(b.half, 8, "σ_m = 0.6: widest 2.1 px, 3.5 × 2.1 rounded up");
         assert_eq!(Basis::from_seeing(1.0, 8.0, &BasisOptions::default()).unwrap().half, 15);
         assert!(Basis::from_seeing(f64::NAN, 2.0, &BasisOptions::default()).is_err());
     }
