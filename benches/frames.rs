@@ -1,13 +1,15 @@
 //! Frame subtraction benchmark: one science/template pair (a field of Gaussian stars on sky with
-//! Poisson-like noise, built outside the timed loop) through the whole frame path — tiles to the
-//! engine, sky, score image, peaks — on the CPU engine and on the GPU engine when one exists.
+//! Poisson-like noise, built outside the timed loop) through the whole frame path — sky,
+//! subtraction, score image, peaks — with the Gaussian kernel on the CPU engine and on the GPU
+//! engine when one exists, and with the Alard–Lupton kernel (CPU).
 //! Prints the adapter, so a number from llvmpipe cannot pass for a GPU figure.
 //!
 //! `BLINK_BENCH_FRAME=2048` sets the frame side (default 1024).
 
 use std::path::PathBuf;
 
-use blink::detect::frame::{find_peaks, score_image, subtract, FrameMeta};
+use blink::detect::al::subtract_al;
+use blink::detect::frame::{find_peaks, score_image, subtract, FrameMeta, Prepared};
 use blink::detect::image::{Image, ImageHeader};
 use blink::detect::FrameOptions;
 use blink::engine::{CpuEngine, Engine, GpuEngine};
@@ -87,12 +89,19 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements((side * side) as u64));
     group.sample_size(10);
     let mut cpu = CpuEngine::new();
-    group.bench_function("cpu", |b| b.iter(|| run(&mut cpu)));
+    group.bench_function("gaussian-cpu", |b| b.iter(|| run(&mut cpu)));
+    group.bench_function("alard-lupton-cpu", |b| {
+        b.iter(|| {
+            let (ps, pt) = (Prepared::new(&science, &opts).expect("prepare"), Prepared::new(&template, &opts).expect("prepare"));
+            let d = subtract_al(&science, &ps, &template, &pt, &opts).expect("enough stars");
+            find_peaks(&d, &score_image(&d), &meta, opts.threshold).len()
+        })
+    });
     match GpuEngine::new() {
         Ok(mut gpu) => {
             let name = gpu.adapter();
             eprintln!("GPU engine adapter: {name}");
-            group.bench_function(format!("gpu [{name}]"), |b| b.iter(|| run(&mut gpu)));
+            group.bench_function(format!("gaussian-gpu [{name}]"), |b| b.iter(|| run(&mut gpu)));
         }
         Err(e) => eprintln!("GPU engine not benchmarked: {e}"),
     }
