@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::frame::{check_same_size, median_variance, subtract_residual_background, Difference, FrameOptions, NoiseModel, Prepared, ScaleSource, FWHM_PER_SIGMA};
+use super::frame::{check_same_size, median_variance, subtract_residual_background, Difference, FrameOptions, NoiseModel, Prepared, ScaleSource, PsfRoles};
 use super::image::Image;
 use super::DetectError;
 use crate::subtract::{fit_kernel, Options, Pair};
@@ -17,10 +17,8 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
     let t0 = Instant::now();
     check_same_size(science, template)?;
     let (w, h) = (science.width, science.height);
-    let (sig_s, sig_t) = (ps.fwhm / FWHM_PER_SIGMA, pt.fwhm / FWHM_PER_SIGMA);
-    let convolved_template = sig_t <= sig_s;
+    let PsfRoles { sig_s, sig_t, convolved_template, sigma_broad, sigma_sharp } = PsfRoles::new(ps, pt);
     let (broad, sharp) = if convolved_template { (ps, pt) } else { (pt, ps) };
-    let (sigma_broad, sigma_sharp) = if convolved_template { (sig_s, sig_t) } else { (sig_t, sig_s) };
     // Masked pixels (NaN, zero variance, saturated in either image) enter as sky (0 after the
     // sky mesh) and are masked again below, grown by the kernel's reach.
     let bad: Vec<bool> = (0..w * h)

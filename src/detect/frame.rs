@@ -197,6 +197,26 @@ pub(crate) fn check_same_size(science: &Image, template: &Image) -> Result<(), D
     Ok(())
 }
 
+/// Which image is convolved: the one with the sharper PSF (ties: the template), so the
+/// difference has the broader PSF. Gaussian σ in pixels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PsfRoles {
+    pub sig_s: f64,
+    pub sig_t: f64,
+    pub convolved_template: bool,
+    pub sigma_broad: f64,
+    pub sigma_sharp: f64,
+}
+
+impl PsfRoles {
+    pub fn new(science: &Prepared, template: &Prepared) -> PsfRoles {
+        let (sig_s, sig_t) = (science.fwhm / FWHM_PER_SIGMA, template.fwhm / FWHM_PER_SIGMA);
+        let convolved_template = sig_t <= sig_s;
+        let (sigma_broad, sigma_sharp) = if convolved_template { (sig_s, sig_t) } else { (sig_t, sig_s) };
+        PsfRoles { sig_s, sig_t, convolved_template, sigma_broad, sigma_sharp }
+    }
+}
+
 /// [`subtract`] with both images already [`Prepared`].
 pub fn subtract_prepared(
     engine: &mut dyn Engine,
@@ -209,11 +229,8 @@ pub fn subtract_prepared(
     let t0 = Instant::now();
     check_same_size(science, template)?;
     let (w, h) = (science.width, science.height);
-    let sig_s = ps.fwhm / FWHM_PER_SIGMA;
-    let sig_t = pt.fwhm / FWHM_PER_SIGMA;
-    let convolved_template = sig_t <= sig_s;
-    let (kernel_sigma, sigma_difference) =
-        if convolved_template { ((sig_s * sig_s - sig_t * sig_t).sqrt(), sig_s) } else { ((sig_t * sig_t - sig_s * sig_s).sqrt(), sig_t) };
+    let PsfRoles { sig_s, sig_t, convolved_template, sigma_broad: sigma_difference, sigma_sharp } = PsfRoles::new(ps, pt);
+    let kernel_sigma = (sigma_difference * sigma_difference - sigma_sharp * sigma_sharp).max(0.0).sqrt();
     let saturated: Vec<bool> = ps.saturated.iter().zip(&pt.saturated).map(|(a, b)| *a || *b).collect();
     // Each image's own sky (a mesh median) is already off, so the per-tile background the fit
     // leaves is a small constant, not a gradient. The sharper image takes the batch's "science"
