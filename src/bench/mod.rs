@@ -7,7 +7,9 @@
 //! - [`plots`]: PNG plots and the stamp gallery.
 //! - [`sky`]: the score image's scatter on empty sky.
 //! - [`alerts`]: alerts mode, the night's Avro alerts replayed through the `serve` pipeline.
+//! - [`agreement`]: blink's cutout score against the surveys' own SNR on real alert packets.
 
+pub mod agreement;
 pub mod alerts;
 pub mod matching;
 pub mod plots;
