@@ -28,6 +28,14 @@ pub struct SubtractArgs {
     /// (NaN where masked).
     #[arg(long)]
     pub out_score: Option<PathBuf>,
+    /// Where to write the matching kernel: a FITS cube of (2h+1)² kernels, one plane per
+    /// position of a `--kernel-grid`² grid over the frame (keys KX_n, KY_n: the 0-based pixel
+    /// of plane n; KSUM_n: its sum, the flux scale), applied to the image named by CONVOLVD.
+    #[arg(long)]
+    pub out_kernel: Option<PathBuf>,
+    /// Positions per side of the `--out-kernel` grid (the Gaussian kernel is one plane).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub kernel_grid: u32,
     /// Science gain, e-/ADU (overrides GAIN; absent from both: estimated from the sky).
     #[arg(long)]
     pub science_gain: Option<f64>,
@@ -99,6 +107,7 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let t1 = Instant::now();
     let diff = if a.method == "al" {
         let (ps, pt) = (Prepared::new(&science, &opts)?, Prepared::new(&template, &opts)?);
+        tracing::debug!(prepare_s = t1.elapsed().as_secs_f64(), "sky, variance, seeing of both images");
         match subtract_al(&science, &ps, &template, &pt, &opts) {
             Ok(d) => d,
             Err(e) => {
@@ -109,7 +118,9 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     } else {
         subtract(engine.as_mut(), &science, &template, &opts)?
     };
+    let ts = Instant::now();
     let sc = score_image(&diff);
+    tracing::debug!(score_s = ts.elapsed().as_secs_f64(), "score image");
     let work = t1.elapsed();
     let (w, h) = (diff.width, diff.height);
     let masked = |i: usize| !(diff.variance[i] > 0.0);
@@ -131,6 +142,9 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     if let Some(p) = &a.out_score {
         write_image(p, w, h, &z, &numbers, &[texts[0].clone(), texts[1].clone(), texts[2].clone(), ("BUNIT", "sigma".into(), "matched-filter score")])?;
     }
+    if let Some(p) = &a.out_kernel {
+        write_kernel(p, &diff, a.kernel_grid as usize)?;
+    }
     let sample: Vec<f32> = z.iter().step_by(3).copied().filter(|v| v.is_finite()).collect();
     let sigma = robust_stats(&sample).map(|(_, s)| s).unwrap_or(f32::NAN);
     eprintln!(
@@ -148,5 +162,42 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         read.as_secs_f64(),
         engine.adapter()
     );
+    Ok(())
+}
+
+/// The kernel of `diff` at a grid of positions, as a FITS cube (see `--out-kernel`).
+fn write_kernel(path: &std::path::Path, diff: &crate::detect::frame::Difference, grid: usize) -> anyhow::Result<()> {
+    let (w, h) = (diff.width, diff.height);
+    let mut planes: Vec<(f64, f64, Vec<f64>)> = Vec::new();
+    let side;
+    match &diff.kernel_solution {
+        Some(sol) => {
+            side = 2 * sol.half() + 1;
+            for gy in 0..grid {
+                for gx in 0..grid {
+                    let x = ((gx as f64 + 0.5) * w as f64 / grid as f64).floor();
+                    let y = ((gy as f64 + 0.5) * h as f64 / grid as f64).floor();
+                    planes.push((x, y, sol.kernel_at(x, y)));
+                }
+            }
+        }
+        None => {
+            side = diff.noise.kernel_side;
+            planes.push(((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0, diff.noise.kernel.clone()));
+        }
+    }
+    let data: Vec<f32> = planes.iter().flat_map(|(_, _, k)| k.iter().map(|v| *v as f32)).collect();
+    let mut numbers: Vec<(String, f64, String)> = vec![("KHALF".into(), ((side - 1) / 2) as f64, "kernel half-width, px".into())];
+    for (n, (x, y, k)) in planes.iter().enumerate() {
+        numbers.push((format!("KX_{}", n + 1), *x, format!("plane {} position x (0-based px)", n + 1)));
+        numbers.push((format!("KY_{}", n + 1), *y, format!("plane {} position y (0-based px)", n + 1)));
+        numbers.push((format!("KSUM_{}", n + 1), k.iter().sum(), "kernel sum (flux scale)".into()));
+    }
+    let texts = vec![
+        ("CONVOLVD".to_string(), if diff.convolved_template { "template" } else { "science" }.to_string(), "image the kernel convolves".to_string()),
+        ("KMETHOD".to_string(), if diff.kernel_solution.is_some() { "alard-lupton" } else { "gaussian" }.to_string(), "matching kernel".to_string()),
+        ("ORIGIN".to_string(), format!("blink {}", env!("CARGO_PKG_VERSION")), String::new()),
+    ];
+    crate::detect::image::write_cube(path, side, side, planes.len(), &data, &numbers, &texts)?;
     Ok(())
 }

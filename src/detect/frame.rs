@@ -107,6 +107,10 @@ pub struct Difference {
     pub scale_source: ScaleSource,
     /// The convolved image's correlated noise, for the score.
     pub noise: NoiseModel,
+    /// The fitted Alard–Lupton kernel (None for the Gaussian kernel, constant over the frame
+    /// and given by `noise.kernel`). It applies to the convolved image: the template when
+    /// `convolved_template`, else the science frame.
+    pub kernel_solution: Option<Box<crate::subtract::KernelSolution>>,
     /// Time outside the engine (preparation, the batch, reassembly, background) and in it.
     pub prepare: Duration,
     pub engine: Duration,
@@ -336,6 +340,7 @@ pub fn subtract_prepared(
             let kernel = g.iter().flat_map(|y| g.iter().map(move |x| a * x * y / (gs * gs))).collect();
             NoiseModel { kernel, kernel_side: g.len(), var_unconvolved: median_variance(sharp_var), var_convolved: median_variance(broad_var) }
         },
+        kernel_solution: None,
         // Everything but the engine: the batch before it, reassembly and background after.
         prepare: t0.elapsed().saturating_sub(engine_time),
         engine: engine_time,

@@ -208,6 +208,34 @@ pub fn write_image(
     Ok(())
 }
 
+/// Write a cube of `planes` images of `width`×`height` f32 (FITS axes: NAXIS1 = width,
+/// NAXIS2 = height, NAXIS3 = planes) with header keys, overwriting `path`.
+pub fn write_cube(
+    path: &Path,
+    width: usize,
+    height: usize,
+    planes: usize,
+    data: &[f32],
+    numbers: &[(String, f64, String)],
+    texts: &[(String, String, String)],
+) -> Result<(), DetectError> {
+    use fitsio::images::{ImageDescription, ImageType};
+    let fe = |e: fitsio::errors::Error| fits_err(path, format!("writing: {e}"));
+    let desc = ImageDescription { data_type: ImageType::Float, dimensions: &[planes, height, width] };
+    let mut f = FitsFile::create(path).with_custom_primary(&desc).overwrite().open().map_err(fe)?;
+    let hdu = f.primary_hdu().map_err(fe)?;
+    hdu.write_image(&mut f, data).map_err(fe)?;
+    for (k, v, c) in numbers {
+        if v.is_finite() {
+            hdu.write_key(&mut f, k, (*v, c.as_str())).map_err(fe)?;
+        }
+    }
+    for (k, v, c) in texts {
+        hdu.write_key(&mut f, k, (v.clone(), c.as_str())).map_err(fe)?;
+    }
+    Ok(())
+}
+
 /// Median of finite values (lower median); `None` when there are none.
 pub fn median(mut v: Vec<f32>) -> Option<f32> {
     v.retain(|x| x.is_finite());
