@@ -21,6 +21,11 @@
 //! - [`solve`]: the normal equations, a hand-written Cholesky, sigma clipping, and
 //!   [`KernelSolution`] (kernel, scale and background at a position; the frame convolved with
 //!   the spatially varying kernel, and its variance).
+//! - [`decorr`]: the decorrelation post-filter of the difference (Reiss & Lupton, DMTN-021),
+//!   which whitens the noise the convolved image brings, its variance and the difference's PSF;
+//!   also the 2-D FFT the next one shares.
+//! - [`zogy`]: ZOGY proper image subtraction (Zackay, Ofek & Gal-Yam 2016) from the two PSFs:
+//!   the difference, its PSF and the score image in sigma, by whole-frame FFTs.
 //! - This file: the error type, the spatial polynomials shared by the others, and
 //!   [`fit_kernel`], which runs the three steps on a pair of images.
 //!
@@ -29,11 +34,13 @@
 //! are 0-based pixel centres.
 
 pub mod basis;
+pub mod decorr;
 pub mod solve;
 pub mod stamps;
+pub mod zogy;
 
 pub use basis::{Basis, BasisOptions};
-pub use solve::{fit, FitOptions, KernelSolution, StampFit};
+pub use solve::{fit, fit_with, CpuGrams, FitOptions, GramInput, KernelSolution, StampFit, StampGram, StampGrams};
 pub use stamps::{select_stamps, Stamp, StampOptions};
 
 /// What can stop the fit. None of these is a panic: bad input is reported with its numbers.
@@ -51,6 +58,9 @@ pub enum SubtractError {
     /// Buffers or options of inconsistent sizes.
     #[error("shape: {what}")]
     Shape { what: String },
+    /// The GPU path (`GpuEngine` as a `StampGrams`) failed; the CPU path does not.
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 /// The exponents `(p, q)` of the monomials `X^p Y^q` of total degree ≤ `order`, by degree:
