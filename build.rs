@@ -5,6 +5,9 @@ use std::path::Path;
 
 fn main() {
     validate_shaders(Path::new("shaders"));
+    // The Alard–Lupton kernels have their own bindings: validated without the shared prefix.
+    println!("cargo:rerun-if-changed=shaders/al");
+    validate_dir(Path::new("shaders/al"), "");
     compile_protos();
 }
 
@@ -21,6 +24,11 @@ fn validate_shaders(dir: &Path) {
             shared.push('\n');
         }
     }
+    validate_dir(dir, &shared);
+}
+
+/// Validate every `*.wgsl` directly in `dir`, each with `shared` prepended.
+fn validate_dir(dir: &Path, shared: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
@@ -29,7 +37,7 @@ fn validate_shaders(dir: &Path) {
             continue;
         }
         println!("cargo:rerun-if-changed={}", path.display());
-        let src = shared.clone() + &std::fs::read_to_string(&path).expect("read shader");
+        let src = shared.to_string() + &std::fs::read_to_string(&path).expect("read shader");
         let module = match naga::front::wgsl::parse_str(&src) {
             Ok(m) => m,
             Err(e) => panic!("{}: {}", path.display(), e.emit_to_string(&src)),

@@ -2,6 +2,7 @@
 //! Rust with f64 accumulation. It is the oracle in the parity tests and the fallback engine where
 //! no adapter exists.
 
+pub mod al;
 pub mod convolve;
 pub mod difference_score;
 pub mod fit;

@@ -40,12 +40,14 @@ struct Plan<'a> {
 pub struct GpuEngine {
     ctx: GpuContext,
     pool: BufferPool,
+    /// The Alard–Lupton pipelines (`kernels::al`), built on first use.
+    al: Option<kernels::al::AlPipelines>,
 }
 
 impl GpuEngine {
     /// Open the best compute-capable adapter (honouring `BLINK_ADAPTER`).
     pub fn new() -> Result<GpuEngine, EngineError> {
-        Ok(GpuEngine { ctx: GpuContext::new()?, pool: BufferPool::new() })
+        Ok(GpuEngine { ctx: GpuContext::new()?, pool: BufferPool::new(), al: None })
     }
 
     pub fn context(&self) -> &GpuContext {

@@ -89,14 +89,21 @@ pub struct KernelSolution {
     pub ridge: f64,
 }
 
-/// One stamp's data: the convolved basis images, the science pixels, weights, Gram sums.
+/// One stamp's data: the template cutout and its convolved basis images, the science pixels,
+/// weights, Gram sums.
 struct StampData {
     stamp: Stamp,
     /// Normalised centre.
     xn: f64,
     yn: f64,
-    /// `conv[k * npix + i]`.
+    /// Stamp side `2r + 1`.
+    side: usize,
+    /// Template cutout, `(side + 2h)²`.
+    cut: Vec<f32>,
+    /// `conv[k * npix + i]`, from a [`StampGrams`] (empty until then).
     conv: Vec<f32>,
+    /// [`StampGram::sums`] under the current weights.
+    sums: Vec<f64>,
     sci: Vec<f64>,
     sci_var: Vec<f64>,
     tmpl_var: Option<Vec<f64>>,
@@ -107,7 +114,7 @@ struct StampData {
 
 impl StampData {
     /// `None` when anything the stamp uses is missing, non-finite or off the frame.
-    fn new(pair: &Pair, basis: &Basis, stamp: &Stamp, background_order: usize, scratch: &mut Scratch) -> Option<StampData> {
+    fn new(pair: &Pair, basis: &Basis, stamp: &Stamp, background_order: usize) -> Option<StampData> {
         let (w, hgt, kh, r) = (pair.width, pair.height, basis.half, stamp.half);
         let reach = r + kh;
         if stamp.x < reach || stamp.y < reach || stamp.x + reach >= w || stamp.y + reach >= hgt {
@@ -137,8 +144,6 @@ impl StampData {
         {
             return None;
         }
-        let mut conv = vec![0.0f32; basis.len() * npix];
-        basis.convolve_each(&cut, cside, cside, scratch, |k, out| conv[k * npix..(k + 1) * npix].copy_from_slice(out));
         let nbg = spatial_terms(background_order).len();
         let mut bgm = vec![0.0; nbg * npix];
         let mut m = Vec::new();
@@ -154,7 +159,10 @@ impl StampData {
             stamp: *stamp,
             xn: normalised(stamp.x as f64, w),
             yn: normalised(stamp.y as f64, hgt),
-            conv,
+            side,
+            cut,
+            conv: Vec::new(),
+            sums: Vec::new(),
             sci,
             sci_var,
             tmpl_var,
@@ -206,18 +214,19 @@ impl Layout {
     }
 }
 
-/// Add one stamp's normal equations to `a` (n × n, upper triangle used) and `b`.
+/// Add one stamp's normal equations to `a` (n × n, upper triangle used) and `b`, from its
+/// Gram sums (the products of its monomials at the stamp's centre expand them to the spatial
+/// unknowns).
 fn accumulate(d: &StampData, lay: &Layout, a: &mut [f64], b: &mut [f64]) {
-    let (npix, nk, nbg, n) = (d.npix(), lay.nk, lay.nbg, lay.n);
+    let (nk, nbg, n) = (lay.nk, lay.nbg, lay.n);
+    let nc = StampGram::columns(nk, nbg);
+    let sci = nc - 1;
+    let g = |i: usize, j: usize| d.sums[StampGram::index(nc, i.min(j), i.max(j))];
     let mut p = Vec::new();
     monomials(lay.order, d.xn, d.yn, &mut p);
-    // Weighted convolved images in f64, once.
-    let wc: Vec<f64> = (0..nk * npix).map(|j| d.conv[j] as f64 * d.weight[j % npix]).collect();
     for k in 0..nk {
-        let wck = &wc[k * npix..(k + 1) * npix];
         for l in k..nk {
-            let cl = &d.conv[l * npix..(l + 1) * npix];
-            let m: f64 = wck.iter().zip(cl).map(|(x, &y)| x * y as f64).sum();
+            let m = g(k, l);
             for i in 0..lay.len[k] {
                 for j in 0..lay.len[l] {
                     let (r, c) = (lay.off[k] + i, lay.off[l] + j);
@@ -230,13 +239,12 @@ fn accumulate(d: &StampData, lay: &Layout, a: &mut [f64], b: &mut [f64]) {
                 }
             }
         }
-        let rk: f64 = wck.iter().zip(&d.sci).map(|(x, y)| x * y).sum();
+        let rk = g(k, sci);
         for i in 0..lay.len[k] {
             b[lay.off[k] + i] += rk * p[i];
         }
         for bb in 0..nbg {
-            let bm = &d.bgm[bb * npix..(bb + 1) * npix];
-            let h: f64 = wck.iter().zip(bm).map(|(x, y)| x * y).sum();
+            let h = g(k, nk + bb);
             for (i, pi) in p.iter().enumerate().take(lay.len[k]) {
                 let (r, c) = (lay.off[k] + i, lay.bg_off + bb);
                 a[r * n + c] += h * pi;
@@ -245,15 +253,178 @@ fn accumulate(d: &StampData, lay: &Layout, a: &mut [f64], b: &mut [f64]) {
         }
     }
     for b1 in 0..nbg {
-        let m1 = &d.bgm[b1 * npix..(b1 + 1) * npix];
         for b2 in 0..nbg {
-            let m2 = &d.bgm[b2 * npix..(b2 + 1) * npix];
-            let e: f64 = m1.iter().zip(m2).zip(&d.weight).map(|((x, y), w)| x * y * w).sum();
-            a[(lay.bg_off + b1) * n + lay.bg_off + b2] += e;
+            a[(lay.bg_off + b1) * n + lay.bg_off + b2] += g(nk + b1, nk + b2);
         }
-        let r: f64 = m1.iter().zip(&d.sci).zip(&d.weight).map(|((x, y), w)| x * y * w).sum();
-        b[lay.bg_off + b1] += r;
+        b[lay.bg_off + b1] += g(nk + b1, sci);
     }
+}
+
+/// One stamp as the Gram sums need it (see [`StampGrams`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GramInput<'a> {
+    /// Stamp side `s = 2r + 1`.
+    pub side: usize,
+    /// The template cutout, `(s + 2h)²` row-major, `h` the basis half-width: the stamp with
+    /// the kernel's reach around it.
+    pub cutout: &'a [f32],
+    /// Science pixels of the stamp, `s²`.
+    pub science: &'a [f64],
+    /// Weights (1 / variance), `s²`.
+    pub weight: &'a [f64],
+    /// Background monomials per pixel, `nbg × s²` (`background[b * s² + i]`).
+    pub background: &'a [f64],
+    /// `C_k = B_k ⊗ cutout` when the caller already has them (`nk × s²`): an implementation
+    /// may use them instead of convolving again (the weights changed, the cutout did not).
+    pub conv: Option<&'a [f32]>,
+}
+
+impl GramInput<'_> {
+    /// Buffer sizes against the basis and `nbg` background terms.
+    pub fn check(&self, basis: &Basis, nbg: usize) -> Result<(), SubtractError> {
+        let (s, cs) = (self.side, self.side + 2 * basis.half);
+        let npix = s * s;
+        let sizes = [
+            ("cutout", self.cutout.len(), cs * cs),
+            ("science", self.science.len(), npix),
+            ("weight", self.weight.len(), npix),
+            ("background monomials", self.background.len(), nbg * npix),
+            ("convolved basis", self.conv.map_or(basis.len() * npix, <[f32]>::len), basis.len() * npix),
+        ];
+        for (what, got, want) in sizes {
+            if got != want || s == 0 {
+                return Err(SubtractError::Shape { what: format!("stamp of side {s}: {what} has {got} values, expected {want}") });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One stamp's convolved basis images and weighted Gram sums.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StampGram {
+    /// `C_k = B_k ⊗ cutout` on the stamp, `conv[k * s² + i]`.
+    pub conv: Vec<f32>,
+    /// `Σ_i w_i V_a(i) V_b(i)` for `a ≤ b` over the stamp's columns
+    /// `V = [C_0 … C_{nk−1}, background_0 … background_{nbg−1}, science]`, packed upper
+    /// triangle ([`StampGram::index`]).
+    pub sums: Vec<f64>,
+}
+
+impl StampGram {
+    /// Columns of the Gram sums: `nk` convolved basis images, `nbg` background monomials, the
+    /// science image.
+    pub fn columns(nk: usize, nbg: usize) -> usize {
+        nk + nbg + 1
+    }
+
+    /// Position of pair `(a, b)`, `a ≤ b < ncols`, in [`StampGram::sums`].
+    pub fn index(ncols: usize, a: usize, b: usize) -> usize {
+        a * (2 * ncols - a + 1) / 2 + (b - a)
+    }
+
+    /// The sums of a stamp from its convolved basis images, in f64, in the order the fit
+    /// always summed them (so the CPU fit's numbers do not change).
+    pub fn from_columns(nk: usize, nbg: usize, npix: usize, conv: &[f32], g: &GramInput) -> StampGram {
+        let nc = StampGram::columns(nk, nbg);
+        let mut sums = vec![0.0f64; nc * (nc + 1) / 2];
+        let (w, sci, bgm) = (g.weight, g.science, g.background);
+        let wc: Vec<f64> = (0..nk * npix).map(|j| conv[j] as f64 * w[j % npix]).collect();
+        for k in 0..nk {
+            let wck = &wc[k * npix..(k + 1) * npix];
+            for l in k..nk {
+                let cl = &conv[l * npix..(l + 1) * npix];
+                sums[StampGram::index(nc, k, l)] = wck.iter().zip(cl).map(|(x, &y)| x * y as f64).sum();
+            }
+            for bb in 0..nbg {
+                let bm = &bgm[bb * npix..(bb + 1) * npix];
+                sums[StampGram::index(nc, k, nk + bb)] = wck.iter().zip(bm).map(|(x, y)| x * y).sum();
+            }
+            sums[StampGram::index(nc, k, nc - 1)] = wck.iter().zip(sci).map(|(x, y)| x * y).sum();
+        }
+        for b1 in 0..nbg {
+            let m1 = &bgm[b1 * npix..(b1 + 1) * npix];
+            for b2 in b1..nbg {
+                let m2 = &bgm[b2 * npix..(b2 + 1) * npix];
+                sums[StampGram::index(nc, nk + b1, nk + b2)] = m1.iter().zip(m2).zip(w).map(|((x, y), w)| x * y * w).sum();
+            }
+            sums[StampGram::index(nc, nk + b1, nc - 1)] = m1.iter().zip(sci).zip(w).map(|((x, y), w)| x * y * w).sum();
+        }
+        sums[StampGram::index(nc, nc - 1, nc - 1)] = sci.iter().zip(w).map(|(x, w)| x * x * w).sum();
+        StampGram { conv: conv.to_vec(), sums }
+    }
+}
+
+/// What computes the fit's per-stamp work: the basis-convolved cutouts and their weighted Gram
+/// sums (the expensive part of the fit; the spatial expansion, the solve and the clipping stay
+/// in f64 on the CPU). [`CpuGrams`] is the fit's own CPU code; `GpuEngine` implements it with
+/// the `al_gram` kernels.
+pub trait StampGrams {
+    /// One [`StampGram`] per input, in order. `nbg` background monomials per stamp.
+    fn grams(&mut self, basis: &Basis, nbg: usize, inputs: &[GramInput]) -> Result<Vec<StampGram>, SubtractError>;
+}
+
+/// The CPU [`StampGrams`]: separable convolution (f32, [`Basis::convolve_each`]) and f64 sums.
+#[derive(Debug, Default)]
+pub struct CpuGrams {
+    scratch: Scratch,
+}
+
+impl StampGrams for CpuGrams {
+    fn grams(&mut self, basis: &Basis, nbg: usize, inputs: &[GramInput]) -> Result<Vec<StampGram>, SubtractError> {
+        let nk = basis.len();
+        inputs
+            .iter()
+            .map(|g| {
+                g.check(basis, nbg)?;
+                let npix = g.side * g.side;
+                let cs = g.side + 2 * basis.half;
+                let own;
+                let conv = match g.conv {
+                    Some(c) => c,
+                    None => {
+                        let mut c = vec![0.0f32; nk * npix];
+                        basis.convolve_each(g.cutout, cs, cs, &mut self.scratch, |k, out| c[k * npix..(k + 1) * npix].copy_from_slice(out));
+                        own = c;
+                        &own
+                    }
+                };
+                Ok(StampGram::from_columns(nk, nbg, npix, conv, g))
+            })
+            .collect()
+    }
+}
+
+/// Fill every stamp's `conv` and `sums` under its current weights.
+fn refresh_grams(data: &mut [StampData], basis: &Basis, nbg: usize, grams: &mut dyn StampGrams) -> Result<(), SubtractError> {
+    let out = {
+        let inputs: Vec<GramInput> = data
+            .iter()
+            .map(|d| GramInput {
+                side: d.side,
+                cutout: &d.cut,
+                science: &d.sci,
+                weight: &d.weight,
+                background: &d.bgm,
+                conv: (!d.conv.is_empty()).then_some(&d.conv[..]),
+            })
+            .collect();
+        grams.grams(basis, nbg, &inputs)?
+    };
+    if out.len() != data.len() {
+        return Err(SubtractError::Shape { what: format!("{} stamp Gram sums for {} stamps", out.len(), data.len()) });
+    }
+    let nc = StampGram::columns(basis.len(), nbg);
+    for (d, g) in data.iter_mut().zip(out) {
+        if g.conv.len() != basis.len() * d.npix() || g.sums.len() != nc * (nc + 1) / 2 {
+            return Err(SubtractError::Shape {
+                what: format!("stamp Gram of {} convolved values and {} sums for {} functions × {} pixels", g.conv.len(), g.sums.len(), basis.len(), d.npix()),
+            });
+        }
+        d.conv = g.conv;
+        d.sums = g.sums;
+    }
+    Ok(())
 }
 
 /// `Σ w r²` and the pixel count of a stamp's residual under `x` (the packed unknowns).
@@ -287,17 +458,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Fit the kernel of `pair` on `stamps` with `basis`.
 pub fn fit(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions) -> Result<KernelSolution, SubtractError> {
+    fit_with(pair, basis, stamps, opts, &mut CpuGrams::default())
+}
+
+/// [`fit`] with the per-stamp convolutions and Gram sums computed by `grams` (e.g. a
+/// `GpuEngine`); the normal equations are assembled and solved in f64 on the CPU either way.
+pub fn fit_with(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions, grams: &mut dyn StampGrams) -> Result<KernelSolution, SubtractError> {
     pair.check()?;
     if !(opts.clip_sigma.is_finite() && opts.clip_sigma > 0.0) {
         return Err(SubtractError::NonFinite { what: format!("clip_sigma {}", opts.clip_sigma) });
     }
     let lay = Layout::new(basis.len(), opts);
     let needed = opts.min_stamps.unwrap_or(if opts.spatial_order == 0 { 3 } else { (2 * lay.nsp).max(3) });
-    let mut scratch = Scratch::default();
     let mut data: Vec<StampData> = Vec::with_capacity(stamps.len());
     let mut skipped = 0;
     for s in stamps {
-        match StampData::new(pair, basis, s, opts.background_order, &mut scratch) {
+        match StampData::new(pair, basis, s, opts.background_order) {
             Some(d) => data.push(d),
             None => skipped += 1,
         }
@@ -309,6 +485,7 @@ pub fn fit(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions) -> R
             detail: format!("{} offered, {skipped} with NaN, saturated or off-frame pixels", stamps.len()),
         });
     }
+    refresh_grams(&mut data, basis, lay.nbg, grams)?;
     let mut rejected: Vec<Option<usize>> = vec![None; data.len()];
     let mut chi2: Vec<f64> = vec![f64::NAN; data.len()];
     let max_it = opts.max_iterations.max(1);
@@ -369,6 +546,7 @@ pub fn fit(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions) -> R
                 let s2: f64 = sol.kernel_at(xx, yy).iter().map(|v| v * v).sum();
                 d.reweight(s2);
             }
+            refresh_grams(&mut data, basis, lay.nbg, grams)?;
             reweighted = true;
         }
     };
@@ -555,6 +733,21 @@ impl KernelSolution {
         Ok(out)
     }
 
+    /// [`KernelSolution::convolve`] on `engine` when one is given (`GpuEngine::al_convolve`,
+    /// the same sum written over the spatial monomials; agrees to ~1e-6 of the image's scale),
+    /// else on the CPU. A GPU failure is logged and the CPU used instead; shapes are checked
+    /// first, so a bad buffer is an error either way.
+    pub fn convolve_on(&self, engine: Option<&mut crate::gpu::GpuEngine>, image: &[f32], w: usize, h: usize) -> Result<Vec<f32>, SubtractError> {
+        self.check_size("image to convolve", image.len(), w, h)?;
+        if let Some(e) = engine {
+            match e.al_convolve(self, image, w, h) {
+                Ok(out) => return Ok(out),
+                Err(error) => tracing::warn!(%error, "Alard–Lupton convolution on the GPU failed; convolving on the CPU"),
+            }
+        }
+        self.convolve(image, w, h)
+    }
+
     /// Rows `y0 .. y0 + rows` of [`KernelSolution::convolve`] into `dst`, from their padded rows.
     #[allow(clippy::too_many_arguments)]
     fn convolve_band(&self, src: &[f32], pw: usize, rows: usize, y0: usize, xs: &[f64], dst: &mut [f32], scratch: &mut Scratch) {
@@ -672,6 +865,23 @@ impl KernelSolution {
             }
         }
         Ok(out)
+    }
+}
+
+/// Helpers shared with other modules' tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+    use rand::Rng;
+
+    /// A solution of spatial order 2 with random, spatially varying coefficients.
+    pub fn random_solution(rng: &mut impl Rng, w: usize, h: usize) -> KernelSolution {
+        let basis = Basis::new(&[0.8, 1.6, 3.0], &[4, 2, 1], 7).unwrap();
+        let opts = FitOptions::default();
+        let lay = Layout::new(basis.len(), &opts);
+        let mut x: Vec<f64> = (0..lay.n).map(|_| rng.gen_range(-0.05..0.05)).collect();
+        x[0] = 0.5;
+        unpack(&basis, w, h, &opts, &lay, &x)
     }
 }
 

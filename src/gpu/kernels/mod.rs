@@ -6,6 +6,7 @@
 //! `pix` (6 planes of `n * npix` f32), `stamps`, `work` (7 planes) and `results`
 //! ([`RESULT_STRIDE`] f32 per stamp).
 
+pub mod al;
 pub mod convolve;
 pub mod difference_score;
 pub mod fit;
