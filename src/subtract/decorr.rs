@@ -62,8 +62,11 @@ pub struct DecorrelationKernel {
     pub sum: f64,
     /// Sum of the matching kernel, `κ̂(0)` (the flux scale unconvolved / convolved).
     pub kappa_sum: f64,
-    /// The variances the filter was built for, per pixel, each in its own image's units.
+    /// The variance per pixel of the image not convolved that the filter was built for, its
+    /// units².
     pub var_unconvolved: f64,
+    /// The variance per pixel of the convolved image (before convolution) that the filter was
+    /// built for, its own units².
     pub var_convolved: f64,
     /// `Σφ²` over the box: the factor on the unconvolved image's variance in the filtered
     /// difference.
