@@ -12,10 +12,12 @@
 //! science value). The template is convolved only when the science PSF is broader.
 
 use super::{EngineError, StampBatch, StampParams};
-use crate::alert::{Alert, Image, Stamp};
+use crate::alert::{Alert, Image, Stamp, Survey};
 
 /// FWHM / sigma of a Gaussian.
 pub const FWHM_PER_SIGMA: f64 = 2.354_820_045;
+/// Starting PSF sigma (pixels) for measuring stamps that come without PSF or seeing.
+const PSF_SIGMA_GUESS: f64 = 1.0;
 /// MAD → sigma for Gaussian noise.
 const MAD_TO_SIGMA: f64 = 1.4826;
 
@@ -36,6 +38,16 @@ pub struct PrepareConfig {
     pub template_saturation: Option<f64>,
     /// A template source must peak this many sky sigmas above the sky to be measured.
     pub template_min_peak_snr: f64,
+    /// Take the flux scale from the survey instead of fitting it on the stamp, for surveys that
+    /// deliver the template on the science image's photometric scale (Rubin: both in nJy; ZTF:
+    /// the reference cutout is flux-matched to the science exposure). Only the background is then
+    /// fitted. Other stamps (blink native) fit both.
+    pub survey_scale: bool,
+    /// Where both stamps carry a PSF image and the Gaussian kernel of their second moments
+    /// leaves more than this fraction of the broader PSF's power unmatched
+    /// (`‖G⊗P_sharp − P_broad‖² / ‖P_broad‖²`), a free-form kernel is fitted to the PSF images
+    /// and applied here on the CPU instead.
+    pub max_gaussian_mismatch: f64,
 }
 
 impl Default for PrepareConfig {
@@ -48,6 +60,8 @@ impl Default for PrepareConfig {
             sigma_range: (0.4, 10.0),
             template_saturation: None,
             template_min_peak_snr: 10.0,
+            survey_scale: true,
+            max_gaussian_mismatch: 1e-3,
         }
     }
 }
@@ -58,8 +72,12 @@ pub enum SigmaSource {
     PsfImage,
     Packet,
     Measured,
+    /// Both widths from the sources the two stamps share ([`paired_widths`]).
+    Paired,
     /// The template fell back to the science value.
     Science,
+    /// The science fell back to the template value.
+    Template,
 }
 
 /// One alert, ready to batch.
@@ -79,6 +97,23 @@ pub struct PreparedStamp {
     pub params: StampParams,
     pub science_sigma_source: SigmaSource,
     pub template_sigma_source: SigmaSource,
+    /// Where the PSF matching happened.
+    pub matching: Matching,
+    /// Factor applied to the convolved image's variance for its correlated noise.
+    pub noise_factor: f64,
+}
+
+/// Which image was convolved onto the other's PSF, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matching {
+    /// Same PSF width: nothing convolved.
+    None,
+    /// The engine's `convolve` kernel: template ⊗ Gaussian of `kernel_sigma`.
+    Engine,
+    /// Template convolved in preparation (a free-form kernel fitted to the PSF images).
+    TemplateHere,
+    /// Science convolved in preparation (it is the sharper image).
+    ScienceHere,
 }
 
 impl PreparedStamp {
@@ -147,8 +182,9 @@ pub fn psf_sigma(psf: &Image) -> Option<f64> {
     (sigma.is_finite() && sigma > 0.0).then_some(sigma)
 }
 
-/// Adaptive (Gaussian-weighted, iterated) second moments of the source peaking at `(px, py)`.
-fn adaptive_sigma(img: &Image, usable: &[bool], sky: f64, px: usize, py: usize, guess: f64) -> Option<f64> {
+/// Adaptive (Gaussian-weighted, iterated) second moments of the source peaking at `(px, py)`:
+/// its Gaussian-equivalent sigma and centroid.
+fn adaptive_moments(img: &Image, usable: &[bool], sky: f64, px: usize, py: usize, guess: f64) -> Option<Source> {
     let half = (4.0 * guess).ceil().max(3.0) as i64;
     let (w, h) = (img.width as i64, img.height as i64);
     let (x0, y0) = (px as i64, py as i64);
@@ -195,13 +231,21 @@ fn adaptive_sigma(img: &Image, usable: &[bool], sky: f64, px: usize, py: usize, 
         }
     }
     let sigma = sw2.sqrt();
-    sigma.is_finite().then_some(sigma)
+    sigma.is_finite().then_some(Source { sigma, x: cx, y: cy })
 }
 
-/// Sigma of the brightest unsaturated compact source on a stamp, within the sanity range and a
-/// factor of three of `guess`.
-pub fn measure_sigma(img: &Image, usable: &[bool], guess: f64, cfg: &PrepareConfig) -> Option<f64> {
-    let (sky, sky_var) = sky_stats(&img.data, usable)?;
+/// A compact source measured on a stamp: adaptive-moment sigma (pixels) and centroid.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Source {
+    pub sigma: f64,
+    pub x: f64,
+    pub y: f64,
+}
+
+/// The brightest local maxima ≥ `template_min_peak_snr` sky sigmas (at most `max`), unsaturated,
+/// with their adaptive moments (sigma within the sanity range and a factor of three of `guess`).
+pub fn sources(img: &Image, usable: &[bool], guess: f64, max: usize, cfg: &PrepareConfig) -> Vec<Source> {
+    let Some((sky, sky_var)) = sky_stats(&img.data, usable) else { return Vec::new() };
     let thresh = sky + cfg.template_min_peak_snr * sky_var.sqrt();
     let (w, h) = (img.width, img.height);
     let mut peaks = Vec::new();
@@ -220,10 +264,51 @@ pub fn measure_sigma(img: &Image, usable: &[bool], guess: f64, cfg: &PrepareConf
     }
     peaks.sort_by(|a, b| b.0.total_cmp(&a.0));
     let (lo, hi) = cfg.sigma_range;
-    peaks.iter().take(8).find_map(|&(_, x, y)| {
-        let s = adaptive_sigma(img, usable, sky, x, y, guess)?;
-        (s >= lo && s <= hi && s >= guess / 3.0 && s <= guess * 3.0).then_some(s)
-    })
+    peaks
+        .iter()
+        .take(max)
+        .filter_map(|&(_, x, y)| {
+            // The window is 4 guessed sigmas wide each way: measure a broader source again with
+            // a window that fits it.
+            let s = adaptive_moments(img, usable, sky, x, y, guess)?;
+            if s.sigma > 1.25 * guess {
+                adaptive_moments(img, usable, sky, x, y, s.sigma).or(Some(s))
+            } else {
+                Some(s)
+            }
+        })
+        .filter(|s| s.sigma >= lo && s.sigma <= hi && s.sigma >= guess / 3.0 && s.sigma <= guess * 3.0)
+        .collect()
+}
+
+/// Sigma of the brightest unsaturated compact source on a stamp, within the sanity range and a
+/// factor of three of `guess`.
+pub fn measure_sigma(img: &Image, usable: &[bool], guess: f64, cfg: &PrepareConfig) -> Option<f64> {
+    sources(img, usable, guess, 8, cfg).first().map(|s| s.sigma)
+}
+
+/// PSF widths from the sources both stamps show (centroids within 1.5 px): the median of
+/// `σ_sci² − σ_tmpl²` over the pairs (a galaxy's own size cancels in the difference), and the
+/// template's PSF sigma (the pairs' median, but no more than 1.3 × the sharpest template source,
+/// so that galaxies do not pass for the PSF). `None` without a pair.
+pub fn paired_widths(sci: &Image, sci_ok: &[bool], tmpl: &Image, tmpl_ok: &[bool], guess: f64, cfg: &PrepareConfig) -> Option<(f64, f64, usize)> {
+    let ss = sources(sci, sci_ok, guess, 10, cfg);
+    let ts = sources(tmpl, tmpl_ok, guess, 10, cfg);
+    let tmin = ts.iter().map(|s| s.sigma).fold(f64::INFINITY, f64::min);
+    let mut d = Vec::new();
+    let mut st = Vec::new();
+    for s in &ss {
+        if let Some(t) = ts.iter().find(|t| (t.x - s.x).powi(2) + (t.y - s.y).powi(2) <= 2.25) {
+            d.push(s.sigma * s.sigma - t.sigma * t.sigma);
+            st.push(t.sigma);
+        }
+    }
+    if d.is_empty() {
+        return None;
+    }
+    let n = d.len();
+    let t = median_in_place(&mut st).min(1.3 * tmin);
+    Some((median_in_place(&mut d), t, n))
 }
 
 /// Bilinear sample of `img` at (x, y), 0 outside.
@@ -261,6 +346,318 @@ pub fn profile(width: usize, height: usize, cx: f64, cy: f64, psf: Option<&Image
     }
     let sum: f64 = p.iter().sum();
     (sum > 0.0 && sum.is_finite()).then(|| p.iter().map(|v| (v / sum) as f32).collect())
+}
+
+/// A small square convolution kernel, side `2·half + 1`, row-major, centred on its middle pixel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kernel {
+    pub half: usize,
+    pub data: Vec<f64>,
+}
+
+impl Kernel {
+    pub fn side(&self) -> usize {
+        2 * self.half + 1
+    }
+
+    /// The unit-sum Gaussian the engine's `convolve` kernel applies for `sigma`: taps
+    /// `exp(−k²/2σ²)` out to `cpu::convolve::radius(sigma)`, the outer product of the 1-D taps.
+    pub fn engine_gaussian(sigma: f64) -> Kernel {
+        let r = crate::cpu::convolve::radius(sigma as f32).max(0) as usize;
+        let g: Vec<f64> = (0..=2 * r)
+            .map(|k| {
+                let t = (k as f64 - r as f64) / sigma;
+                if k == r { 1.0 } else { (-0.5 * t * t).exp() }
+            })
+            .collect();
+        let sum: f64 = g.iter().sum();
+        let data = g.iter().flat_map(|a| g.iter().map(move |b| a * b / (sum * sum))).collect();
+        Kernel { half: r, data }
+    }
+
+    /// Σ K², the per-pixel variance of unit white noise after convolution.
+    pub fn sum_sq(&self) -> f64 {
+        self.data.iter().map(|v| v * v).sum()
+    }
+}
+
+/// A PSF image normalised to unit sum and zero-padded onto a `(2r+1)²` grid, its central pixel
+/// in the middle.
+fn centred(psf: &Image, r: usize) -> Vec<f64> {
+    let n = 2 * r + 1;
+    let mut out = vec![0.0; n * n];
+    let (pcx, pcy) = (psf.width / 2, psf.height / 2);
+    for y in 0..psf.height {
+        for x in 0..psf.width {
+            let (gx, gy) = (x as i64 - pcx as i64 + r as i64, y as i64 - pcy as i64 + r as i64);
+            if gx >= 0 && gy >= 0 && (gx as usize) < n && (gy as usize) < n {
+                let v = psf.data[y * psf.width + x] as f64;
+                out[gy as usize * n + gx as usize] = if v.is_finite() { v } else { 0.0 };
+            }
+        }
+    }
+    let sum: f64 = out.iter().sum();
+    if sum > 0.0 && sum.is_finite() {
+        out.iter_mut().for_each(|v| *v /= sum);
+    }
+    out
+}
+
+/// The normal equations of `K ⊗ p ≈ q` for a kernel of half-width `half`, on a common grid:
+/// `AᵀA` (from the autocorrelation of `p`), `Aᵀq` and `qᵀq`.
+struct KernelSystem {
+    half: usize,
+    ata: Vec<f64>,
+    atb: Vec<f64>,
+}
+
+impl KernelSystem {
+    fn new(sharp: &Image, broad: &Image, half: usize) -> KernelSystem {
+        let r = sharp.width.max(sharp.height).max(broad.width).max(broad.height) / 2 + 2 * half + 1;
+        let n = 2 * r + 1;
+        let p = centred(sharp, r);
+        let q = centred(broad, r);
+        let corr = |a: &[f64], b: &[f64], dx: i64, dy: i64| -> f64 {
+            // Σ_y a(y) b(y + d)
+            let mut s = 0.0;
+            for y in 0..n as i64 {
+                let yy = y + dy;
+                if yy < 0 || yy >= n as i64 {
+                    continue;
+                }
+                for x in 0..n as i64 {
+                    let xx = x + dx;
+                    if xx < 0 || xx >= n as i64 {
+                        continue;
+                    }
+                    let av = a[(y * n as i64 + x) as usize];
+                    if av != 0.0 {
+                        s += av * b[(yy * n as i64 + xx) as usize];
+                    }
+                }
+            }
+            s
+        };
+        let h = half as i64;
+        let side = 2 * half + 1;
+        let m = side * side;
+        let l = 2 * h;
+        let lside = (2 * l + 1) as usize;
+        let mut auto = vec![0.0; lside * lside];
+        for dy in -l..=l {
+            for dx in -l..=l {
+                auto[((dy + l) as usize) * lside + (dx + l) as usize] = corr(&p, &p, dx, dy);
+            }
+        }
+        let mut ata = vec![0.0; m * m];
+        let mut atb = vec![0.0; m];
+        for i in 0..m {
+            let (ix, iy) = ((i % side) as i64 - h, (i / side) as i64 - h);
+            // column i is p shifted by d_i: Σ_x p(x − d_i) q(x) = Σ_y p(y) q(y + d_i)
+            atb[i] = corr(&p, &q, ix, iy);
+            for j in 0..m {
+                let (jx, jy) = ((j % side) as i64 - h, (j / side) as i64 - h);
+                // Σ_x p(x − d_i) p(x − d_j) = auto(d_i − d_j)
+                let (dx, dy) = (ix - jx, iy - jy);
+                ata[i * m + j] = auto[((dy + l) as usize) * lside + (dx + l) as usize];
+            }
+        }
+        KernelSystem { half, ata, atb }
+    }
+
+    /// Least squares with `Σ K = 1` (a Lagrange multiplier) and a small ridge.
+    fn solve(&self) -> Option<Kernel> {
+        let side = 2 * self.half + 1;
+        let m = side * side;
+        let n = m + 1;
+        let trace: f64 = (0..m).map(|i| self.ata[i * m + i]).sum();
+        let ridge = 1e-7 * trace / m as f64;
+        let mut a = vec![0.0; n * (n + 1)];
+        for i in 0..m {
+            for j in 0..m {
+                a[i * (n + 1) + j] = self.ata[i * m + j] + if i == j { ridge } else { 0.0 };
+            }
+            a[i * (n + 1) + m] = 1.0;
+            a[m * (n + 1) + i] = 1.0;
+            a[i * (n + 1) + n] = self.atb[i];
+        }
+        a[m * (n + 1) + n] = 1.0;
+        let x = solve_dense(&mut a, n)?;
+        let data = x[..m].to_vec();
+        data.iter().all(|v| v.is_finite()).then_some(Kernel { half: self.half, data })
+    }
+}
+
+/// Gaussian elimination with partial pivoting on an `n × (n+1)` augmented matrix.
+fn solve_dense(a: &mut [f64], n: usize) -> Option<Vec<f64>> {
+    let w = n + 1;
+    for c in 0..n {
+        let piv = (c..n).max_by(|&i, &j| a[i * w + c].abs().total_cmp(&a[j * w + c].abs()))?;
+        if !(a[piv * w + c].abs() > 0.0) {
+            return None;
+        }
+        if piv != c {
+            for k in 0..w {
+                a.swap(piv * w + k, c * w + k);
+            }
+        }
+        let d = a[c * w + c];
+        for r in c + 1..n {
+            let f = a[r * w + c] / d;
+            if f != 0.0 {
+                for k in c..w {
+                    a[r * w + k] -= f * a[c * w + k];
+                }
+            }
+        }
+    }
+    let mut x = vec![0.0; n];
+    for r in (0..n).rev() {
+        let s: f64 = (r + 1..n).map(|k| a[r * w + k] * x[k]).sum();
+        x[r] = (a[r * w + n] - s) / a[r * w + r];
+    }
+    x.iter().all(|v| v.is_finite()).then_some(x)
+}
+
+/// `‖K ⊗ P_sharp − P_broad‖² / ‖P_broad‖²`, the PSF images aligned on their central pixels.
+pub fn kernel_residual(k: &Kernel, sharp: &Image, broad: &Image) -> f64 {
+    let r = sharp.width.max(sharp.height).max(broad.width).max(broad.height) / 2 + k.half;
+    let n = 2 * r + 1;
+    let p = centred(sharp, r);
+    let q = centred(broad, r);
+    let (ks, hk) = (k.side(), k.half as i64);
+    let mut res = 0.0;
+    for y in 0..n as i64 {
+        for x in 0..n as i64 {
+            let mut c = 0.0;
+            for ky in -hk..=hk {
+                let yy = y - ky;
+                if yy < 0 || yy >= n as i64 {
+                    continue;
+                }
+                for kx in -hk..=hk {
+                    let xx = x - kx;
+                    if xx >= 0 && xx < n as i64 {
+                        c += k.data[(ky + hk) as usize * ks + (kx + hk) as usize] * p[yy as usize * n + xx as usize];
+                    }
+                }
+            }
+            res += (c - q[y as usize * n + x as usize]).powi(2);
+        }
+    }
+    let qq: f64 = q.iter().map(|v| v * v).sum();
+    if qq > 0.0 {
+        res / qq
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// How well the engine's Gaussian of `sigma_k` maps the sharper PSF image onto the broader one,
+/// and the free-form kernel that does it best (half-width from `sigma_k`, at most 8), with its
+/// residual; both as [`kernel_residual`].
+pub fn matching_kernel(sharp: &Image, broad: &Image, sigma_k: f64) -> (f64, Option<(Kernel, f64)>) {
+    let gauss = Kernel::engine_gaussian(sigma_k.max(1e-3));
+    let g_res = kernel_residual(&gauss, sharp, broad);
+    let half = ((2.5 * sigma_k).ceil() as usize + 1).clamp(2, 8);
+    let free = KernelSystem::new(sharp, broad, half).solve().map(|k| {
+        let r = kernel_residual(&k, sharp, broad);
+        (k, r)
+    });
+    (g_res, free)
+}
+
+/// `img ⊗ K` and `var ⊗ K²`, renormalised over usable pixels (`Σ K w`) as the engine's
+/// `convolve` does; a pixel whose usable kernel weight is below 0.5 becomes unusable.
+fn convolve_masked(img: &[f32], var: &[f32], usable: &mut [bool], w: usize, h: usize, k: &Kernel) -> (Vec<f32>, Vec<f32>) {
+    let side = k.side();
+    let hk = k.half as i64;
+    let mut out = vec![0.0f32; w * h];
+    let mut out_v = vec![0.0f32; w * h];
+    let mut ok = vec![false; w * h];
+    for y in 0..h as i64 {
+        for x in 0..w as i64 {
+            let (mut st, mut sw, mut sv) = (0.0f64, 0.0f64, 0.0f64);
+            for ky in -hk..=hk {
+                let yy = y - ky;
+                if yy < 0 || yy >= h as i64 {
+                    continue;
+                }
+                for kx in -hk..=hk {
+                    let xx = x - kx;
+                    if xx < 0 || xx >= w as i64 {
+                        continue;
+                    }
+                    let q = yy as usize * w + xx as usize;
+                    if !usable[q] {
+                        continue;
+                    }
+                    let kv = k.data[(ky + hk) as usize * side + (kx + hk) as usize];
+                    st += kv * img[q] as f64;
+                    sw += kv;
+                    sv += kv * kv * var[q] as f64;
+                }
+            }
+            let i = y as usize * w + x as usize;
+            if sw >= 0.5 {
+                out[i] = (st / sw) as f32;
+                out_v[i] = (sv / (sw * sw)) as f32;
+                ok[i] = true;
+            }
+        }
+    }
+    for (u, o) in usable.iter_mut().zip(&ok) {
+        *u = *u && *o;
+    }
+    (out, out_v)
+}
+
+/// The factor by which convolving white noise with `k` and then treating the pixels as
+/// independent underestimates the matched filter's variance with the compact profile `p`
+/// (side `2·ph + 1`, any normalisation): `Σ (K ⊗ P)² / (Σ P² · Σ K²)`. 1 for a delta kernel.
+pub fn correlated_noise_factor(k: &Kernel, p: &[f64], ph: usize) -> f64 {
+    let (ks, ps) = (k.side() as i64, (2 * ph + 1) as i64);
+    let n = ks + ps - 1;
+    let mut conv = vec![0.0f64; (n * n) as usize];
+    for py in 0..ps {
+        for px in 0..ps {
+            let pv = p[(py * ps + px) as usize];
+            if pv == 0.0 {
+                continue;
+            }
+            for ky in 0..ks {
+                for kx in 0..ks {
+                    conv[((py + ky) * n + px + kx) as usize] += pv * k.data[(ky * ks + kx) as usize];
+                }
+            }
+        }
+    }
+    let num: f64 = conv.iter().map(|v| v * v).sum();
+    let den = p.iter().map(|v| v * v).sum::<f64>() * k.sum_sq();
+    if den > 0.0 && num.is_finite() {
+        (num / den).max(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// A Gaussian profile of `sigma` on a `(2·ph + 1)²` grid, `ph = ceil(4σ)`.
+fn gaussian_compact(sigma: f64) -> (Vec<f64>, usize) {
+    let ph = (4.0 * sigma).ceil().clamp(1.0, 40.0) as usize;
+    let n = 2 * ph + 1;
+    let p = (0..n * n)
+        .map(|i| {
+            let (dx, dy) = ((i % n) as f64 - ph as f64, (i / n) as f64 - ph as f64);
+            (-(dx * dx + dy * dy) / (2.0 * sigma * sigma)).exp()
+        })
+        .collect();
+    (p, ph)
+}
+
+/// A PSF image as a compact profile (odd square around its central pixel).
+fn psf_compact(psf: &Image) -> (Vec<f64>, usize) {
+    let ph = psf.width.min(psf.height).saturating_sub(1) / 2;
+    (centred(psf, ph), ph)
 }
 
 fn check_shape(alert: &Alert, what: &str, img: &Image, w: usize, h: usize) -> Result<(), EngineError> {
@@ -322,10 +719,17 @@ pub fn prepare_stamp(alert: &Alert, cfg: &PrepareConfig) -> Result<PreparedStamp
     if !(gain > 0.0 && gain.is_finite()) {
         return Err(bad(alert, format!("gain {gain}")));
     }
+    // A template without a variance plane is a coadd on the science's flux scale: its sources'
+    // shot noise shrinks with its sky noise, so its effective gain is the science gain times
+    // the ratio of the two sky variances.
+    let sky_var_of = |st: &Stamp, ok: &[bool]| st.variance.is_none().then(|| sky_stats(&st.image.data, ok).map(|s| s.1)).flatten();
+    let template_gain = match (sky_var_of(sci, &sci_ok), sky_var_of(tmpl, &tmpl_ok)) {
+        (Some(vs), Some(vt)) if vs > 0.0 && vt > 0.0 && (vs / vt).is_finite() => gain * (vs / vt).clamp(1e-3, 1e3),
+        _ => gain,
+    };
     let science_var = variance(alert, sci, &mut sci_ok, gain, "science")?;
-    let template_var = variance(alert, tmpl, &mut tmpl_ok, gain, "template")?;
-    let weight: Vec<f32> = sci_ok.iter().zip(&tmpl_ok).map(|(a, b)| if *a && *b { 1.0 } else { 0.0 }).collect();
-    let usable = weight.iter().filter(|v| **v > 0.0).count();
+    let template_var = variance(alert, tmpl, &mut tmpl_ok, template_gain, "template")?;
+    let usable = sci_ok.iter().zip(&tmpl_ok).filter(|(a, b)| **a && **b).count();
     if (usable as f64) < cfg.min_usable_fraction * npix as f64 {
         return Err(bad(alert, format!("only {usable} of {npix} pixels usable")));
     }
@@ -333,64 +737,135 @@ pub fn prepare_stamp(alert: &Alert, cfg: &PrepareConfig) -> Result<PreparedStamp
     let (lo, hi) = cfg.sigma_range;
     let in_range = |s: f64| s.is_finite() && s >= lo && s <= hi;
     let from_fwhm = |f: Option<f64>| f.map(|f| f / FWHM_PER_SIGMA).filter(|s| in_range(*s));
-    let sci_psf = sci.psf.as_ref().filter(|p| p.width > 0 && p.height > 0 && p.data.len() == p.width * p.height);
-    let (science_sigma, science_src) = match sci_psf.and_then(psf_sigma).filter(|s| in_range(*s)) {
-        Some(s) => (s, SigmaSource::PsfImage),
-        None => match from_fwhm(alert.candidate.fwhm_px) {
-            Some(s) => (s, SigmaSource::Packet),
-            None => {
-                let guess = from_fwhm(alert.candidate.template_fwhm_px).unwrap_or(1.5);
-                let s = measure_sigma(&sci.image, &sci_ok, guess, cfg)
-                    .ok_or_else(|| bad(alert, "no science PSF: no PSF image, no seeing in the packet, no star to measure"))?;
-                (s, SigmaSource::Measured)
-            }
-        },
+    let valid = |p: &&Image| p.width > 0 && p.height > 0 && p.data.len() == p.width * p.height;
+    let sci_psf = sci.psf.as_ref().filter(valid);
+    let tmpl_psf = tmpl.psf.as_ref().filter(valid);
+    let sci_psf_sigma = sci_psf.and_then(psf_sigma).filter(|s| in_range(*s));
+    let tmpl_psf_sigma = tmpl_psf.and_then(psf_sigma).filter(|s| in_range(*s));
+    let paired = match (sci_psf_sigma, tmpl_psf_sigma) {
+        (None, None) => paired_widths(&sci.image, &sci_ok, &tmpl.image, &tmpl_ok, PSF_SIGMA_GUESS, cfg),
+        _ => None,
     };
-    let tmpl_psf = tmpl.psf.as_ref().filter(|p| p.width > 0 && p.height > 0 && p.data.len() == p.width * p.height);
-    let (template_sigma, template_src) = match tmpl_psf.and_then(psf_sigma).filter(|s| in_range(*s)) {
-        Some(s) => (s, SigmaSource::PsfImage),
-        None => {
-            let guess = from_fwhm(alert.candidate.template_fwhm_px).unwrap_or(science_sigma);
-            match measure_sigma(&tmpl.image, &tmpl_ok, guess, cfg) {
-                Some(s) => (s, SigmaSource::Measured),
-                None => match from_fwhm(alert.candidate.template_fwhm_px) {
-                    Some(s) => (s, SigmaSource::Packet),
-                    None => (science_sigma, SigmaSource::Science),
-                },
+    let (science_sigma, science_src, template_sigma, template_src) = if let Some((d, t, _)) = paired {
+        ((t * t + d).max(lo * lo).sqrt(), SigmaSource::Paired, t, SigmaSource::Paired)
+    } else {
+        let t = match tmpl_psf_sigma {
+            Some(t) => Some((t, SigmaSource::PsfImage)),
+            None => measure_sigma(&tmpl.image, &tmpl_ok, sci_psf_sigma.unwrap_or(PSF_SIGMA_GUESS), cfg)
+                .map(|t| (t, SigmaSource::Measured))
+                .or_else(|| from_fwhm(alert.candidate.template_fwhm_px).map(|t| (t, SigmaSource::Packet))),
+        };
+        let guess = t.map(|t| t.0).unwrap_or(PSF_SIGMA_GUESS);
+        let s = match sci_psf_sigma {
+            Some(s) => Some((s, SigmaSource::PsfImage)),
+            None => measure_sigma(&sci.image, &sci_ok, guess, cfg).map(|s| (s, SigmaSource::Measured)).or_else(|| {
+                // The packet's seeing (ZTF: the candidate's own SExtractor FWHM) is noisy: keep it
+                // within reason of the template's.
+                from_fwhm(alert.candidate.fwhm_px).map(|s| (s.clamp(0.8 * guess, hi.max(0.8 * guess)), SigmaSource::Packet))
+            }),
+        };
+        match (s, t) {
+            (Some(s), Some(t)) => (s.0, s.1, t.0, t.1),
+            (Some(s), None) => (s.0, s.1, s.0, SigmaSource::Science),
+            (None, Some(t)) => (t.0, SigmaSource::Template, t.0, t.1),
+            (None, None) => {
+                return Err(bad(alert, "no PSF: no PSF image, no seeing in the packet, no star to measure"));
             }
         }
     };
-    let kernel_sigma = (science_sigma * science_sigma - template_sigma * template_sigma).max(0.0).sqrt();
 
     let (cx, cy) = (alert.candidate.stamp_x, alert.candidate.stamp_y);
     if !(cx.is_finite() && cy.is_finite()) || cx < -0.5 || cy < -0.5 || cx > w as f64 - 0.5 || cy > h as f64 - 0.5 {
         return Err(bad(alert, format!("candidate at ({cx}, {cy}) is outside the {w}x{h} stamp")));
     }
-    let fit_radius = (cfg.fit_exclusion_fwhm * FWHM_PER_SIGMA * science_sigma).min(cfg.max_fit_radius_frac * w.min(h) as f64);
-    let profile = profile(w, h, cx, cy, sci_psf, science_sigma)
+
+    // PSF matching: the sharper image is convolved onto the broader PSF. The engine convolves
+    // the template with a Gaussian; anything else (the science is the sharper one, or the PSF
+    // images are not matched well by a Gaussian) is convolved here with the kernel it needs.
+    let science_broader = science_sigma >= template_sigma;
+    let (sigma_broad, sigma_sharp) =
+        if science_broader { (science_sigma, template_sigma) } else { (template_sigma, science_sigma) };
+    let (broad_psf, sharp_psf) = if science_broader { (sci_psf, tmpl_psf) } else { (tmpl_psf, sci_psf) };
+    let sigma_k = (sigma_broad * sigma_broad - sigma_sharp * sigma_sharp).max(0.0).sqrt();
+    let mut engine_sigma = 0.0;
+    let mut cpu_kernel: Option<Kernel> = None;
+    if sigma_k >= crate::cpu::convolve::SIGMA_MIN as f64 {
+        let free = match (broad_psf, sharp_psf) {
+            (Some(bp), Some(sp)) => match matching_kernel(sp, bp, sigma_k) {
+                (g_res, Some((k, r))) if g_res > cfg.max_gaussian_mismatch && r < g_res => Some(k),
+                _ => None,
+            },
+            _ => None,
+        };
+        match free {
+            Some(k) => cpu_kernel = Some(k),
+            None if science_broader => engine_sigma = sigma_k,
+            None => cpu_kernel = Some(Kernel::engine_gaussian(sigma_k)),
+        }
+    }
+    // Convolution correlates the noise; the engine treats pixels as independent, so the
+    // convolved image's variance is scaled to give the matched filter its true variance.
+    let (compact, ph) = match broad_psf {
+        Some(p) => psf_compact(p),
+        None => gaussian_compact(sigma_broad),
+    };
+    let applied = cpu_kernel.clone().or_else(|| (engine_sigma > 0.0).then(|| Kernel::engine_gaussian(engine_sigma)));
+    let noise_factor = applied.as_ref().map(|k| correlated_noise_factor(k, &compact, ph)).unwrap_or(1.0);
+
+    let clean = |s: &Stamp, ok: &[bool]| -> Vec<f32> {
+        s.image.data.iter().zip(ok).map(|(v, u)| if *u { *v } else { 0.0 }).collect()
+    };
+    let mut science = clean(sci, &sci_ok);
+    let mut template = clean(tmpl, &tmpl_ok);
+    let (mut science_var, mut template_var) = (science_var, template_var);
+    match &cpu_kernel {
+        Some(k) if science_broader => {
+            let (t, v) = convolve_masked(&template, &template_var, &mut tmpl_ok, w, h, k);
+            template = t;
+            template_var = v.iter().map(|x| x * noise_factor as f32).collect();
+        }
+        Some(k) => {
+            let (s, v) = convolve_masked(&science, &science_var, &mut sci_ok, w, h, k);
+            science = s;
+            science_var = v.iter().map(|x| x * noise_factor as f32).collect();
+        }
+        None => template_var.iter_mut().for_each(|x| *x *= noise_factor as f32),
+    }
+    let weight: Vec<f32> = sci_ok.iter().zip(&tmpl_ok).map(|(a, b)| if *a && *b { 1.0 } else { 0.0 }).collect();
+    for (v, wt) in science.iter_mut().zip(&weight) {
+        if *wt == 0.0 {
+            *v = 0.0;
+        }
+    }
+    for (v, wt) in template.iter_mut().zip(&weight) {
+        if *wt == 0.0 {
+            *v = 0.0;
+        }
+    }
+
+    let fit_radius = (cfg.fit_exclusion_fwhm * FWHM_PER_SIGMA * sigma_broad).min(cfg.max_fit_radius_frac * w.min(h) as f64);
+    let profile = profile(w, h, cx, cy, broad_psf, sigma_broad)
         .ok_or_else(|| bad(alert, "matched-filter profile is empty on the stamp"))?;
+    let fixed_scale = if cfg.survey_scale && matches!(alert.survey, Survey::Rubin | Survey::Ztf) { 1.0 } else { 0.0 };
 
     let params = StampParams {
-        kernel_sigma: kernel_sigma as f32,
+        kernel_sigma: engine_sigma as f32,
         cand_x: cx as f32,
         cand_y: cy as f32,
         fit_radius: fit_radius as f32,
-        fixed_scale: 0.0,
+        fixed_scale,
         science_sigma: science_sigma as f32,
         template_sigma: template_sigma as f32,
     };
     if ![params.kernel_sigma, params.fit_radius, params.science_sigma, params.template_sigma].iter().all(|v| v.is_finite()) {
         return Err(bad(alert, format!("non-finite parameters {params:?}")));
     }
-    let clean = |s: &Stamp, ok: &[bool]| -> Vec<f32> {
-        s.image.data.iter().zip(ok).map(|(v, u)| if *u { *v } else { 0.0 }).collect()
-    };
     Ok(PreparedStamp {
         alert_id: alert.alert_id.clone(),
         width: w,
         height: h,
-        science: clean(sci, &sci_ok),
-        template: clean(tmpl, &tmpl_ok),
+        science,
+        template,
         science_var,
         template_var,
         weight,
@@ -398,6 +873,13 @@ pub fn prepare_stamp(alert: &Alert, cfg: &PrepareConfig) -> Result<PreparedStamp
         params,
         science_sigma_source: science_src,
         template_sigma_source: template_src,
+        matching: match (&cpu_kernel, science_broader) {
+            (Some(_), true) => Matching::TemplateHere,
+            (Some(_), false) => Matching::ScienceHere,
+            (None, _) if engine_sigma > 0.0 => Matching::Engine,
+            _ => Matching::None,
+        },
+        noise_factor,
     })
 }
 
@@ -537,9 +1019,17 @@ mod tests {
             ..Default::default()
         };
         let p = prepare_stamp(&alert(sci, tmpl, cand), &PrepareConfig::default()).unwrap();
-        assert_eq!(p.template_sigma_source, SigmaSource::Measured);
+        // The one source both stamps show gives both widths; the packet's seeing is not needed.
+        assert_eq!((p.science_sigma_source, p.template_sigma_source), (SigmaSource::Paired, SigmaSource::Paired));
         assert!((p.params.template_sigma - 1.6).abs() < 0.1, "{}", p.params.template_sigma);
-        assert!((p.params.science_sigma - 2.4).abs() < 1e-4);
+        assert!((p.params.science_sigma - 2.4).abs() < 0.1, "{}", p.params.science_sigma);
+        let k = (2.4f32 * 2.4 - 1.6 * 1.6).sqrt();
+        assert!((p.params.kernel_sigma - k).abs() < 0.15, "{} vs {k}", p.params.kernel_sigma);
+        assert_eq!(p.matching, Matching::Engine);
+        // Rubin's (and ZTF's) template is on the science's flux scale: only the background is fitted.
+        assert_eq!(p.params.fixed_scale, 1.0);
+        let native = prepare_stamp(&Alert { survey: Survey::Native, ..alert(stamp(vec![1.0; 4], 2, 2, None, None), stamp(vec![1.0; 4], 2, 2, None, None), Candidate::default()) }, &PrepareConfig::default());
+        assert!(native.is_err(), "a flat 2x2 stamp has no PSF to measure");
         assert_eq!(p.weight[5], 0.0);
         // Uniform noise of width 10 has sigma 10/sqrt(12); MAD estimate is rougher: loose.
         let sky_var = p.science_var[0] as f64;
@@ -563,5 +1053,65 @@ mod tests {
         assert!(e.to_string().contains("usable"), "{e}");
         let far = Candidate { stamp_x: f64::NAN, ..cand };
         assert!(prepare_stamp(&alert(mk(20), mk(20), far), &PrepareConfig::default()).is_err());
+    }
+
+    #[test]
+    fn sharper_science_is_convolved_here() {
+        let (w, h) = (41, 41);
+        let psf_s = Image::new(25, 25, gaussian(25, 25, 12.0, 12.0, 1.2, 1.0));
+        let psf_t = Image::new(25, 25, gaussian(25, 25, 12.0, 12.0, 2.0, 1.0));
+        let var = Image::new(w, h, vec![4.0; w * h]);
+        let sci = stamp((0..w * h).map(|i| 100.0 + 2.0 * noise(i)).collect(), w, h, Some(psf_s), Some(var.clone()));
+        let tmpl = stamp((0..w * h).map(|i| 100.0 + 2.0 * noise(i + 7)).collect(), w, h, Some(psf_t), Some(var));
+        let cand = Candidate { stamp_x: 20.0, stamp_y: 20.0, positive: true, ..Default::default() };
+        let p = prepare_stamp(&alert(sci, tmpl, cand), &PrepareConfig::default()).unwrap();
+        assert_eq!(p.matching, Matching::ScienceHere);
+        assert_eq!(p.params.kernel_sigma, 0.0);
+        // Smoothing white noise of variance 4 with a Gaussian of sigma 1.6 leaves ~4/(4π·1.6²) per
+        // pixel, scaled back up by the correlated-noise factor for a profile of sigma 2.
+        let k = Kernel::engine_gaussian(1.6);
+        let expect = 4.0 * k.sum_sq() * p.noise_factor;
+        assert!((p.science_var[20 * w + 20] as f64 - expect).abs() < 1e-3 * expect, "{} vs {expect}", p.science_var[20 * w + 20]);
+        // Continuous limit for Gaussians: 4π σ_k² σ_p² / (σ_k² + σ_p²), σ_k² = 2.56, σ_p = 2.
+        let analytic = 4.0 * std::f64::consts::PI * 2.56 * 4.0 / (2.56 + 4.0);
+        assert!((p.noise_factor / analytic - 1.0).abs() < 0.1, "{} vs {analytic}", p.noise_factor);
+        // The science's noise is smoothed, so its pixel scatter drops.
+        let sd = |v: &[f32]| {
+            let m = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
+            (v.iter().map(|x| (*x as f64 - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        assert!(sd(&p.science[10 * w..30 * w]) < 0.5 * sd(&p.template[10 * w..30 * w]));
+    }
+
+    #[test]
+    fn non_gaussian_psfs_get_a_fitted_kernel() {
+        // A PSF with wings (two Gaussians) against a plain Gaussian: no single Gaussian matches.
+        let wings = |s: f64| -> Vec<f32> {
+            let a = gaussian(31, 31, 15.0, 15.0, s, 1.0);
+            let b = gaussian(31, 31, 15.0, 15.0, 2.5 * s, 0.08);
+            a.iter().zip(&b).map(|(x, y)| x + y).collect()
+        };
+        let sharp = Image::new(31, 31, gaussian(31, 31, 15.0, 15.0, 1.4, 1.0));
+        let broad = Image::new(31, 31, wings(2.0));
+        let sk = (psf_sigma(&broad).unwrap().powi(2) - psf_sigma(&sharp).unwrap().powi(2)).sqrt();
+        let (g_res, free) = matching_kernel(&sharp, &broad, sk);
+        let (k, f_res) = free.unwrap();
+        assert!(g_res > 1e-3, "{g_res}");
+        assert!(f_res < 0.1 * g_res, "{f_res} vs {g_res}");
+        assert!((k.data.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        // Exact Gaussians: the engine's Gaussian is already right.
+        let g2 = Image::new(31, 31, gaussian(31, 31, 15.0, 15.0, 2.0, 1.0));
+        let (g_res, _) = matching_kernel(&sharp, &g2, (4.0f64 - 1.96).sqrt());
+        assert!(g_res < 1e-6, "{g_res}");
+    }
+
+    #[test]
+    fn correlated_noise_factor_limits() {
+        let (p, ph) = gaussian_compact(1.5);
+        assert!((correlated_noise_factor(&Kernel { half: 0, data: vec![1.0] }, &p, ph) - 1.0).abs() < 1e-12);
+        // Continuous limit: 4π σk² σp² / (σp² + σk²) ... for σk = σp = 2: 4π·4·4/8 = 8π.
+        let (p, ph) = gaussian_compact(2.0);
+        let f = correlated_noise_factor(&Kernel::engine_gaussian(2.0), &p, ph);
+        assert!((f / (8.0 * std::f64::consts::PI) - 1.0).abs() < 0.03, "{f}");
     }
 }
