@@ -99,6 +99,10 @@ pub struct AgreementSummary {
     pub ztf_blink_ge5: usize,
     /// `ztf_blink_ge5 / ztf_survey_ge5` (NaN when the survey has none).
     pub ztf_ge5_fraction: f64,
+    /// The same with blink's detection criterion, `|score| ≥ 5` (the pipeline's threshold is on
+    /// |score|), which also counts a detection of the wrong sign.
+    pub ztf_blink_abs_ge5: usize,
+    pub ztf_abs_ge5_fraction: f64,
     /// Median of the ZTF ratios signed score / survey SNR.
     pub ztf_median_ratio: f64,
     /// Rubin alerts compared, their ratios signed score / |snr| (in row order) and the median.
@@ -264,6 +268,7 @@ pub fn summarise(rows: &[AgreementRow]) -> AgreementSummary {
     let ys: Vec<f64> = ztf.iter().map(|r| r.signed_score).collect();
     let ge5: Vec<&&AgreementRow> = ztf.iter().filter(|r| r.survey_snr >= 5.0).collect();
     let blink5 = ge5.iter().filter(|r| r.signed_score >= 5.0).count();
+    let blink_abs5 = ge5.iter().filter(|r| r.signed_score.abs() >= 5.0).count();
     let mut zr: Vec<f64> = ztf.iter().map(|r| r.signed_score / r.survey_snr).collect();
     let rubin_ratios: Vec<f64> =
         rows.iter().filter(|r| r.survey == Survey::Rubin).map(|r| r.signed_score / r.survey_snr.abs()).collect();
@@ -274,6 +279,8 @@ pub fn summarise(rows: &[AgreementRow]) -> AgreementSummary {
         ztf_survey_ge5: ge5.len(),
         ztf_blink_ge5: blink5,
         ztf_ge5_fraction: if ge5.is_empty() { f64::NAN } else { blink5 as f64 / ge5.len() as f64 },
+        ztf_blink_abs_ge5: blink_abs5,
+        ztf_abs_ge5_fraction: if ge5.is_empty() { f64::NAN } else { blink_abs5 as f64 / ge5.len() as f64 },
         ztf_median_ratio: median(&mut zr),
         rubin_n: rubin_ratios.len(),
         rubin_ratios,
@@ -409,12 +416,14 @@ impl Agreement {
         let _ = writeln!(s, "duplicates skipped: {}", self.duplicates);
         let _ = writeln!(
             s,
-            "ZTF: {} alerts, Spearman {:.3}, survey >= 5: {} of which blink >= 5: {} ({:.1} %), median blink/survey {:.2}",
+            "ZTF: {} alerts, Spearman {:.3}, survey >= 5: {} of which blink >= 5: {} ({:.1} %; |score| >= 5: {}, {:.1} %), median blink/survey {:.2}",
             m.ztf_n,
             m.ztf_spearman,
             m.ztf_survey_ge5,
             m.ztf_blink_ge5,
             100.0 * m.ztf_ge5_fraction,
+            m.ztf_blink_abs_ge5,
+            100.0 * m.ztf_abs_ge5_fraction,
             m.ztf_median_ratio
         );
         let ratios: Vec<String> = m.rubin_ratios.iter().map(|r| format!("{r:.3}")).collect();
