@@ -1,15 +1,20 @@
 //! Batch preparation on the CPU: an [`Alert`] becomes a [`PreparedStamp`] (variance planes, PSF
-//! widths, the Gaussian matching kernel, masks, fit exclusion and the matched-filter profile),
-//! and same-shape stamps become a [`StampBatch`].
+//! widths, PSF matching, masks, fit exclusion, flux scale and the matched-filter profile), and
+//! same-shape stamps become a [`StampBatch`]. Method and figures: `docs/engine.md`.
 //!
 //! Noise: the stamp's own variance planes where present (Rubin); otherwise (ZTF) per image
 //! `sky_var + max(pixel − sky, 0) / gain`, with the sky level the median and the sky variance
-//! `(1.4826·MAD)²` of the usable pixels.
+//! `(1.4826·MAD)²` of the usable pixels (the template's gain scaled by the ratio of sky variances).
 //!
 //! PSF widths (Gaussian-equivalent sigma): second moments of the PSF image where the stamp has
-//! one; else the packet's seeing for the science image, and adaptive second moments of the
-//! brightest unsaturated compact source on the template (falling back to the packet, then to the
-//! science value). The template is convolved only when the science PSF is broader.
+//! one; else the sources both stamps show ([`paired_widths`]), then each stamp's brightest
+//! compact source, then the packet's seeing.
+//!
+//! PSF matching: the sharper image is convolved onto the broader PSF — the template by the
+//! engine's Gaussian `convolve` kernel; the science, or either image with a free-form kernel
+//! fitted to the two PSF images when a Gaussian does not match them ([`matching_kernel`]), here.
+//! The convolved image's variance is scaled for its correlated noise
+//! ([`correlated_noise_factor`]). Survey stamps on one flux scale (Rubin, ZTF) fix the scale at 1.
 
 use super::{EngineError, StampBatch, StampParams};
 use crate::alert::{Alert, Image, Stamp, Survey};
