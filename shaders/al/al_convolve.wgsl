@@ -10,16 +10,19 @@
 // out_y0 .. out_y0 + out_rows.
 //
 // A workgroup (TX × TY invocations) makes a tile of TW × TY output pixels, each invocation PX
-// neighbours along x. The input tile with its halo sits in workgroup memory as vec4s; kernel
-// rows are staged one at a time (all TERMS kernels interleaved per tap), so each image tap read
-// feeds PX × TERMS multiply-adds, the kernel values being broadcasts. Kernel rows are padded
-// with zeros to `taps4` (a multiple of 4) so the window advances by one vec4 per 4 taps.
+// neighbours along x. The input tile sits in workgroup memory as vec4s; kernel rows are staged
+// one at a time (all TERMS kernels interleaved per tap), so each image tap read feeds
+// PX × TERMS multiply-adds, the kernel values being broadcasts. Kernel rows are padded with
+// zeros to `taps4` (a multiple of 4) so the window advances by one vec4 per 4 taps. The tile
+// holds TILE_ROWS input rows: kernel rows are taken CHUNK at a time (one chunk for h ≤ 10, two
+// for h ≤ 20, three up to MAX_HALF), the tile reloaded for each.
 //
-// Non-finite input pixels enter the tile as 0 and are marked in a bitmask; a workgroup that saw
-// any writes NaN to every output pixel whose (2h+1)² box holds a marked pixel (WGSL lets an
-// implementation assume no NaN arithmetic, so propagation is not left to the multiply).
+// Non-finite input pixels enter the tile as 0 and are marked in a bitmask; in a chunk that saw
+// any, each invocation checks its pixels' boxes and writes NaN where a box holds a marked pixel
+// (WGSL lets an implementation assume no NaN arithmetic, so propagation is not left to the
+// multiply).
 //
-// Workgroup memory: 912·16 + 64·16 + 114·4 + 4 = 16076 bytes, under WebGPU's 16 KiB minimum.
+// Workgroup memory: 812·16 + 104·16 + 102·4 + 4 = 15068 bytes, under WebGPU's 16 KiB minimum.
 
 // Keep in sync with `AlConvParams` in src/gpu/kernels/al.rs (size checked by a test).
 struct AlConvParams {
@@ -49,12 +52,13 @@ const TX: u32 = 16u;
 const TY: u32 = 8u;
 const TW: u32 = 64u;          // TX * PX, PX = 4
 const TERMS: u32 = 6u;
-const MAX_HALF: u32 = 15u;
-const MAX_TAPS4: u32 = 32u;   // 2 * MAX_HALF + 1 rounded up to 4
-const IN_W4: u32 = 24u;       // (TW + MAX_TAPS4) / 4: tile row stride, vec4s
-const IN_W: u32 = 96u;        // IN_W4 * 4
-const MAX_IN_ROWS: u32 = 38u; // TY + 2 * MAX_HALF
-const MASK_WORDS: u32 = 114u; // IN_W * MAX_IN_ROWS / 32
+const MAX_HALF: u32 = 24u;
+const MAX_TAPS4: u32 = 52u;   // 2 * MAX_HALF + 1 rounded up to 4
+const IN_W4: u32 = 29u;       // (TW + MAX_TAPS4) / 4: tile row stride, vec4s
+const IN_W: u32 = 116u;       // IN_W4 * 4
+const TILE_ROWS: u32 = 28u;
+const CHUNK: u32 = 21u;       // kernel rows per tile load: TILE_ROWS - TY + 1
+const MASK_WORDS: u32 = 102u; // ceil(IN_W * TILE_ROWS / 32)
 
 @group(0) @binding(0) var<uniform> prm: AlConvParams;
 @group(0) @binding(1) var<storage, read> image: array<f32>;
@@ -63,12 +67,22 @@ const MASK_WORDS: u32 = 114u; // IN_W * MAX_IN_ROWS / 32
 @group(0) @binding(2) var<storage, read> kern: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-var<workgroup> tile: array<vec4<f32>, 912>;   // IN_W4 * MAX_IN_ROWS
-var<workgroup> krow: array<vec4<f32>, 64>;    // 2 * MAX_TAPS4
-var<workgroup> bad: array<atomic<u32>, 114>;  // MASK_WORDS
+var<workgroup> tile: array<vec4<f32>, 812>;   // IN_W4 * TILE_ROWS
+var<workgroup> krow: array<vec4<f32>, 104>;   // 2 * MAX_TAPS4
+var<workgroup> bad: array<atomic<u32>, 102>;  // MASK_WORDS
 var<workgroup> any_bad: atomic<u32>;
 
-// Accumulators of the PX pixels: terms 0–3 in a_j, terms 4–5 in b_j.
+// Accumulators of the PX pixels: terms 0–3 in a_j, terms 4–5 in b_j. One kernel row goes
+// into r_j / s_j, then into a_j / b_j (blocked summation: the f32 error grows with the taps of
+// a row plus the rows, not with their product).
+var<private> r0: vec4<f32>;
+var<private> r1: vec4<f32>;
+var<private> r2: vec4<f32>;
+var<private> r3: vec4<f32>;
+var<private> s0: vec2<f32>;
+var<private> s1: vec2<f32>;
+var<private> s2: vec2<f32>;
+var<private> s3: vec2<f32>;
 var<private> a0: vec4<f32>;
 var<private> a1: vec4<f32>;
 var<private> a2: vec4<f32>;
@@ -81,14 +95,34 @@ var<private> b3: vec2<f32>;
 // One kernel tap (k: terms 0–3, kb.xy: terms 4–5) against the PX pixels' image values.
 fn tap(k: vec4<f32>, kb: vec4<f32>, p0: f32, p1: f32, p2: f32, p3: f32) {
     let k2 = kb.xy;
-    a0 += k * p0;
-    b0 += k2 * p0;
-    a1 += k * p1;
-    b1 += k2 * p1;
-    a2 += k * p2;
-    b2 += k2 * p2;
-    a3 += k * p3;
-    b3 += k2 * p3;
+    r0 += k * p0;
+    s0 += k2 * p0;
+    r1 += k * p1;
+    s1 += k2 * p1;
+    r2 += k * p2;
+    s2 += k2 * p2;
+    r3 += k * p3;
+    s3 += k2 * p3;
+}
+
+// The row sums into the totals.
+fn end_row() {
+    a0 += r0;
+    a1 += r1;
+    a2 += r2;
+    a3 += r3;
+    b0 += s0;
+    b1 += s1;
+    b2 += s2;
+    b3 += s3;
+    r0 = vec4<f32>(0.0);
+    r1 = vec4<f32>(0.0);
+    r2 = vec4<f32>(0.0);
+    r3 = vec4<f32>(0.0);
+    s0 = vec2<f32>(0.0);
+    s1 = vec2<f32>(0.0);
+    s2 = vec2<f32>(0.0);
+    s3 = vec2<f32>(0.0);
 }
 
 // Pixel coordinate mapped to [−1, 1] (`normalised` in src/subtract/mod.rs).
@@ -127,10 +161,11 @@ fn monomials(xn: f32, yn: f32) -> Mono {
     return Mono(vec4<f32>(m[0], m[1], m[2], m[3]), vec2<f32>(m[4], m[5]));
 }
 
-// Whether the (2h+1)² box of tile pixel (lx, ly) (its top-left corner) holds a marked pixel.
-fn box_bad(lx: u32, ly: u32) -> bool {
+// Whether the part in the tile (nb kernel rows) of the (2h+1)² box of tile pixel (lx, ly) (its
+// top-left corner) holds a marked pixel.
+fn box_bad(lx: u32, ly: u32, nb: u32) -> bool {
     let side = 2u * prm.half + 1u;
-    for (var r = ly; r < ly + side; r += 1u) {
+    for (var r = ly; r < ly + nb; r += 1u) {
         for (var c = lx; c < lx + side; c += 1u) {
             let bit = r * IN_W + c;
             if ((atomicLoad(&bad[bit / 32u]) & (1u << (bit % 32u))) != 0u) {
@@ -152,7 +187,7 @@ fn emit(lx: u32, ly: u32, x0: u32, y: u32, yn: f32, flagged: bool, a: vec4<f32>,
     if (prm.accumulate != 0u) {
         v += out[o];
     }
-    if (flagged && box_bad(lx, ly)) {
+    if (flagged) {
         v = bitcast<f32>(prm.nan_bits);
     }
     out[o] = v;
@@ -166,38 +201,15 @@ fn al_convolve(
 ) {
     let h = prm.half;
     let side = 2u * h + 1u;
-    let rows = TY + 2u * h;
     let cols4 = (TW + prm.taps4) / 4u;
-    // Frame position of tile pixel (0, 0).
+    let groups = prm.taps4 / 4u;
+    let lx = 4u * lid.x;
+    // Frame position of the pixel under output (0, 0) and kernel tap (0, 0).
     let x0 = i32(wid.x * TW) - i32(h);
     let y0 = i32(prm.out_y0 + wid.y * TY) - i32(h);
-    for (var i = tid; i < MASK_WORDS; i += TX * TY) {
-        atomicStore(&bad[i], 0u);
-    }
-    if (tid == 0u) {
-        atomicStore(&any_bad, 0u);
-    }
-    workgroupBarrier();
     let wmax = i32(prm.width) - 1;
     let hmax = i32(prm.height) - 1;
-    for (var i = tid; i < rows * cols4; i += TX * TY) {
-        let r = i / cols4;
-        let c4 = i % cols4;
-        let base = (u32(clamp(y0 + i32(r), 0, hmax)) - prm.in_y0) * prm.width;
-        var v = vec4<f32>(0.0);
-        for (var j = 0u; j < 4u; j += 1u) {
-            let c = c4 * 4u + j;
-            let p = image[base + u32(clamp(x0 + i32(c), 0, wmax))];
-            if ((bitcast<u32>(p) & 0x7f800000u) == 0x7f800000u) {
-                let bit = r * IN_W + c;
-                atomicOr(&bad[bit / 32u], 1u << (bit % 32u));
-                atomicStore(&any_bad, 1u);
-            } else {
-                v[j] = p;
-            }
-        }
-        tile[r * IN_W4 + c4] = v;
-    }
+    end_row();
     a0 = vec4<f32>(0.0);
     a1 = vec4<f32>(0.0);
     a2 = vec4<f32>(0.0);
@@ -206,37 +218,76 @@ fn al_convolve(
     b1 = vec2<f32>(0.0);
     b2 = vec2<f32>(0.0);
     b3 = vec2<f32>(0.0);
-    let groups = prm.taps4 / 4u;
-    for (var b = 0u; b < side; b += 1u) {
+    // Bit j: pixel j's box holds a non-finite pixel.
+    var flags = 0u;
+    for (var kb0 = 0u; kb0 < side; kb0 += CHUNK) {
+        let nb = min(CHUNK, side - kb0);
+        let rows = TY + nb - 1u;
         workgroupBarrier();
-        if (tid < 2u * prm.taps4) {
-            krow[tid] = kern[prm.kern_off + b * 2u * prm.taps4 + tid];
+        for (var i = tid; i < MASK_WORDS; i += TX * TY) {
+            atomicStore(&bad[i], 0u);
+        }
+        if (tid == 0u) {
+            atomicStore(&any_bad, 0u);
         }
         workgroupBarrier();
-        // Pixel j of this invocation, tap a = 4m + i, reads tile column 4·lid.x + j + a: a
-        // window of two vec4s, lo (columns 4(lid.x + m) ..) and hi (the next four).
-        let trow = (lid.y + b) * IN_W4 + lid.x;
-        var lo = tile[trow];
-        for (var m = 0u; m < groups; m += 1u) {
-            let hi = tile[trow + m + 1u];
-            let k = 8u * m;
-            tap(krow[k], krow[k + 1u], lo.x, lo.y, lo.z, lo.w);
-            tap(krow[k + 2u], krow[k + 3u], lo.y, lo.z, lo.w, hi.x);
-            tap(krow[k + 4u], krow[k + 5u], lo.z, lo.w, hi.x, hi.y);
-            tap(krow[k + 6u], krow[k + 7u], lo.w, hi.x, hi.y, hi.z);
-            lo = hi;
+        // Tile row r is frame row y0 + kb0 + r (clamped: the edge extended).
+        for (var i = tid; i < rows * cols4; i += TX * TY) {
+            let r = i / cols4;
+            let c4 = i % cols4;
+            let base = (u32(clamp(y0 + i32(kb0 + r), 0, hmax)) - prm.in_y0) * prm.width;
+            var v = vec4<f32>(0.0);
+            for (var j = 0u; j < 4u; j += 1u) {
+                let c = c4 * 4u + j;
+                let p = image[base + u32(clamp(x0 + i32(c), 0, wmax))];
+                if ((bitcast<u32>(p) & 0x7f800000u) == 0x7f800000u) {
+                    let bit = r * IN_W + c;
+                    atomicOr(&bad[bit / 32u], 1u << (bit % 32u));
+                    atomicStore(&any_bad, 1u);
+                } else {
+                    v[j] = p;
+                }
+            }
+            tile[r * IN_W4 + c4] = v;
+        }
+        workgroupBarrier();
+        if (atomicLoad(&any_bad) != 0u) {
+            for (var j = 0u; j < 4u; j += 1u) {
+                if (box_bad(lx + j, lid.y, nb)) {
+                    flags |= 1u << j;
+                }
+            }
+        }
+        for (var bb = 0u; bb < nb; bb += 1u) {
+            workgroupBarrier();
+            if (tid < 2u * prm.taps4) {
+                krow[tid] = kern[prm.kern_off + (kb0 + bb) * 2u * prm.taps4 + tid];
+            }
+            workgroupBarrier();
+            // Pixel j of this invocation, tap a = 4m + i, reads tile column 4·lid.x + j + a: a
+            // window of two vec4s, lo (columns 4(lid.x + m) ..) and hi (the next four).
+            let trow = (lid.y + bb) * IN_W4 + lid.x;
+            var lo = tile[trow];
+            for (var m = 0u; m < groups; m += 1u) {
+                let hi = tile[trow + m + 1u];
+                let k = 8u * m;
+                tap(krow[k], krow[k + 1u], lo.x, lo.y, lo.z, lo.w);
+                tap(krow[k + 2u], krow[k + 3u], lo.y, lo.z, lo.w, hi.x);
+                tap(krow[k + 4u], krow[k + 5u], lo.z, lo.w, hi.x, hi.y);
+                tap(krow[k + 6u], krow[k + 7u], lo.w, hi.x, hi.y, hi.z);
+                lo = hi;
+            }
+            end_row();
         }
     }
     let y = prm.out_y0 + wid.y * TY + lid.y;
     if (y >= prm.out_y0 + prm.out_rows) {
         return;
     }
-    let flagged = atomicLoad(&any_bad) != 0u;
     let yn = normalised(y, prm.height);
-    let lx = 4u * lid.x;
     let xt = wid.x * TW;
-    emit(lx, lid.y, xt, y, yn, flagged, a0, b0);
-    emit(lx + 1u, lid.y, xt, y, yn, flagged, a1, b1);
-    emit(lx + 2u, lid.y, xt, y, yn, flagged, a2, b2);
-    emit(lx + 3u, lid.y, xt, y, yn, flagged, a3, b3);
+    emit(lx, lid.y, xt, y, yn, (flags & 1u) != 0u, a0, b0);
+    emit(lx + 1u, lid.y, xt, y, yn, (flags & 2u) != 0u, a1, b1);
+    emit(lx + 2u, lid.y, xt, y, yn, (flags & 4u) != 0u, a2, b2);
+    emit(lx + 3u, lid.y, xt, y, yn, (flags & 8u) != 0u, a3, b3);
 }

@@ -38,8 +38,10 @@ struct AlGramParams {
 // Keep in sync with the constants of the same names in src/gpu/kernels/al.rs.
 const STAMP_TILE: u32 = 16u;
 const GROUP: u32 = 8u;          // basis functions per `al_stamp_convolve` workgroup
-const MAX_HALF: u32 = 15u;
-const MAX_TILE_IN: u32 = 46u;   // STAMP_TILE + 2 * MAX_HALF
+const MAX_HALF: u32 = 24u;
+const TILE_COLS: u32 = 64u;     // STAMP_TILE + 2 * MAX_HALF
+const TILE_ROWS: u32 = 48u;
+const CHUNK: u32 = 33u;         // kernel rows per tile load: TILE_ROWS - STAMP_TILE + 1
 const GRAM_WG: u32 = 256u;
 const MAX_COLS: u32 = 64u;
 const PAIRS_PER: u32 = 9u;      // ceil(MAX_COLS (MAX_COLS + 1) / 2 / GRAM_WG)
@@ -56,8 +58,8 @@ const CHP: u32 = 33u;           // chunk stride in workgroup memory (odd: no ban
 // Per stamp, `pairs` sums.
 @group(0) @binding(4) var<storage, read_write> sums: array<f32>;
 
-var<workgroup> ctile: array<f32, 2116>;      // MAX_TILE_IN²
-var<workgroup> krow: array<vec4<f32>, 62>;   // 2 (2 MAX_HALF + 1)
+var<workgroup> ctile: array<f32, 3072>;      // TILE_COLS * TILE_ROWS
+var<workgroup> krow: array<vec4<f32>, 98>;   // 2 (2 MAX_HALF + 1)
 var<workgroup> vals: array<f32, 2112>;       // MAX_COLS * CHP
 
 // Grid (tiles_x², stamps, ceil(nk / GROUP)).
@@ -76,25 +78,36 @@ fn al_stamp_convolve(
     let ty0 = (wid.x / prm.tiles_x) * STAMP_TILE;
     let cut = s * prm.in_stride;
     let cmax = prm.cside - 1u;
-    for (var i = tid; i < tw * tw; i += STAMP_TILE * STAMP_TILE) {
-        let r = i / tw;
-        let c = i % tw;
-        // Past the cutout only for outputs past the stamp, which are not written.
-        ctile[i] = inp[cut + min(ty0 + r, cmax) * prm.cside + min(tx0 + c, cmax)];
-    }
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
-    for (var b = 0u; b < side; b += 1u) {
+    // The tile holds TILE_ROWS cutout rows: kernel rows CHUNK at a time.
+    for (var kb0 = 0u; kb0 < side; kb0 += CHUNK) {
+        let nb = min(CHUNK, side - kb0);
+        let rows = STAMP_TILE + nb - 1u;
         workgroupBarrier();
-        if (tid < 2u * side) {
-            krow[tid] = basis[(g * side + b) * side * 2u + tid];
+        for (var i = tid; i < rows * tw; i += STAMP_TILE * STAMP_TILE) {
+            let r = i / tw;
+            let c = i % tw;
+            // Past the cutout only for outputs past the stamp, which are not written.
+            ctile[r * TILE_COLS + c] = inp[cut + min(ty0 + kb0 + r, cmax) * prm.cside + min(tx0 + c, cmax)];
         }
-        workgroupBarrier();
-        let base = (lid.y + b) * tw + lid.x;
-        for (var a = 0u; a < side; a += 1u) {
-            let v = ctile[base + a];
-            acc0 += krow[2u * a] * v;
-            acc1 += krow[2u * a + 1u] * v;
+        for (var bb = 0u; bb < nb; bb += 1u) {
+            workgroupBarrier();
+            if (tid < 2u * side) {
+                krow[tid] = basis[(g * side + kb0 + bb) * side * 2u + tid];
+            }
+            workgroupBarrier();
+            let base = (lid.y + bb) * TILE_COLS + lid.x;
+            // One kernel row, then into the totals (blocked summation).
+            var row0 = vec4<f32>(0.0);
+            var row1 = vec4<f32>(0.0);
+            for (var a = 0u; a < side; a += 1u) {
+                let v = ctile[base + a];
+                row0 += krow[2u * a] * v;
+                row1 += krow[2u * a + 1u] * v;
+            }
+            acc0 += row0;
+            acc1 += row1;
         }
     }
     let x = tx0 + lid.x;

@@ -1,5 +1,6 @@
 //! blink's integration tests, one binary (module index below).
 //!
+//! - `al_parity`: the Alard–Lupton GPU kernels against their CPU twins and the CPU fit.
 //! - `agreement`: issue 4, blink's cutout score against the surveys' SNR on the real fixture alerts.
 //! - `bench_alerts`: `blink bench` alerts mode on a tiny simulated night through embedded Kafka.
 //! - `detect`: `blink detect` and `blink bench` on simulated nights against truth; bad folders.
@@ -9,6 +10,7 @@
 //! - `simulate`: `blink simulate` against its own claims (noise, flux, template depth, headers,
 //!   manifest and truth, determinism).
 
+mod al_parity;
 mod agreement;
 mod bench_alerts;
 mod decode;

@@ -39,10 +39,12 @@ pub const PX: u32 = 4;
 pub const TW: u32 = TX * PX;
 /// Monomials per pass.
 pub const TERMS: usize = 6;
-/// Largest kernel half-width the shaders take (the basis default caps it at 15).
-pub const MAX_HALF: usize = 15;
+/// Largest kernel half-width the shaders take (the basis default caps it at 24).
+pub const MAX_HALF: usize = 24;
+/// Input rows of the `al_convolve` tile; kernel rows are taken `TILE_ROWS - TY + 1` at a time.
+pub const TILE_ROWS: u32 = 28;
 /// Workgroup memory of `al_convolve`, bytes (tile, kernel row, NaN mask, flag).
-pub const CONVOLVE_WORKGROUP_BYTES: u32 = 912 * 16 + 64 * 16 + 114 * 4 + 4;
+pub const CONVOLVE_WORKGROUP_BYTES: u32 = 812 * 16 + 104 * 16 + 102 * 4 + 4;
 
 // Keep in sync with the constants of the same names in shaders/al/al_gram.wgsl.
 /// Output tile side of `al_stamp_convolve`.
@@ -53,8 +55,10 @@ pub const GROUP: usize = 8;
 pub const GRAM_WG: u32 = 256;
 /// Most Gram columns (basis functions + background terms + 1).
 pub const MAX_COLS: usize = 64;
+/// Rows of the `al_stamp_convolve` tile (kernel rows `STAMP_TILE_ROWS - STAMP_TILE + 1` at a time).
+pub const STAMP_TILE_ROWS: u32 = 48;
 /// Workgroup memory of the larger stamp entry point, bytes.
-pub const GRAM_WORKGROUP_BYTES: u32 = 2116 * 4 + 62 * 16;
+pub const GRAM_WORKGROUP_BYTES: u32 = 3072 * 4 + 98 * 16;
 
 /// Parameters of one `al_convolve` pass (keep in sync with `struct AlConvParams` in
 /// `shaders/al/al_convolve.wgsl`).
@@ -102,6 +106,8 @@ pub struct AlPipelines {
     gram_layout: wgpu::BindGroupLayout,
     stamp_convolve: wgpu::ComputePipeline,
     stamp_gram: wgpu::ComputePipeline,
+    /// Most output rows per band of `al_convolve` (tests force bands on small frames).
+    band_rows: Option<usize>,
 }
 
 fn entry(binding: u32, ty: wgpu::BufferBindingType) -> wgpu::BindGroupLayoutEntry {
@@ -171,7 +177,7 @@ impl AlPipelines {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(gpu_err(ctx, format!("building the Alard–Lupton pipelines: {e}")));
         }
-        Ok(AlPipelines { conv_layout, convolve, gram_layout, stamp_convolve, stamp_gram })
+        Ok(AlPipelines { conv_layout, convolve, gram_layout, stamp_convolve, stamp_gram, band_rows: None })
     }
 }
 
@@ -240,6 +246,18 @@ impl GpuEngine {
         Ok(())
     }
 
+    /// Cap the rows of one `al_convolve` band (rounded down to a multiple of [`TY`], at least
+    /// one tile), as if the storage binding were that small; `None`: the adapter's limit. For
+    /// tests of the banding on small frames.
+    #[doc(hidden)]
+    pub fn al_limit_band_rows(&mut self, rows: Option<usize>) -> Result<(), EngineError> {
+        self.al_pipelines()?;
+        if let Some(p) = self.al.as_mut() {
+            p.band_rows = rows.map(|r| (r / TY as usize * TY as usize).max(TY as usize));
+        }
+        Ok(())
+    }
+
     /// `sol` applied to `image` (`w × h`, the frame it was fitted on): the twin of
     /// [`KernelSolution::convolve`] (and of `cpu::al::convolve`), edges extended, a non-finite
     /// pixel making its whole `(2h+1)²` box NaN. Kernel half-widths up to [`MAX_HALF`].
@@ -303,7 +321,10 @@ impl GpuEngine {
         if max_in_rows < 2 * half + TY as usize || w.div_ceil(TW as usize) > max_groups || kern.len() as u64 * 4 > cap {
             return Err(gpu_err(ctx, format!("a {w}-pixel row band with a {half}-pixel halo exceeds a storage binding of {cap} bytes")));
         }
-        let band = h.min((max_in_rows - 2 * half) / TY as usize * TY as usize).min(max_groups * TY as usize);
+        let band = h
+            .min((max_in_rows - 2 * half) / TY as usize * TY as usize)
+            .min(max_groups * TY as usize)
+            .min(pipes.band_rows.unwrap_or(usize::MAX));
         let in_rows_max = h.min(band + 2 * half);
         let (w32, h32) = (u32_of(w, "frame width")?, u32_of(h, "frame height")?);
 
@@ -604,12 +625,18 @@ mod tests {
         // The workgroup arrays against the sizes the constants imply.
         let max_taps4 = (2 * MAX_HALF + 1).div_ceil(4) * 4;
         let in_w4 = (TW as usize + max_taps4) / 4;
-        let rows = TY as usize + 2 * MAX_HALF;
+        let rows = TILE_ROWS as usize;
+        assert!(CONVOLVE_WGSL.contains(&format!("const MAX_TAPS4: u32 = {max_taps4}u;")));
+        assert!(CONVOLVE_WGSL.contains(&format!("const CHUNK: u32 = {}u;", rows - TY as usize + 1)));
         assert!(CONVOLVE_WGSL.contains(&format!("array<vec4<f32>, {}>", in_w4 * rows)));
+        assert!(CONVOLVE_WGSL.contains(&format!("array<vec4<f32>, {}>", 2 * max_taps4)));
         assert!(CONVOLVE_WGSL.contains(&format!("array<atomic<u32>, {}>", (in_w4 * 4 * rows).div_ceil(32))));
+        assert_eq!(CONVOLVE_WORKGROUP_BYTES as usize, in_w4 * rows * 16 + 2 * max_taps4 * 16 + (in_w4 * 4 * rows).div_ceil(32) * 4 + 4);
         assert!(CONVOLVE_WORKGROUP_BYTES <= 16384, "{CONVOLVE_WORKGROUP_BYTES}");
-        let tile_in = STAMP_TILE as usize + 2 * MAX_HALF;
-        assert!(GRAM_WGSL.contains(&format!("array<f32, {}>", tile_in * tile_in)));
+        let cols = STAMP_TILE as usize + 2 * MAX_HALF;
+        assert!(GRAM_WGSL.contains(&format!("const CHUNK: u32 = {}u;", STAMP_TILE_ROWS - STAMP_TILE + 1)));
+        assert!(GRAM_WGSL.contains(&format!("array<f32, {}>", cols * STAMP_TILE_ROWS as usize)));
+        assert!(GRAM_WGSL.contains(&format!("array<vec4<f32>, {}>", 2 * (2 * MAX_HALF + 1))));
         assert!(GRAM_WORKGROUP_BYTES <= 16384);
         let pairs = MAX_COLS * (MAX_COLS + 1) / 2;
         assert!(GRAM_WGSL.contains(&format!("const PAIRS_PER: u32 = {}u;", pairs.div_ceil(GRAM_WG as usize))));
