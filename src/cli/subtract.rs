@@ -21,7 +21,8 @@ pub struct SubtractArgs {
     /// Template (reference) image on the same pixel grid as the science image.
     #[arg(long)]
     pub template: PathBuf,
-    /// Where to write the difference (science flux units; NaN where masked).
+    /// Where to write the difference (science flux units; NaN where masked). With `--method al`
+    /// it is decorrelated (DMTN-021 post-filter, header DECORR = T): its noise is white.
     #[arg(long)]
     pub out_diff: PathBuf,
     /// Where to write the score image: matched-filter signal to noise in sigma at every pixel
@@ -65,6 +66,10 @@ pub struct SubtractArgs {
     /// `al` falls back to `gaussian`, with a warning, when the frame has too few stars.
     #[arg(long, value_parser = ["al", "gaussian"], default_value = "al")]
     pub method: String,
+    /// Write the Alard–Lupton difference without the decorrelation post-filter (its noise then
+    /// correlated between neighbouring pixels by the kernel).
+    #[arg(long)]
+    pub no_decorrelation: bool,
     #[command(flatten)]
     pub engine: super::EngineArgs,
 }
@@ -101,7 +106,7 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         }
     }
     crate::detect::check_registration(&science, &template)?;
-    let opts = FrameOptions { tile: a.tile.clamp(16, 4096), ..FrameOptions::default() };
+    let opts = FrameOptions { tile: a.tile.clamp(16, 4096), decorrelate: !a.no_decorrelation, ..FrameOptions::default() };
     let mut engine = crate::engine::select_engine(super::engine_preference(&a.engine)?)?;
     let read = t0.elapsed();
     let t1 = Instant::now();
@@ -124,7 +129,11 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let work = t1.elapsed();
     let (w, h) = (diff.width, diff.height);
     let masked = |i: usize| !(diff.variance[i] > 0.0);
-    let d: Vec<f32> = (0..w * h).map(|i| if masked(i) { f32::NAN } else { diff.difference[i] }).collect();
+    // The decorrelated difference where there is one (white noise), else the difference.
+    let d: Vec<f32> = match &diff.decorrelated {
+        Some(dc) => (0..w * h).map(|i| if !(dc.variance[i] > 0.0) { f32::NAN } else { dc.difference[i] }).collect(),
+        None => (0..w * h).map(|i| if masked(i) { f32::NAN } else { diff.difference[i] }).collect(),
+    };
     let z: Vec<f32> = (0..w * h).map(|i| if masked(i) { f32::NAN } else { sc.score[i] }).collect();
     let numbers = [
         ("FWHM_SCI", diff.sigma_science * FWHM_PER_SIGMA, "science PSF FWHM used, px"),
@@ -136,11 +145,12 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let texts = [
         ("CONVOLVD", if diff.convolved_template { "template" } else { "science" }.to_string(), "image convolved"),
         ("FSCALSRC", diff.scale_source.name().to_string(), "where the flux scale came from"),
+        ("DECORR", if diff.decorrelated.is_some() { "T" } else { "F" }.to_string(), "decorrelation post-filter applied (DMTN-021)"),
         ("ORIGIN", format!("blink {}", env!("CARGO_PKG_VERSION")), ""),
     ];
-    write_image(&a.out_diff, w, h, &d, &numbers, &[texts[0].clone(), texts[1].clone(), texts[2].clone(), ("BUNIT", "science ADU".into(), "")])?;
+    write_image(&a.out_diff, w, h, &d, &numbers, &[texts[0].clone(), texts[1].clone(), texts[2].clone(), texts[3].clone(), ("BUNIT", "science ADU".into(), "")])?;
     if let Some(p) = &a.out_score {
-        write_image(p, w, h, &z, &numbers, &[texts[0].clone(), texts[1].clone(), texts[2].clone(), ("BUNIT", "sigma".into(), "matched-filter score")])?;
+        write_image(p, w, h, &z, &numbers, &[texts[0].clone(), texts[1].clone(), texts[3].clone(), ("BUNIT", "sigma".into(), "matched-filter score")])?;
     }
     if let Some(p) = &a.out_kernel {
         write_kernel(p, &diff, a.kernel_grid as usize)?;

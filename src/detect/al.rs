@@ -6,9 +6,10 @@
 
 use std::time::Instant;
 
-use super::frame::{check_same_size, median_variance, subtract_residual_background, Difference, FrameOptions, NoiseModel, Prepared, ScaleSource, PsfRoles};
+use super::frame::{Decorrelated, check_same_size, median_variance, subtract_residual_background, Difference, FrameOptions, NoiseModel, Prepared, ScaleSource, PsfRoles};
 use super::image::Image;
 use super::DetectError;
+use crate::subtract::decorr::{apply as decorrelate, decorrelation_kernel};
 use crate::subtract::{fit_kernel, Options, Pair};
 
 /// Subtract with a fitted Alard–Lupton kernel. Fails (for the caller to fall back on the
@@ -59,24 +60,15 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
     let eps2 = model_error(&sol, &d, &model, &b_var, &kv, w);
     tracing::debug!(model_error = eps2.sqrt(), "AL: fractional kernel-model error on the fit stars");
     tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolved image and variance");
-    let scale_c = sol.scale_at((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
+    let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
+    let kc = sol.kernel_at(cx, cy);
+    let scale_c = sol.scale_at(cx, cy);
     // Swapped (the science was convolved): D' = T − K⊗S − bg with K's sum ≈ template/science,
     // so D = −D'/scale in science units, V = V'/scale².
     let (m, m2) = if convolved_template || !(scale_c.abs() > 1e-12) { (1.0, 1.0) } else { (-1.0 / scale_c, 1.0 / (scale_c * scale_c)) };
     // The mask grown by the kernel's half-width.
     let r = sol.half() as i64;
-    let mut grown = vec![false; w * h];
-    for y in 0..h as i64 {
-        for x in 0..w as i64 {
-            if bad[y as usize * w + x as usize] {
-                for yy in (y - r).max(0)..=(y + r).min(h as i64 - 1) {
-                    for xx in (x - r).max(0)..=(x + r).min(w as i64 - 1) {
-                        grown[yy as usize * w + xx as usize] = true;
-                    }
-                }
-            }
-        }
-    }
+    let grown = grow(&bad, w, h, r);
     let mut difference = vec![0.0f32; w * h];
     let mut variance = vec![0.0f32; w * h];
     for i in 0..w * h {
@@ -87,6 +79,45 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
         }
     }
     subtract_residual_background(&mut difference, &variance, w, h, opts.background_mesh);
+    // The decorrelation post-filter φ (DMTN-021) from the kernel at the centre: φ ⊗ difference
+    // has white noise, PSF φ ⊗ PSF and variance Σφ²·V_u + Σ(κ⊗φ)²·V_c (the second term from the
+    // convolved variance `kv`, which already holds ΣK² over the frame). It is the difference
+    // blink writes; the score stays on the undecorrelated difference, whose matched filter
+    // (the PSF, with the correlated noise in its normalisation) has the same signal to noise
+    // without a non-separable filter per pixel.
+    let (var_u, var_c) = (median_variance(&b_var), median_variance(&s_var));
+    let decorrelated = if opts.decorrelate && var_u > 0.0 && var_c > 0.0 {
+        let td = Instant::now();
+        let side = 2 * sol.half() + 1;
+        let mut dk = None;
+        for half in [4usize, 8, 12, 16, 24] {
+            let k = decorrelation_kernel(&kc, side, var_u, var_c, half).map_err(engine_err)?;
+            let done = k.truncated_energy < 1e-6 || half >= 2 * sol.half();
+            dk = Some(k);
+            if done {
+                break;
+            }
+        }
+        let dk = dk.expect("at least one half-width tried");
+        let mut dd = decorrelate(&dk, &difference, w, h).map_err(engine_err)?;
+        let sk2: f64 = kc.iter().map(|v| v * v).sum();
+        let wc = if sk2 > 0.0 { dk.weight_convolved / sk2 } else { 1.0 };
+        let reach = (sol.half() + dk.half) as i64;
+        let masked = grow(&bad, w, h, reach);
+        let mut dv = vec![0.0f32; w * h];
+        for i in 0..w * h {
+            if masked[i] {
+                dd[i] = 0.0;
+            } else {
+                let mv = model[i] as f64;
+                dv[i] = ((dk.weight_unconvolved * b_var[i] as f64 + wc * kv[i] as f64 + eps2 * mv * mv) * m2) as f32;
+            }
+        }
+        tracing::debug!(half = dk.half, truncated = dk.truncated_energy, sum_phi2 = dk.weight_unconvolved, var_u, var_c, out_var = dk.output_variance(), s = td.elapsed().as_secs_f64(), "AL: decorrelated");
+        Some(Decorrelated { difference: dd, variance: dv, kernel: dk })
+    } else {
+        None
+    };
     let saturated: Vec<bool> = ps.saturated.iter().zip(&pt.saturated).map(|(a, b)| *a || *b).collect();
     let scale = if convolved_template { scale_c } else { 1.0 / scale_c };
     Ok(Difference {
@@ -103,12 +134,13 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
         scale,
         scale_source: ScaleSource::Kernel,
         noise: NoiseModel {
-            kernel: sol.kernel_at((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0),
+            kernel: kc.clone(),
             kernel_side: 2 * sol.half() + 1,
-            var_unconvolved: median_variance(&b_var),
-            var_convolved: median_variance(&s_var),
+            var_unconvolved: var_u,
+            var_convolved: var_c,
         },
         kernel_solution: Some(Box::new(sol)),
+        decorrelated,
         prepare: t0.elapsed(),
         engine: std::time::Duration::ZERO,
     })
@@ -152,4 +184,21 @@ fn model_error(sol: &crate::subtract::KernelSolution, d: &[f32], model: &[f32], 
     } else {
         0.0
     }
+}
+
+/// `mask` grown by `r` pixels (a square of side `2r + 1` around each masked pixel).
+fn grow(mask: &[bool], w: usize, h: usize, r: i64) -> Vec<bool> {
+    let mut grown = vec![false; w * h];
+    for y in 0..h as i64 {
+        for x in 0..w as i64 {
+            if mask[y as usize * w + x as usize] {
+                for yy in (y - r).max(0)..=(y + r).min(h as i64 - 1) {
+                    for xx in (x - r).max(0)..=(x + r).min(w as i64 - 1) {
+                        grown[yy as usize * w + xx as usize] = true;
+                    }
+                }
+            }
+        }
+    }
+    grown
 }

@@ -54,6 +54,9 @@ pub struct FrameOptions {
     pub scale_from_zero_points: bool,
     /// The matching kernel.
     pub method: Method,
+    /// Apply the decorrelation post-filter (DMTN-021) to an Alard–Lupton difference, so its
+    /// noise is white (`crate::subtract::decorr`).
+    pub decorrelate: bool,
 }
 
 /// The PSF-matching kernel.
@@ -80,7 +83,7 @@ impl std::str::FromStr for Method {
 
 impl Default for FrameOptions {
     fn default() -> Self {
-        FrameOptions { threshold: 5.0, tile: 256, background_mesh: 64, scale_from_zero_points: true, method: Method::AlardLupton }
+        FrameOptions { threshold: 5.0, tile: 256, background_mesh: 64, scale_from_zero_points: true, method: Method::AlardLupton, decorrelate: true }
     }
 }
 
@@ -111,9 +114,23 @@ pub struct Difference {
     /// and given by `noise.kernel`). It applies to the convolved image: the template when
     /// `convolved_template`, else the science frame.
     pub kernel_solution: Option<Box<crate::subtract::KernelSolution>>,
+    /// The difference after the decorrelation post-filter (Alard–Lupton with
+    /// [`FrameOptions::decorrelate`]): white noise, PSF `φ ⊗ PSF`.
+    pub decorrelated: Option<Decorrelated>,
     /// Time outside the engine (preparation, the batch, reassembly, background) and in it.
     pub prepare: Duration,
     pub engine: Duration,
+}
+
+/// A difference after the decorrelation post-filter (`crate::subtract::decorr`), in the same
+/// units and mask as [`Difference::difference`] (masked pixels: 0 in both, the mask grown by the
+/// filter's half-width too).
+#[derive(Debug, Clone)]
+pub struct Decorrelated {
+    pub difference: Vec<f32>,
+    pub variance: Vec<f32>,
+    /// The filter φ and what it was built from.
+    pub kernel: crate::subtract::decorr::DecorrelationKernel,
 }
 
 fn saturation_mask(img: &Image) -> Vec<bool> {
@@ -341,6 +358,7 @@ pub fn subtract_prepared(
             NoiseModel { kernel, kernel_side: g.len(), var_unconvolved: median_variance(sharp_var), var_convolved: median_variance(broad_var) }
         },
         kernel_solution: None,
+        decorrelated: None,
         // Everything but the engine: the batch before it, reassembly and background after.
         prepare: t0.elapsed().saturating_sub(engine_time),
         engine: engine_time,
