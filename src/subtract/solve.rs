@@ -364,34 +364,52 @@ pub trait StampGrams {
     fn grams(&mut self, basis: &Basis, nbg: usize, inputs: &[GramInput]) -> Result<Vec<StampGram>, SubtractError>;
 }
 
-/// The CPU [`StampGrams`]: separable convolution (f32, [`Basis::convolve_each`]) and f64 sums.
+/// The CPU [`StampGrams`]: separable convolution (f32, [`Basis::convolve_each`]) and f64 sums,
+/// the stamps split over the machine's threads.
 #[derive(Debug, Default)]
-pub struct CpuGrams {
-    scratch: Scratch,
+pub struct CpuGrams;
+
+impl CpuGrams {
+    fn one(basis: &Basis, nbg: usize, g: &GramInput, scratch: &mut Scratch) -> Result<StampGram, SubtractError> {
+        g.check(basis, nbg)?;
+        let nk = basis.len();
+        let npix = g.side * g.side;
+        let cs = g.side + 2 * basis.half;
+        let own;
+        let conv = match g.conv {
+            Some(c) => c,
+            None => {
+                let mut c = vec![0.0f32; nk * npix];
+                basis.convolve_each(g.cutout, cs, cs, scratch, |k, out| c[k * npix..(k + 1) * npix].copy_from_slice(out));
+                own = c;
+                &own
+            }
+        };
+        Ok(StampGram::from_columns(nk, nbg, npix, conv, g))
+    }
 }
 
 impl StampGrams for CpuGrams {
     fn grams(&mut self, basis: &Basis, nbg: usize, inputs: &[GramInput]) -> Result<Vec<StampGram>, SubtractError> {
-        let nk = basis.len();
-        inputs
-            .iter()
-            .map(|g| {
-                g.check(basis, nbg)?;
-                let npix = g.side * g.side;
-                let cs = g.side + 2 * basis.half;
-                let own;
-                let conv = match g.conv {
-                    Some(c) => c,
-                    None => {
-                        let mut c = vec![0.0f32; nk * npix];
-                        basis.convolve_each(g.cutout, cs, cs, &mut self.scratch, |k, out| c[k * npix..(k + 1) * npix].copy_from_slice(out));
-                        own = c;
-                        &own
-                    }
-                };
-                Ok(StampGram::from_columns(nk, nbg, npix, conv, g))
-            })
-            .collect()
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
+        let per = inputs.len().div_ceil(threads).max(1);
+        let parts: Vec<Result<Vec<StampGram>, SubtractError>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = inputs
+                .chunks(per)
+                .map(|chunk| {
+                    sc.spawn(move || {
+                        let mut scratch = Scratch::default();
+                        chunk.iter().map(|g| CpuGrams::one(basis, nbg, g, &mut scratch)).collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a stamp Gram thread panicked")).collect()
+        });
+        let mut out = Vec::with_capacity(inputs.len());
+        for p in parts {
+            out.extend(p?);
+        }
+        Ok(out)
     }
 }
 
