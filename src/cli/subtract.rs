@@ -137,10 +137,11 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let mut engine = crate::engine::select_engine(super::engine_preference(&a.engine)?)?;
     let read = t0.elapsed();
     let t1 = Instant::now();
+    let al_on = if a.method == "al" && engine.frame_gpu().is_some() { format!("Alard–Lupton on {}", engine.adapter()) } else if a.method == "al" { "Alard–Lupton on the CPU".to_string() } else { format!("Gaussian kernel on {}", engine.adapter()) };
     let diff = if a.method == "al" {
         let (ps, pt) = (Prepared::new(&science, &opts)?, Prepared::new(&template, &opts)?);
         tracing::debug!(prepare_s = t1.elapsed().as_secs_f64(), "sky, variance, seeing of both images");
-        match subtract_al(&science, &ps, &template, &pt, &opts) {
+        match subtract_al(&science, &ps, &template, &pt, &opts, engine.frame_gpu()) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!("{e}; falling back to a Gaussian kernel");
@@ -185,7 +186,7 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let sample: Vec<f32> = z.iter().step_by(3).copied().filter(|v| v.is_finite()).collect();
     let sigma = robust_stats(&sample).map(|(_, s)| s).unwrap_or(f32::NAN);
     eprintln!(
-        "{}x{}: FWHM science {:.2} px, template {:.2} px; convolved the {} (kernel sigma {:.2} px); flux scale {:.4} ({}); score sigma {:.3}; {:.2} s ({:.2} s reading) on {}",
+        "{}x{}: FWHM science {:.2} px, template {:.2} px; convolved the {} (kernel sigma {:.2} px); flux scale {:.4} ({}); score sigma {:.3}; {:.2} s ({:.2} s reading); {}",
         w,
         h,
         diff.sigma_science * FWHM_PER_SIGMA,
@@ -197,7 +198,7 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         sigma,
         (read + work).as_secs_f64(),
         read.as_secs_f64(),
-        engine.adapter()
+        al_on
     );
     Ok(())
 }

@@ -10,11 +10,16 @@ use super::frame::{Decorrelated, check_same_size, median_variance, subtract_resi
 use super::image::Image;
 use super::DetectError;
 use crate::subtract::decorr::{apply as decorrelate, decorrelation_kernel};
-use crate::subtract::{fit_kernel, Options, Pair};
+use crate::gpu::GpuEngine;
+use crate::subtract::{fit_kernel, fit_kernel_with, Options, Pair};
 
 /// Subtract with a fitted Alard–Lupton kernel. Fails (for the caller to fall back on the
 /// Gaussian kernel) when the frame holds too few usable stars.
-pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions) -> Result<Difference, DetectError> {
+///
+/// With `gpu`, the stamps' convolutions and normal equations, the frame's convolution, its
+/// exact variance and the decorrelation filter run on it (`gpu::kernels::al`); the small system
+/// is solved in f64 on the CPU either way. A GPU failure falls back to the CPU with a warning.
+pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, mut gpu: Option<&mut GpuEngine>) -> Result<Difference, DetectError> {
     let t0 = Instant::now();
     check_same_size(science, template)?;
     let (w, h) = (science.width, science.height);
@@ -41,11 +46,21 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
     o.stamps.saturate_template = sat_sharp;
     let pair = Pair { width: w, height: h, science: &b_img, template: &s_img, science_variance: &b_var, template_variance: Some(&s_var) };
     let tf = Instant::now();
-    let sol = fit_kernel(&pair, sigma_broad, sigma_sharp, &o).map_err(|e| DetectError::Engine { path: science.path.clone(), message: format!("Alard–Lupton kernel: {e}") })?;
+    let fitted = match gpu.as_deref_mut() {
+        Some(g) => match fit_kernel_with(&pair, sigma_broad, sigma_sharp, &o, g) {
+            Err(crate::subtract::SubtractError::Gpu(e)) => {
+                tracing::warn!("Alard–Lupton fit on the GPU failed ({e}); fitting on the CPU");
+                fit_kernel(&pair, sigma_broad, sigma_sharp, &o)
+            }
+            r => r,
+        },
+        None => fit_kernel(&pair, sigma_broad, sigma_sharp, &o),
+    };
+    let sol = fitted.map_err(|e| DetectError::Engine { path: science.path.clone(), message: format!("Alard–Lupton kernel: {e}") })?;
     tracing::debug!(fit_s = tf.elapsed().as_secs_f64(), "AL: kernel fitted");
     let tc = Instant::now();
     let engine_err = |e: crate::subtract::SubtractError| DetectError::Engine { path: science.path.clone(), message: e.to_string() };
-    let model = sol.convolve(&s_img, w, h).map_err(engine_err)?;
+    let model = sol.convolve_on(gpu.as_deref_mut(), &s_img, w, h).map_err(engine_err)?;
     let mut d = Vec::with_capacity(w * h);
     let mut p = Vec::new();
     for y in 0..h {
@@ -56,7 +71,15 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
             d.push(b_img[i] - model[i] - bg as f32);
         }
     }
-    let kv = sol.convolve_variance(&s_var, w, h).map_err(engine_err)?;
+    // The convolved variance: exact on the GPU, `ΣK² · (G ⊗ V)` on the CPU.
+    let kv = match gpu.as_deref_mut().map(|g| g.al_convolve_variance(&sol, &s_var, w, h)) {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            tracing::warn!("variance convolution on the GPU failed ({e}); on the CPU");
+            sol.convolve_variance(&s_var, w, h).map_err(engine_err)?
+        }
+        None => sol.convolve_variance(&s_var, w, h).map_err(engine_err)?,
+    };
     let eps2 = model_error(&sol, &d, &model, &b_var, &kv, w);
     tracing::debug!(model_error = eps2.sqrt(), "AL: fractional kernel-model error on the fit stars");
     tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolved image and variance");
@@ -99,7 +122,15 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
             }
         }
         let dk = dk.expect("at least one half-width tried");
-        let mut dd = decorrelate(&dk, &difference, w, h).map_err(engine_err)?;
+        let on_gpu = gpu.as_deref_mut().map(|g| g.al_convolve_terms(&[dk.kernel.clone()], dk.half, 0, &difference, w, h, 0));
+        let mut dd = match on_gpu {
+            Some(Ok((v, _))) => v,
+            Some(Err(e)) => {
+                tracing::warn!("decorrelation on the GPU failed ({e}); on the CPU");
+                decorrelate(&dk, &difference, w, h).map_err(engine_err)?
+            }
+            None => decorrelate(&dk, &difference, w, h).map_err(engine_err)?,
+        };
         let sk2: f64 = kc.iter().map(|v| v * v).sum();
         let wc = if sk2 > 0.0 { dk.weight_convolved / sk2 } else { 1.0 };
         let reach = (sol.half() + dk.half) as i64;

@@ -210,7 +210,7 @@ impl Detector {
         let sprep = frame::Prepared::new(&science, &self.options)?;
         let science_prepare = tp.elapsed();
         let al = match self.options.method {
-            frame::Method::AlardLupton => match al::subtract_al(&science, &sprep, template, tprep, &self.options) {
+            frame::Method::AlardLupton => match al::subtract_al(&science, &sprep, template, tprep, &self.options, self.engine.frame_gpu()) {
                 Ok(d) => Some(d),
                 Err(e) => {
                     tracing::warn!("{e}; falling back to a Gaussian kernel");

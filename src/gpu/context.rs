@@ -118,6 +118,12 @@ impl GpuContext {
     pub fn adapter_name(&self) -> String {
         describe(&self.adapter_info)
     }
+
+    /// Whether the adapter is a software rasteriser (llvmpipe, lavapipe, WARP): correct, but
+    /// slower than the CPU code on the large full-frame kernels.
+    pub fn is_software(&self) -> bool {
+        self.adapter_info.device_type == wgpu::DeviceType::Cpu
+    }
 }
 
 fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {

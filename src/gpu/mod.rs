@@ -307,6 +307,10 @@ impl Engine for GpuEngine {
         self.ctx.adapter_name()
     }
 
+    fn gpu(&mut self) -> Option<&mut GpuEngine> {
+        Some(self)
+    }
+
     fn subtract(&mut self, batch: &StampBatch) -> Result<Vec<SubtractionResult>, EngineError> {
         let plan = Plan { convolve: true, fit: true, score: true, conv: None, fits: None, read: &[] };
         let (res, _) = self.run(batch, plan)?;

@@ -138,8 +138,13 @@ impl Pair<'_> {
 /// Fit the matching kernel of a pair: the basis from the two PSF widths (Gaussian σ in pixels,
 /// `sigma_template` the sharper), stamps around stars of the template, the clipped fit.
 pub fn fit_kernel(pair: &Pair, sigma_science: f64, sigma_template: f64, opts: &Options) -> Result<KernelSolution, SubtractError> {
+    fit_kernel_with(pair, sigma_science, sigma_template, opts, &mut solve::CpuGrams)
+}
+
+/// [`fit_kernel`] with the stamps' convolutions and Gram sums from `grams` (a `GpuEngine`).
+pub fn fit_kernel_with(pair: &Pair, sigma_science: f64, sigma_template: f64, opts: &Options, grams: &mut dyn solve::StampGrams) -> Result<KernelSolution, SubtractError> {
     pair.check()?;
     let basis = Basis::from_seeing(sigma_template, sigma_science, &opts.basis)?;
     let stamps = select_stamps(pair, basis.half, &opts.stamps);
-    fit(pair, &basis, &stamps, &opts.fit)
+    solve::fit_with(pair, &basis, &stamps, &opts.fit, grams)
 }
