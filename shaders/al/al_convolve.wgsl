@@ -14,15 +14,19 @@
 // one at a time (all TERMS kernels interleaved per tap), so each image tap read feeds
 // PX × TERMS multiply-adds, the kernel values being broadcasts. Kernel rows are padded with
 // zeros to `taps4` (a multiple of 4) so the window advances by one vec4 per 4 taps. The tile
-// holds TILE_ROWS input rows: kernel rows are taken CHUNK at a time (one chunk for h ≤ 10, two
-// for h ≤ 20, three up to MAX_HALF), the tile reloaded for each.
+// holds TILE_ROWS input rows: kernel rows are taken CHUNK at a time (one chunk for h ≤ 9, two
+// for h ≤ 19, three up to MAX_HALF), the tile reloaded for each.
 //
 // Non-finite input pixels enter the tile as 0 and are marked in a bitmask; in a chunk that saw
 // any, each invocation checks its pixels' boxes and writes NaN where a box holds a marked pixel
 // (WGSL lets an implementation assume no NaN arithmetic, so propagation is not left to the
 // multiply).
 //
-// Workgroup memory: 812·16 + 104·16 + 102·4 + 4 = 15068 bytes, under WebGPU's 16 KiB minimum.
+// Kernel rows are double-buffered: row bb + 1 is fetched from `kern` into the other buffer while
+// row bb is used, so the global load's latency hides behind the arithmetic and a row costs one
+// barrier.
+//
+// Workgroup memory: 783·16 + 208·16 + 98·4 + 4 = 16252 bytes, under WebGPU's 16 KiB minimum.
 
 // Keep in sync with `AlConvParams` in src/gpu/kernels/al.rs (size checked by a test).
 struct AlConvParams {
@@ -56,9 +60,10 @@ const MAX_HALF: u32 = 24u;
 const MAX_TAPS4: u32 = 52u;   // 2 * MAX_HALF + 1 rounded up to 4
 const IN_W4: u32 = 29u;       // (TW + MAX_TAPS4) / 4: tile row stride, vec4s
 const IN_W: u32 = 116u;       // IN_W4 * 4
-const TILE_ROWS: u32 = 28u;
-const CHUNK: u32 = 21u;       // kernel rows per tile load: TILE_ROWS - TY + 1
-const MASK_WORDS: u32 = 102u; // ceil(IN_W * TILE_ROWS / 32)
+const TILE_ROWS: u32 = 27u;
+const CHUNK: u32 = 20u;       // kernel rows per tile load: TILE_ROWS - TY + 1
+const MASK_WORDS: u32 = 98u;  // ceil(IN_W * TILE_ROWS / 32)
+const KROW: u32 = 104u;       // 2 * MAX_TAPS4: one staged kernel row, vec4s
 
 @group(0) @binding(0) var<uniform> prm: AlConvParams;
 @group(0) @binding(1) var<storage, read> image: array<f32>;
@@ -67,9 +72,9 @@ const MASK_WORDS: u32 = 102u; // ceil(IN_W * TILE_ROWS / 32)
 @group(0) @binding(2) var<storage, read> kern: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-var<workgroup> tile: array<vec4<f32>, 812>;   // IN_W4 * TILE_ROWS
-var<workgroup> krow: array<vec4<f32>, 104>;   // 2 * MAX_TAPS4
-var<workgroup> bad: array<atomic<u32>, 102>;  // MASK_WORDS
+var<workgroup> tile: array<vec4<f32>, 783>;   // IN_W4 * TILE_ROWS
+var<workgroup> krow: array<vec4<f32>, 208>;   // 2 * KROW: double-buffered kernel rows
+var<workgroup> bad: array<atomic<u32>, 98>;   // MASK_WORDS
 var<workgroup> any_bad: atomic<u32>;
 
 // Accumulators of the PX pixels: terms 0–3 in a_j, terms 4–5 in b_j. One kernel row goes
@@ -258,19 +263,27 @@ fn al_convolve(
                 }
             }
         }
+        let kw = 2u * prm.taps4;
+        if (tid < kw) {
+            krow[tid] = kern[prm.kern_off + kb0 * kw + tid];
+        }
+        workgroupBarrier();
         for (var bb = 0u; bb < nb; bb += 1u) {
-            workgroupBarrier();
-            if (tid < 2u * prm.taps4) {
-                krow[tid] = kern[prm.kern_off + (kb0 + bb) * 2u * prm.taps4 + tid];
+            let cur = (bb & 1u) * KROW;
+            // The next row: loaded now, stored after this row's arithmetic into the other
+            // buffer (which every invocation finished reading before the last barrier).
+            let stage = tid < kw && bb + 1u < nb;
+            var next = vec4<f32>(0.0);
+            if (stage) {
+                next = kern[prm.kern_off + (kb0 + bb + 1u) * kw + tid];
             }
-            workgroupBarrier();
             // Pixel j of this invocation, tap a = 4m + i, reads tile column 4·lid.x + j + a: a
             // window of two vec4s, lo (columns 4(lid.x + m) ..) and hi (the next four).
             let trow = (lid.y + bb) * IN_W4 + lid.x;
             var lo = tile[trow];
             for (var m = 0u; m < groups; m += 1u) {
                 let hi = tile[trow + m + 1u];
-                let k = 8u * m;
+                let k = cur + 8u * m;
                 tap(krow[k], krow[k + 1u], lo.x, lo.y, lo.z, lo.w);
                 tap(krow[k + 2u], krow[k + 3u], lo.y, lo.z, lo.w, hi.x);
                 tap(krow[k + 4u], krow[k + 5u], lo.z, lo.w, hi.x, hi.y);
@@ -278,6 +291,10 @@ fn al_convolve(
                 lo = hi;
             }
             end_row();
+            if (stage) {
+                krow[KROW - cur + tid] = next;
+            }
+            workgroupBarrier();
         }
     }
     let y = prm.out_y0 + wid.y * TY + lid.y;

@@ -476,7 +476,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Fit the kernel of `pair` on `stamps` with `basis`.
 pub fn fit(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions) -> Result<KernelSolution, SubtractError> {
-    fit_with(pair, basis, stamps, opts, &mut CpuGrams::default())
+    fit_with(pair, basis, stamps, opts, &mut CpuGrams)
 }
 
 /// [`fit`] with the per-stamp convolutions and Gram sums computed by `grams` (e.g. a
