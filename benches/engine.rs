@@ -1,5 +1,6 @@
 //! Engine benchmark: the CPU and GPU engines on one batch of 256 63x63 stamps (built outside the
-//! timed loop). Prints the adapter, so a number from llvmpipe cannot pass for a GPU figure.
+//! timed loop; `BLINK_BENCH_BATCH=N` for N stamps: a GPU needs thousands in flight). Prints the
+//! adapter, so a number from llvmpipe cannot pass for a GPU figure.
 
 use blink::engine::{CpuEngine, Engine, GpuEngine, StampBatch, StampParams};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -41,8 +42,9 @@ fn batch(n: usize, w: usize, h: usize) -> StampBatch {
 }
 
 fn bench(c: &mut Criterion) {
-    let b = batch(256, 63, 63);
-    let mut group = c.benchmark_group("engine_256x63x63");
+    let n = std::env::var("BLINK_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(256usize);
+    let b = batch(n, 63, 63);
+    let mut group = c.benchmark_group(format!("engine_{n}x63x63"));
     group.throughput(Throughput::Elements(b.n as u64));
     group.sample_size(10);
     let mut cpu = CpuEngine::new();

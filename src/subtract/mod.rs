@@ -95,6 +95,25 @@ pub fn monomials(order: usize, xn: f64, yn: f64, out: &mut Vec<f64>) {
     }
 }
 
+/// `Σ_t c_t · X^p Y^q` ([`spatial_terms`]`(order)`, normalised positions) at every pixel of a
+/// `w × h` frame, row-major: per row the polynomial in X, then Horner along the row (a
+/// per-pixel [`monomials`] spends its time in `powi`).
+pub fn polynomial_image(coefficients: &[f64], order: usize, w: usize, h: usize) -> Vec<f64> {
+    let terms = spatial_terms(order);
+    let xs: Vec<f64> = (0..w).map(|x| normalised(x as f64, w)).collect();
+    let mut out = Vec::with_capacity(w * h);
+    let mut alpha = vec![0.0f64; order + 1];
+    for y in 0..h {
+        let yn = normalised(y as f64, h);
+        alpha.fill(0.0);
+        for (c, &(p, q)) in coefficients.iter().zip(&terms) {
+            alpha[p] += c * yn.powi(q as i32);
+        }
+        out.extend(xs.iter().map(|&xn| alpha.iter().rev().fold(0.0, |s, a| s * xn + a)));
+    }
+    out
+}
+
 /// All options of [`fit_kernel`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Options {

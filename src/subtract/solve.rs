@@ -334,7 +334,7 @@ impl StampGram {
             let wck = &wc[k * npix..(k + 1) * npix];
             for l in k..nk {
                 let cl = &conv[l * npix..(l + 1) * npix];
-                sums[StampGram::index(nc, k, l)] = wck.iter().zip(cl).map(|(x, &y)| x * y as f64).sum();
+                sums[StampGram::index(nc, k, l)] = dot(wck, cl);
             }
             for bb in 0..nbg {
                 let bm = &bgm[bb * npix..(bb + 1) * npix];
@@ -353,6 +353,23 @@ impl StampGram {
         sums[StampGram::index(nc, nc - 1, nc - 1)] = sci.iter().zip(w).map(|(x, w)| x * x * w).sum();
         StampGram { conv: conv.to_vec(), sums }
     }
+}
+
+/// `Σ a_i · b_i` in f64 with eight partial sums: a plain `.sum()` is one chain of dependent
+/// additions the compiler may not reorder (IEEE), latency-bound at ~4 cycles a term; eight
+/// independent chains vectorise. The Gram sums are most of the fit's time (50 functions, ~1300
+/// pairs of columns over 57² pixels per stamp): 0.42 → 0.2 s for a 1024² pair on 2 cores.
+fn dot(a: &[f64], b: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j] as f64;
+        }
+    }
+    let tail: f64 = ra.iter().zip(rb).map(|(x, &y)| x * y as f64).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// What computes the fit's per-stamp work: the basis-convolved cutouts and their weighted Gram
@@ -857,32 +874,16 @@ impl KernelSolution {
                 }
             }
         }
-        let mut out = vec![0.0f32; w * h];
-        let mut m = Vec::new();
-        for y in 0..h {
-            for x in 0..w {
-                monomials(2 * self.spatial_order, normalised(x as f64, w), normalised(y as f64, h), &mut m);
-                let s2: f64 = poly.iter().zip(&m).map(|(c, v)| c * v).sum();
-                out[y * w + x] = (s2 * smoothed[y * w + x] as f64) as f32;
-            }
-        }
-        Ok(out)
+        let s2 = super::polynomial_image(&poly, 2 * self.spatial_order, w, h);
+        Ok(s2.iter().zip(&smoothed).map(|(s, v)| (s * *v as f64) as f32).collect())
     }
 
     /// `science − K ⊗ template − background`, the difference in science units.
     pub fn subtract(&self, science: &[f32], template: &[f32], w: usize, h: usize) -> Result<Vec<f32>, SubtractError> {
         self.check_size("science", science.len(), w, h)?;
         let model = self.convolve(template, w, h)?;
-        let mut p = Vec::new();
-        let mut out = Vec::with_capacity(w * h);
-        for y in 0..h {
-            for x in 0..w {
-                monomials(self.background_order, normalised(x as f64, w), normalised(y as f64, h), &mut p);
-                let bg: f64 = self.background.iter().zip(&p).map(|(c, m)| c * m).sum();
-                out.push(science[y * w + x] - model[y * w + x] - bg as f32);
-            }
-        }
-        Ok(out)
+        let bg = super::polynomial_image(&self.background, self.background_order, w, h);
+        Ok(science.iter().zip(&model).zip(&bg).map(|((s, m), b)| s - m - *b as f32).collect())
     }
 }
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Issue 4's GPU figures in one device run (../shared/GPU.md): Alard–Lupton subtraction of
+# simulated 1024² and 4096² pairs through `blink subtract --engine gpu` (stage times from the
+# debug log), the AL kernels alone (criterion `al`, kernel half-width 24 as the default basis
+# makes), and cutout batches of 63×63 (criterion `engine`, 8192 stamps a batch). Two steps:
+#
+#   scripts/gpu-al.sh prepare   # here: loader debs into .gl/, binary and benches packed into .gpu/
+#   scripts/gpu-al.sh run       # on the device, carrying .gl and .gpu; a table last
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+prepare() {
+    grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >> .git/info/exclude
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
+    mkdir -p .gl .gpu /tmp/amd64/partial
+    if ! ls .gl/libvulkan1_*.deb >/dev/null 2>&1; then
+        o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+        apt-get $o update
+        (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+    fi
+    cargo build --release
+    cp target/release/blink .gpu/blink
+    for b in al engine; do
+        exe=$(cargo bench --bench "$b" --no-run --message-format=json 2>/dev/null \
+            | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+        cp "$exe" ".gpu/bench-$b"
+    done
+    # Stripped and packed: the carry to the device holds 64 MiB at most.
+    strip .gpu/*
+    tar czf .gpu/bundle.tgz -C .gpu blink bench-al bench-engine
+    rm .gpu/blink .gpu/bench-al .gpu/bench-engine
+    ls -la .gpu
+}
+
+subtract() { # SIZE REPEATS
+    local n=$1 dir=/tmp/pair$1
+    .gpu/blink simulate --out "$dir" --nights 1 --epochs-per-night 1 --size "${n}x${n}" --no-alerts -q
+    local sci tpl
+    sci=$(ls "$dir"/frames/*.fits | head -1); tpl=$(ls "$dir"/templates/*.fits | head -1)
+    for r in $(seq "$2"); do
+        RUST_LOG=warn,blink=debug .gpu/blink subtract --science "$sci" --template "$tpl" \
+            --out-diff /tmp/d$n.fits --out-score /tmp/z$n.fits --engine gpu 2>&1 \
+            | sed 's/\x1b\[[0-9;]*m//g' | grep -v ' INFO ' > "$out/subtract$n.$r.txt" || true
+        tail -1 "$out/subtract$n.$r.txt"
+    done
+}
+
+run() {
+    tar xzf .gpu/bundle.tgz -C .gpu
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+    export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json XDG_RUNTIME_DIR=/tmp
+    out=${OUT:-/tmp/blink-gpu}
+    mkdir -p "$out"
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+    subtract 1024 3
+    subtract 4096 3
+    BLINK_BENCH_AL_HALF=24 timeout 100 .gpu/bench-al --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/al.txt" | grep -E 'time:|thrpt:|adapter|^AL' || true
+    BLINK_BENCH_BATCH=8192 timeout 45 .gpu/bench-engine --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/engine.txt" | grep -E 'time:|thrpt:|adapter' || true
+    echo
+    echo "=== blink AL on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') ==="
+    for n in 1024 4096; do
+        for f in "$out"/subtract$n.*.txt; do
+            printf '%s² ' "$n"
+            grep -o -E 'prepare_s=[0-9.]+|fit_s=[0-9.]+|convolve_s=[0-9.]+| s=[0-9.]+|score_s=[0-9.]+' "$f" | tr '\n' ' '
+            grep -o -E '[0-9.]+ s \([0-9.]+ s reading\); .*' "$f" || echo
+        done
+    done
+    grep -h -E 'time:|thrpt:' -B1 "$out/al.txt" "$out/engine.txt" | grep -v '^--' || true
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    run) run ;;
+    *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+esac
