@@ -72,7 +72,11 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
         }
         None => sol.convolve_variance(&s_var, w, h).map_err(engine_err)?,
     };
-    let eps2 = model_error(&sol, &d, &model, &b_var, &kv, w);
+    let mut eps2 = model_error(&sol, &d, &model, &b_var, &kv, w);
+    if eps2 > MAX_MODEL_ERROR * MAX_MODEL_ERROR {
+        tracing::warn!(frame = %science.path.display(), "the kernel misses the fit stars by {:.1}% of their light; the variance counts {:.0}%", 100.0 * eps2.sqrt(), 100.0 * MAX_MODEL_ERROR);
+        eps2 = MAX_MODEL_ERROR * MAX_MODEL_ERROR;
+    }
     tracing::debug!(model_error = eps2.sqrt(), "AL: fractional kernel-model error on the fit stars");
     tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolved image and variance");
     let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
@@ -168,6 +172,10 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
         engine: std::time::Duration::ZERO,
     })
 }
+
+/// The most the kernel model's fractional error enters the variance with: above it the fit is
+/// poor (a warning says so), and a larger `ε` would hide every variable star on the frame.
+const MAX_MODEL_ERROR: f64 = 0.05;
 
 /// The kernel model's fractional error squared, `ε²`, measured on the stars of the final fit:
 /// the residual variance the pixel noise does not explain, per unit of squared model flux.

@@ -733,3 +733,26 @@ fn measure(diff: &Difference, sc: &ScoreImage, meta: &FrameMeta, x: usize, y: us
         flags: fl,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepared(fwhm: f64) -> Prepared {
+        Prepared { fwhm, sky_subtracted: Vec::new(), variance: Vec::new(), saturated: Vec::new() }
+    }
+
+    #[test]
+    fn the_sharper_image_is_convolved() {
+        // Template sharper: the template is convolved, the difference has the science PSF.
+        let r = PsfRoles::new(&prepared(3.7), &prepared(2.5));
+        assert!(r.convolved_template);
+        assert!((r.sigma_broad - 3.7 / FWHM_PER_SIGMA).abs() < 1e-12 && (r.sigma_sharp - 2.5 / FWHM_PER_SIGMA).abs() < 1e-12);
+        // Science sharper: the science is convolved, the difference has the template's PSF.
+        let r = PsfRoles::new(&prepared(2.6), &prepared(3.6));
+        assert!(!r.convolved_template);
+        assert!((r.sigma_broad - 3.6 / FWHM_PER_SIGMA).abs() < 1e-12 && (r.sigma_sharp - 2.6 / FWHM_PER_SIGMA).abs() < 1e-12);
+        // Equal: the template (no deconvolution either way; the template is the deeper image).
+        assert!(PsfRoles::new(&prepared(3.0), &prepared(3.0)).convolved_template);
+    }
+}

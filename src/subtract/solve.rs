@@ -32,6 +32,12 @@ pub struct FitOptions {
     pub background_order: usize,
     /// Keep the flux scale (the kernel's sum, `a_0`) the same everywhere.
     pub constant_scale: bool,
+    /// Keep the coefficients of the widest Gaussian's functions the same everywhere (when the
+    /// basis has more than one Gaussian). Why: the wide component matches the PSFs' wings,
+    /// which change slowly; free to vary, it can move a variable star's extra core light into
+    /// a faint halo below the noise and absorb the variability (a stamp on a variable of
+    /// SNR 50–75 then fitted with χ²/px 1.05 and was kept, and the variable was not detected).
+    pub constant_widest: bool,
     /// Stamps with χ²/pixel above median + this × spread are rejected.
     pub clip_sigma: f64,
     /// Fits at most (the first one included).
@@ -50,7 +56,7 @@ pub struct FitOptions {
 
 impl Default for FitOptions {
     fn default() -> Self {
-        FitOptions { spatial_order: 2, background_order: 1, constant_scale: true, clip_sigma: 3.0, max_iterations: 5, min_stamps: None, regularization: 1e-2 }
+        FitOptions { spatial_order: 2, background_order: 1, constant_scale: true, constant_widest: false, clip_sigma: 3.0, max_iterations: 5, min_stamps: None, regularization: 1e-2 }
     }
 }
 
@@ -200,12 +206,15 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(nk: usize, opts: &FitOptions) -> Layout {
+    fn new(basis: &Basis, opts: &FitOptions) -> Layout {
+        let nk = basis.len();
         let nsp = spatial_terms(opts.spatial_order).len();
         let nbg = spatial_terms(opts.background_order).len();
+        let widest = basis.sigmas.len() - 1;
         let (mut off, mut len, mut n) = (Vec::with_capacity(nk), Vec::with_capacity(nk), 0);
         for k in 0..nk {
-            let l = if k == 0 && opts.constant_scale { 1 } else { nsp };
+            let constant = (k == 0 && opts.constant_scale) || (opts.constant_widest && widest > 0 && basis.functions[k].gaussian == widest);
+            let l = if constant { 1 } else { nsp };
             off.push(n);
             len.push(l);
             n += l;
@@ -462,8 +471,14 @@ fn refresh_grams(data: &mut [StampData], basis: &Basis, nbg: usize, grams: &mut 
     Ok(())
 }
 
-/// `Σ w r²` and the pixel count of a stamp's residual under `x` (the packed unknowns).
-fn stamp_chi2(d: &StampData, lay: &Layout, x: &[f64]) -> f64 {
+/// Radius (pixels) of a stamp's core, whose χ² decides the clipping: a variable star's
+/// residual sits in the core, and averaged over the whole stamp (45² pixels for an 18 px
+/// kernel) it dilutes to χ²/px ≈ 1.06, inside the spread of the good stamps.
+const CORE_RADIUS: f64 = 4.0;
+
+/// `(Σ w r² over the stamp, Σ w r² over its core, core pixels, Σ w m² over the core)` of a
+/// stamp's residual `r` and model `m` under `x` (the packed unknowns).
+fn stamp_chi2(d: &StampData, lay: &Layout, x: &[f64]) -> (f64, f64, usize, f64) {
     let npix = d.npix();
     let mut p = Vec::new();
     monomials(lay.order, d.xn, d.yn, &mut p);
@@ -480,7 +495,18 @@ fn stamp_chi2(d: &StampData, lay: &Layout, x: &[f64]) -> f64 {
             *m += c * v;
         }
     }
-    model.iter().zip(&d.sci).zip(&d.weight).map(|((m, s), w)| (s - m) * (s - m) * w).sum::<f64>()
+    let c = (d.side / 2) as f64;
+    let (mut all, mut core, mut ncore, mut flux2) = (0.0, 0.0, 0, 0.0);
+    for (i, ((m, s), w)) in model.iter().zip(&d.sci).zip(&d.weight).enumerate() {
+        let q = (s - m) * (s - m) * w;
+        all += q;
+        if ((i % d.side) as f64 - c).hypot((i / d.side) as f64 - c) <= CORE_RADIUS {
+            core += q;
+            ncore += 1;
+            flux2 += m * m * w;
+        }
+    }
+    (all, core, ncore, flux2)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -503,7 +529,7 @@ pub fn fit_with(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions,
     if !(opts.clip_sigma.is_finite() && opts.clip_sigma > 0.0) {
         return Err(SubtractError::NonFinite { what: format!("clip_sigma {}", opts.clip_sigma) });
     }
-    let lay = Layout::new(basis.len(), opts);
+    let lay = Layout::new(basis, opts);
     let needed = opts.min_stamps.unwrap_or(if opts.spatial_order == 0 { 3 } else { (2 * lay.nsp).max(3) });
     let mut data: Vec<StampData> = Vec::with_capacity(stamps.len());
     let mut skipped = 0;
@@ -523,6 +549,7 @@ pub fn fit_with(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions,
     refresh_grams(&mut data, basis, lay.nbg, grams)?;
     let mut rejected: Vec<Option<usize>> = vec![None; data.len()];
     let mut chi2: Vec<f64> = vec![f64::NAN; data.len()];
+    let mut chi2_core: Vec<f64> = vec![f64::NAN; data.len()];
     let max_it = opts.max_iterations.max(1);
     let mut reweighted = pair.template_variance.is_none();
     let mut iterations = 0;
@@ -541,21 +568,37 @@ pub fn fit_with(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions,
             a[i * lay.n + i] *= 1.0 + opts.regularization;
         }
         let (x, ridge) = solve_spd(&a, &b, lay.n)?;
-        for ((d, c), r) in data.iter().zip(chi2.iter_mut()).zip(&rejected) {
+        let mut npix = usize::MAX;
+        let mut cores: Vec<(f64, f64, f64)> = vec![(f64::NAN, 1.0, 0.0); data.len()];
+        for (((d, c), cs), r) in data.iter().zip(chi2.iter_mut()).zip(cores.iter_mut()).zip(&rejected) {
             if r.is_none() {
-                *c = stamp_chi2(d, &lay, &x) / d.npix() as f64;
+                let (all, core, ncore, flux2) = stamp_chi2(d, &lay, &x);
+                *c = all / d.npix() as f64;
+                *cs = (core, ncore.max(1) as f64, flux2);
+                npix = npix.min(ncore.max(1));
             }
         }
         if iterations >= max_it {
             break (x, ridge);
         }
-        let active: Vec<f64> = chi2.iter().zip(&rejected).filter(|(_, r)| r.is_none()).map(|(c, _)| *c).collect();
+        // Clipping on the cores' χ²/px (see `CORE_RADIUS`), with the noise the kernel's typical
+        // fractional error ε adds (`ε² m²`, ε² the median over stamps of the cores' excess per
+        // unit m²): a bright star's core always shows the ε residual and is not an outlier for
+        // it, a variable star's is many times larger.
+        let excess: Vec<f64> = cores.iter().zip(&rejected).filter(|(c, r)| r.is_none() && c.2 > 0.0).map(|(c, _)| ((c.0 - c.1) / c.2).max(0.0)).collect();
+        let eps2 = if excess.is_empty() { 0.0 } else { median(excess) };
+        for ((cc, c), r) in chi2_core.iter_mut().zip(&cores).zip(&rejected) {
+            if r.is_none() {
+                *cc = c.0 / (c.1 + eps2 * c.2);
+            }
+        }
+        let active: Vec<f64> = chi2_core.iter().zip(&rejected).filter(|(_, r)| r.is_none()).map(|(c, _)| *c).collect();
         let med = median(active.clone());
         let mad = median(active.iter().map(|c| (c - med).abs()).collect());
-        let npix = data.iter().map(|d| d.npix()).min().unwrap_or(1).max(1) as f64;
+        let npix = npix.min(usize::MAX - 1).max(1) as f64;
         let limit = med + opts.clip_sigma * (1.4826 * mad).max((2.0 / npix).sqrt() * med.max(0.0));
         let mut clipped = 0;
-        for (c, r) in chi2.iter().zip(rejected.iter_mut()) {
+        for (c, r) in chi2_core.iter().zip(rejected.iter_mut()) {
             if r.is_none() && (c.is_nan() || *c > limit) {
                 *r = Some(iterations);
                 clipped += 1;
@@ -897,7 +940,7 @@ pub(crate) mod tests_support {
     pub fn random_solution(rng: &mut impl Rng, w: usize, h: usize) -> KernelSolution {
         let basis = Basis::new(&[0.8, 1.6, 3.0], &[4, 2, 1], 7).unwrap();
         let opts = FitOptions::default();
-        let lay = Layout::new(basis.len(), &opts);
+        let lay = Layout::new(&basis, &opts);
         let mut x: Vec<f64> = (0..lay.n).map(|_| rng.gen_range(-0.05..0.05)).collect();
         x[0] = 0.5;
         unpack(&basis, w, h, &opts, &lay, &x)
@@ -1187,10 +1230,11 @@ mod tests {
         let s = synth(rand::random(), 300, 300, 2, kh, k.clone(), k, None);
         let err = fit_kernel(&pair(&s), (SIGMA_T * SIGMA_T + 2.25f64).sqrt(), SIGMA_T, &Options::default()).unwrap_err();
         match &err {
-            SubtractError::TooFewStamps { found, needed, .. } => assert!(*found <= 2 && *needed == 12, "{err}"),
+            // Two stars: the spatial order drops to 0 (`spatial_order_for`), which needs 3.
+            SubtractError::TooFewStamps { found, needed, .. } => assert!(*found <= 2 && *needed == 3, "{err}"),
             e => panic!("{e}"),
         }
-        assert!(err.to_string().contains("12 needed"), "{err}");
+        assert!(err.to_string().contains("3 needed"), "{err}");
         // No data at all, or buffers of the wrong size: errors too.
         let nan = vec![f32::NAN; 300 * 300];
         let p = Pair { science: &nan, ..pair(&s) };
@@ -1245,7 +1289,7 @@ mod tests {
     fn random_solution(rng: &mut impl Rng, w: usize, h: usize) -> KernelSolution {
         let basis = Basis::new(&[0.8, 1.6, 3.0], &[4, 2, 1], 7).unwrap();
         let opts = FitOptions::default();
-        let lay = Layout::new(basis.len(), &opts);
+        let lay = Layout::new(&basis, &opts);
         let mut x: Vec<f64> = (0..lay.n).map(|_| rng.gen_range(-0.05..0.05)).collect();
         x[0] = 0.5;
         unpack(&basis, w, h, &opts, &lay, &x)
