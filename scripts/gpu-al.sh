@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 4's GPU figures in one device run (../shared/GPU.md): Alard–Lupton subtraction of
 # simulated 1024² and 4096² pairs through `blink subtract --engine gpu` (stage times from the
-# debug log), the AL kernels alone (criterion `al`, kernel half-width 24 as the default basis
+# debug log), the AL kernels alone (criterion `al`, kernel half-width 18 as the default basis
 # makes), and cutout batches of 63×63 (criterion `engine`, 8192 stamps a batch). Two steps:
 #
 #   scripts/gpu-al.sh prepare   # here: loader debs into .gl/, binary and benches packed into .gpu/
@@ -21,7 +21,9 @@ prepare() {
     cargo build --release
     cp target/release/blink .gpu/blink
     for b in al engine; do
+        # The bench target's own artifact (the last executable can be the blink binary).
         exe=$(cargo bench --bench "$b" --no-run --message-format=json 2>/dev/null \
+            | grep "\"kind\":\[\"bench\"\]" | grep "\"name\":\"$b\"" \
             | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
         cp "$exe" ".gpu/bench-$b"
     done
@@ -55,7 +57,7 @@ run() {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
     subtract 1024 3
     subtract 4096 3
-    BLINK_BENCH_AL_HALF=24 timeout 100 .gpu/bench-al --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/al.txt" | grep -E 'time:|thrpt:|adapter|^AL' || true
+    BLINK_BENCH_AL_HALF=18 timeout 100 .gpu/bench-al --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/al.txt" | grep -E 'time:|thrpt:|adapter|^AL' || true
     BLINK_BENCH_BATCH=8192 timeout 45 .gpu/bench-engine --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/engine.txt" | grep -E 'time:|thrpt:|adapter' || true
     echo
     echo "=== blink AL on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') ==="
