@@ -80,7 +80,7 @@ fn bench(c: &mut Criterion) {
     let template = image(side, 2.4, 2, 1.0);
     let opts = FrameOptions::default();
     let meta = FrameMeta { frame: "bench", mjd: 61000.0, band: "r", zero_point: Some(28.5), wcs: None, aperture_correction: 1.0 };
-    let mut run = |engine: &mut dyn Engine| {
+    let run = |engine: &mut dyn Engine| {
         let d = subtract(engine, &science, &template, &opts).expect("subtract");
         let s = score_image(&d);
         find_peaks(&d, &s, &meta, opts.threshold).len()
@@ -93,7 +93,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("alard-lupton-cpu", |b| {
         b.iter(|| {
             let (ps, pt) = (Prepared::new(&science, &opts).expect("prepare"), Prepared::new(&template, &opts).expect("prepare"));
-            let d = subtract_al(&science, &ps, &template, &pt, &opts).expect("enough stars");
+            let d = subtract_al(&science, &ps, &template, &pt, &opts, None).expect("enough stars");
             find_peaks(&d, &score_image(&d), &meta, opts.threshold).len()
         })
     });

@@ -113,7 +113,7 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
             }
         }
         let dk = dk.expect("at least one half-width tried");
-        let on_gpu = gpu.as_deref_mut().map(|g| g.al_convolve_terms(&[dk.kernel.clone()], dk.half, 0, &difference, w, h, 0));
+        let on_gpu = gpu.map(|g| g.al_convolve_terms(std::slice::from_ref(&dk.kernel), dk.half, 0, &difference, w, h, 0));
         let mut dd = match on_gpu {
             Some(Ok((v, _))) => v,
             Some(Err(e)) => {

@@ -921,7 +921,9 @@ pub struct PreparedBatch {
 /// Prepare many alerts: one batch per stamp shape (in order of first appearance), and the
 /// rejected alerts by index with the reason.
 pub fn prepare_batch(alerts: &[Alert], cfg: &PrepareConfig) -> (Vec<PreparedBatch>, Vec<(usize, EngineError)>) {
-    let mut groups: Vec<((usize, usize), Vec<usize>, Vec<PreparedStamp>)> = Vec::new();
+    /// Stamps of one shape: (width, height), alert indices, prepared stamps.
+    type Group = ((usize, usize), Vec<usize>, Vec<PreparedStamp>);
+    let mut groups: Vec<Group> = Vec::new();
     let mut rejected = Vec::new();
     for (i, alert) in alerts.iter().enumerate() {
         match prepare_stamp(alert, cfg) {

@@ -595,7 +595,7 @@ pub fn fit_with(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions,
         let active: Vec<f64> = chi2_core.iter().zip(&rejected).filter(|(_, r)| r.is_none()).map(|(c, _)| *c).collect();
         let med = median(active.clone());
         let mad = median(active.iter().map(|c| (c - med).abs()).collect());
-        let npix = npix.min(usize::MAX - 1).max(1) as f64;
+        let npix = npix.clamp(1, usize::MAX - 1) as f64;
         let limit = med + opts.clip_sigma * (1.4826 * mad).max((2.0 / npix).sqrt() * med.max(0.0));
         let mut clipped = 0;
         for (c, r) in chi2_core.iter().zip(rejected.iter_mut()) {

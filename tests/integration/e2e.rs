@@ -83,7 +83,7 @@ fn rand_seed() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_are_committed_after_delivery_and_status_counts_dead_letters() {
     let topic = "e2e-commit".to_string();
-    let embedded = EmbeddedKafka::start(&[topic.clone()], 2).unwrap();
+    let embedded = EmbeddedKafka::start(std::slice::from_ref(&topic), 2).unwrap();
     let brokers = embedded.bootstrap_servers();
     let mut cfg = Config::default();
     cfg.kafka.topics = vec![topic.clone()];
