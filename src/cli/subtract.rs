@@ -84,6 +84,11 @@ pub struct SubtractArgs {
     /// correlated between neighbouring pixels by the kernel).
     #[arg(long)]
     pub no_decorrelation: bool,
+    /// Add the Alard–Lupton kernel's fractional error ε, measured on the fit stars, to the
+    /// variance as ε²·model²: fewer false positives on bright stars' residuals, less
+    /// sensitivity to variable stars (docs/detections.md).
+    #[arg(long)]
+    pub model_error: bool,
     #[command(flatten)]
     pub engine: super::EngineArgs,
 }
@@ -133,7 +138,7 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         };
         return run_zogy(a, &science, &template, &ps, &pt, t0);
     }
-    let opts = FrameOptions { tile: a.tile.clamp(16, 4096), decorrelate: !a.no_decorrelation, ..FrameOptions::default() };
+    let opts = FrameOptions { tile: a.tile.clamp(16, 4096), decorrelate: !a.no_decorrelation, model_error: a.model_error, ..FrameOptions::default() };
     let mut engine = crate::engine::select_engine(super::engine_preference(&a.engine)?)?;
     let read = t0.elapsed();
     let t1 = Instant::now();

@@ -67,7 +67,7 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
         }
         None => sol.convolve_variance(&s_var, w, h).map_err(engine_err)?,
     };
-    let mut eps2 = model_error(&sol, &d, &model, &b_var, &kv, w);
+    let mut eps2 = if opts.model_error { model_error(&sol, &d, &model, &b_var, &kv, w) } else { 0.0 };
     if eps2 > MAX_MODEL_ERROR * MAX_MODEL_ERROR {
         tracing::warn!(frame = %science.path.display(), "the kernel misses the fit stars by {:.1}% of their light; the variance counts {:.0}%", 100.0 * eps2.sqrt(), 100.0 * MAX_MODEL_ERROR);
         eps2 = MAX_MODEL_ERROR * MAX_MODEL_ERROR;
@@ -80,8 +80,9 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
     // Swapped (the science was convolved): D' = T − K⊗S − bg with K's sum ≈ template/science,
     // so D = −D'/scale in science units, V = V'/scale².
     let (m, m2) = if convolved_template || !(scale_c.abs() > 1e-12) { (1.0, 1.0) } else { (-1.0 / scale_c, 1.0 / (scale_c * scale_c)) };
-    // The mask grown by the kernel's reach (a masked pixel enters the convolution as 0).
-    let r = kernel_reach(&kc, 2 * sol.half() + 1) as i64;
+    // The mask grown by the kernel's half-width: a masked pixel enters the convolution as 0,
+    // and a saturated star's true light is many times the sky.
+    let r = sol.half() as i64;
     let grown = grow(&bad, w, h, r);
     let mut difference = vec![0.0f32; w * h];
     let mut variance = vec![0.0f32; w * h];
@@ -217,31 +218,6 @@ fn model_error(sol: &crate::subtract::KernelSolution, d: &[f32], model: &[f32], 
         }
     }
     0.0
-}
-
-/// The half-width of the smallest centred box holding 99.9% of the kernel's absolute sum: how
-/// far a masked pixel (entered as 0) spoils the convolution by more than 0.1% of its value. The
-/// kernel's box (24 px for the default basis) is set by its widest Gaussian, which carries a
-/// few percent of the light; growing masks by all of it hid variable stars next to saturated
-/// ones in the detection tests.
-fn kernel_reach(k: &[f64], side: usize) -> usize {
-    let h = side / 2;
-    let total: f64 = k.iter().map(|v| v.abs()).sum();
-    if !(total > 0.0) || k.len() != side * side {
-        return h;
-    }
-    for r in 0..=h {
-        let mut inside = 0.0;
-        for v in h - r..=h + r {
-            for u in h - r..=h + r {
-                inside += k[v * side + u].abs();
-            }
-        }
-        if inside >= 0.999 * total {
-            return r;
-        }
-    }
-    h
 }
 
 /// `mask` grown by `r` pixels (a square of side `2r + 1` around each masked pixel).

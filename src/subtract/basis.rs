@@ -12,8 +12,8 @@
 //!
 //! Convolving an image: the separable part of `B_k` is one pass along rows with `g_{σ,i}` and
 //! one along columns with `g_{σ,j}`; the row pass is shared by every `j` of the same `(σ, i)`,
-//! and `m_k · (B_0 ⊗ I)` is subtracted at the end. For degrees (6, 4, 2, 0) that is 16 row passes
-//! and 50 column passes instead of 50 × 2 passes or 50 direct 2-D convolutions. The passes are
+//! and `m_k · (B_0 ⊗ I)` is subtracted at the end. For degrees (6, 4, 2) that is 15 row passes
+//! and 49 column passes instead of 49 × 2 passes or 49 direct 2-D convolutions. The passes are
 //! "valid" convolutions of a padded input (the caller pads by `h`), so a GPU version is two
 //! kernels, each a loop over the `2h+1` taps with no bounds logic.
 
@@ -25,7 +25,7 @@ pub struct BasisOptions {
     /// Widths of the Gaussians as multiples of the matching width
     /// `σ_m = √max(σ_broad² − σ_sharp², min_match_sigma²)`, narrowest first.
     ///
-    /// Why (0.7, 1.5, 3.5, 6) × σ_m: a Gaussian PSF σ_sharp convolved with a Gaussian of σ_m gives
+    /// Why (0.7, 1.5, 3.5) × σ_m: a Gaussian PSF σ_sharp convolved with a Gaussian of σ_m gives
     /// σ_broad, so the kernel's core is about σ_m wide. The narrowest Gaussian, with the highest
     /// polynomial degree, models the core's shape (asymmetry, a sub-pixel shift); the widest,
     /// with a low degree, the extended wings a Moffat PSF has and a Gaussian has not. HOTPANTS's
@@ -33,13 +33,16 @@ pub struct BasisOptions {
     /// very different seeing. Measured on `../shared/bench/subtraction` (Moffat β = 3 science,
     /// Gaussian template, seeds 42–44): (0.5, 1, 2) left 34 false positives per image on the
     /// wings of bright stars, (0.7, 1.5, 3.5) 1.3, (0.7, 1.5, 4) 2.0: the wings need the wide
-    /// Gaussian. The fourth, 6 σ_m with degree 0 (one function) on a kernel of up to 18 px,
-    /// carries light 10–18 px out: where the convolved image's wings are the narrower (a
-    /// β = 3 science convolved to match a β = 2.5 template, harness pairs with the science
-    /// sharper), three Gaussians on 15 px left a negative ring of −5 to −7σ around each star
-    /// of 10⁶ e⁻ (4.5 negative peaks per image); with the fourth, 0.5. 8 σ_m on 24 px did no
-    /// better there and needs stamps of 57² (the stamp must reach past the kernel), which
-    /// small frames do not have enough isolated stars for.
+    /// Gaussian.
+    ///
+    /// Measured and not the default: a fourth Gaussian, `(0.7, 1.5, 3.5, 6)` with degrees
+    /// `(6, 4, 2, 0)` on kernels of up to 18 px, carries light 10–18 px out. Where the convolved
+    /// image's wings are the narrower (a β = 3 science convolved to match a β = 2.5 template,
+    /// harness pairs with the science sharper) three Gaussians on 15 px leave a negative ring of
+    /// −5 to −7σ around stars of 10⁶ e⁻ (4.5 negative peaks per image), four leave 0.5. But on
+    /// the default simulated night the 18 px kernel grows every mask by 18 px: completeness at
+    /// SNR ≥ 10 fell from 0.996 to 0.981 and unflagged false positives rose from 8.5 to 15 per
+    /// frame.
     pub sigma_factors: Vec<f64>,
     /// Degree of the polynomial of each Gaussian (same length as `sigma_factors`).
     pub degrees: Vec<usize>,
@@ -59,13 +62,13 @@ pub struct BasisOptions {
 impl Default for BasisOptions {
     fn default() -> Self {
         BasisOptions {
-            sigma_factors: vec![0.7, 1.5, 3.5, 6.0],
-            degrees: vec![6, 4, 2, 0],
+            sigma_factors: vec![0.7, 1.5, 3.5],
+            degrees: vec![6, 4, 2],
             min_match_sigma: 0.6,
             min_sigma: 0.5,
             half_width_sigmas: 3.5,
             min_half: 4,
-            max_half: 18,
+            max_half: 15,
         }
     }
 }
@@ -100,8 +103,8 @@ pub struct Basis {
 
 /// Taps below this fraction of a 1-D factor's largest value are set to 0 and skipped: under
 /// f32's resolution, they cannot change a sum. A narrow Gaussian on a kernel sized for the wide
-/// one is then a short pass: for σ = (0.7, 1.5, 3.5, 6) × 1.07 px on a half-width of 18 the
-/// degree-6 factors of the narrowest Gaussian have about 15 taps instead of 37.
+/// one is then a short pass: for σ = (0.7, 1.5, 3.5) × 1.07 px on a half-width of 14 the
+/// degree-6 factors of the narrowest Gaussian have about 15 taps instead of 29.
 pub const TAP_FLOOR: f64 = 1e-7;
 
 fn tap(u: f64, sigma: f64, i: usize) -> f64 {
@@ -356,8 +359,8 @@ mod tests {
         for _ in 0..5 {
             let (s, b): (f64, f64) = (rng.gen_range(0.8..3.0), rng.gen_range(0.8..5.0));
             let basis = Basis::from_seeing(s.min(b), s.max(b), &BasisOptions::default()).unwrap();
-            assert_eq!(basis.len(), 28 + 15 + 6 + 1);
-            assert!(basis.half >= 4 && basis.half <= 18, "h {}", basis.half);
+            assert_eq!(basis.len(), 28 + 15 + 6);
+            assert!(basis.half >= 4 && basis.half <= 15, "h {}", basis.half);
             for k in 0..basis.len() {
                 let sum: f64 = basis.function(k).iter().sum();
                 let want = if k == 0 { 1.0 } else { 0.0 };
@@ -370,11 +373,11 @@ mod tests {
         }
         // Widths scale with the matching kernel; the half-width follows the widest, capped.
         let b = Basis::from_seeing(1.5, (1.5f64.powi(2) + 1.5f64.powi(2)).sqrt(), &BasisOptions::default()).unwrap();
-        assert!(b.sigmas.iter().zip([1.05, 2.25, 5.25, 9.0]).all(|(a, e)| (a - e).abs() < 1e-9), "{:?}", b.sigmas);
-        assert_eq!(b.half, 18, "3.5 × 9 px, capped");
+        assert!(b.sigmas.iter().zip([1.05, 2.25, 5.25]).all(|(a, e)| (a - e).abs() < 1e-9), "{:?}", b.sigmas);
+        assert_eq!(b.half, 15, "3.5 × 5.25 px, capped");
         let b = Basis::from_seeing(1.0, (1.0f64 + 0.36).sqrt(), &BasisOptions::default()).unwrap();
-        assert_eq!(b.half, 13, "σ_m = 0.6: widest 3.6 px, 3.5 × 3.6 rounded up");
-        assert_eq!(Basis::from_seeing(1.0, 8.0, &BasisOptions::default()).unwrap().half, 18);
+        assert_eq!(b.half, 8, "σ_m = 0.6: widest 2.1 px, 3.5 × 2.1 rounded up");
+        assert_eq!(Basis::from_seeing(1.0, 8.0, &BasisOptions::default()).unwrap().half, 15);
         assert!(Basis::from_seeing(f64::NAN, 2.0, &BasisOptions::default()).is_err());
     }
 
