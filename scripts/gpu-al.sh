@@ -8,16 +8,10 @@
 #   scripts/gpu-al.sh run       # on the device, carrying .gl and .gpu; a table last
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/gpu-common.sh
 
 prepare() {
-    grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >> .git/info/exclude
-    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
-    mkdir -p .gl .gpu /tmp/amd64/partial
-    if ! ls .gl/libvulkan1_*.deb >/dev/null 2>&1; then
-        o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
-        apt-get $o update
-        (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
-    fi
+    loader_prepare
     cargo build --release
     cp target/release/blink .gpu/blink
     for b in al engine; do
@@ -49,9 +43,7 @@ subtract() { # SIZE REPEATS
 
 run() {
     tar xzf .gpu/bundle.tgz -C .gpu
-    for f in .gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
-    export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json XDG_RUNTIME_DIR=/tmp
+    loader_unpack
     out=${OUT:-/tmp/blink-gpu}
     mkdir -p "$out"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true

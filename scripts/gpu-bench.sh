@@ -11,16 +11,10 @@
 # Every figure names the adapter it ran on; a run on llvmpipe says so and is not a GPU figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/gpu-common.sh
 
 prepare() {
-    grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >> .git/info/exclude
-    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
-    mkdir -p .gl .gpu /tmp/amd64/partial
-    if ! ls .gl/libvulkan1_*.deb >/dev/null 2>&1; then
-        o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
-        apt-get $o update
-        (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
-    fi
+    loader_prepare
     cargo build --release
     cp target/release/blink .gpu/blink
     # The bench executables: the last "executable" of each bench target.
@@ -33,9 +27,7 @@ prepare() {
 }
 
 run() {
-    for f in .gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
-    export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json XDG_RUNTIME_DIR=/tmp
+    loader_unpack
     export RUST_LOG=warn,blink=info
     out=${OUT:-/tmp/blink-gpu}
     mkdir -p "$out"

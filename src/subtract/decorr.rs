@@ -371,25 +371,9 @@ fn transpose(src: &[Complex<f64>], dst: &mut [Complex<f64>], w: usize, h: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::subtract::test_gaussians as gaussians;
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};
-
-    /// `(weight, σ, dx, dy)` Gaussians, each of unit sum on the `(2h+1)²` grid, added.
-    fn gaussians(h: usize, parts: &[(f64, f64, f64, f64)]) -> Vec<f64> {
-        let side = 2 * h + 1;
-        let mut k = vec![0.0; side * side];
-        for &(wt, s, dx, dy) in parts {
-            let g: Vec<f64> = (0..side * side)
-                .map(|i| {
-                    let (u, v) = ((i % side) as f64 - h as f64 - dx, (i / side) as f64 - h as f64 - dy);
-                    (-(u * u + v * v) / (2.0 * s * s)).exp()
-                })
-                .collect();
-            let sum: f64 = g.iter().sum();
-            k.iter_mut().zip(&g).for_each(|(o, v)| *o += wt * v / sum);
-        }
-        k
-    }
 
     /// Direct convolution of `img` with a centred kernel, edges clamped, in f64.
     fn convolve(img: &[f32], w: usize, h: usize, k: &[f64], side: usize) -> Vec<f32> {

@@ -187,6 +187,24 @@ pub fn fit_kernel_with(pair: &Pair, sigma_science: f64, sigma_template: f64, opt
     solve::fit_with(pair, &basis, &stamps, &fit, grams)
 }
 
+/// Tests: `(weight, σ, dx, dy)` Gaussians, each of unit sum on the grid, weighted and added.
+#[cfg(test)]
+pub(crate) fn test_gaussians(h: usize, parts: &[(f64, f64, f64, f64)]) -> Vec<f64> {
+    let side = 2 * h + 1;
+    let mut k = vec![0.0; side * side];
+    for &(wt, s, dx, dy) in parts {
+        let g: Vec<f64> = (0..side * side)
+            .map(|i| {
+                let (u, v) = ((i % side) as f64 - h as f64 - dx, (i / side) as f64 - h as f64 - dy);
+                (-(u * u + v * v) / (2.0 * s * s)).exp()
+            })
+            .collect();
+        let sum: f64 = g.iter().sum();
+        k.iter_mut().zip(&g).for_each(|(o, v)| *o += wt * v / sum);
+    }
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

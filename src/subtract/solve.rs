@@ -954,29 +954,12 @@ pub(crate) mod tests_support {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{fit_kernel, select_stamps, Options, StampOptions};
+    use super::super::{fit_kernel, select_stamps, test_gaussians as gaussians, Options, StampOptions};
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_distr::{Distribution, Normal};
 
     const SIGMA_T: f64 = 1.5;
-
-    /// `(weight, σ, dx, dy)` Gaussians, each of unit sum on the grid, weighted and added.
-    fn gaussians(h: usize, parts: &[(f64, f64, f64, f64)]) -> Vec<f64> {
-        let side = 2 * h + 1;
-        let mut k = vec![0.0; side * side];
-        for &(wt, s, dx, dy) in parts {
-            let g: Vec<f64> = (0..side * side)
-                .map(|i| {
-                    let (u, v) = ((i % side) as f64 - h as f64 - dx, (i / side) as f64 - h as f64 - dy);
-                    (-(u * u + v * v) / (2.0 * s * s)).exp()
-                })
-                .collect();
-            let sum: f64 = g.iter().sum();
-            k.iter_mut().zip(&g).for_each(|(o, v)| *o += wt * v / sum);
-        }
-        k
-    }
 
     /// A synthetic pair. The template: Gaussian stars of σ 1.5 with noise (a deep template). The
     /// science: the noise-free template convolved with `kernel(x, y)` (a mix of `ka` and `kb`,
