@@ -294,13 +294,7 @@ pub fn median(v: &mut Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
+    crate::engine::prepare::median_in_place(v)
 }
 
 /// Ranks 1..n, ties sharing the average of the ranks they span.

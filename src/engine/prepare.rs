@@ -150,7 +150,9 @@ pub fn sky_stats(data: &[f32], usable: &[bool]) -> Option<(f64, f64)> {
     Some((median, sky_var))
 }
 
-fn median_in_place(v: &mut [f64]) -> f64 {
+/// Median of `v` (sorted in place; the mean of the middle two for an even count). NaN-free
+/// input expected; `bench::agreement::median` drops NaNs first.
+pub(crate) fn median_in_place(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
