@@ -6,6 +6,7 @@ pub mod al;
 pub mod convolve;
 pub mod difference_score;
 pub mod fit;
+pub mod frame;
 
 use crate::engine::{Engine, EngineError, StampBatch, SubtractionImages, SubtractionResult};
 

@@ -42,12 +42,14 @@ pub struct GpuEngine {
     pool: BufferPool,
     /// The Alard–Lupton pipelines (`kernels::al`), built on first use.
     al: Option<kernels::al::AlPipelines>,
+    /// The whole-frame pipelines (`kernels::frame`), built on first use.
+    frame: Option<kernels::frame::FramePipelines>,
 }
 
 impl GpuEngine {
     /// Open the best compute-capable adapter (honouring `BLINK_ADAPTER`).
     pub fn new() -> Result<GpuEngine, EngineError> {
-        Ok(GpuEngine { ctx: GpuContext::new()?, pool: BufferPool::new(), al: None })
+        Ok(GpuEngine { ctx: GpuContext::new()?, pool: BufferPool::new(), al: None, frame: None })
     }
 
     pub fn context(&self) -> &GpuContext {

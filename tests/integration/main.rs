@@ -6,6 +6,7 @@
 //! - `detect`: `blink detect` and `blink bench` on simulated nights against truth; bad folders.
 //! - `decode`: every fixture file decodes with the counts of `testdata/README.md`; bad input.
 //! - `engine_parity`: each WGSL kernel against its CPU twin on fresh random inputs.
+//! - `frame_parity`: the whole-frame GPU kernels (score, sky mesh, variance, masks) against `cpu::frame`.
 //! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
 //! - `simulate`: `blink simulate` against its own claims (noise, flux, template depth, headers,
 //!   manifest and truth, determinism).
@@ -17,4 +18,5 @@ mod decode;
 mod detect;
 mod e2e;
 mod engine_parity;
+mod frame_parity;
 mod simulate;

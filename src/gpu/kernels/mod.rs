@@ -10,6 +10,7 @@ pub mod al;
 pub mod convolve;
 pub mod difference_score;
 pub mod fit;
+pub mod frame;
 
 use crate::engine::StampParams;
 

@@ -1,0 +1,212 @@
+//! The whole-frame GPU kernels (`shaders/frame/`) against their CPU twins (`cpu::frame`) on
+//! fresh random frames with NaN bands, masked and saturated pixels: the seed comes from the
+//! clock and is printed; rerun one with `BLINK_SEED=<seed>`.
+//!
+//! Like `al_parity`, these FAIL when no adapter exists unless `BLINK_ALLOW_NO_GPU=1`.
+//!
+//! Tolerances (f32 on the GPU against f64 on the CPU):
+//! - score, flux: |Δ| ≤ 1e-4 · max(1, |cpu|); error: relative 1e-4; kept pixels (finite error)
+//!   exactly the same.
+//! - mesh background: cell medians exact, so |Δ| ≤ 1e-5 · max |background| after the f32
+//!   interpolation; the same for the sky-subtracted image and the residual taken off in place.
+//! - variance: relative 1e-6, NaN on the same pixels; saturation and grown masks: identical.
+
+use blink::cpu::frame::{self as twin, Profile};
+use blink::engine::{Engine, GpuEngine};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn seeded(test: &str) -> StdRng {
+    let seed = std::env::var("BLINK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    eprintln!("{test}: seed {seed} (rerun with BLINK_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
+
+/// The GPU engine, or a failure; `None` (loudly) only with BLINK_ALLOW_NO_GPU=1.
+fn gpu(test: &str) -> Option<GpuEngine> {
+    match GpuEngine::new() {
+        Ok(g) => {
+            eprintln!("{test}: adapter {}", g.adapter());
+            Some(g)
+        }
+        Err(e) if std::env::var("BLINK_ALLOW_NO_GPU").as_deref() == Ok("1") => {
+            eprintln!("!!!!!!!! {test}: SKIPPED, no GPU adapter ({e}); BLINK_ALLOW_NO_GPU=1 !!!!!!!!");
+            None
+        }
+        Err(e) => panic!("{test}: no GPU adapter ({e}); set BLINK_ALLOW_NO_GPU=1 to skip"),
+    }
+}
+
+const W: usize = 96;
+const H: usize = 80;
+
+/// A sky with a gradient, noise, a few stars, a NaN band (rows 10–12) and a NaN column.
+fn frame(rng: &mut StdRng) -> Vec<f32> {
+    let mut img: Vec<f32> = (0..W * H)
+        .map(|i| {
+            let (x, y) = ((i % W) as f32, (i / W) as f32);
+            100.0 + 0.3 * x - 0.2 * y + rng.gen_range(-10.0f32..10.0)
+        })
+        .collect();
+    for _ in 0..6 {
+        let (cx, cy, f) = (rng.gen_range(0.0..W as f32), rng.gen_range(0.0..H as f32), rng.gen_range(200.0f32..5000.0));
+        for (i, v) in img.iter_mut().enumerate() {
+            let (dx, dy) = ((i % W) as f32 - cx, (i / W) as f32 - cy);
+            *v += f * (-(dx * dx + dy * dy) / 4.5).exp();
+        }
+    }
+    for y in 10..13 {
+        img[y * W..(y + 1) * W].fill(f32::NAN);
+    }
+    let col = rng.gen_range(0..W);
+    for y in 0..H {
+        img[y * W + col] = f32::NAN;
+    }
+    img
+}
+
+/// A random difference and variance: masked (variance 0) pixels, a NaN band in both.
+fn difference(rng: &mut StdRng) -> (Vec<f32>, Vec<f32>) {
+    let mut d: Vec<f32> = (0..W * H).map(|_| rng.gen_range(-30.0f32..30.0)).collect();
+    let mut v: Vec<f32> = (0..W * H).map(|_| if rng.gen_bool(0.05) { 0.0 } else { rng.gen_range(50.0f32..400.0) }).collect();
+    // A transient and a masked block.
+    for (i, x) in d.iter_mut().enumerate() {
+        let (dx, dy) = ((i % W) as f32 - 40.0, (i / W) as f32 - 30.0);
+        *x += 400.0 * (-(dx * dx + dy * dy) / 8.0).exp();
+    }
+    for y in 50..58 {
+        for x in 5..20 {
+            v[y * W + x] = 0.0;
+        }
+    }
+    for y in 70..72 {
+        d[y * W..(y + 1) * W].fill(f32::NAN);
+        v[y * W..(y + 1) * W].fill(f32::NAN);
+    }
+    (d, v)
+}
+
+fn compare_score(what: &str, gpu: &blink::detect::frame::ScoreImage, cpu: &blink::detect::frame::ScoreImage) {
+    assert_eq!(gpu.radius, cpu.radius, "{what}: radius");
+    let mut worst = 0.0f32;
+    for i in 0..W * H {
+        assert_eq!(gpu.flux_err[i].is_finite(), cpu.flux_err[i].is_finite(), "{what}: kept pixel {i}: gpu err {} cpu {}", gpu.flux_err[i], cpu.flux_err[i]);
+        let tol = |c: f32| 1e-4 * c.abs().max(1.0);
+        let ds = (gpu.score[i] - cpu.score[i]).abs();
+        worst = worst.max(ds / tol(cpu.score[i]));
+        assert!(ds <= tol(cpu.score[i]), "{what}: score at {i}: gpu {} cpu {}", gpu.score[i], cpu.score[i]);
+        assert!((gpu.flux[i] - cpu.flux[i]).abs() <= tol(cpu.flux[i]), "{what}: flux at {i}: gpu {} cpu {}", gpu.flux[i], cpu.flux[i]);
+        if cpu.flux_err[i].is_finite() {
+            assert!((gpu.flux_err[i] / cpu.flux_err[i] - 1.0).abs() <= 1e-4, "{what}: err at {i}: gpu {} cpu {}", gpu.flux_err[i], cpu.flux_err[i]);
+        }
+    }
+    eprintln!("{what}: worst score error {worst:.3} of the tolerance");
+}
+
+#[test]
+fn frame_score_matches_the_twin() {
+    let test = "frame_score_matches_the_twin";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let (d, v) = difference(&mut rng);
+    let sigma = rng.gen_range(0.8..3.0);
+    let inflate = rng.gen_range(1.0..1.3);
+    // The separable Gaussian of detect::frame::score_image.
+    let p = Profile::gaussian(sigma);
+    let got = g.frame_score_image(&d, &v, W, H, &p, inflate).unwrap_or_else(|e| panic!("{test}: {e}"));
+    compare_score("separable", &got, &twin::score(&d, &v, W, H, &p, inflate));
+    // Any odd profile: an elongated, off-centre one with a negative lobe.
+    let side = 2 * rng.gen_range(2..7) + 1;
+    let c = (side / 2) as f64;
+    let pixels: Vec<f64> = (0..side * side)
+        .map(|i| {
+            let (x, y) = ((i % side) as f64 - c - 0.3, (i / side) as f64 - c + 0.2);
+            (-(x * x / 3.0 + y * y / 1.5) / 2.0).exp() - 0.02
+        })
+        .collect();
+    let p = Profile::Full { side, pixels };
+    let got = g.frame_score_image(&d, &v, W, H, &p, inflate).unwrap_or_else(|e| panic!("{test}: {e}"));
+    compare_score("full", &got, &twin::score(&d, &v, W, H, &p, inflate));
+    // A bad profile is an error, not a panic.
+    assert!(g.frame_score_image(&d, &v, W, H, &Profile::Full { side: 4, pixels: vec![0.0; 16] }, 1.0).is_err());
+}
+
+#[test]
+fn frame_mesh_matches_the_twin() {
+    let test = "frame_mesh_matches_the_twin";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let img = frame(&mut rng);
+    // Saturated: bright pixels, plus one whole cell (its median comes from the fill).
+    let mut sat = twin::saturation(&img, Some(rng.gen_range(300.0f32..1500.0)));
+    for y in 0..24 {
+        for x in 72..96 {
+            sat[y * W + x] = true;
+        }
+    }
+    for mesh in [8usize, 24, 64] {
+        let want = twin::mesh_background(&img, |i| !sat[i], W, H, mesh);
+        let pi = g.frame_upload(&img, W, H).unwrap_or_else(|e| panic!("{e}"));
+        let ps = g.frame_upload_mask(&sat, W, H).unwrap_or_else(|e| panic!("{e}"));
+        let bg = g.frame_mesh_background(&pi, &ps, mesh).unwrap_or_else(|e| panic!("{test}: {e}"));
+        let got = g.frame_read(&bg).unwrap_or_else(|e| panic!("{e}"));
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for i in 0..W * H {
+            assert!((got[i] - want[i]).abs() <= 1e-5 * scale, "{test}: mesh {mesh}, pixel {i}: gpu {} cpu {}", got[i], want[i]);
+        }
+        // The image less its sky (NaN stays NaN).
+        let sub = g.frame_sky_subtract(&pi, &ps, mesh).unwrap_or_else(|e| panic!("{test}: {e}"));
+        let got = g.frame_read(&sub).unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..W * H {
+            let w = img[i] - want[i];
+            assert!(got[i].is_nan() == w.is_nan() && (w.is_nan() || (got[i] - w).abs() <= 1e-5 * scale), "{test}: sky-subtracted {i}: gpu {} cpu {w}", got[i]);
+        }
+        for p in [pi, ps, bg, sub] {
+            g.frame_release(p);
+        }
+    }
+    // A difference's residual background, valid where the variance is > 0, taken off in place.
+    let (mut d, v) = difference(&mut rng);
+    for (i, x) in d.iter_mut().enumerate() {
+        *x += 5.0 + 0.05 * (i % W) as f32;
+    }
+    let pd = g.frame_upload(&d, W, H).unwrap_or_else(|e| panic!("{e}"));
+    let pv = g.frame_upload(&v, W, H).unwrap_or_else(|e| panic!("{e}"));
+    g.frame_subtract_residual_background(&pd, &pv, 16).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let got = g.frame_read(&pd).unwrap_or_else(|e| panic!("{e}"));
+    blink::detect::frame::subtract_residual_background(&mut d, &v, W, H, 16);
+    for i in 0..W * H {
+        assert!(got[i].is_nan() == d[i].is_nan() && (d[i].is_nan() || (got[i] - d[i]).abs() <= 1e-4), "{test}: residual {i}: gpu {} cpu {}", got[i], d[i]);
+    }
+}
+
+#[test]
+fn frame_prepare_and_grow_match_the_twins() {
+    let test = "frame_prepare_and_grow_match_the_twins";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let img = frame(&mut rng);
+    let (gain, rn2) = (rng.gen_range(0.5..4.0), rng.gen_range(0.0..30.0));
+    let level = rng.gen_range(300.0f32..1500.0);
+    let pi = g.frame_upload(&img, W, H).unwrap_or_else(|e| panic!("{e}"));
+    let (pv, ps) = g.frame_prepare(&pi, gain, rn2, Some(level)).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let var = g.frame_read(&pv).unwrap_or_else(|e| panic!("{e}"));
+    let sat = g.frame_read_mask(&ps).unwrap_or_else(|e| panic!("{e}"));
+    let want = twin::variance_smoothed(&img, W, H, gain, rn2);
+    for i in 0..W * H {
+        assert!(var[i].is_nan() == want[i].is_nan() && (want[i].is_nan() || (var[i] / want[i] - 1.0).abs() <= 1e-6), "{test}: variance {i}: gpu {} cpu {}", var[i], want[i]);
+    }
+    assert_eq!(sat, twin::saturation(&img, Some(level)), "{test}: saturation");
+    let (_, none) = g.frame_prepare(&pi, gain, rn2, None).unwrap_or_else(|e| panic!("{test}: {e}"));
+    assert!(g.frame_read_mask(&none).unwrap_or_else(|e| panic!("{e}")).iter().all(|s| !s));
+    // Grow a sparse random mask.
+    let mask: Vec<bool> = (0..W * H).map(|_| rng.gen_bool(0.01)).collect();
+    let pm = g.frame_upload_mask(&mask, W, H).unwrap_or_else(|e| panic!("{e}"));
+    for r in [0usize, 1, 3, rng.gen_range(4..40), 200] {
+        let grown = g.frame_grow(&pm, r).unwrap_or_else(|e| panic!("{test}: {e}"));
+        assert_eq!(g.frame_read_mask(&grown).unwrap_or_else(|e| panic!("{e}")), twin::grow(&mask, W, H, r), "{test}: grow by {r}");
+        g.frame_release(grown);
+    }
+}
