@@ -93,7 +93,7 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
             variance[i] = ((b_var[i] as f64 + kv[i] as f64 + eps2 * mv * mv) * m2) as f32;
         }
     }
-    subtract_residual_background(&mut difference, &variance, w, h, opts.background_mesh);
+    residual_background(gpu.as_deref_mut(), &mut difference, &variance, w, h, opts.background_mesh);
     // The decorrelation post-filter φ (DMTN-021) from the kernel at the centre: φ ⊗ difference
     // has white noise, PSF φ ⊗ PSF and variance Σφ²·V_u + Σ(κ⊗φ)²·V_c (the second term from the
     // convolved variance `kv`, which already holds ΣK² over the frame). It is the difference
@@ -220,19 +220,78 @@ fn model_error(sol: &crate::subtract::KernelSolution, d: &[f32], model: &[f32], 
     0.0
 }
 
-/// `mask` grown by `r` pixels (a square of side `2r + 1` around each masked pixel).
+/// `mask` grown by `r` pixels (a square of side `2r + 1` around each masked pixel): separable,
+/// O(N) for any `r` (`cpu::frame::grow`; the GPU's `frame_grow` is its twin).
 fn grow(mask: &[bool], w: usize, h: usize, r: i64) -> Vec<bool> {
-    let mut grown = vec![false; w * h];
-    for y in 0..h as i64 {
-        for x in 0..w as i64 {
-            if mask[y as usize * w + x as usize] {
-                for yy in (y - r).max(0)..=(y + r).min(h as i64 - 1) {
-                    for xx in (x - r).max(0)..=(x + r).min(w as i64 - 1) {
-                        grown[yy as usize * w + xx as usize] = true;
-                    }
-                }
+    crate::cpu::frame::grow(mask, w, h, r.max(0) as usize)
+}
+
+/// [`Prepared::new`] with its per-pixel work on `gpu` (`gpu::kernels::frame`): the smoothed
+/// variance, the saturation mask and the sky mesh taken off, uploaded once and read back once
+/// (the fit needs the planes on the host). The seeing and the gain estimate stay on the CPU.
+/// Equal to the CPU's within f32 round-off (`tests/integration/frame_parity.rs`); a GPU error
+/// is returned for the caller to fall back on [`Prepared::new`].
+pub fn prepare_gpu(gpu: &mut GpuEngine, img: &Image, opts: &FrameOptions) -> Result<Prepared, DetectError> {
+    let fwhm = img.fwhm()?;
+    let (w, h) = (img.width, img.height);
+    let g = img.gain_or_estimate();
+    let rn2 = (img.header.read_noise / g).powi(2);
+    // As `frame::saturation_mask`: at or above 99.9% of SATURATE.
+    let level = img.header.saturate.map(|s| s as f32 * 0.999);
+    let engine_err = |e: crate::engine::EngineError| DetectError::Engine { path: img.path.clone(), message: e.to_string() };
+    let raw = gpu.frame_upload(&img.data, w, h).map_err(engine_err)?;
+    let (var, sat) = match gpu.frame_prepare(&raw, g, rn2, level) {
+        Ok(p) => p,
+        Err(e) => {
+            gpu.frame_release(raw);
+            return Err(engine_err(e));
+        }
+    };
+    let sky = if opts.background_mesh > 0 { gpu.frame_sky_subtract(&raw, &sat, opts.background_mesh).map(Some) } else { Ok(None) };
+    let read = match &sky {
+        Ok(Some(s)) => gpu.frame_read_all(&[s, &var, &sat]),
+        Ok(None) => gpu.frame_read_all(&[&raw, &var, &sat]),
+        Err(_) => Ok(Vec::new()),
+    };
+    for p in [raw, var, sat] {
+        gpu.frame_release(p);
+    }
+    if let Some(s) = sky.map_err(engine_err)? {
+        gpu.frame_release(s);
+    }
+    let mut planes = read.map_err(engine_err)?.into_iter();
+    let (Some(sky_subtracted), Some(variance), Some(sat)) = (planes.next(), planes.next(), planes.next()) else {
+        return Err(engine_err(crate::engine::EngineError::Gpu("frame planes missing".into())));
+    };
+    let saturated = sat.iter().map(|v| v.to_bits() != 0).collect();
+    Ok(Prepared { fwhm, sky_subtracted, variance, saturated })
+}
+
+/// [`subtract_residual_background`] on `gpu` when there is one (and it works), else on the CPU.
+fn residual_background(gpu: Option<&mut GpuEngine>, difference: &mut [f32], variance: &[f32], w: usize, h: usize, mesh: usize) {
+    if mesh == 0 {
+        return;
+    }
+    if let Some(g) = gpu {
+        let on_gpu = (|| {
+            let d = g.frame_upload(difference, w, h)?;
+            let v = g.frame_upload(variance, w, h);
+            let out = v.and_then(|v| {
+                let r = g.frame_subtract_residual_background(&d, &v, mesh).and_then(|_| g.frame_read(&d));
+                g.frame_release(v);
+                r
+            });
+            g.frame_release(d);
+            out
+        })();
+        match on_gpu {
+            Ok(d) if d.len() == difference.len() => {
+                difference.copy_from_slice(&d);
+                return;
             }
+            Ok(_) => tracing::warn!("residual background on the GPU: wrong plane size; on the CPU"),
+            Err(e) => tracing::warn!("residual background on the GPU failed ({e}); on the CPU"),
         }
     }
-    grown
+    subtract_residual_background(difference, variance, w, h, mesh);
 }

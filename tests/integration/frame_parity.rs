@@ -210,3 +210,37 @@ fn frame_prepare_and_grow_match_the_twins() {
         g.frame_release(grown);
     }
 }
+
+#[test]
+fn prepare_gpu_matches_prepared_new() {
+    use blink::detect::frame::{FrameOptions, Prepared};
+    use blink::detect::image::{Image, ImageHeader};
+    let test = "prepare_gpu_matches_prepared_new";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let header = ImageHeader {
+        mjd_start: Some(61000.0),
+        exptime: 30.0,
+        band: Some("r".into()),
+        gain: if rng.gen_bool(0.5) { Some(rng.gen_range(0.5..4.0)) } else { None },
+        read_noise: rng.gen_range(0.0..8.0),
+        saturate: Some(rng.gen_range(400.0..1500.0)),
+        zero_point: None,
+        seeing: Some(3.0),
+        wcs: None,
+        ncombine: None,
+    };
+    let img = Image { path: "parity.fits".into(), width: W, height: H, data: frame(&mut rng), header, warnings: Vec::new() };
+    let opts = FrameOptions { background_mesh: 24, ..FrameOptions::default() };
+    let want = Prepared::new(&img, &opts).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let got = blink::detect::al::prepare_gpu(&mut g, &img, &opts).unwrap_or_else(|e| panic!("{test}: {e}"));
+    assert_eq!(got.fwhm, want.fwhm);
+    assert_eq!(got.saturated, want.saturated, "{test}: saturation");
+    let scale = img.data.iter().filter(|v| v.is_finite()).fold(0.0f32, |m, v| m.max(v.abs()));
+    for i in 0..W * H {
+        let (a, b) = (got.sky_subtracted[i], want.sky_subtracted[i]);
+        assert!(a.is_nan() == b.is_nan() && (b.is_nan() || (a - b).abs() <= 1e-5 * scale), "{test}: sky-subtracted {i}: gpu {a} cpu {b}");
+        let (a, b) = (got.variance[i], want.variance[i]);
+        assert!(a.is_nan() == b.is_nan() && (b.is_nan() || (a / b - 1.0).abs() <= 1e-6), "{test}: variance {i}: gpu {a} cpu {b}");
+    }
+}

@@ -387,6 +387,12 @@ impl GpuEngine {
         result
     }
 
+    /// Several planes back on the host in one transfer, as f32 each (a mask's words as the
+    /// f32 of the same bits: 0 clear, non-zero set).
+    pub fn frame_read_all(&mut self, planes: &[&GpuPlane]) -> Result<Vec<Vec<f32>>, EngineError> {
+        Ok(self.frame_read_words(planes)?.into_iter().map(|v| v.into_iter().map(f32::from_bits).collect()).collect())
+    }
+
     /// A plane of values back on the host.
     pub fn frame_read(&mut self, p: &GpuPlane) -> Result<Vec<f32>, EngineError> {
         let mut w = self.frame_read_words(&[p])?;
