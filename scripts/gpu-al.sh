@@ -2,7 +2,9 @@
 # Issue 4's GPU figures in one device run (../shared/GPU.md): Alard–Lupton subtraction of
 # simulated 1024² and 4096² pairs through `blink subtract --engine gpu` (stage times from the
 # debug log), the AL kernels alone (criterion `al`, kernel half-width 18 as the default basis
-# makes), and cutout batches of 63×63 (criterion `engine`, 8192 stamps a batch). Two steps:
+# makes), cutout batches of 63×63 (criterion `engine`, 8192 stamps a batch), and the whole-frame
+# kernels on 1024² and 4096² pairs resident on the device and end to end (criterion `frame_gpu`).
+# Two steps:
 #
 #   scripts/gpu-al.sh prepare   # here: loader debs into .gl/, binary and benches packed into .gpu/
 #   scripts/gpu-al.sh run       # on the device, carrying .gl and .gpu; a table last
@@ -14,7 +16,7 @@ prepare() {
     loader_prepare
     cargo build --release
     cp target/release/blink .gpu/blink
-    for b in al engine; do
+    for b in al engine frame_gpu; do
         # The bench target's own artifact (the last executable can be the blink binary).
         exe=$(cargo bench --bench "$b" --no-run --message-format=json 2>/dev/null \
             | grep "\"kind\":\[\"bench\"\]" | grep "\"name\":\"$b\"" \
@@ -23,8 +25,8 @@ prepare() {
     done
     # Stripped and packed: the carry to the device holds 64 MiB at most.
     strip .gpu/*
-    tar czf .gpu/bundle.tgz -C .gpu blink bench-al bench-engine
-    rm .gpu/blink .gpu/bench-al .gpu/bench-engine
+    tar czf .gpu/bundle.tgz -C .gpu blink bench-al bench-engine bench-frame_gpu
+    rm .gpu/blink .gpu/bench-al .gpu/bench-engine .gpu/bench-frame_gpu
     ls -la .gpu
 }
 
@@ -51,6 +53,7 @@ run() {
     subtract 4096 3
     BLINK_BENCH_AL_HALF=18 timeout 100 .gpu/bench-al --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/al.txt" | grep -E 'time:|thrpt:|adapter|^AL' || true
     BLINK_BENCH_BATCH=8192 timeout 45 .gpu/bench-engine --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/engine.txt" | grep -E 'time:|thrpt:|adapter' || true
+    BLINK_BENCH_FRAME_SIZES=4096,1024 timeout 60 .gpu/bench-frame_gpu --bench --warm-up-time 1 --measurement-time 1 2>&1 | tee "$out/frame_gpu.txt" | grep -E 'time:|adapter|skipped' || true
     echo
     echo "=== blink AL on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') ==="
     for n in 1024 4096; do
@@ -61,6 +64,8 @@ run() {
         done
     done
     grep -h -E 'time:|thrpt:' -B1 "$out/al.txt" "$out/engine.txt" | grep -v '^--' || true
+    grep -h -E 'adapter' "$out/frame_gpu.txt" || true
+    grep -h -E 'time:' -B1 "$out/frame_gpu.txt" | grep -v '^--' || true
 }
 
 case "${1:-}" in

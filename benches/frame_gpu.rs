@@ -1,0 +1,218 @@
+//! Whole-frame GPU benchmark (issue 4's speed target): a simulated science/template pair of
+//! 1024² and 4096² (Gaussian stars on sky with Poisson-like noise, built in-process outside the
+//! timed loops) through the frame kernels of `gpu::kernels::frame`.
+//!
+//! - `resident/*`: the planes already on the device, only the kernels timed (submit to
+//!   completion): each image's variance, saturation and sky mesh (`prepare+sky x2`), the
+//!   difference's residual background, a mask grown by 24 px, the score image with the
+//!   separable Gaussian and with a full 2-D profile, and `all` of them back to back — the
+//!   honest "GPU time" of the per-pixel stages.
+//! - `e2e/*`: from host images to host results, transfers included: both images prepared on
+//!   the GPU (`detect::al::prepare_gpu`), and the whole Alard–Lupton subtraction
+//!   (`prepare_gpu` ×2, `subtract_al` with the GPU, the score on the GPU, read back); at 1024²
+//!   also the CPU path for comparison.
+//!
+//! Prints the adapter (and says so when it is a software rasteriser: llvmpipe numbers are not
+//! GPU figures; frames above 1024² are skipped there unless `BLINK_BENCH_FORCE=1`).
+//! `BLINK_BENCH_FRAME_SIZES=1024,4096` sets the sides.
+
+use std::path::PathBuf;
+
+use blink::cpu::frame::Profile;
+use blink::detect::al::{prepare_gpu, subtract_al};
+use blink::detect::frame::{FrameOptions, Prepared};
+use blink::detect::image::{Image, ImageHeader};
+use blink::engine::{Engine, GpuEngine};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+
+fn image(side: usize, fwhm: f64, seed: u64, scale: f32) -> Image {
+    let mut state = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let sky = 500.0f32;
+    let mut data = vec![sky; side * side];
+    // The same stars in both images (positions from a fixed stream), fluxes scaled.
+    let mut pos = {
+        let mut s = 0x2545f4914f6cdd1du64;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        }
+    };
+    let sigma = fwhm / 2.3548;
+    let n_stars = side * side / 1500;
+    for _ in 0..n_stars {
+        let (x0, y0) = (pos() * side as f64, pos() * side as f64);
+        let flux = 200.0 * (1.0 / (pos() + 0.01)) as f32 * scale;
+        let r = (4.0 * sigma).ceil() as i64;
+        for y in (y0 as i64 - r).max(0)..(y0 as i64 + r + 1).min(side as i64) {
+            for x in (x0 as i64 - r).max(0)..(x0 as i64 + r + 1).min(side as i64) {
+                let d2 = (x as f64 - x0).powi(2) + (y as f64 - y0).powi(2);
+                data[y as usize * side + x as usize] += flux * ((-0.5 * d2 / (sigma * sigma)).exp() / (2.0 * std::f64::consts::PI * sigma * sigma)) as f32;
+            }
+        }
+    }
+    for v in &mut data {
+        // Approximately Gaussian noise with the Poisson variance (gain 1.5).
+        let g = (0..4).map(|_| uniform()).sum::<f64>() - 2.0;
+        *v += (g * (3.0f64).sqrt() * ((*v as f64 / 1.5).max(1.0)).sqrt() / 1.5) as f32;
+    }
+    Image {
+        path: PathBuf::from(format!("bench-{seed}.fits")),
+        width: side,
+        height: side,
+        data,
+        header: ImageHeader {
+            mjd_start: Some(61000.0),
+            exptime: 30.0,
+            band: Some("r".into()),
+            gain: Some(1.5),
+            read_noise: 5.0,
+            saturate: Some(60000.0),
+            zero_point: Some(28.5),
+            seeing: Some(fwhm),
+            wcs: None,
+            ncombine: None,
+        },
+        warnings: Vec::new(),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let sizes: Vec<usize> = std::env::var("BLINK_BENCH_FRAME_SIZES")
+        .unwrap_or_else(|_| "1024,4096".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let mut gpu = match GpuEngine::new() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("frame_gpu: no GPU adapter ({e}); nothing measured");
+            return;
+        }
+    };
+    let name = gpu.adapter();
+    let software = gpu.context().is_software();
+    eprintln!("frame_gpu adapter: {name}{}", if software { " -- a SOFTWARE rasteriser: these are not GPU figures" } else { "" });
+    let force = std::env::var("BLINK_BENCH_FORCE").is_ok_and(|v| v == "1");
+    for side in sizes {
+        if software && side > 1024 && !force {
+            eprintln!("frame_gpu: {side}² skipped on a software rasteriser (BLINK_BENCH_FORCE=1 runs it)");
+            continue;
+        }
+        let science = image(side, 3.0, 1, 1.0);
+        let template = image(side, 2.4, 2, 1.0);
+        let opts = FrameOptions::default();
+        // A real difference to score: the subtraction itself, outside the timed loops.
+        let ps = prepare_gpu(&mut gpu, &science, &opts).expect("prepare science");
+        let pt = prepare_gpu(&mut gpu, &template, &opts).expect("prepare template");
+        let diff = subtract_al(&science, &ps, &template, &pt, &opts, Some(&mut gpu)).expect("enough stars for the kernel");
+        let gauss = Profile::gaussian(diff.sigma_difference);
+        let full = match &gauss {
+            Profile::Separable(g) => Profile::Full { side: g.len(), pixels: g.iter().flat_map(|a| g.iter().map(move |b| a * b)).collect() },
+            p => p.clone(),
+        };
+        let bad: Vec<bool> = diff.variance.iter().map(|v| !(*v > 0.0)).collect();
+        let up = |g: &mut GpuEngine, v: &[f32]| g.frame_upload(v, side, side).expect("upload");
+        let (sci, tpl, d, v) = (up(&mut gpu, &science.data), up(&mut gpu, &template.data), up(&mut gpu, &diff.difference), up(&mut gpu, &diff.variance));
+        let mask = gpu.frame_upload_mask(&bad, side, side).expect("upload mask");
+        let sat_level = science.header.saturate.map(|s| s as f32 * 0.999);
+        let mesh = opts.background_mesh;
+
+        let mut group = c.benchmark_group(format!("frame_gpu_{side}x{side}"));
+        group.throughput(Throughput::Elements((side * side) as u64));
+        group.sample_size(10);
+        group.sampling_mode(SamplingMode::Flat);
+        let tag = if software { " [software]" } else { "" };
+        let prepare_sky = |g: &mut GpuEngine| {
+            for img in [&sci, &tpl] {
+                let (var, sat) = g.frame_prepare(img, 1.5, (5.0f64 / 1.5).powi(2), sat_level).expect("prepare");
+                let sky = g.frame_sky_subtract(img, &sat, mesh).expect("sky");
+                for p in [var, sat, sky] {
+                    g.frame_release(p);
+                }
+            }
+        };
+        group.bench_function(format!("resident/prepare+sky x2{tag}"), |b| {
+            b.iter(|| {
+                prepare_sky(&mut gpu);
+                gpu.frame_wait().expect("wait")
+            })
+        });
+        group.bench_function(format!("resident/residual-background{tag}"), |b| {
+            b.iter(|| {
+                gpu.frame_subtract_residual_background(&d, &v, mesh).expect("residual");
+                gpu.frame_wait().expect("wait")
+            })
+        });
+        group.bench_function(format!("resident/grow-24{tag}"), |b| {
+            b.iter(|| {
+                let gm = gpu.frame_grow(&mask, 24).expect("grow");
+                gpu.frame_release(gm);
+                gpu.frame_wait().expect("wait")
+            })
+        });
+        for (label, p) in [("gaussian", &gauss), ("full-2d", &full)] {
+            group.bench_function(format!("resident/score-{label}{tag}"), |b| {
+                b.iter(|| {
+                    let s = gpu.frame_score(&d, &v, p, 1.0).expect("score");
+                    gpu.frame_release_score(s);
+                    gpu.frame_wait().expect("wait")
+                })
+            });
+        }
+        group.bench_function(format!("resident/all{tag}"), |b| {
+            b.iter(|| {
+                prepare_sky(&mut gpu);
+                gpu.frame_subtract_residual_background(&d, &v, mesh).expect("residual");
+                for r in [18, 24] {
+                    let gm = gpu.frame_grow(&mask, r).expect("grow");
+                    gpu.frame_release(gm);
+                }
+                let s = gpu.frame_score(&d, &v, &gauss, 1.0).expect("score");
+                gpu.frame_release_score(s);
+                gpu.frame_wait().expect("wait")
+            })
+        });
+        group.bench_function(format!("e2e/prepare x2{tag}"), |b| {
+            b.iter(|| {
+                let a = prepare_gpu(&mut gpu, &science, &opts).expect("prepare");
+                let t = prepare_gpu(&mut gpu, &template, &opts).expect("prepare");
+                a.variance.len() + t.variance.len()
+            })
+        });
+        group.bench_function(format!("e2e/subtract+score{tag}"), |b| {
+            b.iter(|| {
+                let a = prepare_gpu(&mut gpu, &science, &opts).expect("prepare");
+                let t = prepare_gpu(&mut gpu, &template, &opts).expect("prepare");
+                let dd = subtract_al(&science, &a, &template, &t, &opts, Some(&mut gpu)).expect("subtract");
+                let s = gpu.frame_score_image(&dd.difference, &dd.variance, side, side, &Profile::gaussian(dd.sigma_difference), 1.0).expect("score");
+                s.score.len()
+            })
+        });
+        if side <= 1024 {
+            group.bench_function("e2e/subtract+score cpu", |b| {
+                b.iter(|| {
+                    let a = Prepared::new(&science, &opts).expect("prepare");
+                    let t = Prepared::new(&template, &opts).expect("prepare");
+                    let dd = subtract_al(&science, &a, &template, &t, &opts, None).expect("subtract");
+                    let s = blink::cpu::frame::score(&dd.difference, &dd.variance, side, side, &Profile::gaussian(dd.sigma_difference), 1.0);
+                    s.score.len()
+                })
+            });
+        }
+        group.finish();
+        for p in [sci, tpl, d, v, mask] {
+            gpu.frame_release(p);
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
