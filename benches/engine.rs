@@ -1,9 +1,22 @@
-//! Engine benchmark: the CPU and GPU engines on one batch of 256 63x63 stamps (built outside the
-//! timed loop; `BLINK_BENCH_BATCH=N` for N stamps: a GPU needs thousands in flight). Prints the
-//! adapter, so a number from llvmpipe cannot pass for a GPU figure.
+//! Engine benchmark (issue 4): pairs per second through `Engine::subtract` on a batch of 256
+//! 63x63 stamps (`BLINK_BENCH_BATCH=N` for N: a GPU needs thousands in flight), and what the
+//! CPU-side preparation costs per alert. Batches and alerts are built outside the timed loops;
+//! every engine's output is checked once before it is timed, so an error cannot pass for speed.
+//!
+//! Groups (filter with `cargo bench --bench engine -- <name>`):
+//! - `engine_<N>x63x63`: `cpu` (every core), `cpu_1thread`, and `gpu [<adapter>]` — the adapter
+//!   is in the name, so a number from llvmpipe cannot pass for a GPU figure. After the GPU
+//!   timing, a line `GPU phases` splits one batch into host staging (copy into the mapped upload
+//!   buffer), upload (staging → device), compute (the four dispatches) and readback (results
+//!   mapped and read), each waited for on its own (`GpuEngine::profile`).
+//! - `prepare`: `prepare_stamp` per alert on the real ZTF and Rubin fixtures and on simulated
+//!   blink-native alerts (decoded outside the loop), and `assemble` of 256 prepared stamps.
 
-use blink::engine::{CpuEngine, Engine, GpuEngine, StampBatch, StampParams};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use blink::decode::Decoder;
+use blink::engine::{assemble, prepare_stamp, CpuEngine, Engine, GpuEngine, PrepareConfig, StampBatch, StampParams};
+use blink::sim::{simulate_alerts, AlertSimConfig};
+use blink::source::replay::{fixture_messages, FINK_RUBIN};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn batch(n: usize, w: usize, h: usize) -> StampBatch {
     let npix = w * h;
@@ -41,24 +54,73 @@ fn batch(n: usize, w: usize, h: usize) -> StampBatch {
     b
 }
 
-fn bench(c: &mut Criterion) {
+fn engines(c: &mut Criterion) {
     let n = std::env::var("BLINK_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(256usize);
     let b = batch(n, 63, 63);
     let mut group = c.benchmark_group(format!("engine_{n}x63x63"));
     group.throughput(Throughput::Elements(b.n as u64));
     group.sample_size(10);
     let mut cpu = CpuEngine::new();
-    group.bench_function("cpu", |bench| bench.iter(|| cpu.subtract(&b)));
+    let want = cpu.subtract(&b).expect("CPU engine");
+    eprintln!("CPU engine: {} threads", cpu.threads());
+    group.bench_function("cpu", |bench| bench.iter(|| cpu.subtract(&b).expect("CPU engine")));
+    let mut cpu1 = CpuEngine::with_threads(1);
+    group.bench_function("cpu_1thread", |bench| bench.iter(|| cpu1.subtract(&b).expect("CPU engine")));
     match GpuEngine::new() {
         Ok(mut gpu) => {
             let name = gpu.adapter();
             eprintln!("GPU engine adapter: {name}");
-            group.bench_function(format!("gpu [{name}]"), |bench| bench.iter(|| gpu.subtract(&b)));
+            let got = gpu.subtract(&b).expect("GPU engine");
+            let worst = got.iter().zip(&want).map(|(g, c)| (g.score - c.score).abs() / (1.0 + c.score.abs())).fold(0.0f32, f32::max);
+            assert!(worst < 4e-3, "GPU and CPU scores differ by {worst} (relative)");
+            group.bench_function(format!("gpu [{name}]"), |bench| bench.iter(|| gpu.subtract(&b).expect("GPU engine")));
         }
         Err(e) => eprintln!("GPU engine not benchmarked: {e}"),
     }
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// Decoded fixture alerts by set: the real ZTF and Rubin alerts, and simulated native ones.
+fn alert_sets() -> Vec<(&'static str, Vec<blink::alert::Alert>)> {
+    let decoder = Decoder::new(Default::default()).expect("decoder");
+    let fixtures = fixture_messages(&decoder).expect("fixture messages");
+    let decode = |pick: &dyn Fn(&str) -> bool| -> Vec<blink::alert::Alert> {
+        fixtures
+            .iter()
+            .filter(|m| pick(&m.origin))
+            .flat_map(|m| decoder.decode_message(&m.payload))
+            .filter_map(Result::ok)
+            .collect()
+    };
+    let ztf = decode(&|o| o.starts_with("ztf/"));
+    let rubin = decode(&|o| o == FINK_RUBIN.0);
+    let native = simulate_alerts(64, 7, &AlertSimConfig::default());
+    vec![("ztf", ztf), ("rubin", rubin), ("native", native)]
+}
+
+fn prepare(c: &mut Criterion) {
+    let cfg = PrepareConfig::default();
+    let mut group = c.benchmark_group("prepare");
+    group.sample_size(10);
+    let mut stamps = Vec::new();
+    for (name, alerts) in alert_sets() {
+        let ok = alerts.iter().filter_map(|a| prepare_stamp(a, &cfg).ok()).collect::<Vec<_>>();
+        eprintln!("prepare {name}: {} alerts, {} prepared", alerts.len(), ok.len());
+        if name == "native" {
+            stamps = ok;
+        }
+        group.throughput(Throughput::Elements(alerts.len() as u64));
+        group.bench_function(BenchmarkId::new("prepare_stamp", name), |bench| {
+            bench.iter(|| alerts.iter().filter(|a| prepare_stamp(a, &cfg).is_ok()).count())
+        });
+    }
+    if !stamps.is_empty() {
+        let many: Vec<_> = stamps.iter().cycle().take(256).cloned().collect();
+        group.throughput(Throughput::Elements(many.len() as u64));
+        group.bench_function("assemble_256", |bench| bench.iter(|| assemble(&many).n));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, engines, prepare);
 criterion_main!(benches);

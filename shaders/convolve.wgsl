@@ -23,7 +23,29 @@ fn gauss(k: i32, sigma: f32) -> f32 {
     return exp(-0.5 * t * t);
 }
 
-// Row pass: Σ g·w·T, Σ g·w and Σ g²·w·V along x.
+// A level near the template's sky, subtracted before the sums and added back after
+// (T' = c + Σ g·w·(T − c) / Σ g·w, exact for any c): in f32 the sums then carry the sources and
+// noise instead of a pedestal hundreds of times larger, whose rounding (~1e-7 of it) would
+// otherwise be as large as the smoothed noise that the fit regresses on. c is the mean of the
+// usable corner pixels (0 when none is); both passes compute the same value.
+fn pedestal(s: u32) -> f32 {
+    let w = batch.width;
+    let h = batch.height;
+    let pt = plane(PIX_TEMPLATE, s);
+    let pw = plane(PIX_WEIGHT, s);
+    var sum = 0.0;
+    var cnt = 0.0;
+    for (var k = 0u; k < 4u; k += 1u) {
+        let i = select(0u, w - 1u, (k & 1u) == 1u) + select(0u, (h - 1u) * w, (k & 2u) == 2u);
+        if (pix[pw + i] > 0.0) {
+            sum += pix[pt + i];
+            cnt += 1.0;
+        }
+    }
+    return select(0.0, sum / max(cnt, 1.0), cnt > 0.0);
+}
+
+// Row pass: Σ g·w·(T − c), Σ g·w and Σ g²·w·V along x.
 @compute @workgroup_size(WG)
 fn convolve_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x;
@@ -41,6 +63,7 @@ fn convolve_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     let pt = plane(PIX_TEMPLATE, s) + row;
     let pv = plane(PIX_TEMPLATE_VAR, s) + row;
     let pw = plane(PIX_WEIGHT, s) + row;
+    let c = pedestal(s);
     var st = 0.0;
     var sw = 0.0;
     var sv = 0.0;
@@ -48,7 +71,7 @@ fn convolve_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
         let g = gauss(j - x, sigma);
         let q = u32(j);
         let gw = g * pix[pw + q];
-        st += gw * pix[pt + q];
+        st += gw * (pix[pt + q] - c);
         sw += gw;
         sv += g * gw * pix[pv + q];
     }
@@ -57,7 +80,7 @@ fn convolve_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     work[plane(WORK_ROW_V, s) + i] = sv;
 }
 
-// Column pass over the row sums, then the normalisation.
+// Column pass over the row sums, then the normalisation (and the pedestal back).
 @compute @workgroup_size(WG)
 fn convolve_cols(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x;
@@ -88,7 +111,7 @@ fn convolve_cols(@builtin(global_invocation_id) gid: vec3<u32>) {
     var t = 0.0;
     var v = 0.0;
     if (sw > 0.0) {
-        t = st / sw;
+        t = st / sw + pedestal(s);
         v = sv / (sw * sw);
     }
     work[plane(WORK_CONV_T, s) + i] = t;

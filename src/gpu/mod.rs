@@ -189,7 +189,7 @@ impl GpuEngine {
         let read_bytes = res_bytes + plan.read.len() as u64 * plane_bytes;
         let b_uniform = self.pool.acquire(dev, "blink.batch", 16, U::UNIFORM | U::COPY_DST);
         let b_pix = self.pool.acquire(dev, "blink.pix", PIX_PLANES as u64 * plane_bytes, U::STORAGE | U::COPY_DST);
-        let b_stamps = self.pool.acquire(dev, "blink.stamps", n as u64 * 16, U::STORAGE | U::COPY_DST);
+        let b_stamps = self.pool.acquire(dev, "blink.stamps", std::mem::size_of_val(stamps.as_slice()) as u64, U::STORAGE | U::COPY_DST);
         let b_work = self.pool.acquire(dev, "blink.work", WORK_PLANES as u64 * plane_bytes, U::STORAGE | U::COPY_DST | U::COPY_SRC);
         let b_res = self.pool.acquire(dev, "blink.results", res_bytes, U::STORAGE | U::COPY_DST | U::COPY_SRC);
         let b_read = self.pool.acquire(dev, "blink.readback", read_bytes, U::MAP_READ | U::COPY_DST);
