@@ -8,7 +8,9 @@
 //!   `detect::frame::mesh_background` itself);
 //! - `frame_prepare`: smoothed variance and saturation mask ([`variance_smoothed`],
 //!   [`saturation`]);
-//! - `frame_grow`: a mask grown by a square ([`grow`], separable in O(N) whatever the radius).
+//! - `frame_grow`: a mask grown by a square ([`grow`], separable in O(N) whatever the radius);
+//! - `frame_assemble`: an Alard–Lupton difference and variance per pixel ([`al_difference`],
+//!   [`al_variance`], as `detect::al::subtract_al`'s loops).
 //!
 //! f64 accumulation where the CPU code they mirror has it; the parity tests
 //! (`tests/integration/frame_parity.rs`) compare each with its kernel.
@@ -64,7 +66,7 @@ impl Profile {
 /// score and multiplying the error (the correlated-noise factor).
 pub fn score(d: &[f32], v: &[f32], w: usize, h: usize, p: &Profile, inflate: f64) -> ScoreImage {
     let n = w * h;
-    let mut out = ScoreImage { score: vec![0.0; n], flux: vec![0.0; n], flux_err: vec![f32::INFINITY; n], radius: p.radius() };
+    let mut out = ScoreImage { score: vec![0.0; n], flux: vec![0.0; n], flux_err: vec![f32::INFINITY; n], radius: p.radius(), psf_peak: 0.0 /* the caller, detect::frame::score_image, sets it */ };
     if d.len() != n || v.len() != n || p.check().is_err() {
         return out;
     }
@@ -226,6 +228,40 @@ fn dilate_line(v: &[bool], r: usize, mut put: impl FnMut(usize, bool)) {
             count -= 1;
         }
     }
+}
+
+/// `(broad − model − bg) · m` where `guard > 0`, else 0, with `bg` the polynomial of
+/// `(coefficient, x power, y power)` terms in normalised coordinates (`subtract_al`'s
+/// difference; twin of `al_difference` in `shaders/frame/frame_assemble.wgsl`).
+pub fn al_difference(broad: &[f32], model: &[f32], guard: &[f32], bg: &[(f64, usize, usize)], m: f64, w: usize, h: usize) -> Vec<f32> {
+    use crate::subtract::normalised;
+    let mut out = vec![0.0f32; w * h];
+    if broad.len() != w * h || model.len() != w * h || guard.len() != w * h {
+        return out;
+    }
+    for y in 0..h {
+        let yn = normalised(y as f64, h);
+        for x in 0..w {
+            let i = y * w + x;
+            if guard[i] > 0.0 {
+                let xn = normalised(x as f64, w);
+                let b: f64 = bg.iter().map(|&(c, p, q)| c * xn.powi(p as i32) * yn.powi(q as i32)).sum();
+                out[i] = ((broad[i] - model[i] - b as f32) as f64 * m) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// `(wu · guard + wc · kv + eps2 · model²) · m2` where `guard > 0`, else 0 (`subtract_al`'s
+/// variances; twin of `al_variance` in `shaders/frame/frame_assemble.wgsl`).
+pub fn al_variance(guard: &[f32], kv: &[f32], model: &[f32], wu: f64, wc: f64, eps2: f64, m2: f64) -> Vec<f32> {
+    guard
+        .iter()
+        .zip(kv)
+        .zip(model)
+        .map(|((&g, &k), &mv)| if g > 0.0 { ((wu * g as f64 + wc * k as f64 + eps2 * mv as f64 * mv as f64) * m2) as f32 } else { 0.0 })
+        .collect()
 }
 
 #[cfg(test)]

@@ -244,3 +244,38 @@ fn prepare_gpu_matches_prepared_new() {
         assert!(a.is_nan() == b.is_nan() && (b.is_nan() || (a / b - 1.0).abs() <= 1e-6), "{test}: variance {i}: gpu {a} cpu {b}");
     }
 }
+
+#[test]
+fn frame_al_kernels_match_the_twins() {
+    let test = "frame_al_kernels_match_the_twins";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    // The frame convolution on a resident plane against cpu::al::convolve_terms.
+    let img: Vec<f32> = frame(&mut rng).into_iter().map(|v| if v.is_finite() { v } else { 0.0 }).collect();
+    let (half, order) = (rng.gen_range(2..10), 1);
+    let side = 2 * half + 1;
+    let kernels: Vec<Vec<f64>> = (0..3).map(|_| (0..side * side).map(|_| rng.gen_range(-0.01..0.05)).collect()).collect();
+    let pi = g.frame_upload(&img, W, H).unwrap_or_else(|e| panic!("{e}"));
+    let conv = g.frame_al_convolve(&kernels, half, order, &pi).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let got = g.frame_read(&conv).unwrap_or_else(|e| panic!("{e}"));
+    let want = blink::cpu::al::convolve_terms(&kernels, half, order, &img, W, H);
+    let scale = img.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for i in 0..W * H {
+        assert!((got[i] - want[i]).abs() <= 1e-5 * scale, "{test}: convolution {i}: gpu {} cpu {}", got[i], want[i]);
+    }
+    // Difference and variance assembly.
+    let model: Vec<f32> = (0..W * H).map(|_| rng.gen_range(-50.0f32..500.0)).collect();
+    let kv: Vec<f32> = (0..W * H).map(|_| rng.gen_range(10.0f32..300.0)).collect();
+    let guard: Vec<f32> = (0..W * H).map(|_| if rng.gen_bool(0.1) { 0.0 } else { rng.gen_range(10.0f32..300.0) }).collect();
+    let bg = [(rng.gen_range(-5.0..5.0), 0, 0), (rng.gen_range(-2.0..2.0), 1, 0), (rng.gen_range(-2.0..2.0), 0, 1), (0.5, 2, 0), (-0.3, 1, 1), (0.2, 0, 2)];
+    let (m, m2, eps2) = (rng.gen_range(-1.5..1.5), rng.gen_range(0.5..2.0), rng.gen_range(0.0..0.01));
+    let (pm, pk, pg) = (g.frame_upload(&model, W, H).unwrap_or_else(|e| panic!("{e}")), g.frame_upload(&kv, W, H).unwrap_or_else(|e| panic!("{e}")), g.frame_upload(&guard, W, H).unwrap_or_else(|e| panic!("{e}")));
+    let d = g.frame_al_difference(&pi, &pm, &pg, &bg, m).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let v = g.frame_al_variance(&pg, &pk, &pm, 0.9, 1.1, eps2, m2).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let (gd, gv) = (g.frame_read(&d).unwrap_or_else(|e| panic!("{e}")), g.frame_read(&v).unwrap_or_else(|e| panic!("{e}")));
+    let (wd, wv) = (twin::al_difference(&img, &model, &guard, &bg, m, W, H), twin::al_variance(&guard, &kv, &model, 0.9, 1.1, eps2, m2));
+    for i in 0..W * H {
+        assert!((gd[i] - wd[i]).abs() <= 1e-5 * scale, "{test}: difference {i}: gpu {} cpu {}", gd[i], wd[i]);
+        assert!((gv[i] - wv[i]).abs() <= 1e-5 * wv[i].abs().max(1.0), "{test}: variance {i}: gpu {} cpu {}", gv[i], wv[i]);
+    }
+}

@@ -8,7 +8,11 @@
 //!   map itself ([`GpuEngine::frame_mesh_background`]);
 //! - `frame_grow.wgsl`: a mask grown by a square ([`GpuEngine::frame_grow`]);
 //! - `frame_score.wgsl`: the matched filter with any odd profile, separable or not
-//!   ([`GpuEngine::frame_score`]).
+//!   ([`GpuEngine::frame_score`]);
+//! - `frame_assemble.wgsl`: an Alard–Lupton difference and its variance from resident planes
+//!   ([`GpuEngine::frame_al_difference`], [`GpuEngine::frame_al_variance`],
+//!   [`GpuEngine::frame_mask_zero`]); the frame convolution itself is `shaders/al/al_convolve.wgsl`
+//!   on resident planes ([`GpuEngine::frame_al_convolve`]).
 //!
 //! A frame is uploaded once as a [`GpuPlane`]; each call records its dispatches and submits
 //! without waiting, so a chain of calls runs back to back on the device, and only what the
@@ -34,6 +38,8 @@ pub const MESH_WGSL: &str = include_str!("../../../shaders/frame/frame_mesh.wgsl
 pub const PREPARE_WGSL: &str = include_str!("../../../shaders/frame/frame_prepare.wgsl");
 /// `shaders/frame/frame_grow.wgsl`.
 pub const GROW_WGSL: &str = include_str!("../../../shaders/frame/frame_grow.wgsl");
+/// `shaders/frame/frame_assemble.wgsl`.
+pub const ASSEMBLE_WGSL: &str = include_str!("../../../shaders/frame/frame_assemble.wgsl");
 
 // Keep in sync with the constants of the same names in shaders/frame/*.wgsl.
 /// Invocations per workgroup along x and y of the per-pixel entry points.
@@ -122,6 +128,12 @@ pub struct FramePipelines {
     prepare: wgpu::ComputePipeline,
     grow_rows: wgpu::ComputePipeline,
     grow_cols: wgpu::ComputePipeline,
+    mask_zero: wgpu::ComputePipeline,
+    al_difference: wgpu::ComputePipeline,
+    al_variance: wgpu::ComputePipeline,
+    /// `al_convolve` on resident planes (its own layout), built on first use: it needs more
+    /// workgroup memory than the rest.
+    al: Option<(wgpu::BindGroupLayout, wgpu::ComputePipeline)>,
     /// Bound where an entry point leaves a storage slot unused.
     dummy: [wgpu::Buffer; 4],
 }
@@ -175,6 +187,7 @@ impl FramePipelines {
         let module = |label: &str, src: &str| dev.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(src.into()) });
         let (score, mesh, prep, grow) =
             (module("blink.frame_score", SCORE_WGSL), module("blink.frame_mesh", MESH_WGSL), module("blink.frame_prepare", PREPARE_WGSL), module("blink.frame_grow", GROW_WGSL));
+        let assemble = module("blink.frame_assemble", ASSEMBLE_WGSL);
         let pipeline = |m: &wgpu::ShaderModule, entry: &str| {
             dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&format!("blink.{entry}")),
@@ -200,6 +213,10 @@ impl FramePipelines {
             prepare: pipeline(&prep, "prepare"),
             grow_rows: pipeline(&grow, "grow_rows"),
             grow_cols: pipeline(&grow, "grow_cols"),
+            mask_zero: pipeline(&assemble, "mask_zero"),
+            al_difference: pipeline(&assemble, "al_difference"),
+            al_variance: pipeline(&assemble, "al_variance"),
+            al: None,
             layout,
             dummy,
         };
@@ -629,7 +646,7 @@ impl GpuEngine {
     pub fn frame_read_score(&mut self, s: &GpuScore) -> Result<ScoreImage, EngineError> {
         let mut w = self.frame_read_words(&[&s.score, &s.flux, &s.flux_err])?.into_iter().map(|v| v.into_iter().map(f32::from_bits).collect::<Vec<f32>>());
         let (score, flux, flux_err) = (w.next().unwrap_or_default(), w.next().unwrap_or_default(), w.next().unwrap_or_default());
-        Ok(ScoreImage { score, flux, flux_err, radius: s.radius })
+        Ok(ScoreImage { score, flux, flux_err, radius: s.radius, psf_peak: 0.0 /* set by detect::frame::score_image */ })
     }
 
     /// Give the score planes back to the pool.
@@ -653,6 +670,211 @@ impl GpuEngine {
     }
 }
 
+/// The term kernels (layout of `Basis::function`) flipped for a correlation, rows padded to
+/// `taps4` taps, `al::TERMS` terms interleaved per tap in two vec4s, one block per pass: the
+/// packing `gpu::kernels::al` uses for `al_convolve` (kept in step with it by the parity test
+/// against `cpu::al::convolve_terms`).
+fn pack_al_terms(kernels: &[Vec<f64>], half: usize) -> (Vec<f32>, usize, usize) {
+    use super::al::TERMS;
+    let side = 2 * half + 1;
+    let taps4 = side.div_ceil(4) * 4;
+    let passes = kernels.len().div_ceil(TERMS).max(1);
+    let mut out = vec![0.0f32; passes * side * taps4 * 8];
+    for (t, k) in kernels.iter().enumerate() {
+        let (p, slot) = (t / TERMS, t % TERMS);
+        for b in 0..side {
+            for a in 0..side {
+                let v = k[(side - 1 - b) * side + (side - 1 - a)];
+                out[((p * side + b) * taps4 + a) * 8 + slot] = v as f32;
+            }
+        }
+    }
+    (out, passes, taps4)
+}
+
+impl GpuEngine {
+    /// A copy of a plane, on the device.
+    pub fn frame_copy(&mut self, p: &GpuPlane) -> Result<GpuPlane, EngineError> {
+        let out = self.frame_plane("blink.frame.copy", p.width, p.height, p.kind)?;
+        let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("blink.frame.copy") });
+        enc.copy_buffer_to_buffer(&p.buf, 0, &out.buf, 0, p.bytes());
+        self.ctx.queue.submit([enc.finish()]);
+        Ok(out)
+    }
+
+    fn same_shape(a: &GpuPlane, others: &[&GpuPlane]) -> Result<(), EngineError> {
+        match others.iter().find(|o| (o.width, o.height) != (a.width, a.height)) {
+            Some(o) => Err(bad(format!("planes of {}x{} and {}x{}", a.width, a.height, o.width, o.height))),
+            None => Ok(()),
+        }
+    }
+
+    /// `p = 0` where `mask` is set, in place.
+    pub fn frame_mask_zero(&mut self, p: &GpuPlane, mask: &GpuPlane) -> Result<(), EngineError> {
+        Self::same_shape(p, &[mask])?;
+        let (ctx, pl) = self.frame_parts()?;
+        let step = Step { pipe: &pl.mask_zero, prm: FrameParams::new(p.width, p.height), taps: &[], bufs: [Some((&p.buf, p.bytes())), Some((&mask.buf, mask.bytes())), None, None], groups: pixel_groups(p.width, p.height) };
+        submit(ctx, pl, &[step])
+    }
+
+    /// `(broad − model − bg) · m` where `guard > 0`, else 0 (the difference of
+    /// `detect::al::subtract_al`; twin `cpu::frame::al_difference`); `bg` the background
+    /// polynomial's `(coefficient, x power, y power)` terms (at most 85).
+    pub fn frame_al_difference(&mut self, broad: &GpuPlane, model: &GpuPlane, guard: &GpuPlane, bg: &[(f64, usize, usize)], m: f64) -> Result<GpuPlane, EngineError> {
+        Self::same_shape(broad, &[model, guard])?;
+        if 3 * bg.len() > MAX_TAPS {
+            return Err(bad(format!("{} background terms (GPU ≤ {})", bg.len(), MAX_TAPS / 3)));
+        }
+        let (w, h) = (broad.width, broad.height);
+        let out = self.frame_plane("blink.frame.difference", w, h, PlaneKind::Values)?;
+        let taps: Vec<f32> = bg.iter().flat_map(|&(c, p, q)| [c as f32, p as f32, q as f32]).collect();
+        let (ctx, pl) = self.frame_parts()?;
+        let prm = FrameParams { count: bg.len() as u32, f0: m as f32, ..FrameParams::new(w, h) };
+        let bufs = [Some((&broad.buf, broad.bytes())), Some((&model.buf, model.bytes())), Some((&guard.buf, guard.bytes())), Some((&out.buf, out.bytes()))];
+        submit(ctx, pl, &[Step { pipe: &pl.al_difference, prm, taps: &taps, bufs, groups: pixel_groups(w, h) }])?;
+        Ok(out)
+    }
+
+    /// `(wu · guard + wc · kv + eps2 · model²) · m2` where `guard > 0`, else 0 (the variance of
+    /// `detect::al::subtract_al`, and of its decorrelated difference; twin
+    /// `cpu::frame::al_variance`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn frame_al_variance(&mut self, guard: &GpuPlane, kv: &GpuPlane, model: &GpuPlane, wu: f64, wc: f64, eps2: f64, m2: f64) -> Result<GpuPlane, EngineError> {
+        Self::same_shape(guard, &[kv, model])?;
+        let (w, h) = (guard.width, guard.height);
+        let out = self.frame_plane("blink.frame.variance", w, h, PlaneKind::Values)?;
+        let (ctx, pl) = self.frame_parts()?;
+        let prm = FrameParams { f0: m2 as f32, f1: eps2 as f32, f2: wu as f32, f3: wc as f32, ..FrameParams::new(w, h) };
+        let bufs = [Some((&guard.buf, guard.bytes())), Some((&kv.buf, kv.bytes())), Some((&model.buf, model.bytes())), Some((&out.buf, out.bytes()))];
+        submit(ctx, pl, &[Step { pipe: &pl.al_variance, prm, taps: &[], bufs, groups: pixel_groups(w, h) }])?;
+        Ok(out)
+    }
+
+    /// `Σ_t m_t(x, y) · (kernels[t] ⊗ image)` on a resident frame (twin:
+    /// `cpu::al::convolve_terms`; `gpu::kernels::al`'s `al_convolve` shader, the whole frame as
+    /// one band): no upload, no read-back.
+    pub fn frame_al_convolve(&mut self, kernels: &[Vec<f64>], half: usize, order: usize, image: &GpuPlane) -> Result<GpuPlane, EngineError> {
+        use super::al::{AlConvParams, CONVOLVE_WGSL, CONVOLVE_WORKGROUP_BYTES, ENTRY_CONVOLVE, MAX_HALF, TERMS, TW, TY};
+        let side = 2 * half + 1;
+        let (w, h) = (image.width, image.height);
+        if half > MAX_HALF || kernels.len() > crate::subtract::spatial_terms(order).len() || kernels.iter().any(|k| k.len() != side * side) {
+            return Err(bad(format!("{} term kernels of half-width {half} (GPU ≤ {MAX_HALF}) for spatial order {order}", kernels.len())));
+        }
+        let max_groups = self.ctx.limits.max_compute_workgroups_per_dimension as usize;
+        if w.div_ceil(TW as usize) > max_groups || h.div_ceil(TY as usize) > max_groups {
+            return Err(bad(format!("a {w}x{h} frame exceeds {max_groups} workgroups a dimension")));
+        }
+        self.frame_pipelines()?;
+        if self.frame.as_ref().is_some_and(|p| p.al.is_none()) {
+            let l = &self.ctx.limits;
+            if l.max_compute_workgroup_storage_size < CONVOLVE_WORKGROUP_BYTES {
+                return Err(gpu_err(&self.ctx, format!("al_convolve needs {CONVOLVE_WORKGROUP_BYTES} bytes of workgroup memory, the adapter has {}", l.max_compute_workgroup_storage_size)));
+            }
+            let dev = &self.ctx.device;
+            let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+            let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer { ty, has_dynamic_offset: false, min_binding_size: None },
+                count: None,
+            };
+            use wgpu::BufferBindingType as B;
+            let layout = dev.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("blink.frame.al_convolve"),
+                entries: &[entry(0, B::Uniform), entry(1, B::Storage { read_only: true }), entry(2, B::Storage { read_only: true }), entry(3, B::Storage { read_only: false })],
+            });
+            let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("blink.frame.al_convolve"), source: wgpu::ShaderSource::Wgsl(CONVOLVE_WGSL.into()) });
+            let pl = dev.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: Some("blink.frame.al_convolve"), bind_group_layouts: &[Some(&layout)], immediate_size: 0 });
+            let pipe = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("blink.frame.al_convolve"),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some(ENTRY_CONVOLVE),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(gpu_err(&self.ctx, format!("building al_convolve: {e}")));
+            }
+            if let Some(p) = self.frame.as_mut() {
+                p.al = Some((layout, pipe));
+            }
+        }
+        let (kern, passes, taps4) = pack_al_terms(kernels, half);
+        let kern_buf = self.frame_buffer("blink.frame.al_kernels", (kern.len() * 4) as u64)?;
+        self.ctx.queue.write_buffer(&kern_buf, 0, bytemuck::cast_slice(&kern));
+        let out = match self.frame_plane("blink.frame.al_out", w, h, PlaneKind::Values) {
+            Ok(o) => o,
+            Err(e) => {
+                self.pool.release(kern_buf);
+                return Err(e);
+            }
+        };
+        let result = (|| {
+            let Some((layout, pipe)) = self.frame.as_ref().and_then(|p| p.al.as_ref()) else {
+                return Err(EngineError::Gpu("al_convolve pipeline missing".into()));
+            };
+            let ctx = &self.ctx;
+            let dev = &ctx.device;
+            let val = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+            let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            let binds: Vec<wgpu::BindGroup> = (0..passes)
+                .map(|p| {
+                    let prm = AlConvParams {
+                        width: w as u32,
+                        height: h as u32,
+                        in_y0: 0,
+                        out_y0: 0,
+                        out_rows: h as u32,
+                        half: half as u32,
+                        taps4: taps4 as u32,
+                        order: order as u32,
+                        term0: (p * TERMS) as u32,
+                        kern_off: (p * side * taps4 * 2) as u32,
+                        accumulate: (p > 0) as u32,
+                        nan_bits: 0x7fc0_0000,
+                    };
+                    let u = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("blink.frame.al_params"), contents: bytemuck::bytes_of(&prm), usage: wgpu::BufferUsages::UNIFORM });
+                    dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("blink.frame.al_convolve"),
+                        layout,
+                        entries: &[
+                            wgpu::BindGroupEntry { binding: 0, resource: u.as_entire_binding() },
+                            wgpu::BindGroupEntry { binding: 1, resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &image.buf, offset: 0, size: NonZeroU64::new(image.bytes()) }) },
+                            wgpu::BindGroupEntry { binding: 2, resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &kern_buf, offset: 0, size: NonZeroU64::new((kern.len() * 4) as u64) }) },
+                            wgpu::BindGroupEntry { binding: 3, resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &out.buf, offset: 0, size: NonZeroU64::new(out.bytes()) }) },
+                        ],
+                    })
+                })
+                .collect();
+            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("blink.frame.al_convolve") });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("blink.frame.al_convolve"), timestamp_writes: None });
+                pass.set_pipeline(pipe);
+                for b in &binds {
+                    pass.set_bind_group(0, b, &[]);
+                    pass.dispatch_workgroups(w.div_ceil(TW as usize) as u32, h.div_ceil(TY as usize) as u32, 1);
+                }
+            }
+            ctx.queue.submit([enc.finish()]);
+            let oom_err = pollster::block_on(oom.pop());
+            let val_err = pollster::block_on(val.pop());
+            match (val_err, oom_err) {
+                (Some(e), _) | (None, Some(e)) => Err(gpu_err(ctx, e)),
+                (None, None) => Ok(()),
+            }
+        })();
+        self.pool.release(kern_buf);
+        match result {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                self.frame_release(out);
+                Err(e)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -671,7 +893,7 @@ mod tests {
     #[test]
     fn wgsl_params_and_constants_match_rust() {
         let want = ["width", "height", "mode", "radius", "mesh", "mx", "my", "count", "side", "nan_bits", "inf_bits", "pad", "f0", "f1", "f2", "f3"];
-        for (name, src) in [("score", SCORE_WGSL), ("mesh", MESH_WGSL), ("prepare", PREPARE_WGSL), ("grow", GROW_WGSL)] {
+        for (name, src) in [("score", SCORE_WGSL), ("mesh", MESH_WGSL), ("prepare", PREPARE_WGSL), ("grow", GROW_WGSL), ("assemble", ASSEMBLE_WGSL)] {
             assert_eq!(wgsl_fields(src, "FrameParams"), want, "{name}");
             for (c, v) in [("WG_X", WG_X as usize), ("WG_Y", WG_Y as usize), ("MAX_TAPS", MAX_TAPS)] {
                 assert!(src.contains(&format!("const {c}: u32 = {v}u;")), "{name}: {c}");

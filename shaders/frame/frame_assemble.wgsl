@@ -1,0 +1,113 @@
+// frame_assemble: the per-pixel assembly of an Alard–Lupton difference on the device
+// (`detect::al::subtract_al`, whose loops are the CPU twin; `cpu::frame::{al_difference,
+// al_variance}` spell them out per pixel). Dispatcher: src/gpu/kernels/frame.rs. Validated
+// alone by build.rs.
+//
+// A pixel is masked where the guarding variance (the broad image's variance with the grown
+// mask zeroed by `mask_zero`) is not > 0: every unmasked pixel has a positive variance.
+// - `mask_zero`: s0 (f32) = 0 where the mask s1 (u32) is set, in place.
+// - `al_difference`: s3 = (s0 − s1 − bg(x, y)) · f0 where s2 > 0, else 0: s0 the broad image,
+//   s1 the model (K ⊗ sharp), bg the background polynomial (`subtract::polynomial_image`:
+//   `count` terms as (coefficient, x power, y power) in `taps`, normalised coordinates).
+// - `al_variance`: s3 = (f2 · s0 + f3 · s1 + f1 · s2²) · f0 where s0 > 0, else 0: s0 the guarding
+//   variance, s1 the convolved variance, s2 the model (f1 = ε², f0 = the swap's m²; f2 = f3 =
+//   1, or Σφ² and its convolved twin after decorrelation).
+// Keep in sync with `FrameParams` in src/gpu/kernels/frame.rs (size checked by a test).
+struct FrameParams {
+    width: u32,
+    height: u32,
+    mode: u32,
+    radius: u32,
+    mesh: u32,
+    mx: u32,
+    my: u32,
+    count: u32,
+    side: u32,
+    nan_bits: u32,
+    inf_bits: u32,
+    pad: u32,
+    f0: f32,
+    f1: f32,
+    f2: f32,
+    f3: f32,
+}
+
+// Keep in sync with `WG_X`, `WG_Y` and `MAX_TAPS` in src/gpu/kernels/frame.rs.
+const WG_X: u32 = 16u;
+const WG_Y: u32 = 16u;
+const MAX_TAPS: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> prm: FrameParams;
+// The background polynomial of `al_difference`.
+@group(0) @binding(1) var<uniform> taps: array<vec4<f32>, 64>;
+@group(0) @binding(2) var<storage, read_write> s0: array<f32>;
+@group(0) @binding(3) var<storage, read_write> s1: array<u32>;
+@group(0) @binding(4) var<storage, read_write> s2: array<f32>;
+@group(0) @binding(5) var<storage, read_write> s3: array<f32>;
+
+// As `subtract::normalised`: pixel p of n mapped to [−1, 1].
+fn normalised(p: u32, n: u32) -> f32 {
+    if (n <= 1u) {
+        return 0.0;
+    }
+    return 2.0 * f32(p) / f32(n - 1u) - 1.0;
+}
+
+fn tap(j: u32) -> f32 {
+    return taps[j / 4u][j % 4u];
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn mask_zero(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= prm.width || id.y >= prm.height) {
+        return;
+    }
+    let i = id.y * prm.width + id.x;
+    if (s1[i] != 0u) {
+        s0[i] = 0.0;
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn al_difference(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= prm.width || id.y >= prm.height) {
+        return;
+    }
+    let i = id.y * prm.width + id.x;
+    if (!(s2[i] > 0.0)) {
+        s3[i] = 0.0;
+        return;
+    }
+    let xn = normalised(id.x, prm.width);
+    let yn = normalised(id.y, prm.height);
+    var bg = 0.0;
+    for (var t = 0u; t < prm.count; t++) {
+        let c = tap(3u * t);
+        let p = i32(tap(3u * t + 1u));
+        let q = i32(tap(3u * t + 2u));
+        var m = c;
+        for (var k = 0; k < p; k++) {
+            m *= xn;
+        }
+        for (var k = 0; k < q; k++) {
+            m *= yn;
+        }
+        bg += m;
+    }
+    s3[i] = (s0[i] - bitcast<f32>(s1[i]) - bg) * prm.f0;
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn al_variance(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= prm.width || id.y >= prm.height) {
+        return;
+    }
+    let i = id.y * prm.width + id.x;
+    let v = s0[i];
+    if (!(v > 0.0)) {
+        s3[i] = 0.0;
+        return;
+    }
+    let m = s2[i];
+    s3[i] = (prm.f2 * v + prm.f3 * bitcast<f32>(s1[i]) + prm.f1 * m * m) * prm.f0;
+}
