@@ -82,7 +82,7 @@ fn bench(c: &mut Criterion) {
     let meta = FrameMeta { frame: "bench", mjd: 61000.0, band: "r", zero_point: Some(28.5), wcs: None, aperture_correction: 1.0 };
     let run = |engine: &mut dyn Engine| {
         let d = subtract(engine, &science, &template, &opts).expect("subtract");
-        let s = score_image(&d);
+        let s = score_image(&d, None);
         find_peaks(&d, &s, &meta, opts.threshold).len()
     };
     let mut group = c.benchmark_group(format!("frame_{side}x{side}"));
@@ -94,7 +94,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let (ps, pt) = (Prepared::new(&science, &opts).expect("prepare"), Prepared::new(&template, &opts).expect("prepare"));
             let d = subtract_al(&science, &ps, &template, &pt, &opts, None).expect("enough stars");
-            find_peaks(&d, &score_image(&d), &meta, opts.threshold).len()
+            let psf = blink::detect::psf::difference_psf(&science, d.sigma_difference);
+            find_peaks(&d, &score_image(&d, psf.as_ref()), &meta, opts.threshold).len()
         })
     });
     match GpuEngine::new() {

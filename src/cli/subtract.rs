@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::detect::al::subtract_al;
+use crate::subtract::decorr::PsfImage;
 use crate::detect::frame::{score_image, subtract, subtract_prepared, FrameOptions, Prepared, FWHM_PER_SIGMA};
 use crate::detect::image::{read_image, robust_stats, write_image, Image};
 
@@ -157,7 +158,15 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         subtract(engine.as_mut(), &science, &template, &opts)?
     };
     let ts = Instant::now();
-    let sc = score_image(&diff);
+    // The matched filter's PSF: the one given for the image not convolved (the broader), else
+    // measured on its stars, else a Gaussian (`score_image`).
+    let (broad_img, broad_psf) = if diff.convolved_template { (&science, &psf_s) } else { (&template, &psf_t) };
+    let psf = match broad_psf {
+        Some(p) => Some(PsfImage { side: p.side, pixels: p.pixels.clone() }),
+        None => crate::detect::psf::difference_psf(broad_img, diff.sigma_difference),
+    };
+    tracing::debug!(measured = broad_psf.is_none(), side = psf.as_ref().map(|p| p.side), "PSF of the difference");
+    let sc = score_image(&diff, psf.as_ref());
     tracing::debug!(score_s = ts.elapsed().as_secs_f64(), "score image");
     let work = t1.elapsed();
     let (w, h) = (diff.width, diff.height);

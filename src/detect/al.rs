@@ -19,24 +19,32 @@ use crate::subtract::{fit_kernel, Options, Pair};
 /// With `gpu`, the frame's convolution, its exact variance and the decorrelation filter run on
 /// it (`gpu::kernels::al`); the fit stays on the CPU (see below). A GPU failure falls back to the
 /// CPU with a warning.
-pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, mut gpu: Option<&mut GpuEngine>) -> Result<Difference, DetectError> {
+pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, gpu: Option<&mut GpuEngine>) -> Result<Difference, DetectError> {
+    subtract_al_with(science, ps, template, pt, opts, gpu, true)
+}
+
+/// [`subtract_al`]; with `resident` false and a GPU, the path before `post_fit_gpu` (each GPU
+/// stage uploading and reading back its planes), which the parity tests compare it with.
+#[doc(hidden)]
+pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, mut gpu: Option<&mut GpuEngine>, resident: bool) -> Result<Difference, DetectError> {
     let t0 = Instant::now();
     check_same_size(science, template)?;
     let (w, h) = (science.width, science.height);
     let PsfRoles { sig_s, sig_t, convolved_template, sigma_broad, sigma_sharp } = PsfRoles::new(ps, pt);
     let (broad, sharp) = if convolved_template { (ps, pt) } else { (pt, ps) };
-    // Masked pixels (NaN, zero variance, saturated in either image) enter as sky (0 after the
-    // sky mesh) and are masked again below, grown by the kernel's reach.
-    let bad: Vec<bool> = (0..w * h)
-        .map(|i| {
-            ps.saturated[i]
-                || pt.saturated[i]
-                || !(broad.sky_subtracted[i].is_finite() && sharp.sky_subtracted[i].is_finite())
-                || !(broad.variance[i] > 0.0 && sharp.variance[i] > 0.0)
-        })
-        .collect();
-    let clean = |v: &[f32]| -> Vec<f32> { v.iter().zip(&bad).map(|(x, b)| if *b { 0.0 } else { *x }).collect() };
-    let (b_img, s_img, b_var, s_var) = (clean(&broad.sky_subtracted), clean(&sharp.sky_subtracted), clean(&broad.variance), clean(&sharp.variance));
+    // Masked pixels (NaN, zero variance, saturated) enter as sky (0 after the sky mesh) and are
+    // masked again below. Only what is masked in the *convolved* image spreads through the
+    // kernel; what is masked in the other image stays where it is (a bad column in the science
+    // frame costs its own pixels, not a band 30 px wide), so the two masks are kept apart.
+    let own_bad = |p: &Prepared, i: usize| p.saturated[i] || !p.sky_subtracted[i].is_finite() || !(p.variance[i] > 0.0);
+    let bad_u: Vec<bool> = (0..w * h).map(|i| own_bad(broad, i)).collect();
+    let bad_c: Vec<bool> = (0..w * h).map(|i| own_bad(sharp, i)).collect();
+    let bad: Vec<bool> = bad_u.iter().zip(&bad_c).map(|(a, b)| *a || *b).collect();
+    let clean_with = |v: &[f32], m: &[bool]| -> Vec<f32> { v.iter().zip(m).map(|(x, b)| if *b { 0.0 } else { *x }).collect() };
+    // The fit sees both masks; the convolution the convolved image's own.
+    let (b_img, b_var) = (clean_with(&broad.sky_subtracted, &bad), clean_with(&broad.variance, &bad));
+    let (s_img, s_var) = (clean_with(&sharp.sky_subtracted, &bad_c), clean_with(&sharp.variance, &bad_c));
+    let (s_fit, s_fit_var) = (clean_with(&sharp.sky_subtracted, &bad), clean_with(&sharp.variance, &bad));
     let mut o = Options::default();
     let sat = |img: &Image| img.header.saturate.map(|s| s as f32 * 0.999);
     let (sat_broad, sat_sharp) = if convolved_template { (sat(science), sat(template)) } else { (sat(template), sat(science)) };
@@ -44,7 +52,7 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
     // saturated pixels are already zeroed above, so a level only guards what the mask missed.
     o.stamps.saturate_science = sat_broad;
     o.stamps.saturate_template = sat_sharp;
-    let pair = Pair { width: w, height: h, science: &b_img, template: &s_img, science_variance: &b_var, template_variance: Some(&s_var) };
+    let pair = Pair { width: w, height: h, science: &b_img, template: &s_fit, science_variance: &b_var, template_variance: Some(&s_fit_var) };
     let tf = Instant::now();
     // The fit's stamp convolutions and Gram sums stay on the CPU even with a GPU: measured on
     // an H100 host (16 cores), 100 stamps take 29 ms with `CpuGrams` and 70 ms through
@@ -52,9 +60,46 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
     // takes the GPU where that changes.
     let fitted = fit_kernel(&pair, sigma_broad, sigma_sharp, &o);
     let sol = fitted.map_err(|e| DetectError::Engine { path: science.path.clone(), message: format!("Alard–Lupton kernel: {e}") })?;
+    drop((s_fit, s_fit_var));
     tracing::debug!(fit_s = tf.elapsed().as_secs_f64(), "AL: kernel fitted");
     let tc = Instant::now();
     let engine_err = |e: crate::subtract::SubtractError| DetectError::Engine { path: science.path.clone(), message: e.to_string() };
+    // With a GPU, everything after the fit runs on planes resident there (`post_fit_gpu`),
+    // unless the model-error term is asked for (it needs the model on the host). A failure
+    // falls back on the path below.
+    if let (Some(g), false, true) = (gpu.as_deref_mut(), opts.model_error, resident) {
+        let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
+        let (kc, scale_c) = (sol.kernel_at(cx, cy), sol.scale_at(cx, cy));
+        let (m, m2) = if convolved_template || scale_c.is_nan() || scale_c.abs() <= 1e-12 { (1.0, 1.0) } else { (-1.0 / scale_c, 1.0 / (scale_c * scale_c)) };
+        let (var_u, var_c) = (median_variance(&b_var), median_variance(&s_var));
+        let planes = PostFitInput { broad: &b_img, sharp: &s_img, broad_var: &b_var, sharp_var: &s_var, bad_u: &bad_u, bad_c: &bad_c, w, h };
+        match post_fit_gpu(g, &sol, &kc, &planes, (m, m2), (var_u, var_c), opts) {
+            Ok((difference, variance, decorrelated)) => {
+                tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolution, difference, background and decorrelation on the GPU");
+                let saturated: Vec<bool> = ps.saturated.iter().zip(&pt.saturated).map(|(a, b)| *a || *b).collect();
+                return Ok(Difference {
+                    width: w,
+                    height: h,
+                    difference,
+                    variance,
+                    saturated,
+                    sigma_science: sig_s,
+                    sigma_template: sig_t,
+                    sigma_difference: sigma_broad,
+                    kernel_sigma: (sigma_broad * sigma_broad - sigma_sharp * sigma_sharp).max(0.0).sqrt(),
+                    convolved_template,
+                    scale: if convolved_template { scale_c } else { 1.0 / scale_c },
+                    scale_source: ScaleSource::Kernel,
+                    noise: NoiseModel { kernel: kc, kernel_side: 2 * sol.half() + 1, var_unconvolved: var_u, var_convolved: var_c },
+                    kernel_solution: Some(Box::new(sol)),
+                    decorrelated,
+                    prepare: t0.elapsed(),
+                    engine: std::time::Duration::ZERO,
+                });
+            }
+            Err(e) => tracing::warn!("the subtraction after the fit on the GPU failed ({e}); on the CPU"),
+        }
+    }
     let model = sol.convolve_on(gpu.as_deref_mut(), &s_img, w, h).map_err(engine_err)?;
     let bg = crate::subtract::polynomial_image(&sol.background, sol.background_order, w, h);
     let d: Vec<f32> = b_img.iter().zip(&model).zip(&bg).map(|((b, m), g)| b - m - *g as f32).collect();
@@ -80,10 +125,11 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
     // Swapped (the science was convolved): D' = T − K⊗S − bg with K's sum ≈ template/science,
     // so D = −D'/scale in science units, V = V'/scale².
     let (m, m2) = if convolved_template || !(scale_c.abs() > 1e-12) { (1.0, 1.0) } else { (-1.0 / scale_c, 1.0 / (scale_c * scale_c)) };
-    // The mask grown by the kernel's half-width: a masked pixel enters the convolution as 0,
-    // and a saturated star's true light is many times the sky.
+    // The convolved image's mask grown by the kernel's half-width (a masked pixel enters the
+    // convolution as 0, and a saturated star's true light is many times the sky), the other
+    // image's as it is.
     let r = sol.half() as i64;
-    let grown = grow(&bad, w, h, r);
+    let grown: Vec<bool> = grow(&bad_c, w, h, r).iter().zip(&bad_u).map(|(a, b)| *a || *b).collect();
     let mut difference = vec![0.0f32; w * h];
     let mut variance = vec![0.0f32; w * h];
     for i in 0..w * h {
@@ -125,8 +171,13 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
         };
         let sk2: f64 = kc.iter().map(|v| v * v).sum();
         let wc = if sk2 > 0.0 { dk.weight_convolved / sk2 } else { 1.0 };
-        let reach = r + dk.half as i64;
-        let masked = grow(&bad, w, h, reach);
+        // Masked pixels are 0 in the difference, so they add nothing to φ ⊗ D; the pixels near
+        // them only miss φ's small wings there (their variance is a little lower than `dv` says).
+        // The mask grows by the radius holding all but 1e-3 of Σφ², not φ's whole box (up to
+        // 24 px): on the simulated night the whole box hid a supernova next to a bad column.
+        let phi = crate::subtract::decorr::PsfImage { side: dk.side(), pixels: dk.kernel.clone() };
+        let reach = r + (crate::detect::psf::trimmed(&phi, 1e-3).side / 2) as i64;
+        let masked: Vec<bool> = grow(&bad_c, w, h, reach).iter().zip(grow(&bad_u, w, h, reach - r)).map(|(a, b)| *a || b).collect();
         let mut dv = vec![0.0f32; w * h];
         for i in 0..w * h {
             if masked[i] {
@@ -167,6 +218,136 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
         prepare: t0.elapsed(),
         engine: std::time::Duration::ZERO,
     })
+}
+
+/// The host planes [`post_fit_gpu`] starts from (those of [`subtract_al`] after the fit).
+struct PostFitInput<'a> {
+    broad: &'a [f32],
+    sharp: &'a [f32],
+    broad_var: &'a [f32],
+    sharp_var: &'a [f32],
+    /// Masked in the image not convolved, and in the convolved one.
+    bad_u: &'a [bool],
+    bad_c: &'a [bool],
+    w: usize,
+    h: usize,
+}
+
+/// What [`post_fit_gpu`] reads back: the difference, its variance, and the decorrelated pair.
+type PostFit = (Vec<f32>, Vec<f32>, Option<Decorrelated>);
+
+/// The decorrelation filter from the kernel at the centre: the smallest box half-width whose
+/// truncation loses under 1e-6 of the energy (as [`subtract_al`] chooses it).
+fn decorrelation_filter(kc: &[f64], sol: &crate::subtract::KernelSolution, var_u: f64, var_c: f64) -> Result<crate::subtract::decorr::DecorrelationKernel, crate::subtract::SubtractError> {
+    let side = 2 * sol.half() + 1;
+    let mut last = None;
+    for half in [4usize, 8, 12, 16, 24] {
+        let k = decorrelation_kernel(kc, side, var_u, var_c, half)?;
+        let done = k.truncated_energy < 1e-6 || half >= 2 * sol.half();
+        last = Some(k);
+        if done {
+            break;
+        }
+    }
+    last.ok_or_else(|| crate::subtract::SubtractError::Gpu("no decorrelation half-width tried".into()))
+}
+
+/// How far the decorrelated difference's mask reaches from a masked pixel of the convolved
+/// image: the kernel's half-width `r` plus the radius holding all but 1e-3 of Σφ² (as
+/// [`subtract_al`] grows it).
+fn decorrelation_reach(dk: &crate::subtract::decorr::DecorrelationKernel, r: i64) -> i64 {
+    let phi = crate::subtract::decorr::PsfImage { side: dk.side(), pixels: dk.kernel.clone() };
+    r + (crate::detect::psf::trimmed(&phi, 1e-3).side / 2) as i64
+}
+
+/// Everything [`subtract_al`] does after the fit, on planes that stay on `g`: the frame's
+/// convolution and exact variance (`al_convolve`), the masks grown (`frame_grow`), the
+/// difference and variance (`frame_assemble`), the residual background (`frame_mesh`), the
+/// decorrelation and its variance; uploaded once (four planes, two masks), read back once
+/// (difference, variance, and the decorrelated pair). Same numbers as the CPU path within f32
+/// round-off (`frame_parity::subtract_al_on_the_gpu_matches_the_cpu`).
+fn post_fit_gpu(
+    g: &mut GpuEngine,
+    sol: &crate::subtract::KernelSolution,
+    kc: &[f64],
+    p: &PostFitInput,
+    (m, m2): (f64, f64),
+    (var_u, var_c): (f64, f64),
+    opts: &FrameOptions,
+) -> Result<PostFit, crate::engine::EngineError> {
+    use crate::cpu::al::{term_kernels, variance_kernels};
+    use crate::engine::EngineError;
+    let (w, h) = (p.w, p.h);
+    let dk = if opts.decorrelate && var_u > 0.0 && var_c > 0.0 { Some(decorrelation_filter(kc, sol, var_u, var_c).map_err(|e| EngineError::Gpu(e.to_string()))?) } else { None };
+    let mut arena = Vec::new();
+    let result = (|| {
+        let r = sol.half() as i64;
+        let mut keep = |q: crate::gpu::kernels::frame::GpuPlane| {
+            arena.push(q);
+            arena.len() - 1
+        };
+        let b = keep(g.frame_upload(p.broad, w, h)?);
+        let s = keep(g.frame_upload(p.sharp, w, h)?);
+        let bv = keep(g.frame_upload(p.broad_var, w, h)?);
+        let sv = keep(g.frame_upload(p.sharp_var, w, h)?);
+        let mu = keep(g.frame_upload_mask(p.bad_u, w, h)?);
+        let mc = keep(g.frame_upload_mask(p.bad_c, w, h)?);
+        let _ = keep;
+        let model = g.frame_al_convolve(&term_kernels(sol), sol.half(), sol.spatial_order, &arena[s])?;
+        arena.push(model);
+        let model = arena.len() - 1;
+        let (order2, vk) = variance_kernels(sol);
+        let kv = g.frame_al_convolve(&vk, sol.half(), order2, &arena[sv])?;
+        arena.push(kv);
+        let kv = arena.len() - 1;
+        // The guard: the broad variance (0 where either image is masked) with the convolved
+        // image's mask grown by the kernel's half-width zeroed.
+        let grown = g.frame_grow(&arena[mc], r as usize)?;
+        arena.push(grown);
+        let guard = g.frame_copy(&arena[bv])?;
+        arena.push(guard);
+        let (grown, guard) = (arena.len() - 2, arena.len() - 1);
+        g.frame_mask_zero(&arena[guard], &arena[grown])?;
+        let terms: Vec<(f64, usize, usize)> = sol.background.iter().zip(crate::subtract::spatial_terms(sol.background_order)).map(|(c, (a, b))| (*c, a, b)).collect();
+        let diff = g.frame_al_difference(&arena[b], &arena[model], &arena[guard], &terms, m)?;
+        arena.push(diff);
+        let diff = arena.len() - 1;
+        let var = g.frame_al_variance(&arena[guard], &arena[kv], &arena[model], 1.0, 1.0, 0.0, m2)?;
+        arena.push(var);
+        let var = arena.len() - 1;
+        g.frame_subtract_residual_background(&arena[diff], &arena[var], opts.background_mesh)?;
+        let Some(dk) = dk else {
+            let mut out = g.frame_read_all(&[&arena[diff], &arena[var]])?.into_iter();
+            return Ok((out.next().unwrap_or_default(), out.next().unwrap_or_default(), None));
+        };
+        let dd = g.frame_al_convolve(std::slice::from_ref(&dk.kernel), dk.half, 0, &arena[diff])?;
+        arena.push(dd);
+        let dd = arena.len() - 1;
+        let sk2: f64 = kc.iter().map(|v| v * v).sum();
+        let wc = if sk2 > 0.0 { dk.weight_convolved / sk2 } else { 1.0 };
+        let reach = decorrelation_reach(&dk, r);
+        let g1 = g.frame_grow(&arena[mc], reach.max(0) as usize)?;
+        arena.push(g1);
+        let g2 = g.frame_grow(&arena[mu], (reach - r).max(0) as usize)?;
+        arena.push(g2);
+        let guard2 = g.frame_copy(&arena[bv])?;
+        arena.push(guard2);
+        let (g1, g2, guard2) = (arena.len() - 3, arena.len() - 2, arena.len() - 1);
+        for q in [g1, g2] {
+            g.frame_mask_zero(&arena[guard2], &arena[q])?;
+            g.frame_mask_zero(&arena[dd], &arena[q])?;
+        }
+        let dv = g.frame_al_variance(&arena[guard2], &arena[kv], &arena[model], dk.weight_unconvolved, wc, 0.0, m2)?;
+        arena.push(dv);
+        let dv = arena.len() - 1;
+        let mut out = g.frame_read_all(&[&arena[diff], &arena[var], &arena[dd], &arena[dv]])?.into_iter();
+        let (d, v, ddv, dvv) = (out.next().unwrap_or_default(), out.next().unwrap_or_default(), out.next().unwrap_or_default(), out.next().unwrap_or_default());
+        Ok((d, v, Some(Decorrelated { difference: ddv, variance: dvv, kernel: dk })))
+    })();
+    for q in arena {
+        g.frame_release(q);
+    }
+    result
 }
 
 /// The most the kernel model's fractional error enters the variance with: above it the fit is

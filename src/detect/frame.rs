@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 
 use super::catalog::{flags, Detection};
 use super::image::{median, Image};
+use super::psf::trimmed;
+use crate::subtract::decorr::{decorrelated_psf, PsfImage};
 use super::DetectError;
 use crate::engine::{Engine, StampBatch, StampParams};
 
@@ -443,6 +445,9 @@ pub struct ScoreImage {
     pub flux_err: Vec<f32>,
     /// Half-width of the filter, pixels.
     pub radius: usize,
+    /// Centre value of the unit-sum PSF of the difference (before any decorrelation): what a
+    /// point source of unit flux centred on a pixel puts there, for the sharpness test.
+    pub psf_peak: f64,
 }
 
 /// Separable correlation of `src` with the symmetric 1-D kernel `k` along rows then columns.
@@ -476,32 +481,34 @@ fn separable(src: &[f64], w: usize, h: usize, k: &[f64]) -> Vec<f64> {
 }
 
 /// The convolved image's noise is correlated over the kernel `K`, which the per-pixel variance
-/// cannot say: through the matched filter `P` its variance is `Σ(P∗K)²·V_c`, not
-/// `ΣP²·ΣK²·V_c`. With `V_b` the other image's (white) variance, the score is divided by
-/// `sqrt((ΣP²·V_b + Σ(P∗K)²·V_c) / (ΣP²·(V_b + ΣK²·V_c)))`, from the kernel at the frame
-/// centre and the median variances. A stand-in for the decorrelation of the full subtraction.
-pub fn correlated_noise_factor(diff: &Difference, p: &[f64]) -> f64 {
+/// cannot say: through the matched filter `P` (`side`² values, row-major) its variance is
+/// `Σ(P∗K)²·V_c`, not `ΣP²·ΣK²·V_c`. With `V_b` the other image's (white) variance, the score
+/// is divided by `sqrt((ΣP²·V_b + Σ(P∗K)²·V_c) / (ΣP²·(V_b + ΣK²·V_c)))`, from the kernel at
+/// the frame centre and the median variances. For a difference that is not decorrelated.
+pub fn correlated_noise_factor(diff: &Difference, p: &[f64], side: usize) -> f64 {
     let n = diff.noise.kernel_side;
     let k = &diff.noise.kernel;
-    if n == 0 || k.len() != n * n || !(diff.noise.var_convolved > 0.0) {
+    if n == 0 || k.len() != n * n || side == 0 || p.len() != side * side || !(diff.noise.var_convolved > 0.0) {
         return 1.0;
     }
-    let m = p.len();
-    let side = m + n - 1;
-    let mut pk = vec![0.0f64; side * side];
-    for (py, a) in p.iter().enumerate() {
-        for (px, b) in p.iter().enumerate() {
-            let pv = a * b;
+    let full = side + n - 1;
+    let mut pk = vec![0.0f64; full * full];
+    for py in 0..side {
+        for px in 0..side {
+            let pv = p[py * side + px];
+            if pv == 0.0 {
+                continue;
+            }
             for ky in 0..n {
                 let row = &k[ky * n..(ky + 1) * n];
-                let o = (py + ky) * side + px;
+                let o = (py + ky) * full + px;
                 for (kx, kv) in row.iter().enumerate() {
                     pk[o + kx] += pv * kv;
                 }
             }
         }
     }
-    let sp2 = p.iter().map(|x| x * x).sum::<f64>().powi(2);
+    let sp2: f64 = p.iter().map(|x| x * x).sum();
     let spk2: f64 = pk.iter().map(|x| x * x).sum();
     let sk2: f64 = k.iter().map(|x| x * x).sum();
     let (vb, vc) = (diff.noise.var_unconvolved.max(0.0), diff.noise.var_convolved);
@@ -531,9 +538,32 @@ pub fn median_variance(v: &[f32]) -> f64 {
     median(v.iter().step_by(7).copied().filter(|x| *x > 0.0 && x.is_finite()).collect()).unwrap_or(0.0) as f64
 }
 
-/// The matched filter with a unit-sum Gaussian PSF of `sigma` pixels (method step 4).
-pub fn score_image(diff: &Difference) -> ScoreImage {
+/// The score image (method step 4). With the difference's PSF measured (`psf`, unit sum,
+/// [`super::psf::empirical_psf`] or given by the user): on the decorrelated difference where
+/// there is one, filtered with `φ ⊗ psf` (its noise is white, so no correction), else on the
+/// difference with `psf` and the correlated-noise factor. Without one: a unit-sum Gaussian of
+/// the difference's σ on the difference, with the correlated-noise factor.
+pub fn score_image(diff: &Difference, psf: Option<&PsfImage>) -> ScoreImage {
     let (w, h) = (diff.width, diff.height);
+    if let Some(p) = psf {
+        match &diff.decorrelated {
+            Some(dc) => match decorrelated_psf(&dc.kernel, &p.pixels, p.side) {
+                // φ's far wings are tiny and oscillate; the box keeps all but 1e-4 of the weight.
+                Ok(q) => {
+                    let mut sc = super::psf::matched_filter(&dc.difference, &dc.variance, w, h, &trimmed(&q, 1e-4), 1.0);
+                    sc.psf_peak = p.pixels[p.pixels.len() / 2];
+                    return sc;
+                }
+                Err(e) => tracing::warn!("the decorrelated PSF: {e}; scoring with a Gaussian"),
+            },
+            None => {
+                let inflate = correlated_noise_factor(diff, &p.pixels, p.side);
+                let mut sc = super::psf::matched_filter(&diff.difference, &diff.variance, w, h, p, inflate);
+                sc.psf_peak = p.pixels[p.pixels.len() / 2];
+                return sc;
+            }
+        }
+    }
     let s = diff.sigma_difference.max(0.3);
     let r = (3.5 * s).ceil() as usize;
     let g: Vec<f64> = (-(r as i64)..=r as i64).map(|i| (-0.5 * (i as f64 / s).powi(2)).exp()).collect();
@@ -548,8 +578,9 @@ pub fn score_image(diff: &Difference) -> ScoreImage {
         .unzip();
     let num = separable(&dv, w, h, &g);
     let den = separable(&iv, w, h, &g2);
-    let inflate = correlated_noise_factor(diff, &g);
-    let mut out = ScoreImage { score: vec![0.0; w * h], flux: vec![0.0; w * h], flux_err: vec![f32::INFINITY; w * h], radius: r };
+    let outer: Vec<f64> = g.iter().flat_map(|a| g.iter().map(move |b| a * b)).collect();
+    let inflate = correlated_noise_factor(diff, &outer, g.len());
+    let mut out = ScoreImage { score: vec![0.0; w * h], flux: vec![0.0; w * h], flux_err: vec![f32::INFINITY; w * h], radius: r, psf_peak: g[r] * g[r] };
     for i in 0..w * h {
         if den[i] > 0.0 {
             out.score[i] = (num[i] / den[i].sqrt() / inflate) as f32;
@@ -684,7 +715,7 @@ fn measure(diff: &Difference, sc: &ScoreImage, meta: &FrameMeta, x: usize, y: us
         // The peak against the filter's flux: a point source's peak pixel holds about
         // flux · P(0) (a little more for Moffat wings, less off-centre); a streak (a cosmic ray
         // crossing several pixels) holds ~1.25σ times that, a single hot pixel far more.
-        let p0 = 1.0 / (2.0 * std::f64::consts::PI * sig * sig);
+        let p0 = sc.psf_peak;
         let peakiness = d0 as f64 / ((sc.flux[i] * s.signum()) as f64 * p0);
         if ((nb / 8.0) / d0) as f64 <= 0.4 * expect || peakiness > 1.6 {
             fl |= flags::SHARP;

@@ -331,12 +331,12 @@ impl Image {
 /// saturated there), at least 50σ of sky above the sky, at least `r` from the edge, with each of
 /// its four neighbours above a quarter of its height (hot pixels and cosmic rays are sharper); at
 /// most 400, in raster order, with the global sky and its σ.
-struct Stars {
-    at: Vec<(usize, usize)>,
-    sky: f32,
+pub(crate) struct Stars {
+    pub(crate) at: Vec<(usize, usize)>,
+    pub(crate) sky: f32,
 }
 
-fn isolated_stars(img: &Image, r: usize) -> Option<Stars> {
+pub(crate) fn isolated_stars(img: &Image, r: usize) -> Option<Stars> {
     let (w, h) = (img.width, img.height);
     let (sky, sigma) = robust_stats(&sample(&img.data, 5))?;
     let sat = img.header.saturate.map(|s| s as f32 * 0.8).unwrap_or(f32::INFINITY);
@@ -460,22 +460,34 @@ pub fn photometric_scale(science: &Image, template: &Image, fwhm: f64) -> Option
 /// so this is below 1; dividing filter fluxes by it gives total fluxes. `None` with fewer than 3
 /// stars.
 pub fn aperture_correction(img: &Image, sigma: f64) -> Option<f64> {
+    let rf = (3.5 * sigma).ceil() as i64;
+    let g: Vec<f64> = (-rf..=rf).flat_map(|dy| (-rf..=rf).map(move |dx| (dx, dy))).map(|(dx, dy)| (-0.5 * ((dx * dx + dy * dy) as f64) / (sigma * sigma)).exp()).collect();
+    let gs: f64 = g.iter().sum();
+    let g: Vec<f64> = g.iter().map(|v| v / gs).collect();
+    aperture_correction_profile(img, &g, (2 * rf + 1) as usize, sigma)
+}
+
+/// [`aperture_correction`] for a matched filter with the unit-sum profile `p` (`side`² values,
+/// row-major, centred), e.g. a PSF measured on stars ([`super::psf::empirical_psf`]); `sigma`
+/// sets the aperture (4 FWHM of a Gaussian of that σ).
+pub fn aperture_correction_profile(img: &Image, p: &[f64], side: usize, sigma: f64) -> Option<f64> {
     let w = img.width;
     let r_ap = (4.0 * 2.3548 * sigma).ceil().max(4.0) as usize;
-    let stars = isolated_stars(img, r_ap + 5)?.at;
-    let rf = (3.5 * sigma).ceil() as i64;
-    let g = |dx: i64, dy: i64| (-0.5 * ((dx * dx + dy * dy) as f64) / (sigma * sigma)).exp();
-    let gs: f64 = (-rf..=rf).flat_map(|dy| (-rf..=rf).map(move |dx| (dx, dy))).map(|(dx, dy)| g(dx, dy)).sum();
+    let rf = (side / 2) as i64;
+    if side % 2 == 0 || p.len() != side * side {
+        return None;
+    }
+    let stars = isolated_stars(img, r_ap.max(rf as usize) + 5)?.at;
     let mut ratios = Vec::new();
     for (x, y) in stars {
         let Some((total, sky)) = aperture_flux(img, x, y, r_ap) else { continue };
         let (mut num, mut den) = (0.0f64, 0.0f64);
         for dy in -rf..=rf {
             for dx in -rf..=rf {
-                let p = g(dx, dy) / gs;
+                let pv = p[((dy + rf) * side as i64 + dx + rf) as usize];
                 let v = img.data[(y as i64 + dy) as usize * w + (x as i64 + dx) as usize] as f64 - sky;
-                num += p * v;
-                den += p * p;
+                num += pv * v;
+                den += pv * pv;
             }
         }
         if total > 0.0 && den > 0.0 {

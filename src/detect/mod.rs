@@ -14,6 +14,7 @@ pub mod al;
 pub mod catalog;
 pub mod frame;
 pub mod image;
+pub mod psf;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -225,15 +226,20 @@ impl Detector {
         };
         diff.prepare += template_prepare + science_prepare;
         let t1 = Instant::now();
-        let sc = frame::score_image(&diff);
+        // The difference's PSF is the broader one: the science frame's when the template was
+        // convolved, else the template's. Measured on its stars where it has enough.
+        let psf_image = if diff.convolved_template { &science } else { template };
+        let psf = psf::difference_psf(psf_image, diff.sigma_difference);
+        let sc = frame::score_image(&diff, psf.as_ref());
         let score = t1.elapsed();
         let t2 = Instant::now();
-        // The difference's PSF is the broader one: the science frame's when the template was
-        // convolved, else the template's.
-        let psf_image = if diff.convolved_template { &science } else { template };
-        let aperture_correction = image::aperture_correction(psf_image, diff.sigma_difference).filter(|c| (0.5..=1.2).contains(c));
+        let aperture_correction = match &psf {
+            Some(p) => image::aperture_correction_profile(psf_image, &p.pixels, p.side, diff.sigma_difference),
+            None => image::aperture_correction(psf_image, diff.sigma_difference),
+        }
+        .filter(|c| (0.5..=1.2).contains(c));
         if aperture_correction.is_none() {
-            tracing::debug!(file = %psf_image.path.display(), "too few bright isolated stars for an aperture correction: fluxes are the Gaussian filter's");
+            tracing::debug!(file = %psf_image.path.display(), "too few bright isolated stars for an aperture correction: fluxes are the matched filter's");
         }
         let meta = frame::FrameMeta {
             frame: &entry.file,
