@@ -118,7 +118,7 @@ fn bench(c: &mut Criterion) {
             Profile::Separable(g) => Profile::Full { side: g.len(), pixels: g.iter().flat_map(|a| g.iter().map(move |b| a * b)).collect() },
             p => p.clone(),
         };
-        let bad: Vec<bool> = diff.variance.iter().map(|v| !(*v > 0.0)).collect();
+        let bad: Vec<bool> = diff.variance.iter().map(|v| v.is_nan() || *v <= 0.0).collect();
         let up = |g: &mut GpuEngine, v: &[f32]| g.frame_upload(v, side, side).expect("upload");
         let (sci, tpl, d, v) = (up(&mut gpu, &science.data), up(&mut gpu, &template.data), up(&mut gpu, &diff.difference), up(&mut gpu, &diff.variance));
         let mask = gpu.frame_upload_mask(&bad, side, side).expect("upload mask");

@@ -432,7 +432,7 @@ impl GpuEngine {
     /// `cpu::frame::{variance_smoothed, saturation}`).
     pub fn frame_prepare(&mut self, img: &GpuPlane, gain: f64, rn2: f64, saturation: Option<f32>) -> Result<(GpuPlane, GpuPlane), EngineError> {
         let (w, h) = (img.width, img.height);
-        if !(gain > 0.0) || !rn2.is_finite() {
+        if gain.is_nan() || gain <= 0.0 || !rn2.is_finite() {
             return Err(bad(format!("gain {gain}, read noise² {rn2}")));
         }
         let var = self.frame_plane("blink.frame.variance", w, h, PlaneKind::Values)?;
