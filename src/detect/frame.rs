@@ -18,9 +18,11 @@
 //!    background is fitted per tile.
 //! 3. **Background of the difference.** What is left of the background (the per-tile constant
 //!    of the fit), a 64-px mesh median interpolated, is subtracted.
-//! 4. **Score image.** With `P` the difference's PSF (a unit-sum Gaussian of the broader σ),
-//!    `num = P ⋆ (D/V)`, `den = P² ⋆ (1/V)` over unmasked pixels: flux = num/den,
-//!    error = 1/√den, score = num/√den, in sigma. Separable, on the CPU.
+//! 4. **Score image.** With `P` the difference's PSF measured on stars ([`super::psf`]):
+//!    `num = Q ⋆ (D/V)`, `den = Q² ⋆ (1/V)` over unmasked pixels, `Q = φ ⊗ P` on the
+//!    decorrelated difference (white noise), else `P` with the correlated-noise factor; a
+//!    Gaussian of the broader σ where too few stars give `P`. flux = num/den, error = 1/√den,
+//!    score = num/√den, in sigma. By FFT ([`super::psf::matched_filter`]), on the CPU.
 //! 5. **Peaks.** Local extrema of the score with |score| ≥ threshold, one per `FWHM` radius;
 //!    position refined by a parabola through the peak and its neighbours; flux and error read at
 //!    the peak, divided by the aperture correction (filter flux over 4-FWHM aperture flux of
