@@ -24,7 +24,8 @@ prepare() {
         cp "$exe" ".gpu/bench-$b"
     done
     # Stripped and packed: the carry to the device holds 64 MiB at most.
-    strip .gpu/*
+    # (the binaries only: a bundle.tgz left by an earlier run is not an ELF file)
+    strip .gpu/blink .gpu/bench-al .gpu/bench-engine .gpu/bench-frame_gpu
     tar czf .gpu/bundle.tgz -C .gpu blink bench-al bench-engine bench-frame_gpu
     rm .gpu/blink .gpu/bench-al .gpu/bench-engine .gpu/bench-frame_gpu
     ls -la .gpu

@@ -279,3 +279,73 @@ fn frame_al_kernels_match_the_twins() {
         assert!((gv[i] - wv[i]).abs() <= 1e-5 * wv[i].abs().max(1.0), "{test}: variance {i}: gpu {} cpu {}", gv[i], wv[i]);
     }
 }
+
+/// A star field as `benches/frames.rs` makes it (same stars in both images, seeing `fwhm`).
+fn star_image(side: usize, fwhm: f64, rng: &mut StdRng, stars: &[(f64, f64, f64)]) -> blink::detect::image::Image {
+    use blink::detect::image::{Image, ImageHeader};
+    let sigma = fwhm / 2.3548;
+    let mut data = vec![500.0f32; side * side];
+    for &(x0, y0, flux) in stars {
+        let r = (4.0 * sigma).ceil() as i64;
+        for y in (y0 as i64 - r).max(0)..(y0 as i64 + r + 1).min(side as i64) {
+            for x in (x0 as i64 - r).max(0)..(x0 as i64 + r + 1).min(side as i64) {
+                let d2 = (x as f64 - x0).powi(2) + (y as f64 - y0).powi(2);
+                data[y as usize * side + x as usize] += (flux * (-0.5 * d2 / (sigma * sigma)).exp() / (2.0 * std::f64::consts::PI * sigma * sigma)) as f32;
+            }
+        }
+    }
+    for v in &mut data {
+        let g: f32 = (0..4).map(|_| rng.gen_range(0.0f32..1.0)).sum::<f32>() - 2.0;
+        *v += g * 3f32.sqrt() * (*v / 1.5).max(1.0).sqrt() / 1.5;
+    }
+    let header = ImageHeader {
+        mjd_start: Some(61000.0),
+        exptime: 30.0,
+        band: Some("r".into()),
+        gain: Some(1.5),
+        read_noise: 5.0,
+        saturate: Some(60000.0),
+        zero_point: Some(28.5),
+        seeing: Some(fwhm),
+        wcs: None,
+        ncombine: None,
+    };
+    Image { path: "parity.fits".into(), width: side, height: side, data, header, warnings: Vec::new() }
+}
+
+#[test]
+fn subtract_al_on_the_gpu_matches_the_cpu() {
+    use blink::detect::al::subtract_al_with;
+    use blink::detect::frame::{FrameOptions, Prepared};
+    let test = "subtract_al_on_the_gpu_matches_the_cpu";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let side = 256;
+    let stars: Vec<(f64, f64, f64)> = (0..60).map(|_| (rng.gen_range(10.0..246.0), rng.gen_range(10.0..246.0), 300.0 / rng.gen_range(0.01..1.0))).collect();
+    let mut science = star_image(side, 3.0, &mut rng, &stars);
+    let template = star_image(side, 2.4, &mut rng, &stars);
+    // A NaN band in the science frame, a NaN column in the template.
+    for x in 0..side {
+        science.data[100 * side + x] = f32::NAN;
+    }
+    let mut template = template;
+    for y in 0..side {
+        template.data[y * side + 70] = f32::NAN;
+    }
+    let opts = FrameOptions { background_mesh: 64, ..FrameOptions::default() };
+    let (ps, pt) = (Prepared::new(&science, &opts).unwrap_or_else(|e| panic!("{e}")), Prepared::new(&template, &opts).unwrap_or_else(|e| panic!("{e}")));
+    let a = subtract_al_with(&science, &ps, &template, &pt, &opts, Some(&mut g), true).unwrap_or_else(|e| panic!("{test}: resident: {e}"));
+    let b = subtract_al_with(&science, &ps, &template, &pt, &opts, Some(&mut g), false).unwrap_or_else(|e| panic!("{test}: host: {e}"));
+    let close = |what: &str, x: &[f32], y: &[f32]| {
+        let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for i in 0..x.len() {
+            assert_eq!(x[i] == 0.0, y[i] == 0.0, "{test}: {what}: masked pixel {i}: resident {} host {}", x[i], y[i]);
+            assert!((x[i] - y[i]).abs() <= 1e-4 * scale, "{test}: {what} at {i}: resident {} host {} (scale {scale})", x[i], y[i]);
+        }
+    };
+    close("variance", &a.variance, &b.variance);
+    close("difference", &a.difference, &b.difference);
+    let (Some(da), Some(db)) = (&a.decorrelated, &b.decorrelated) else { panic!("{test}: no decorrelated difference") };
+    close("decorrelated variance", &da.variance, &db.variance);
+    close("decorrelated difference", &da.difference, &db.difference);
+}
