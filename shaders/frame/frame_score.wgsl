@@ -12,7 +12,8 @@
 //   a pixel is kept where den > 0.
 // - any odd square P (an empirical PSF, `detect::psf::matched_filter`): `score_full`
 //   correlates with P directly (non-finite D counts as masked), `score_reduce` takes the
-//   largest den, `score_finish` keeps a pixel where its own V > 0 and den > 1e-9 · max den.
+//   largest den, `score_finish` keeps a pixel where its own V > 0 and den > f1 · max den
+//   (`cpu::frame::DEN_FLOOR`).
 // Storage bindings s0..s3 play a role per entry point (named at each); at most 4 are bound, as
 // GL allows.
 
@@ -202,7 +203,7 @@ fn score_finish(@builtin(global_invocation_id) id: vec3<u32>) {
         return;
     }
     let n2 = 2u * prm.width * prm.height;
-    let lim = 1e-9 * s0[n2 + prm.mx];
+    let lim = prm.f1 * s0[n2 + prm.mx];
     let i = id.y * prm.width + id.x;
     finish(i, s0[2u * i], s0[2u * i + 1u], lim);
 }

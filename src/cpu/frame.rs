@@ -19,6 +19,12 @@ use crate::detect::frame::ScoreImage;
 
 pub use crate::detect::frame::mesh_background;
 
+/// Below this fraction of the frame's largest `den` the full route drops a pixel (it sees only
+/// the far wings of the profile, and round-off in an FFT): keep equal to the floor of
+/// `detect::psf::matched_filter`, which this route stands for. The shader takes it as a
+/// parameter (`frame_score.wgsl`, `f1`).
+pub const DEN_FLOOR: f64 = 1e-6;
+
 /// A scoring profile `P`, correlated with `D/V` (and `P²` with `1/V`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Profile {
@@ -27,7 +33,7 @@ pub enum Profile {
     Separable(Vec<f64>),
     /// Any `side × side` profile, `side` odd, row-major and centred (an empirical PSF, as
     /// `detect::psf::matched_filter` takes): non-finite `D` counts as masked, and a pixel is
-    /// kept where its own `V > 0` and `den > 1e-9 · max den`.
+    /// kept where its own `V > 0` and `den > DEN_FLOOR · max den`.
     Full { side: usize, pixels: Vec<f64> },
 }
 
@@ -84,7 +90,7 @@ pub fn score(d: &[f32], v: &[f32], w: usize, h: usize, p: &Profile, inflate: f64
         Profile::Full { side, pixels } => {
             let p2: Vec<f64> = pixels.iter().map(|x| x * x).collect();
             let (num, den) = (correlate(&dv, w, h, pixels, *side), correlate(&iv, w, h, &p2, *side));
-            let floor = 1e-9 * den.iter().cloned().fold(0.0f64, f64::max);
+            let floor = DEN_FLOOR * den.iter().cloned().fold(0.0f64, f64::max);
             (num, den, floor)
         }
     };

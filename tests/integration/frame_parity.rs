@@ -126,9 +126,21 @@ fn frame_score_matches_the_twin() {
             (-(x * x / 3.0 + y * y / 1.5) / 2.0).exp() - 0.02
         })
         .collect();
-    let p = Profile::Full { side, pixels };
+    let p = Profile::Full { side, pixels: pixels.clone() };
     let got = g.frame_score_image(&d, &v, W, H, &p, inflate).unwrap_or_else(|e| panic!("{test}: {e}"));
     compare_score("full", &got, &twin::score(&d, &v, W, H, &p, inflate));
+    // The route stands for detect::psf::matched_filter (an FFT): the same score where both
+    // keep a pixel, and the same pixels kept but for a few at the floor.
+    let fft = blink::detect::psf::matched_filter(&d, &v, W, H, &blink::subtract::decorr::PsfImage { side, pixels }, inflate);
+    let mut differ = 0;
+    for i in 0..W * H {
+        if got.flux_err[i].is_finite() != fft.flux_err[i].is_finite() {
+            differ += 1;
+        } else if fft.flux_err[i].is_finite() {
+            assert!((got.score[i] - fft.score[i]).abs() <= 1e-3 * fft.score[i].abs().max(1.0), "{test}: score at {i}: gpu {} fft {}", got.score[i], fft.score[i]);
+        }
+    }
+    assert!(differ <= W * H / 100, "{test}: {differ} pixels kept by one and not the other");
     // A bad profile is an error, not a panic.
     assert!(g.frame_score_image(&d, &v, W, H, &Profile::Full { side: 4, pixels: vec![0.0; 16] }, 1.0).is_err());
 }

@@ -612,7 +612,7 @@ impl GpuEngine {
                     )
                 }
                 (Profile::Full { side, .. }, Some((pb, pbytes))) => {
-                    let full = FrameParams { side: *side as u32, count: g.0, mx: ngroups as u32, ..prm };
+                    let full = FrameParams { side: *side as u32, count: g.0, mx: ngroups as u32, f1: crate::cpu::frame::DEN_FLOOR as f32, ..prm };
                     submit(
                         ctx,
                         p,
