@@ -176,7 +176,8 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         Some(dc) => (0..w * h).map(|i| if !(dc.variance[i] > 0.0) { f32::NAN } else { dc.difference[i] }).collect(),
         None => (0..w * h).map(|i| if masked(i) { f32::NAN } else { diff.difference[i] }).collect(),
     };
-    let z: Vec<f32> = (0..w * h).map(|i| if masked(i) { f32::NAN } else { sc.score[i] }).collect();
+    // NaN where the score was not computed (masked, or within the decorrelation's reach of a mask).
+    let z: Vec<f32> = (0..w * h).map(|i| if masked(i) || !sc.flux_err[i].is_finite() { f32::NAN } else { sc.score[i] }).collect();
     let numbers = [
         ("FWHM_SCI", diff.sigma_science * FWHM_PER_SIGMA, "science PSF FWHM used, px"),
         ("FWHM_TPL", diff.sigma_template * FWHM_PER_SIGMA, "template PSF FWHM used, px"),

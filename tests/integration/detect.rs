@@ -322,3 +322,62 @@ fn subtract_writes_the_difference_and_a_unit_score_image() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&other);
 }
+
+/// A bad column masks the difference where the kernel carries it: in the convolved image, over
+/// the kernel's width; in the image not convolved, only its own pixels and the decorrelation
+/// filter's few around them (it was the kernel's whole width, 31 px, before). The score scatter
+/// stays unit next to both.
+#[test]
+fn a_bad_column_is_masked_by_what_passes_over_it() {
+    let (dir, _) = night("badcol", 21);
+    let night = Night::open(&dir).unwrap();
+    let frame = &night.manifest.frames[0];
+    let (sci, tpl) = (dir.join(&frame.file), dir.join(&frame.template));
+    // NaN columns: x = 150 in the science copy, x = 360 in the template copy.
+    let with_nan_column = |src: &Path, name: &str, col: usize| -> PathBuf {
+        let dst = dir.join(name);
+        std::fs::copy(src, &dst).unwrap();
+        let mut f = fitsio::FitsFile::edit(&dst).unwrap();
+        let hdu = f.primary_hdu().unwrap();
+        let mut data: Vec<f32> = hdu.read_image(&mut f).unwrap();
+        let w = 512;
+        for y in 0..384 {
+            data[y * w + col] = f32::NAN;
+        }
+        hdu.write_image(&mut f, &data).unwrap();
+        dst
+    };
+    let (sci_bad, tpl_bad) = (with_nan_column(&sci, "sci_bad.fits", 150), with_nan_column(&tpl, "tpl_bad.fits", 360));
+    let (d, z) = (dir.join("diff_bad.fits"), dir.join("score_bad.fits"));
+    let args = ["subtract", "--science", sci_bad.to_str().unwrap(), "--template", tpl_bad.to_str().unwrap(), "--out-diff", d.to_str().unwrap(), "--out-score", z.to_str().unwrap(), "--engine", "cpu"];
+    let (code, err) = blink(&args);
+    assert_eq!(code, 0, "{err}");
+    let (w, _, diff, mut f) = read_fits(&d);
+    let hdu = f.primary_hdu().unwrap();
+    let convolved: String = hdu.read_key(&mut f, "CONVOLVD").unwrap();
+    // Width of the NaN band around a column, on a row through the middle.
+    let y = 190;
+    let band = |col: usize| -> usize {
+        let (mut lo, mut hi) = (col, col);
+        while lo > 0 && diff[y * w + lo - 1].is_nan() {
+            lo -= 1;
+        }
+        while hi + 1 < w && diff[y * w + hi + 1].is_nan() {
+            hi += 1;
+        }
+        assert!(diff[y * w + col].is_nan(), "column {col} itself is masked");
+        hi - lo + 1
+    };
+    let (science_band, template_band) = (band(150), band(360));
+    let (convolved_band, other_band) = if convolved == "template" { (template_band, science_band) } else { (science_band, template_band) };
+    assert!(other_band <= 11, "the unconvolved image's column masks {other_band} px ({convolved} convolved)");
+    assert!(convolved_band >= other_band + 6, "the convolved image's column masks {convolved_band} px, the other's {other_band}");
+    let (_, _, score, _) = read_fits(&z);
+    // Just outside each band.
+    let (o1, o2) = (science_band / 2 + 3, template_band / 2 + 3);
+    let near: Vec<f32> = (0..384).flat_map(|yy| [yy * w + 150 - o1, yy * w + 150 + o1, yy * w + 360 - o2, yy * w + 360 + o2]).map(|i| score[i]).filter(|v| v.is_finite()).collect();
+    assert!(near.len() > 600, "pixels beside the columns are scored");
+    let (_, s) = blink::detect::image::robust_stats(&near).unwrap();
+    assert!((0.85..1.2).contains(&s), "score sigma beside the columns {s}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
