@@ -74,10 +74,33 @@ fn engines(c: &mut Criterion) {
             let worst = got.iter().zip(&want).map(|(g, c)| (g.score - c.score).abs() / (1.0 + c.score.abs())).fold(0.0f32, f32::max);
             assert!(worst < 4e-3, "GPU and CPU scores differ by {worst} (relative)");
             group.bench_function(format!("gpu [{name}]"), |bench| bench.iter(|| gpu.subtract(&b).expect("GPU engine")));
+            phases(&mut gpu, &b, &name);
         }
         Err(e) => eprintln!("GPU engine not benchmarked: {e}"),
     }
     group.finish();
+}
+
+/// Print where one batch's time goes on the device: the median of 7 profiled runs per phase.
+fn phases(gpu: &mut GpuEngine, b: &StampBatch, name: &str) {
+    let runs: Vec<_> = (0..7).map(|_| gpu.profile(b).expect("GPU profile")).collect();
+    let median = |f: &dyn Fn(&blink::gpu::Phases) -> std::time::Duration| {
+        let mut v: Vec<f64> = runs.iter().map(|p| f(p).as_secs_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let parts = [
+        ("stage (host copy into upload buffer)", median(&|p| p.stage)),
+        ("upload (upload buffer -> device)", median(&|p| p.upload)),
+        ("compute (convolve, fit, difference_score)", median(&|p| p.compute)),
+        ("readback (results copied, mapped, read)", median(&|p| p.readback)),
+    ];
+    let total: f64 = parts.iter().map(|p| p.1).sum();
+    eprintln!("GPU phases [{name}], {} stamps {}x{}, each phase waited for on its own:", b.n, b.width, b.height);
+    for (what, s) in parts {
+        eprintln!("  {what:<44} {:>9.3} ms  {:>5.1} %  {:>10.0} pairs/s", 1e3 * s, 100.0 * s / total, b.n as f64 / s);
+    }
+    eprintln!("  {:<44} {:>9.3} ms           {:>10.0} pairs/s (serialised)", "sum", 1e3 * total, b.n as f64 / total);
 }
 
 /// Decoded fixture alerts by set: the real ZTF and Rubin alerts, and simulated native ones.

@@ -44,12 +44,14 @@ pub struct GpuEngine {
     al: Option<kernels::al::AlPipelines>,
     /// The whole-frame pipelines (`kernels::frame`), built on first use.
     frame: Option<kernels::frame::FramePipelines>,
+    /// Stamps per submission at most, when set ([`GpuEngine::set_chunk_stamps`]).
+    chunk_limit: Option<usize>,
 }
 
 impl GpuEngine {
     /// Open the best compute-capable adapter (honouring `BLINK_ADAPTER`).
     pub fn new() -> Result<GpuEngine, EngineError> {
-        Ok(GpuEngine { ctx: GpuContext::new()?, pool: BufferPool::new(), al: None, frame: None })
+        Ok(GpuEngine { ctx: GpuContext::new()?, pool: BufferPool::new(), al: None, frame: None, chunk_limit: None })
     }
 
     pub fn context(&self) -> &GpuContext {
@@ -125,7 +127,36 @@ impl GpuEngine {
         by_bytes.min(l.max_compute_workgroups_per_dimension.max(1) as usize)
     }
 
+    /// Stamps per submission at most (default: as many as [`PIPELINE_BYTES`] of input planes
+    /// hold, within the binding limits). Tests set a few stamps to run small batches through the
+    /// chunked, overlapped path.
+    pub fn set_chunk_stamps(&mut self, stamps: Option<usize>) {
+        self.chunk_limit = stamps.map(|s| s.max(1));
+    }
+
+    /// Time one batch phase by phase: host staging (the input planes copied into the mapped
+    /// upload buffer), upload (staging → device buffers), compute (the kernels) and readback
+    /// (the per-stamp results copied, mapped and read). Each phase is submitted and waited for
+    /// on its own, so their sum exceeds [`Engine::subtract`]'s time, which overlaps them.
+    pub fn profile(&mut self, batch: &StampBatch) -> Result<Phases, EngineError> {
+        let plan = Plan { convolve: true, fit: true, score: true, conv: None, fits: None, read: &[] };
+        let mut phases = Phases::default();
+        self.run_with(batch, plan, Some(&mut phases))?;
+        Ok(phases)
+    }
+
     fn run(&mut self, batch: &StampBatch, plan: Plan<'_>) -> Result<(Vec<f32>, Vec<Vec<f32>>), EngineError> {
+        self.run_with(batch, plan, None)
+    }
+
+    /// The batch in chunks, [`IN_FLIGHT`] of them submitted at a time: while the device works
+    /// on one, the host stages the next. Every buffer comes from the pool and goes back to it.
+    fn run_with(
+        &mut self,
+        batch: &StampBatch,
+        plan: Plan<'_>,
+        mut phases: Option<&mut Phases>,
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>), EngineError> {
         batch.validate()?;
         let npix = batch.npix();
         let mut results = Vec::with_capacity(batch.n * RESULT_STRIDE);
@@ -133,26 +164,65 @@ impl GpuEngine {
         if batch.n == 0 || npix == 0 {
             return Ok((results, planes));
         }
-        let chunk = self.chunk_stamps(npix);
+        let by_bytes = (PIPELINE_BYTES / (PIX_PLANES * npix * 4)).max(1);
+        let chunk = self.chunk_stamps(npix).min(self.chunk_limit.unwrap_or(by_bytes));
+        let dev = self.ctx.device.clone();
+        let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut err = None;
         let mut s0 = 0;
         while s0 < batch.n {
             let s1 = (s0 + chunk).min(batch.n);
-            let (res, pl) = self.run_chunk(batch, s0..s1, plan)?;
-            results.extend_from_slice(&res);
-            for (dst, src) in planes.iter_mut().zip(pl) {
-                dst.extend_from_slice(&src);
+            match self.submit_chunk(batch, s0..s1, plan, phases.as_deref_mut()) {
+                Ok(f) => in_flight.push_back(f),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
             }
             s0 = s1;
+            if in_flight.len() >= IN_FLIGHT {
+                if let Some(f) = in_flight.pop_front() {
+                    match self.finish(f, phases.as_deref_mut()) {
+                        Ok((res, pl)) => append(&mut results, &mut planes, res, pl),
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
         }
-        Ok((results, planes))
+        // The rest; after an error only to give their buffers back.
+        while let Some(f) = in_flight.pop_front() {
+            let got = self.finish(f, phases.as_deref_mut());
+            match (got, &err) {
+                (Ok((res, pl)), None) => append(&mut results, &mut planes, res, pl),
+                (Err(e), None) => err = Some(e),
+                _ => {}
+            }
+        }
+        let oom_err = pollster::block_on(oom.pop());
+        let val_err = pollster::block_on(scope.pop());
+        if let Some(e) = val_err.or(oom_err) {
+            return Err(EngineError::Gpu(format!("{}: {e}", self.ctx.adapter_name())));
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok((results, planes)),
+        }
     }
 
-    fn run_chunk(
+    /// Stage, upload and compute one chunk and start mapping its results; with `phases`, each
+    /// step is submitted and waited for on its own and timed.
+    fn submit_chunk(
         &mut self,
         batch: &StampBatch,
         range: std::ops::Range<usize>,
         plan: Plan<'_>,
-    ) -> Result<(Vec<f32>, Vec<Vec<f32>>), EngineError> {
+        mut phases: Option<&mut Phases>,
+    ) -> Result<InFlight, EngineError> {
         let npix = batch.npix();
         let n = range.len();
         let px = range.start * npix..range.end * npix;
@@ -163,44 +233,42 @@ impl GpuEngine {
             n: to_u32(n)?,
             npix: to_u32(npix)?,
         };
-
-        // One upload: the six input planes packed plane after plane.
-        let mut pix = Vec::with_capacity(PIX_PLANES * plane_len);
-        for (p, src) in [
-            (Pix::Science, &batch.science),
-            (Pix::Template, &batch.template),
-            (Pix::ScienceVar, &batch.science_var),
-            (Pix::TemplateVar, &batch.template_var),
-            (Pix::Weight, &batch.weight),
-            (Pix::Profile, &batch.profile),
-        ] {
-            debug_assert_eq!(pix.len(), p as usize * plane_len);
-            pix.extend_from_slice(&src[px.clone()]);
-        }
         let stamps: Vec<StampGpu> = batch.params[range.clone()].iter().map(StampGpu::from).collect();
 
-        let dev = &self.ctx.device;
-        let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
-        let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         use wgpu::BufferUsages as U;
         let f = 4u64;
         let res_bytes = (n * RESULT_STRIDE) as u64 * f;
         let plane_bytes = plane_len as u64 * f;
+        // Planes in the upload buffer start on 256-byte boundaries, so that each can be mapped
+        // (and filled by its own thread) separately.
+        let stage_stride = plane_bytes.next_multiple_of(256);
         let read_bytes = res_bytes + plan.read.len() as u64 * plane_bytes;
+        let dev = &self.ctx.device;
         let b_uniform = self.pool.acquire(dev, "blink.batch", 16, U::UNIFORM | U::COPY_DST);
+        let b_up = self.pool.acquire(dev, "blink.upload", PIX_PLANES as u64 * stage_stride, U::MAP_WRITE | U::COPY_SRC);
         let b_pix = self.pool.acquire(dev, "blink.pix", PIX_PLANES as u64 * plane_bytes, U::STORAGE | U::COPY_DST);
-        let b_stamps = self.pool.acquire(dev, "blink.stamps", std::mem::size_of_val(stamps.as_slice()) as u64, U::STORAGE | U::COPY_DST);
+        let b_stamps =
+            self.pool.acquire(dev, "blink.stamps", std::mem::size_of_val(stamps.as_slice()) as u64, U::STORAGE | U::COPY_DST);
         let b_work = self.pool.acquire(dev, "blink.work", WORK_PLANES as u64 * plane_bytes, U::STORAGE | U::COPY_DST | U::COPY_SRC);
         let b_res = self.pool.acquire(dev, "blink.results", res_bytes, U::STORAGE | U::COPY_DST | U::COPY_SRC);
         let b_read = self.pool.acquire(dev, "blink.readback", read_bytes, U::MAP_READ | U::COPY_DST);
+        let flight = InFlight {
+            n,
+            plane_len,
+            reads: plan.read.len(),
+            read_bytes,
+            submission: None,
+            mapped: None,
+            buffers: [b_uniform, b_up, b_pix, b_stamps, b_work, b_res, b_read],
+        };
+        let [b_uniform, b_up, b_pix, b_stamps, b_work, b_res, b_read] = &flight.buffers;
 
         let q = &self.ctx.queue;
-        q.write_buffer(&b_uniform, 0, bytemuck::bytes_of(&dims));
-        q.write_buffer(&b_pix, 0, bytemuck::cast_slice(&pix));
-        q.write_buffer(&b_stamps, 0, bytemuck::cast_slice(&stamps));
+        q.write_buffer(b_uniform, 0, bytemuck::bytes_of(&dims));
+        q.write_buffer(b_stamps, 0, bytemuck::cast_slice(&stamps));
         if let Some((ct, ctv)) = plan.conv {
-            q.write_buffer(&b_work, Work::ConvT as u64 * plane_bytes, bytemuck::cast_slice(&ct[px.clone()]));
-            q.write_buffer(&b_work, Work::ConvV as u64 * plane_bytes, bytemuck::cast_slice(&ctv[px.clone()]));
+            q.write_buffer(b_work, Work::ConvT as u64 * plane_bytes, bytemuck::cast_slice(&ct[px.clone()]));
+            q.write_buffer(b_work, Work::ConvV as u64 * plane_bytes, bytemuck::cast_slice(&ctv[px.clone()]));
         }
         if let Some(fits) = plan.fits {
             let mut r = vec![0.0f32; n * RESULT_STRIDE];
@@ -209,8 +277,43 @@ impl GpuEngine {
                 r[k * RESULT_STRIDE + 1] = fit.background;
                 r[k * RESULT_STRIDE + 7] = fit.status.code() as f32;
             }
-            q.write_buffer(&b_res, 0, bytemuck::cast_slice(&r));
+            q.write_buffer(b_res, 0, bytemuck::cast_slice(&r));
         }
+
+        // The input planes, straight from the batch into the mapped upload buffer.
+        let t = std::time::Instant::now();
+        let sources: [(Pix, &[f32]); PIX_PLANES] = [
+            (Pix::Science, &batch.science[px.clone()]),
+            (Pix::Template, &batch.template[px.clone()]),
+            (Pix::ScienceVar, &batch.science_var[px.clone()]),
+            (Pix::TemplateVar, &batch.template_var[px.clone()]),
+            (Pix::Weight, &batch.weight[px.clone()]),
+            (Pix::Profile, &batch.profile[px]),
+        ];
+        if let Err(e) = stage_planes(&self.ctx, b_up, &sources, stage_stride) {
+            self.release(flight);
+            return Err(e);
+        }
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("blink.engine") });
+        for (p, _) in &sources {
+            enc.copy_buffer_to_buffer(b_up, *p as u64 * stage_stride, b_pix, *p as u64 * plane_bytes, plane_bytes);
+        }
+        // Profiling: each phase on its own submission, timed to its end.
+        let lap = |enc: &mut wgpu::CommandEncoder, slot: Option<&mut std::time::Duration>, t: &mut std::time::Instant| {
+            if let Some(slot) = slot {
+                let done = std::mem::replace(enc, dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("blink.engine") }));
+                let idx = q.submit([done.finish()]);
+                let _ = dev.poll(wgpu::PollType::Wait { submission_index: Some(idx), timeout: None });
+                *slot += t.elapsed();
+                *t = std::time::Instant::now();
+            }
+        };
+        let mut t = t;
+        if let Some(ph) = phases.as_deref_mut() {
+            ph.stage += t.elapsed();
+            t = std::time::Instant::now();
+        }
+        lap(&mut enc, phases.as_deref_mut().map(|p| &mut p.upload), &mut t);
 
         let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("blink.engine"),
@@ -223,7 +326,6 @@ impl GpuEngine {
                 wgpu::BindGroupEntry { binding: 4, resource: b_res.as_entire_binding() },
             ],
         });
-        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("blink.engine") });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("blink.engine"), timestamp_writes: None });
             pass.set_bind_group(0, &bind, &[]);
@@ -237,43 +339,168 @@ impl GpuEngine {
                 kernels::difference_score::record(&self.ctx, &mut pass, dims.n);
             }
         }
-        enc.copy_buffer_to_buffer(&b_res, 0, &b_read, 0, res_bytes);
+        lap(&mut enc, phases.as_deref_mut().map(|p| &mut p.compute), &mut t);
+        enc.copy_buffer_to_buffer(b_res, 0, b_read, 0, res_bytes);
         for (k, w) in plan.read.iter().enumerate() {
-            enc.copy_buffer_to_buffer(&b_work, *w as u64 * plane_bytes, &b_read, res_bytes + k as u64 * plane_bytes, plane_bytes);
+            enc.copy_buffer_to_buffer(b_work, *w as u64 * plane_bytes, b_read, res_bytes + k as u64 * plane_bytes, plane_bytes);
         }
-        q.submit([enc.finish()]);
-        let oom_err = pollster::block_on(oom.pop());
-        let val_err = pollster::block_on(scope.pop());
+        let submission = q.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        b_read.slice(0..read_bytes).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        let mut flight = flight;
+        flight.submission = Some(submission);
+        flight.mapped = Some(rx);
+        if let Some(ph) = phases {
+            // The readback phase ends in `finish`, which waits for the mapping.
+            ph.readback_started = Some(t);
+        }
+        Ok(flight)
+    }
 
-        let data = match (val_err, oom_err) {
-            (Some(e), _) | (None, Some(e)) => Err(EngineError::Gpu(format!("{}: {e}", self.ctx.adapter_name()))),
-            (None, None) => read_back(&self.ctx, &b_read, read_bytes),
-        };
-        for b in [b_uniform, b_pix, b_stamps, b_work, b_res, b_read] {
+    /// Wait for a chunk's results, read them and give its buffers back.
+    fn finish(&mut self, f: InFlight, phases: Option<&mut Phases>) -> Result<(Vec<f32>, Vec<Vec<f32>>), EngineError> {
+        let ctx = &self.ctx;
+        let gpu_err = |what: &str, e: &dyn std::fmt::Display| EngineError::Gpu(format!("{}: {what}: {e}", ctx.adapter_name()));
+        let read = &f.buffers[6];
+        let data = (|| {
+            let rx = f.mapped.as_ref().ok_or_else(|| gpu_err("readback", &"never submitted"))?;
+            ctx.device
+                .poll(wgpu::PollType::Wait { submission_index: f.submission.clone(), timeout: None })
+                .map_err(|e| gpu_err("poll", &e))?;
+            rx.recv().map_err(|e| gpu_err("map callback", &e))?.map_err(|e| gpu_err("map", &e))?;
+            let out: Vec<f32> = {
+                let view = read.slice(0..f.read_bytes).get_mapped_range().map_err(|e| gpu_err("mapped range", &e))?;
+                view.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect()
+            };
+            read.unmap();
+            Ok(out)
+        })();
+        if let Some(ph) = phases {
+            if let Some(t) = ph.readback_started.take() {
+                ph.readback += t.elapsed();
+            }
+        }
+        let (n, plane_len, reads) = (f.n, f.plane_len, f.reads);
+        self.release(f);
+        let data = data?;
+        let (res, rest) = data.split_at((n * RESULT_STRIDE).min(data.len()));
+        let planes = rest.chunks(plane_len.max(1)).take(reads).map(<[f32]>::to_vec).collect();
+        Ok((res.to_vec(), planes))
+    }
+
+    fn release(&mut self, f: InFlight) {
+        for b in f.buffers {
             self.pool.release(b);
         }
-        let data = data?;
-        let (res, rest) = data.split_at(n * RESULT_STRIDE);
-        let planes = rest.chunks(plane_len.max(1)).take(plan.read.len()).map(<[f32]>::to_vec).collect();
-        Ok((res.to_vec(), planes))
     }
 }
 
-fn read_back(ctx: &GpuContext, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<f32>, EngineError> {
+/// Input planes per submission, about (the chunk a batch is cut into when it does not fit
+/// one storage binding anyway): large enough to keep a GPU busy (2016 63x63 stamps), small
+/// enough that staging the next chunk overlaps the device's work on this one.
+pub const PIPELINE_BYTES: usize = 192 << 20;
+/// Chunks submitted and not yet read back, at most.
+const IN_FLIGHT: usize = 2;
+/// Below this many bytes the upload buffer is filled by the calling thread alone.
+const PARALLEL_STAGE_BYTES: usize = 8 << 20;
+
+/// Where one batch's time goes, from [`GpuEngine::profile`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Phases {
+    /// Host: the input planes copied into the mapped upload buffer (and the wait to map it).
+    pub stage: std::time::Duration,
+    /// Device: the upload buffer copied into the storage buffers.
+    pub upload: std::time::Duration,
+    /// Device: convolve, fit and difference_score.
+    pub compute: std::time::Duration,
+    /// Device and host: the results copied out, mapped and read.
+    pub readback: std::time::Duration,
+    readback_started: Option<std::time::Instant>,
+}
+
+/// One submitted chunk: its buffers (uniform, upload, pix, stamps, work, results, readback)
+/// and the mapping of its results under way.
+struct InFlight {
+    n: usize,
+    plane_len: usize,
+    reads: usize,
+    read_bytes: u64,
+    submission: Option<wgpu::SubmissionIndex>,
+    mapped: Option<std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>>,
+    buffers: [wgpu::Buffer; 7],
+}
+
+fn append(results: &mut Vec<f32>, planes: &mut [Vec<f32>], res: Vec<f32>, pl: Vec<Vec<f32>>) {
+    results.extend_from_slice(&res);
+    for (dst, src) in planes.iter_mut().zip(pl) {
+        dst.extend_from_slice(&src);
+    }
+}
+
+/// Map the upload buffer and copy each plane into its slot (`stride` bytes apart), split over
+/// the cores when the chunk is large: the host-side copy is what limits a fast GPU's
+/// throughput on small stamps. The buffer is idle when this is called (its last chunk has been
+/// read back), so a non-blocking poll maps it and the device's work on another chunk goes on.
+fn stage_planes(ctx: &GpuContext, up: &wgpu::Buffer, planes: &[(Pix, &[f32])], stride: u64) -> Result<(), EngineError> {
     let gpu_err = |what: &str, e: &dyn std::fmt::Display| EngineError::Gpu(format!("{}: {what}: {e}", ctx.adapter_name()));
-    let slice = buf.slice(0..bytes);
+    let total = planes.len() as u64 * stride;
     let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
+    up.slice(0..total).map_async(wgpu::MapMode::Write, move |r| {
         let _ = tx.send(r);
     });
-    ctx.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| gpu_err("poll", &e))?;
-    rx.recv().map_err(|e| gpu_err("map callback", &e))?.map_err(|e| gpu_err("map", &e))?;
-    let out = {
-        let view = slice.get_mapped_range().map_err(|e| gpu_err("mapped range", &e))?;
-        view.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect()
+    let mut mapped = None;
+    for _ in 0..1000 {
+        ctx.device.poll(wgpu::PollType::Poll).map_err(|e| gpu_err("poll", &e))?;
+        match rx.try_recv() {
+            Ok(r) => {
+                mapped = Some(r);
+                break;
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+            Err(e) => return Err(gpu_err("map callback", &e)),
+        }
+    }
+    let mapped = match mapped {
+        Some(r) => r,
+        None => {
+            ctx.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| gpu_err("poll", &e))?;
+            rx.recv().map_err(|e| gpu_err("map callback", &e))?
+        }
     };
-    buf.unmap();
-    Ok(out)
+    mapped.map_err(|e| gpu_err("map upload", &e))?;
+    let bytes: usize = planes.iter().map(|(_, s)| s.len() * 4).sum();
+    let threads = if bytes >= PARALLEL_STAGE_BYTES { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { 1 };
+    // Pieces of about bytes/threads (multiples of 256 bytes, so every view starts aligned).
+    let piece = (bytes.div_ceil(threads) / 4).next_multiple_of(64).max(64);
+    let mut pieces = Vec::new();
+    for (p, src) in planes {
+        for (k, part) in src.chunks(piece).enumerate() {
+            let off = *p as u64 * stride + (k * piece * 4) as u64;
+            let view = up.slice(off..off + part.len() as u64 * 4).get_mapped_range_mut().map_err(|e| gpu_err("mapped range", &e))?;
+            pieces.push((view, part));
+        }
+    }
+    if threads <= 1 {
+        for (view, src) in &mut pieces {
+            view.copy_from_slice(bytemuck::cast_slice(src));
+        }
+    } else {
+        let per = pieces.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            for group in pieces.chunks_mut(per) {
+                s.spawn(move || {
+                    for (view, src) in group {
+                        view.copy_from_slice(bytemuck::cast_slice(src));
+                    }
+                });
+            }
+        });
+    }
+    drop(pieces);
+    up.unmap();
+    Ok(())
 }
 
 fn to_u32(v: usize) -> Result<u32, EngineError> {

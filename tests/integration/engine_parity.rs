@@ -300,6 +300,16 @@ fn large_batch_matches_cpu() {
     };
     let pieces: Vec<_> = [0..7, 7..100, 100..256].into_iter().flat_map(|r| g.subtract(&part(r)).unwrap()).collect();
     assert_eq!(pieces, gr, "a batch and its pieces disagree");
+    // Cut into chunks of 50 stamps, two in flight at a time (the path of batches of thousands
+    // of 63x63 stamps): the same results, and the same images.
+    g.set_chunk_stamps(Some(50));
+    assert_eq!(g.subtract(&b).unwrap(), gr, "chunked batch");
+    let chunked = g.subtract_images(&b).unwrap();
+    g.set_chunk_stamps(None);
+    assert_eq!(chunked, g.subtract_images(&b).unwrap(), "chunked images");
+    let phases = g.profile(&b).unwrap();
+    eprintln!("large_batch_matches_cpu: {phases:?}");
+    assert!(phases.compute > std::time::Duration::ZERO && phases.readback > std::time::Duration::ZERO);
 }
 
 #[test]
