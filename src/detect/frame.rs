@@ -593,6 +593,33 @@ pub fn score_image(diff: &Difference, psf: Option<&PsfImage>) -> ScoreImage {
     out
 }
 
+/// [`score_image`] with its correlations on `gpu` (`gpu::kernels::frame`, helper's addition):
+/// the same planes, profile, correlated-noise factor and rules, chosen as `score_image` chooses
+/// them (keep the two in step; `frame_parity::score_image_gpu_matches_score_image` compares
+/// them). Use it only on a real GPU (`Engine::frame_gpu`); an error is for the caller to fall
+/// back on [`score_image`].
+pub fn score_image_gpu(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine) -> Result<ScoreImage, crate::engine::EngineError> {
+    use crate::cpu::frame::Profile;
+    let (w, h) = (diff.width, diff.height);
+    let full = |p: &PsfImage| Profile::Full { side: p.side, pixels: p.pixels.clone() };
+    let (d, v, profile, inflate, peak) = match (psf, &diff.decorrelated) {
+        (Some(p), Some(dc)) => match decorrelated_psf(&dc.kernel, &p.pixels, p.side) {
+            Ok(q) => (&dc.difference, &dc.variance, full(&trimmed(&q, 1e-4)), 1.0, p.pixels[p.pixels.len() / 2]),
+            Err(_) => return Ok(score_image(diff, psf)),
+        },
+        (Some(p), None) => (&diff.difference, &diff.variance, full(p), correlated_noise_factor(diff, &p.pixels, p.side), p.pixels[p.pixels.len() / 2]),
+        (None, _) => {
+            let Profile::Separable(g) = Profile::gaussian(diff.sigma_difference) else { return Ok(score_image(diff, psf)) };
+            let outer: Vec<f64> = g.iter().flat_map(|a| g.iter().map(move |b| a * b)).collect();
+            let r = g.len() / 2;
+            (&diff.difference, &diff.variance, Profile::Separable(g.clone()), correlated_noise_factor(diff, &outer, g.len()), g[r] * g[r])
+        }
+    };
+    let mut sc = gpu.frame_score_image(d, v, w, h, &profile, inflate)?;
+    sc.psf_peak = peak;
+    Ok(sc)
+}
+
 /// Where a frame's detections come from and what they are called.
 #[derive(Debug, Clone)]
 pub struct FrameMeta<'a> {

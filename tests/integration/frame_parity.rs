@@ -361,3 +361,47 @@ fn subtract_al_on_the_gpu_matches_the_cpu() {
     close("decorrelated variance", &da.variance, &db.variance);
     close("decorrelated difference", &da.difference, &db.difference);
 }
+
+#[test]
+fn score_image_gpu_matches_score_image() {
+    use blink::detect::al::subtract_al;
+    use blink::detect::frame::{score_image, score_image_gpu, FrameOptions, Prepared};
+    let test = "score_image_gpu_matches_score_image";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let side = 256;
+    let stars: Vec<(f64, f64, f64)> = (0..60).map(|_| (rng.gen_range(10.0..246.0), rng.gen_range(10.0..246.0), 300.0 / rng.gen_range(0.01..1.0))).collect();
+    let science = star_image(side, 3.0, &mut rng, &stars);
+    let template = star_image(side, 2.4, &mut rng, &stars);
+    let opts = FrameOptions { background_mesh: 64, ..FrameOptions::default() };
+    let (ps, pt) = (Prepared::new(&science, &opts).unwrap_or_else(|e| panic!("{e}")), Prepared::new(&template, &opts).unwrap_or_else(|e| panic!("{e}")));
+    let mut diff = subtract_al(&science, &ps, &template, &pt, &opts, None).unwrap_or_else(|e| panic!("{test}: {e}"));
+    // A measured-looking PSF: an elliptical Gaussian, unit sum.
+    let (n, c) = (15usize, 7.0);
+    let mut pix: Vec<f64> = (0..n * n).map(|i| (-((i % n) as f64 - c).powi(2) / 3.6 - ((i / n) as f64 - c).powi(2) / 3.0).exp()).collect();
+    let sum: f64 = pix.iter().sum();
+    pix.iter_mut().for_each(|p| *p /= sum);
+    let psf = blink::subtract::decorr::PsfImage { side: n, pixels: pix };
+    for (what, p) in [("gaussian", None), ("psf, decorrelated", Some(&psf))] {
+        let want = score_image(&diff, p);
+        let got = score_image_gpu(&diff, p, &mut g).unwrap_or_else(|e| panic!("{test}: {what}: {e}"));
+        assert_eq!(got.psf_peak, want.psf_peak, "{test}: {what}");
+        let mut differ = 0;
+        for i in 0..side * side {
+            if got.flux_err[i].is_finite() != want.flux_err[i].is_finite() {
+                differ += 1;
+            } else if want.flux_err[i].is_finite() {
+                assert!((got.score[i] - want.score[i]).abs() <= 1e-3 * want.score[i].abs().max(1.0), "{test}: {what}: score at {i}: gpu {} cpu {}", got.score[i], want.score[i]);
+            }
+        }
+        assert!(differ <= side * side / 1000, "{test}: {what}: {differ} pixels kept by one and not the other");
+    }
+    diff.decorrelated = None;
+    let want = score_image(&diff, Some(&psf));
+    let got = score_image_gpu(&diff, Some(&psf), &mut g).unwrap_or_else(|e| panic!("{test}: psf: {e}"));
+    for i in 0..side * side {
+        if want.flux_err[i].is_finite() && got.flux_err[i].is_finite() {
+            assert!((got.score[i] - want.score[i]).abs() <= 1e-3 * want.score[i].abs().max(1.0), "{test}: psf: score at {i}: gpu {} cpu {}", got.score[i], want.score[i]);
+        }
+    }
+}
