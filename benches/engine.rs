@@ -4,11 +4,12 @@
 //! every engine's output is checked once before it is timed, so an error cannot pass for speed.
 //!
 //! Groups (filter with `cargo bench --bench engine -- <name>`):
-//! - `engine_<N>x63x63`: `cpu` (every core), `cpu_1thread`, and `gpu [<adapter>]` — the adapter
-//!   is in the name, so a number from llvmpipe cannot pass for a GPU figure. After the GPU
-//!   timing, a line `GPU phases` splits one batch into host staging (copy into the mapped upload
-//!   buffer), upload (staging → device), compute (the four dispatches) and readback (results
-//!   mapped and read), each waited for on its own (`GpuEngine::profile`).
+//! - `engine_<N>x63x63`: `gpu [<adapter>]` — the adapter is in the name, so a number from
+//!   llvmpipe cannot pass for a GPU figure — then `cpu` (every core) and, for N ≤ 1024,
+//!   `cpu_1thread`. After the GPU timing, `GPU phases` lines split one batch into host staging
+//!   (copy into the mapped upload buffer), upload (staging → device), compute (the four
+//!   dispatches) and readback (results mapped and read), each waited for on its own
+//!   (`GpuEngine::profile`), with the pairs/s each phase alone would allow.
 //! - `prepare`: `prepare_stamp` per alert on the real ZTF and Rubin fixtures and on simulated
 //!   blink-native alerts (decoded outside the loop), and `assemble` of 256 prepared stamps.
 
@@ -16,7 +17,7 @@ use blink::decode::Decoder;
 use blink::engine::{assemble, prepare_stamp, CpuEngine, Engine, GpuEngine, PrepareConfig, StampBatch, StampParams};
 use blink::sim::{simulate_alerts, AlertSimConfig};
 use blink::source::replay::{fixture_messages, FINK_RUBIN};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 
 fn batch(n: usize, w: usize, h: usize) -> StampBatch {
     let npix = w * h;
@@ -60,12 +61,13 @@ fn engines(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("engine_{n}x63x63"));
     group.throughput(Throughput::Elements(b.n as u64));
     group.sample_size(10);
+    if n > 1024 {
+        // Batches of seconds on a CPU: 10 runs, not criterion's 55 of linear sampling.
+        group.sampling_mode(SamplingMode::Flat);
+    }
     let mut cpu = CpuEngine::new();
     let want = cpu.subtract(&b).expect("CPU engine");
-    eprintln!("CPU engine: {} threads", cpu.threads());
-    group.bench_function("cpu", |bench| bench.iter(|| cpu.subtract(&b).expect("CPU engine")));
-    let mut cpu1 = CpuEngine::with_threads(1);
-    group.bench_function("cpu_1thread", |bench| bench.iter(|| cpu1.subtract(&b).expect("CPU engine")));
+    // The GPU first: the device script gives this bench a fixed time.
     match GpuEngine::new() {
         Ok(mut gpu) => {
             let name = gpu.adapter();
@@ -77,6 +79,12 @@ fn engines(c: &mut Criterion) {
             phases(&mut gpu, &b, &name);
         }
         Err(e) => eprintln!("GPU engine not benchmarked: {e}"),
+    }
+    eprintln!("CPU engine: {} threads", cpu.threads());
+    group.bench_function("cpu", |bench| bench.iter(|| cpu.subtract(&b).expect("CPU engine")));
+    if n <= 1024 {
+        let mut cpu1 = CpuEngine::with_threads(1);
+        group.bench_function("cpu_1thread", |bench| bench.iter(|| cpu1.subtract(&b).expect("CPU engine")));
     }
     group.finish();
 }

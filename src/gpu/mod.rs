@@ -4,9 +4,12 @@
 //! - [`pool`]: buffers reused across batches by size class.
 //! - [`kernels`]: one dispatcher per kernel, and the buffer layout the shaders share.
 //!
-//! A batch is packed into one `pix` buffer and uploaded once; every kernel runs on it in one
-//! compute pass; only the per-stamp results come back (plus, on request, whole planes such as
-//! the difference image). Batches larger than the adapter's storage-binding limit run in chunks.
+//! A batch's input planes are copied straight from the batch into a pooled, mapped upload
+//! buffer and uploaded once into the `pix` buffer; every kernel runs on it in one compute pass;
+//! only the per-stamp results come back (plus, on request, whole planes such as the difference
+//! image). Large batches run in chunks of about [`PIPELINE_BYTES`] (or the adapter's
+//! storage-binding limit), two in flight, so the host stages one while the device works on the
+//! other. [`GpuEngine::profile`] times the phases apart.
 
 pub mod context;
 pub mod kernels;
@@ -478,8 +481,15 @@ fn stage_planes(ctx: &GpuContext, up: &wgpu::Buffer, planes: &[(Pix, &[f32])], s
     for (p, src) in planes {
         for (k, part) in src.chunks(piece).enumerate() {
             let off = *p as u64 * stride + (k * piece * 4) as u64;
-            let view = up.slice(off..off + part.len() as u64 * 4).get_mapped_range_mut().map_err(|e| gpu_err("mapped range", &e))?;
-            pieces.push((view, part));
+            match up.slice(off..off + part.len() as u64 * 4).get_mapped_range_mut() {
+                Ok(view) => pieces.push((view, part)),
+                Err(e) => {
+                    // Back to the pool unmapped, so that the next batch can map it.
+                    drop(pieces);
+                    up.unmap();
+                    return Err(gpu_err("mapped range", &e));
+                }
+            }
         }
     }
     if threads <= 1 {
