@@ -5,12 +5,13 @@
 //! - `resident/*`: the planes already on the device, only the kernels timed (submit to
 //!   completion): each image's variance, saturation and sky mesh (`prepare+sky x2`), the
 //!   difference's residual background, a mask grown by 24 px, the score image with the
-//!   separable Gaussian and with a full 2-D profile, and `all` of them back to back — the
-//!   honest "GPU time" of the per-pixel stages.
+//!   separable Gaussian, with a full 2-D Gaussian and with the profile `blink subtract` scores
+//!   with (the measured PSF through the decorrelation filter, `score-psf`), and `all` of them
+//!   back to back — the honest "GPU time" of the per-pixel stages.
 //! - `e2e/*`: from host images to host results, transfers included: both images prepared on
 //!   the GPU (`detect::al::prepare_gpu`), and the whole Alard–Lupton subtraction
-//!   (`prepare_gpu` ×2, `subtract_al` with the GPU, the score on the GPU, read back); at 1024²
-//!   also the CPU path for comparison.
+//!   (`prepare_gpu` ×2, `subtract_al` with the GPU, `score_image_gpu` with the measured PSF,
+//!   read back; the PSF measurement itself is outside the loop); at 1024² also the CPU path.
 //!
 //! Prints the adapter (and says so when it is a software rasteriser: llvmpipe numbers are not
 //! GPU figures; frames above 1024² are skipped there unless `BLINK_BENCH_FORCE=1`).
@@ -20,7 +21,7 @@ use std::path::PathBuf;
 
 use blink::cpu::frame::Profile;
 use blink::detect::al::{prepare_gpu, subtract_al};
-use blink::detect::frame::{FrameOptions, Prepared};
+use blink::detect::frame::{score_image, score_image_gpu, FrameOptions, Prepared};
 use blink::detect::image::{Image, ImageHeader};
 use blink::engine::{Engine, GpuEngine};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
@@ -118,6 +119,15 @@ fn bench(c: &mut Criterion) {
             Profile::Separable(g) => Profile::Full { side: g.len(), pixels: g.iter().flat_map(|a| g.iter().map(move |b| a * b)).collect() },
             p => p.clone(),
         };
+        // The profile the score uses: the measured PSF through the decorrelation filter.
+        let psf = blink::detect::psf::difference_psf(&science, diff.sigma_difference);
+        let measured = match (&psf, &diff.decorrelated) {
+            (Some(p), Some(dc)) => blink::subtract::decorr::decorrelated_psf(&dc.kernel, &p.pixels, p.side).ok().map(|q| blink::detect::psf::trimmed(&q, 1e-4)),
+            (Some(p), None) => Some(p.clone()),
+            _ => None,
+        };
+        let measured = measured.map(|q| Profile::Full { side: q.side, pixels: q.pixels });
+        eprintln!("frame_gpu {side}²: PSF measured: {}; score profile side {}", psf.is_some(), measured.as_ref().map_or(0, |p| 2 * p.radius() + 1));
         let bad: Vec<bool> = diff.variance.iter().map(|v| v.is_nan() || *v <= 0.0).collect();
         let up = |g: &mut GpuEngine, v: &[f32]| g.frame_upload(v, side, side).expect("upload");
         let (sci, tpl, d, v) = (up(&mut gpu, &science.data), up(&mut gpu, &template.data), up(&mut gpu, &diff.difference), up(&mut gpu, &diff.variance));
@@ -158,7 +168,11 @@ fn bench(c: &mut Criterion) {
                 gpu.frame_wait().expect("wait")
             })
         });
-        for (label, p) in [("gaussian", &gauss), ("full-2d", &full)] {
+        let mut profiles = vec![("gaussian", &gauss), ("full-2d", &full)];
+        if let Some(m) = &measured {
+            profiles.push(("psf", m));
+        }
+        for (label, p) in profiles {
             group.bench_function(format!("resident/score-{label}{tag}"), |b| {
                 b.iter(|| {
                     let s = gpu.frame_score(&d, &v, p, 1.0).expect("score");
@@ -175,7 +189,7 @@ fn bench(c: &mut Criterion) {
                     let gm = gpu.frame_grow(&mask, r).expect("grow");
                     gpu.frame_release(gm);
                 }
-                let s = gpu.frame_score(&d, &v, &gauss, 1.0).expect("score");
+                let s = gpu.frame_score(&d, &v, measured.as_ref().unwrap_or(&gauss), 1.0).expect("score");
                 gpu.frame_release_score(s);
                 gpu.frame_wait().expect("wait")
             })
@@ -192,7 +206,7 @@ fn bench(c: &mut Criterion) {
                 let a = prepare_gpu(&mut gpu, &science, &opts).expect("prepare");
                 let t = prepare_gpu(&mut gpu, &template, &opts).expect("prepare");
                 let dd = subtract_al(&science, &a, &template, &t, &opts, Some(&mut gpu)).expect("subtract");
-                let s = gpu.frame_score_image(&dd.difference, &dd.variance, side, side, &Profile::gaussian(dd.sigma_difference), 1.0).expect("score");
+                let s = score_image_gpu(&dd, psf.as_ref(), &mut gpu).expect("score");
                 s.score.len()
             })
         });
@@ -202,8 +216,7 @@ fn bench(c: &mut Criterion) {
                     let a = Prepared::new(&science, &opts).expect("prepare");
                     let t = Prepared::new(&template, &opts).expect("prepare");
                     let dd = subtract_al(&science, &a, &template, &t, &opts, None).expect("subtract");
-                    let s = blink::cpu::frame::score(&dd.difference, &dd.variance, side, side, &Profile::gaussian(dd.sigma_difference), 1.0);
-                    s.score.len()
+                    score_image(&dd, psf.as_ref()).score.len()
                 })
             });
         }

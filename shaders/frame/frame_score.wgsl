@@ -10,8 +10,9 @@
 // - separable P = g ⊗ g (the Gaussian of `detect::frame::score_image`): `score_rows` correlates
 //   each row with g and g² (taps in the uniform `taps`), `score_cols` the columns and finishes;
 //   a pixel is kept where den > 0.
-// - any odd square P (an empirical PSF, `detect::psf::matched_filter`): `score_full`
-//   correlates with P directly (non-finite D counts as masked), `score_reduce` takes the
+// - any odd square P (an empirical PSF, `detect::psf::matched_filter`): `score_prep` writes
+//   (D/V, 1/V) once (0 where V is not > 0 or D not finite), `score_full` correlates them with
+//   P and P² directly, `score_reduce` takes the
 //   largest den, `score_finish` keeps a pixel where its own V > 0 and den > f1 · max den
 //   (`cpu::frame::DEN_FLOOR`).
 // Storage bindings s0..s3 play a role per entry point (named at each); at most 4 are bound, as
@@ -125,9 +126,28 @@ fn score_cols(@builtin(global_invocation_id) id: vec3<u32>) {
 
 var<workgroup> wmax: array<f32, 256>;
 
-// s0 = D, s1 = V, s2 = (num, den) interleaved (den 0 where the pixel's own V is not > 0), then
-// from 2·N the largest den of each workgroup; s3 = P (side², row-major, P[(v + r)·side + u + r]
-// weighs the pixel at offset (u, v)). `count` = workgroups along x.
+// s0 = D, s1 = V, s2 = (D/V, 1/V) interleaved, 0 where V is not > 0 or D not finite.
+@compute @workgroup_size(16, 16, 1)
+fn score_prep(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= prm.width || id.y >= prm.height) {
+        return;
+    }
+    let i = id.y * prm.width + id.x;
+    let v = s1[i];
+    let d = s0[i];
+    var a = 0.0;
+    var b = 0.0;
+    if (v > 0.0 && finite(d)) {
+        a = d / v;
+        b = 1.0 / v;
+    }
+    s2[2u * i] = a;
+    s2[2u * i + 1u] = b;
+}
+
+// s0 = (D/V, 1/V) from `score_prep`; s2 = (num, den) interleaved (den 0 where the pixel's own
+// 1/V is not > 0), then from 2·N the largest den of each workgroup; s3 = P (side², row-major,
+// P[(v + r)·side + u + r] weighs the pixel at offset (u, v)). `count` = workgroups along x.
 @compute @workgroup_size(16, 16, 1)
 fn score_full(@builtin(global_invocation_id) id: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let w = prm.width;
@@ -147,17 +167,14 @@ fn score_full(@builtin(global_invocation_id) id: vec3<u32>, @builtin(workgroup_i
             let prow = u32(yy - y + r) * side;
             let irow = u32(yy) * w;
             for (var xx = x0; xx <= x1; xx++) {
-                let v = s1[irow + u32(xx)];
-                let d = s0[irow + u32(xx)];
-                if (v > 0.0 && finite(d)) {
-                    let p = s3[prow + u32(xx - x + r)];
-                    num += p * (d / v);
-                    den += p * p / v;
-                }
+                let k = 2u * (irow + u32(xx));
+                let p = s3[prow + u32(xx - x + r)];
+                num += p * s0[k];
+                den += p * p * s0[k + 1u];
             }
         }
         let i = id.y * w + id.x;
-        let own = s1[i] > 0.0 && finite(s0[i]);
+        let own = s0[2u * i + 1u] > 0.0;
         s2[2u * i] = num;
         s2[2u * i + 1u] = select(0.0, den, own);
     }

@@ -119,6 +119,7 @@ pub struct FramePipelines {
     layout: wgpu::BindGroupLayout,
     score_rows: wgpu::ComputePipeline,
     score_cols: wgpu::ComputePipeline,
+    score_prep: wgpu::ComputePipeline,
     score_full: wgpu::ComputePipeline,
     score_reduce: wgpu::ComputePipeline,
     score_finish: wgpu::ComputePipeline,
@@ -204,6 +205,7 @@ impl FramePipelines {
         let p = FramePipelines {
             score_rows: pipeline(&score, "score_rows"),
             score_cols: pipeline(&score, "score_cols"),
+            score_prep: pipeline(&score, "score_prep"),
             score_full: pipeline(&score, "score_full"),
             score_reduce: pipeline(&score, "score_reduce"),
             score_finish: pipeline(&score, "score_finish"),
@@ -578,12 +580,25 @@ impl GpuEngine {
             Profile::Full { .. } => ((2 * w * h + ngroups + 1) * 4) as u64,
         };
         let scratch = self.frame_buffer("blink.frame.score_scratch", scratch_bytes)?;
+        // The full route's (D/V, 1/V) plane and profile.
         let prof = match profile {
             Profile::Full { pixels, .. } => {
                 let f: Vec<f32> = pixels.iter().map(|&x| x as f32).collect();
-                let b = self.frame_buffer("blink.frame.profile", (f.len() * 4) as u64)?;
-                self.ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(&f));
-                Some((b, (f.len() * 4) as u64))
+                let b = self.frame_buffer("blink.frame.profile", (f.len() * 4) as u64);
+                let prep = self.frame_buffer("blink.frame.score_prep", (2 * w * h * 4) as u64);
+                match (b, prep) {
+                    (Ok(b), Ok(prep)) => {
+                        self.ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(&f));
+                        Some((b, (f.len() * 4) as u64, prep))
+                    }
+                    (b, prep) => {
+                        for x in [b.as_ref().ok(), prep.as_ref().ok()].into_iter().flatten() {
+                            self.pool.release(x.clone());
+                        }
+                        self.pool.release(scratch);
+                        return Err(b.err().or(prep.err()).unwrap_or_else(|| EngineError::Gpu("score buffers".into())));
+                    }
+                }
             }
             Profile::Separable(_) => None,
         };
@@ -611,13 +626,15 @@ impl GpuEngine {
                         ],
                     )
                 }
-                (Profile::Full { side, .. }, Some((pb, pbytes))) => {
+                (Profile::Full { side, .. }, Some((pb, pbytes, prep))) => {
                     let full = FrameParams { side: *side as u32, count: g.0, mx: ngroups as u32, f1: crate::cpu::frame::DEN_FLOOR as f32, ..prm };
+                    let pp = (prep, (2 * w * h * 4) as u64);
                     submit(
                         ctx,
                         p,
                         &[
-                            Step { pipe: &p.score_full, prm: full, taps: &[], bufs: [Some((&d.buf, d.bytes())), Some((&v.buf, v.bytes())), Some(sc), Some((pb, *pbytes))], groups: g },
+                            Step { pipe: &p.score_prep, prm: full, taps: &[], bufs: [Some((&d.buf, d.bytes())), Some((&v.buf, v.bytes())), Some(pp), None], groups: g },
+                            Step { pipe: &p.score_full, prm: full, taps: &[], bufs: [Some(pp), None, Some(sc), Some((pb, *pbytes))], groups: g },
                             Step { pipe: &p.score_reduce, prm: full, taps: &[], bufs: [None, None, Some(sc), None], groups: (1, 1) },
                             Step { pipe: &p.score_finish, prm: full, taps: &[], bufs: [Some(sc), outs[0], outs[1], outs[2]], groups: g },
                         ],
@@ -636,8 +653,9 @@ impl GpuEngine {
             }
         });
         self.pool.release(scratch);
-        if let Some((b, _)) = prof {
+        if let Some((b, _, prep)) = prof {
             self.pool.release(b);
+            self.pool.release(prep);
         }
         result
     }
