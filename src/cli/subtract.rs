@@ -166,7 +166,15 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         None => crate::detect::psf::difference_psf(broad_img, diff.sigma_difference),
     };
     tracing::debug!(measured = broad_psf.is_none(), side = psf.as_ref().map(|p| p.side), "PSF of the difference");
-    let sc = score_image(&diff, psf.as_ref());
+    // On a real GPU the score's correlations run there (the same routes, `score_image_gpu`).
+    let sc = match engine.frame_gpu().map(|g| crate::detect::frame::score_image_gpu(&diff, psf.as_ref(), g)) {
+        Some(Ok(sc)) => sc,
+        Some(Err(e)) => {
+            tracing::warn!("the score image on the GPU failed ({e}); on the CPU");
+            score_image(&diff, psf.as_ref())
+        }
+        None => score_image(&diff, psf.as_ref()),
+    };
     tracing::debug!(score_s = ts.elapsed().as_secs_f64(), "score image");
     let work = t1.elapsed();
     let (w, h) = (diff.width, diff.height);

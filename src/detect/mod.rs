@@ -230,7 +230,15 @@ impl Detector {
         // convolved, else the template's. Measured on its stars where it has enough.
         let psf_image = if diff.convolved_template { &science } else { template };
         let psf = psf::difference_psf(psf_image, diff.sigma_difference);
-        let sc = frame::score_image(&diff, psf.as_ref());
+        // On a real GPU the score's correlations run there (the same routes).
+        let sc = match self.engine.frame_gpu().map(|g| frame::score_image_gpu(&diff, psf.as_ref(), g)) {
+            Some(Ok(sc)) => sc,
+            Some(Err(e)) => {
+                tracing::warn!("the score image on the GPU failed ({e}); on the CPU");
+                frame::score_image(&diff, psf.as_ref())
+            }
+            None => frame::score_image(&diff, psf.as_ref()),
+        };
         let score = t1.elapsed();
         let t2 = Instant::now();
         let aperture_correction = match &psf {
