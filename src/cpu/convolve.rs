@@ -6,9 +6,9 @@
 //! pixels the truncated kernel is renormalised. Both sums are separable, so each is one pass
 //! along rows and one along columns, as on the GPU. Sigma below [`SIGMA_MIN`] is a copy.
 //!
-//! Speed (issue 4): each pass runs tap by tap over a whole row (`acc[x] += g[k]·row[x + k]`), so
-//! the inner loop is contiguous and vectorises, and every pixel's sum still adds its taps in the
-//! order of the textbook loop (`j` ascending). The row pass reads a zero-padded copy of the row
+//! Speed (issue 4): each pass takes blocks of [`LANES`] neighbouring pixels and runs over the
+//! taps with the block's sums in vector registers (`acc[l] += g[k]·row[x + k + l]`), and every
+//! pixel's sum still adds its taps in the order of the textbook loop (`j` ascending). The row pass reads a zero-padded copy of the row
 //! holding `w·T`, `w` and `w·V` (exact in f64, products of f32), which leaves the sums as they were
 //! for 0/1 weights; padding adds only exact zeros. All buffers live in a [`Scratch`] reused from
 //! stamp to stamp.
@@ -55,23 +55,15 @@ pub struct Scratch {
     pad_t: Vec<f64>,
     pad_w: Vec<f64>,
     pad_v: Vec<f64>,
-    /// Row-pass sums for the whole stamp: Σ g w T, Σ g w, Σ g² w V.
+    /// Row-pass sums for the whole stamp (rows padded to whole blocks): Σ g w T, Σ g w, Σ g² w V.
     h_t: Vec<f64>,
     h_w: Vec<f64>,
     h_v: Vec<f64>,
-    /// One output row of the column pass.
-    acc_t: Vec<f64>,
-    acc_w: Vec<f64>,
-    acc_v: Vec<f64>,
 }
 
-/// `acc[x] += c · src[x]` over the row (the vectorised inner loop of both passes).
-#[inline(always)]
-fn axpy(acc: &mut [f64], c: f64, src: &[f64]) {
-    for (a, s) in acc.iter_mut().zip(src) {
-        *a += c * s;
-    }
-}
+/// Pixels per block of the passes: each pass keeps a block's three sums in vector registers
+/// while it runs over the taps (8 f64: two AVX2 or four SSE2 registers per sum).
+const LANES: usize = 8;
 
 /// Convolve one stamp (`width × height`, row-major) with the Gaussian of `sigma`, writing `T'`
 /// and `T'var` into `out_t` and `out_v` (0 where no usable pixel is within reach).
@@ -131,63 +123,73 @@ fn convolve_stamp_body(
     out_v: &mut [f32],
     s: &mut Scratch,
 ) {
-    let (w, h, npix) = (width, height, width * height);
+    let (w, h) = (width, height);
     let r = radius(sigma) as usize;
     let taps = 2 * r + 1;
     s.g.clear();
     s.g.extend((0..taps).map(|k| gauss(k as i32 - r as i32, sigma)));
     s.g2.clear();
     s.g2.extend(s.g.iter().map(|g| g * g));
+    // Rows padded to whole blocks of LANES; the extra columns hold zeros and are not written out.
+    let wp = w.next_multiple_of(LANES);
     for buf in [&mut s.pad_t, &mut s.pad_w, &mut s.pad_v] {
         buf.clear();
-        buf.resize(w + 2 * r, 0.0);
+        buf.resize(wp + 2 * r, 0.0);
     }
     for buf in [&mut s.h_t, &mut s.h_w, &mut s.h_v] {
         buf.clear();
-        buf.resize(npix, 0.0);
+        buf.resize(h * wp, 0.0);
     }
-    for buf in [&mut s.acc_t, &mut s.acc_w, &mut s.acc_v] {
-        buf.resize(w, 0.0);
-    }
+    let (g, g2) = (&s.g[..], &s.g2[..]);
 
-    // Row pass: h[y][x] = Σ_k g[k] · pad[x + k], k ascending (j = x + k − r ascending).
+    // Row pass: h[y][x] = Σ_k g[k] · pad[x + k], k ascending (j = x + k − r ascending), for a
+    // block of LANES pixels at a time held in registers.
     for y in 0..h {
         let row = y * w..(y + 1) * w;
-        for (x, ((t, v), wt)) in tmpl[row.clone()].iter().zip(&tvar[row.clone()]).zip(&wgt[row.clone()]).enumerate() {
+        for (x, ((t, v), wt)) in tmpl[row.clone()].iter().zip(&tvar[row.clone()]).zip(&wgt[row]).enumerate() {
             let wt = *wt as f64;
             s.pad_t[r + x] = wt * *t as f64;
             s.pad_w[r + x] = wt;
             s.pad_v[r + x] = wt * *v as f64;
         }
-        let (ht, hw, hv) = (&mut s.h_t[row.clone()], &mut s.h_w[row.clone()], &mut s.h_v[row]);
-        for k in 0..taps {
-            axpy(ht, s.g[k], &s.pad_t[k..k + w]);
-            axpy(hw, s.g[k], &s.pad_w[k..k + w]);
-            axpy(hv, s.g2[k], &s.pad_v[k..k + w]);
+        for xb in (0..wp).step_by(LANES) {
+            let (mut at, mut aw, mut av) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
+            for k in 0..taps {
+                let (pt, pw, pv) = (&s.pad_t[xb + k..xb + k + LANES], &s.pad_w[xb + k..xb + k + LANES], &s.pad_v[xb + k..xb + k + LANES]);
+                for l in 0..LANES {
+                    at[l] += g[k] * pt[l];
+                    aw[l] += g[k] * pw[l];
+                    av[l] += g2[k] * pv[l];
+                }
+            }
+            let o = y * wp + xb;
+            s.h_t[o..o + LANES].copy_from_slice(&at);
+            s.h_w[o..o + LANES].copy_from_slice(&aw);
+            s.h_v[o..o + LANES].copy_from_slice(&av);
         }
     }
 
     // Column pass: out[y][x] = Σ_j g[j − y + r] · h[j][x] over the rows j in reach, ascending.
     for y in 0..h {
         let (lo, hi) = (y.saturating_sub(r), (y + r).min(h - 1));
-        s.acc_t.iter_mut().for_each(|a| *a = 0.0);
-        s.acc_w.iter_mut().for_each(|a| *a = 0.0);
-        s.acc_v.iter_mut().for_each(|a| *a = 0.0);
-        for j in lo..=hi {
-            let k = j + r - y;
-            let src = j * w..(j + 1) * w;
-            axpy(&mut s.acc_t, s.g[k], &s.h_t[src.clone()]);
-            axpy(&mut s.acc_w, s.g[k], &s.h_w[src.clone()]);
-            axpy(&mut s.acc_v, s.g2[k], &s.h_v[src]);
-        }
-        let row = y * w..(y + 1) * w;
-        for (((ot, ov), (st, sw)), sv) in out_t[row.clone()]
-            .iter_mut()
-            .zip(&mut out_v[row])
-            .zip(s.acc_t.iter().zip(&s.acc_w))
-            .zip(&s.acc_v)
-        {
-            (*ot, *ov) = if *sw > 0.0 { ((st / sw) as f32, (sv / (sw * sw)) as f32) } else { (0.0, 0.0) };
+        for xb in (0..wp).step_by(LANES) {
+            let (mut at, mut aw, mut av) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
+            for j in lo..=hi {
+                let k = j + r - y;
+                let o = j * wp + xb;
+                let (ht, hw, hv) = (&s.h_t[o..o + LANES], &s.h_w[o..o + LANES], &s.h_v[o..o + LANES]);
+                for l in 0..LANES {
+                    at[l] += g[k] * ht[l];
+                    aw[l] += g[k] * hw[l];
+                    av[l] += g2[k] * hv[l];
+                }
+            }
+            let n = LANES.min(w - xb);
+            let row = y * w + xb..y * w + xb + n;
+            for (l, (ot, ov)) in out_t[row.clone()].iter_mut().zip(&mut out_v[row]).enumerate() {
+                let (st, sw, sv) = (at[l], aw[l], av[l]);
+                (*ot, *ov) = if sw > 0.0 { ((st / sw) as f32, (sv / (sw * sw)) as f32) } else { (0.0, 0.0) };
+            }
         }
     }
 }
