@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::detect::al::subtract_al;
+use crate::detect::al::{prepare_on, subtract_al};
 use crate::subtract::decorr::PsfImage;
 use crate::detect::frame::{score_image, subtract, subtract_prepared, FrameOptions, Prepared, FWHM_PER_SIGMA};
 use crate::detect::image::{read_image, robust_stats, write_image, Image};
@@ -145,7 +145,7 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let t1 = Instant::now();
     let al_on = if a.method == "al" && engine.frame_gpu().is_some() { format!("Alard–Lupton on {}", engine.adapter()) } else if a.method == "al" { "Alard–Lupton on the CPU".to_string() } else { format!("Gaussian kernel on {}", engine.adapter()) };
     let diff = if a.method == "al" {
-        let (ps, pt) = (Prepared::new(&science, &opts)?, Prepared::new(&template, &opts)?);
+        let (ps, pt) = (prepare_on(engine.frame_gpu(), &science, &opts)?, prepare_on(engine.frame_gpu(), &template, &opts)?);
         tracing::debug!(prepare_s = t1.elapsed().as_secs_f64(), "sky, variance, seeing of both images");
         match subtract_al(&science, &ps, &template, &pt, &opts, engine.frame_gpu()) {
             Ok(d) => d,

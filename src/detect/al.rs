@@ -407,6 +407,18 @@ fn grow(mask: &[bool], w: usize, h: usize, r: i64) -> Vec<bool> {
     crate::cpu::frame::grow(mask, w, h, r.max(0) as usize)
 }
 
+/// [`prepare_gpu`] where `gpu` is given (a real GPU: `Engine::frame_gpu`), falling back on
+/// [`Prepared::new`] with a warning if it fails; [`Prepared::new`] without one.
+pub fn prepare_on(gpu: Option<&mut GpuEngine>, img: &Image, opts: &FrameOptions) -> Result<Prepared, DetectError> {
+    if let Some(g) = gpu {
+        match prepare_gpu(g, img, opts) {
+            Ok(p) => return Ok(p),
+            Err(e) => tracing::warn!(file = %img.path.display(), "preparing the image on the GPU failed ({e}); on the CPU"),
+        }
+    }
+    Prepared::new(img, opts)
+}
+
 /// [`Prepared::new`] with its per-pixel work on `gpu` (`gpu::kernels::frame`): the smoothed
 /// variance, the saturation mask and the sky mesh taken off, uploaded once and read back once
 /// (the fit needs the planes on the host). The seeing and the gain estimate stay on the CPU.

@@ -197,7 +197,7 @@ impl Detector {
                 tracing::warn!(file = %tpath.display(), "{w}");
             }
             let tp = Instant::now();
-            let prepared = frame::Prepared::new(&t, &self.options)?;
+            let prepared = al::prepare_on(self.engine.frame_gpu(), &t, &self.options)?;
             template_prepare = tp.elapsed();
             self.template = Some((t, prepared));
         }
@@ -208,7 +208,7 @@ impl Detector {
         let read = t0.elapsed() - template_prepare;
         check_registration(&science, template)?;
         let tp = Instant::now();
-        let sprep = frame::Prepared::new(&science, &self.options)?;
+        let sprep = al::prepare_on(self.engine.frame_gpu(), &science, &self.options)?;
         let science_prepare = tp.elapsed();
         let al = match self.options.method {
             frame::Method::AlardLupton => match al::subtract_al(&science, &sprep, template, tprep, &self.options, self.engine.frame_gpu()) {
