@@ -52,8 +52,8 @@ run() {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
     subtract 1024 3
     subtract 4096 3
-    BLINK_BENCH_AL_HALF=18 timeout 100 .gpu/bench-al --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/al.txt" | grep -E 'time:|thrpt:|adapter|^AL' || true
-    BLINK_BENCH_BATCH=8192 timeout 45 .gpu/bench-engine --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/engine.txt" | grep -E 'time:|thrpt:|adapter' || true
+    BLINK_BENCH_AL_HALF=18 timeout 40 .gpu/bench-al --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/al.txt" | grep -E 'time:|thrpt:|adapter|^AL' || true
+    BLINK_BENCH_BATCH=8192 timeout 45 .gpu/bench-engine --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/engine.txt" | grep -E 'time:|thrpt:|adapter|GPU phases|pairs/s' || true
     BLINK_BENCH_FRAME_SIZES=4096,1024 timeout 60 .gpu/bench-frame_gpu --bench --warm-up-time 1 --measurement-time 1 2>&1 | tee "$out/frame_gpu.txt" | grep -E 'time:|adapter|skipped' || true
     echo
     echo "=== blink AL on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') ==="
@@ -65,6 +65,7 @@ run() {
         done
     done
     grep -h -E 'time:|thrpt:' -B1 "$out/al.txt" "$out/engine.txt" | grep -v '^--' || true
+    grep -h -E 'GPU phases|stage|upload|compute|readback' "$out/engine.txt" | head -12 || true
     grep -h -E 'adapter' "$out/frame_gpu.txt" || true
     grep -h -E 'time:' -B1 "$out/frame_gpu.txt" | grep -v '^--' || true
 }
