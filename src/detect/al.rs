@@ -64,6 +64,26 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
     tracing::debug!(fit_s = tf.elapsed().as_secs_f64(), "AL: kernel fitted");
     let tc = Instant::now();
     let engine_err = |e: crate::subtract::SubtractError| DetectError::Engine { path: science.path.clone(), message: e.to_string() };
+    // The result, from either path below.
+    let finish = |difference: Vec<f32>, variance: Vec<f32>, decorrelated: Option<Decorrelated>, kc: Vec<f64>, (var_u, var_c): (f64, f64), sol: crate::subtract::KernelSolution, scale_c: f64| Difference {
+        width: w,
+        height: h,
+        difference,
+        variance,
+        saturated: ps.saturated.iter().zip(&pt.saturated).map(|(a, b)| *a || *b).collect(),
+        sigma_science: sig_s,
+        sigma_template: sig_t,
+        sigma_difference: sigma_broad,
+        kernel_sigma: (sigma_broad * sigma_broad - sigma_sharp * sigma_sharp).max(0.0).sqrt(),
+        convolved_template,
+        scale: if convolved_template { scale_c } else { 1.0 / scale_c },
+        scale_source: ScaleSource::Kernel,
+        noise: NoiseModel { kernel: kc, kernel_side: 2 * sol.half() + 1, var_unconvolved: var_u, var_convolved: var_c },
+        kernel_solution: Some(Box::new(sol)),
+        decorrelated,
+        prepare: t0.elapsed(),
+        engine: std::time::Duration::ZERO,
+    };
     // With a GPU, everything after the fit runs on planes resident there (`post_fit_gpu`),
     // unless the model-error term is asked for (it needs the model on the host). A failure
     // falls back on the path below.
@@ -76,26 +96,7 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
         match post_fit_gpu(g, &sol, &kc, &planes, (m, m2), (var_u, var_c), opts) {
             Ok((difference, variance, decorrelated)) => {
                 tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolution, difference, background and decorrelation on the GPU");
-                let saturated: Vec<bool> = ps.saturated.iter().zip(&pt.saturated).map(|(a, b)| *a || *b).collect();
-                return Ok(Difference {
-                    width: w,
-                    height: h,
-                    difference,
-                    variance,
-                    saturated,
-                    sigma_science: sig_s,
-                    sigma_template: sig_t,
-                    sigma_difference: sigma_broad,
-                    kernel_sigma: (sigma_broad * sigma_broad - sigma_sharp * sigma_sharp).max(0.0).sqrt(),
-                    convolved_template,
-                    scale: if convolved_template { scale_c } else { 1.0 / scale_c },
-                    scale_source: ScaleSource::Kernel,
-                    noise: NoiseModel { kernel: kc, kernel_side: 2 * sol.half() + 1, var_unconvolved: var_u, var_convolved: var_c },
-                    kernel_solution: Some(Box::new(sol)),
-                    decorrelated,
-                    prepare: t0.elapsed(),
-                    engine: std::time::Duration::ZERO,
-                });
+                return Ok(finish(difference, variance, decorrelated, kc, (var_u, var_c), sol, scale_c));
             }
             Err(e) => tracing::warn!("the subtraction after the fit on the GPU failed ({e}); on the CPU"),
         }
@@ -192,32 +193,7 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
     } else {
         None
     };
-    let saturated: Vec<bool> = ps.saturated.iter().zip(&pt.saturated).map(|(a, b)| *a || *b).collect();
-    let scale = if convolved_template { scale_c } else { 1.0 / scale_c };
-    Ok(Difference {
-        width: w,
-        height: h,
-        difference,
-        variance,
-        saturated,
-        sigma_science: sig_s,
-        sigma_template: sig_t,
-        sigma_difference: sigma_broad,
-        kernel_sigma: (sigma_broad * sigma_broad - sigma_sharp * sigma_sharp).max(0.0).sqrt(),
-        convolved_template,
-        scale,
-        scale_source: ScaleSource::Kernel,
-        noise: NoiseModel {
-            kernel: kc.clone(),
-            kernel_side: 2 * sol.half() + 1,
-            var_unconvolved: var_u,
-            var_convolved: var_c,
-        },
-        kernel_solution: Some(Box::new(sol)),
-        decorrelated,
-        prepare: t0.elapsed(),
-        engine: std::time::Duration::ZERO,
-    })
+    Ok(finish(difference, variance, decorrelated, kc, (var_u, var_c), sol, scale_c))
 }
 
 /// The host planes [`post_fit_gpu`] starts from (those of [`subtract_al`] after the fit).

@@ -452,36 +452,6 @@ pub struct ScoreImage {
     pub psf_peak: f64,
 }
 
-/// Separable correlation of `src` with the symmetric 1-D kernel `k` along rows then columns.
-fn separable(src: &[f64], w: usize, h: usize, k: &[f64]) -> Vec<f64> {
-    let r = (k.len() / 2) as i64;
-    let mut tmp = vec![0.0f64; w * h];
-    for y in 0..h {
-        let row = &src[y * w..(y + 1) * w];
-        for x in 0..w {
-            let (lo, hi) = ((x as i64 - r).max(0), (x as i64 + r).min(w as i64 - 1));
-            let mut s = 0.0;
-            for j in lo..=hi {
-                s += k[(j - x as i64 + r) as usize] * row[j as usize];
-            }
-            tmp[y * w + x] = s;
-        }
-    }
-    let mut out = vec![0.0f64; w * h];
-    for y in 0..h {
-        let (lo, hi) = ((y as i64 - r).max(0), (y as i64 + r).min(h as i64 - 1));
-        for j in lo..=hi {
-            let kj = k[(j - y as i64 + r) as usize];
-            let src_row = &tmp[j as usize * w..(j as usize + 1) * w];
-            let dst = &mut out[y * w..(y + 1) * w];
-            for (o, s) in dst.iter_mut().zip(src_row) {
-                *o += kj * s;
-            }
-        }
-    }
-    out
-}
-
 /// The convolved image's noise is correlated over the kernel `K`, which the per-pixel variance
 /// cannot say: through the matched filter `P` (`side`² values, row-major) its variance is
 /// `Σ(P∗K)²·V_c`, not `ΣP²·ΣK²·V_c`. With `V_b` the other image's (white) variance, the score
@@ -578,8 +548,8 @@ pub fn score_image(diff: &Difference, psf: Option<&PsfImage>) -> ScoreImage {
         .zip(&diff.variance)
         .map(|(&d, &v)| if v > 0.0 { (d as f64 / v as f64, 1.0 / v as f64) } else { (0.0, 0.0) })
         .unzip();
-    let num = separable(&dv, w, h, &g);
-    let den = separable(&iv, w, h, &g2);
+    let num = crate::cpu::frame::separable(&dv, w, h, &g);
+    let den = crate::cpu::frame::separable(&iv, w, h, &g2);
     let outer: Vec<f64> = g.iter().flat_map(|a| g.iter().map(move |b| a * b)).collect();
     let inflate = correlated_noise_factor(diff, &outer, g.len());
     let mut out = ScoreImage { score: vec![0.0; w * h], flux: vec![0.0; w * h], flux_err: vec![f32::INFINITY; w * h], radius: r, psf_peak: g[r] * g[r] };
