@@ -8,9 +8,9 @@ fn main() {
     // The Alard–Lupton kernels have their own bindings: validated without the shared prefix.
     println!("cargo:rerun-if-changed=shaders/al");
     validate_dir(Path::new("shaders/al"), "");
-    // So have the whole-frame kernels (`gpu::kernels::frame`).
-    println!("cargo:rerun-if-changed=shaders/frame");
-    validate_dir(Path::new("shaders/frame"), "");
+    // So have the whole-frame kernels (`gpu::kernels::frame`), with their own shared prefix
+    // (`shaders/frame/shared/`).
+    validate_shaders(Path::new("shaders/frame"));
     compile_protos();
 }
 

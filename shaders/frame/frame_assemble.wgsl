@@ -12,34 +12,9 @@
 // - `al_variance`: s3 = (f2 · s0 + f3 · s1 + f1 · s2²) · f0 where s0 > 0, else 0: s0 the guarding
 //   variance, s1 the convolved variance, s2 the model (f1 = ε², f0 = the swap's m²; f2 = f3 =
 //   1, or Σφ² and its convolved twin after decorrelation).
-// Keep in sync with `FrameParams` in src/gpu/kernels/frame.rs (size checked by a test).
-struct FrameParams {
-    width: u32,
-    height: u32,
-    mode: u32,
-    radius: u32,
-    mesh: u32,
-    mx: u32,
-    my: u32,
-    count: u32,
-    side: u32,
-    nan_bits: u32,
-    inf_bits: u32,
-    pad: u32,
-    f0: f32,
-    f1: f32,
-    f2: f32,
-    f3: f32,
-}
-
-// Keep in sync with `WG_X`, `WG_Y` and `MAX_TAPS` in src/gpu/kernels/frame.rs.
-const WG_X: u32 = 16u;
-const WG_Y: u32 = 16u;
-const MAX_TAPS: u32 = 256u;
-
-@group(0) @binding(0) var<uniform> prm: FrameParams;
-// The background polynomial of `al_difference`.
-@group(0) @binding(1) var<uniform> taps: array<vec4<f32>, 64>;
+// FrameParams `prm`, WG_X/WG_Y/MAX_TAPS and the uniform `taps` come from
+// shaders/frame/shared/frame_params.wgsl, prepended.
+// `taps` here: the background polynomial of `al_difference`.
 @group(0) @binding(2) var<storage, read_write> s0: array<f32>;
 @group(0) @binding(3) var<storage, read_write> s1: array<u32>;
 @group(0) @binding(4) var<storage, read_write> s2: array<f32>;

@@ -13,34 +13,8 @@
 // 1: s1 is a variance, valid where > 0 (a difference's residual background).
 // Bindings: s0 = image (f32), s1 = validity plane (u32 view), s2 = grid (mx·my cells, then the
 // fill value), s3 = output plane (`mesh_apply`).
-// Keep in sync with `FrameParams` in src/gpu/kernels/frame.rs (size checked by a test).
-struct FrameParams {
-    width: u32,
-    height: u32,
-    mode: u32,
-    radius: u32,
-    mesh: u32,
-    mx: u32,
-    my: u32,
-    count: u32,
-    side: u32,
-    nan_bits: u32,
-    inf_bits: u32,
-    pad: u32,
-    f0: f32,
-    f1: f32,
-    f2: f32,
-    f3: f32,
-}
-
-// Keep in sync with `WG_X`, `WG_Y` and `MAX_TAPS` in src/gpu/kernels/frame.rs.
-const WG_X: u32 = 16u;
-const WG_Y: u32 = 16u;
-const MAX_TAPS: u32 = 256u;
-
-@group(0) @binding(0) var<uniform> prm: FrameParams;
-// Small per-dispatch constants (4 per vec4): unused here.
-@group(0) @binding(1) var<uniform> taps: array<vec4<f32>, 64>;
+// FrameParams `prm`, WG_X/WG_Y/MAX_TAPS and the uniform `taps` come from
+// shaders/frame/shared/frame_params.wgsl, prepended.
 @group(0) @binding(2) var<storage, read_write> s0: array<f32>;
 @group(0) @binding(3) var<storage, read_write> s1: array<u32>;
 @group(0) @binding(4) var<storage, read_write> s2: array<f32>;

@@ -4,7 +4,7 @@
 //   score = num / √den / inflate,  flux = num / den,  err = inflate / √den   (where kept)
 //   score = 0, flux = 0, err = +∞                                        (elsewhere)
 // CPU twin: `cpu::frame::score` (src/cpu/frame.rs); dispatcher: src/gpu/kernels/frame.rs. Not
-// prepended with shaders/shared/batch.wgsl (its own bindings); build.rs validates it alone.
+// prepended with shaders/shared/batch.wgsl (its own bindings).
 //
 // Two routes, f32 throughout, each with the rules of the CPU code it stands for:
 // - separable P = g ⊗ g (the Gaussian of `detect::frame::score_image`): `score_rows` correlates
@@ -18,34 +18,9 @@
 // Storage bindings s0..s3 play a role per entry point (named at each); at most 4 are bound, as
 // GL allows.
 
-// Keep in sync with `FrameParams` in src/gpu/kernels/frame.rs (size checked by a test).
-struct FrameParams {
-    width: u32,
-    height: u32,
-    mode: u32,
-    radius: u32,
-    mesh: u32,
-    mx: u32,
-    my: u32,
-    count: u32,
-    side: u32,
-    nan_bits: u32,
-    inf_bits: u32,
-    pad: u32,
-    f0: f32,
-    f1: f32,
-    f2: f32,
-    f3: f32,
-}
-
-// Keep in sync with `WG_X`, `WG_Y` and `MAX_TAPS` in src/gpu/kernels/frame.rs.
-const WG_X: u32 = 16u;
-const WG_Y: u32 = 16u;
-const MAX_TAPS: u32 = 256u;
-
-@group(0) @binding(0) var<uniform> prm: FrameParams;
-// 1-D taps g of the separable route (4 per vec4).
-@group(0) @binding(1) var<uniform> taps: array<vec4<f32>, 64>;
+// FrameParams `prm`, WG_X/WG_Y/MAX_TAPS and the uniform `taps` come from
+// shaders/frame/shared/frame_params.wgsl, prepended.
+// `taps` here: 1-D taps g of the separable route (4 per vec4).
 @group(0) @binding(2) var<storage, read_write> s0: array<f32>;
 @group(0) @binding(3) var<storage, read_write> s1: array<f32>;
 @group(0) @binding(4) var<storage, read_write> s2: array<f32>;

@@ -30,6 +30,9 @@ use crate::engine::EngineError;
 use crate::gpu::context::GpuContext;
 use crate::gpu::GpuEngine;
 
+/// `shaders/frame/shared/frame_params.wgsl`: `FrameParams`, the workgroup constants and the two
+/// uniforms, prepended to every kernel below when its module is built.
+pub const PARAMS_WGSL: &str = include_str!("../../../shaders/frame/shared/frame_params.wgsl");
 /// `shaders/frame/frame_score.wgsl`.
 pub const SCORE_WGSL: &str = include_str!("../../../shaders/frame/frame_score.wgsl");
 /// `shaders/frame/frame_mesh.wgsl`.
@@ -185,7 +188,7 @@ impl FramePipelines {
             ],
         });
         let pl = dev.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: Some("blink.frame"), bind_group_layouts: &[Some(&layout)], immediate_size: 0 });
-        let module = |label: &str, src: &str| dev.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(src.into()) });
+        let module = |label: &str, src: &str| dev.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(format!("{PARAMS_WGSL}\n{src}").into()) });
         let (score, mesh, prep, grow) =
             (module("blink.frame_score", SCORE_WGSL), module("blink.frame_mesh", MESH_WGSL), module("blink.frame_prepare", PREPARE_WGSL), module("blink.frame_grow", GROW_WGSL));
         let assemble = module("blink.frame_assemble", ASSEMBLE_WGSL);
@@ -911,13 +914,12 @@ mod tests {
     #[test]
     fn wgsl_params_and_constants_match_rust() {
         let want = ["width", "height", "mode", "radius", "mesh", "mx", "my", "count", "side", "nan_bits", "inf_bits", "pad", "f0", "f1", "f2", "f3"];
-        for (name, src) in [("score", SCORE_WGSL), ("mesh", MESH_WGSL), ("prepare", PREPARE_WGSL), ("grow", GROW_WGSL), ("assemble", ASSEMBLE_WGSL)] {
-            assert_eq!(wgsl_fields(src, "FrameParams"), want, "{name}");
-            for (c, v) in [("WG_X", WG_X as usize), ("WG_Y", WG_Y as usize), ("MAX_TAPS", MAX_TAPS)] {
-                assert!(src.contains(&format!("const {c}: u32 = {v}u;")), "{name}: {c}");
-            }
-            assert!(src.contains(&format!("array<vec4<f32>, {}>", MAX_TAPS / 4)), "{name}: taps");
+        let src = PARAMS_WGSL;
+        assert_eq!(wgsl_fields(src, "FrameParams"), want);
+        for (c, v) in [("WG_X", WG_X as usize), ("WG_Y", WG_Y as usize), ("MAX_TAPS", MAX_TAPS)] {
+            assert!(src.contains(&format!("const {c}: u32 = {v}u;")), "{c}");
         }
+        assert!(src.contains(&format!("array<vec4<f32>, {}>", MAX_TAPS / 4)), "taps");
         assert_eq!(4 * want.len(), std::mem::size_of::<FrameParams>());
         assert!(MESH_WGSL.contains(&format!("const MESH_WG: u32 = {MESH_WG}u;")));
     }
