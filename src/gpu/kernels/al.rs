@@ -194,7 +194,7 @@ fn u32_of(v: usize, what: &str) -> Result<u32, EngineError> {
 
 /// The term kernels (layout of `Basis::function`) flipped for a correlation, rows padded to
 /// `taps4` taps, `TERMS` terms interleaved per tap in two vec4s, one block per pass.
-fn pack_terms(kernels: &[Vec<f64>], half: usize) -> (Vec<f32>, usize, usize) {
+pub(crate) fn pack_terms(kernels: &[Vec<f64>], half: usize) -> (Vec<f32>, usize, usize) {
     let side = 2 * half + 1;
     let taps4 = side.div_ceil(4) * 4;
     let passes = kernels.len().div_ceil(TERMS).max(1);

@@ -455,10 +455,11 @@ impl GpuEngine {
         Ok((var, sat))
     }
 
-    /// The mesh kernels: cell medians of `d` where `valid` says (mode 0: a mask, valid where
-    /// clear; 1: a variance, valid where > 0), the fill, then `mesh_apply` in `mode` writing
-    /// `out` (modes 0, 2) or `d` in place (mode 1).
-    fn frame_mesh(&mut self, d: &GpuPlane, valid: &GpuPlane, mesh: usize, mode: u32, out: Option<&GpuPlane>) -> Result<(), EngineError> {
+    /// The mesh kernels: cell medians of `d` where `valid` says (`cell_mode` 0: a mask, valid
+    /// where clear; 1: a variance, valid where > 0), the fill, then `mesh_apply` in `apply_mode`:
+    /// 0 writes `d` less the map to `out`, 1 takes the map off `d` in place, 2 writes the map to
+    /// `out`.
+    fn frame_mesh(&mut self, d: &GpuPlane, valid: &GpuPlane, mesh: usize, cell_mode: u32, apply_mode: u32, out: Option<&GpuPlane>) -> Result<(), EngineError> {
         let (w, h) = (d.width, d.height);
         if (valid.width, valid.height) != (w, h) || out.is_some_and(|o| (o.width, o.height) != (w, h)) {
             return Err(bad(format!("planes of {w}x{h} and {}x{} for one mesh", valid.width, valid.height)));
@@ -477,8 +478,8 @@ impl GpuEngine {
             prm.mesh = mesh as u32;
             prm.mx = mx as u32;
             prm.my = my as u32;
-            let cells = FrameParams { mode: mode.min(1), ..prm };
-            let apply = FrameParams { mode, ..prm };
+            let cells = FrameParams { mode: cell_mode, ..prm };
+            let apply = FrameParams { mode: apply_mode, ..prm };
             let bufs = [Some((&d.buf, d.bytes())), Some((&valid.buf, valid.bytes())), Some((&grid, grid_bytes)), out.map(|o| (&o.buf, o.bytes()))];
             submit(
                 ctx,
@@ -498,7 +499,7 @@ impl GpuEngine {
     /// interpolated (twin: `img − cpu::frame::mesh_background(img, !saturated)`).
     pub fn frame_sky_subtract(&mut self, img: &GpuPlane, saturated: &GpuPlane, mesh: usize) -> Result<GpuPlane, EngineError> {
         let out = self.frame_plane("blink.frame.sky_subtracted", img.width, img.height, PlaneKind::Values)?;
-        self.frame_mesh(img, saturated, mesh, 0, Some(&out))?;
+        self.frame_mesh(img, saturated, mesh, 0, 0, Some(&out))?;
         Ok(out)
     }
 
@@ -509,7 +510,7 @@ impl GpuEngine {
         if mesh == 0 {
             return Ok(());
         }
-        self.frame_mesh(d, variance, mesh, 1, None)
+        self.frame_mesh(d, variance, mesh, 1, 1, None)
     }
 
     /// The background map itself (twin: `cpu::frame::mesh_background`), valid where `valid` is
@@ -517,33 +518,8 @@ impl GpuEngine {
     pub fn frame_mesh_background(&mut self, d: &GpuPlane, valid: &GpuPlane, mesh: usize) -> Result<GpuPlane, EngineError> {
         let out = self.frame_plane("blink.frame.background", d.width, d.height, PlaneKind::Values)?;
         let mode = if valid.kind == PlaneKind::Mask { 0 } else { 1 };
-        // Cells in `mode`, then `mesh_apply` writing the map (mode 2).
-        let (w, h) = (d.width, d.height);
-        let mesh = mesh.max(8);
-        let (mx, my) = (w.div_ceil(mesh), h.div_ceil(mesh));
-        let grid_bytes = ((mx * my + 1) * 4) as u64;
-        let grid = self.frame_buffer("blink.frame.mesh", grid_bytes)?;
-        let result = (|| {
-            let (ctx, p) = self.frame_parts()?;
-            let mut prm = FrameParams::new(w, h);
-            prm.mesh = mesh as u32;
-            prm.mx = mx as u32;
-            prm.my = my as u32;
-            let cells = FrameParams { mode, ..prm };
-            let apply = FrameParams { mode: 2, ..prm };
-            let bufs = [Some((&d.buf, d.bytes())), Some((&valid.buf, valid.bytes())), Some((&grid, grid_bytes)), Some((&out.buf, out.bytes()))];
-            submit(
-                ctx,
-                p,
-                &[
-                    Step { pipe: &p.mesh_cells, prm: cells, taps: &[], bufs, groups: (mx as u32, my as u32) },
-                    Step { pipe: &p.mesh_fill, prm: cells, taps: &[], bufs, groups: (1, 1) },
-                    Step { pipe: &p.mesh_apply, prm: apply, taps: &[], bufs, groups: pixel_groups(w, h) },
-                ],
-            )
-        })();
-        self.pool.release(grid);
-        result.map(|_| out)
+        self.frame_mesh(d, valid, mesh, mode, 2, Some(&out))?;
+        Ok(out)
     }
 
     /// `mask` grown by `r` pixels, a square of side `2r + 1` (twin: `cpu::frame::grow`).
@@ -691,28 +667,6 @@ impl GpuEngine {
     }
 }
 
-/// The term kernels (layout of `Basis::function`) flipped for a correlation, rows padded to
-/// `taps4` taps, `al::TERMS` terms interleaved per tap in two vec4s, one block per pass: the
-/// packing `gpu::kernels::al` uses for `al_convolve` (kept in step with it by the parity test
-/// against `cpu::al::convolve_terms`).
-fn pack_al_terms(kernels: &[Vec<f64>], half: usize) -> (Vec<f32>, usize, usize) {
-    use super::al::TERMS;
-    let side = 2 * half + 1;
-    let taps4 = side.div_ceil(4) * 4;
-    let passes = kernels.len().div_ceil(TERMS).max(1);
-    let mut out = vec![0.0f32; passes * side * taps4 * 8];
-    for (t, k) in kernels.iter().enumerate() {
-        let (p, slot) = (t / TERMS, t % TERMS);
-        for b in 0..side {
-            for a in 0..side {
-                let v = k[(side - 1 - b) * side + (side - 1 - a)];
-                out[((p * side + b) * taps4 + a) * 8 + slot] = v as f32;
-            }
-        }
-    }
-    (out, passes, taps4)
-}
-
 impl GpuEngine {
     /// A copy of a plane, on the device.
     pub fn frame_copy(&mut self, p: &GpuPlane) -> Result<GpuPlane, EngineError> {
@@ -821,7 +775,7 @@ impl GpuEngine {
                 p.al = Some((layout, pipe));
             }
         }
-        let (kern, passes, taps4) = pack_al_terms(kernels, half);
+        let (kern, passes, taps4) = super::al::pack_terms(kernels, half);
         let kern_buf = self.frame_buffer("blink.frame.al_kernels", (kern.len() * 4) as u64)?;
         self.ctx.queue.write_buffer(&kern_buf, 0, bytemuck::cast_slice(&kern));
         let out = match self.frame_plane("blink.frame.al_out", w, h, PlaneKind::Values) {
