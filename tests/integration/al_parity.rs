@@ -16,44 +16,15 @@
 //!   peak, the flux scale within 1e-4.
 
 use blink::cpu::al as twin;
-use blink::engine::{Engine, GpuEngine};
+
 use blink::subtract::{
     fit, fit_with, monomials, normalised, select_stamps, spatial_terms, Basis, BasisOptions, CpuGrams, FitOptions, GramInput, KernelSolution,
     Pair, StampGram, StampGrams, StampOptions,
 };
+use crate::common::gpu;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
-
-fn seeded(test: &str) -> (StdRng, u64) {
-    let seed = std::env::var("BLINK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
-    eprintln!("{test}: seed {seed} (rerun with BLINK_SEED={seed})");
-    (StdRng::seed_from_u64(seed), seed)
-}
-
-/// The GPU engine, or a failure; `None` (loudly) only with BLINK_ALLOW_NO_GPU=1.
-fn gpu(test: &str) -> Option<GpuEngine> {
-    match GpuEngine::new() {
-        Ok(g) => {
-            let l = &g.context().limits;
-            eprintln!(
-                "{test}: adapter {}; workgroup memory {} B, storage buffers/stage {}, storage binding {} B",
-                g.adapter(),
-                l.max_compute_workgroup_storage_size,
-                l.max_storage_buffers_per_shader_stage,
-                l.max_storage_buffer_binding_size
-            );
-            Some(g)
-        }
-        Err(e) if std::env::var("BLINK_ALLOW_NO_GPU").as_deref() == Ok("1") => {
-            eprintln!("!!!!!!!! {test}: SKIPPED, no GPU adapter ({e}); BLINK_ALLOW_NO_GPU=1 !!!!!!!!");
-            None
-        }
-        Err(e) => panic!("{test}: no GPU adapter ({e}); set BLINK_ALLOW_NO_GPU=1 to skip"),
-    }
-}
 
 /// Gaussian stars on a sky with Gaussian noise.
 fn star_field(rng: &mut StdRng, w: usize, h: usize, stars: usize, sigma: f64, sky: f64, noise: f64) -> Vec<f32> {
@@ -119,7 +90,8 @@ fn compare(a: &[f32], b: &[f32]) -> (f64, bool) {
 fn al_convolve_matches_cpu() {
     let test = "al_convolve_matches_cpu";
     let Some(mut g) = gpu(test) else { return };
-    let (mut rng, seed) = seeded(test);
+    let seed = crate::common::seed(test);
+    let mut rng = StdRng::seed_from_u64(seed);
     // 97 × 83: neither side a multiple of the tile (64 × 8). The widest kernel (h = 15), then a
     // random narrower one.
     let (w, h) = (97usize, 83usize);
@@ -170,7 +142,8 @@ fn al_convolve_matches_cpu() {
 fn al_convolve_variance_matches_cpu() {
     let test = "al_convolve_variance_matches_cpu";
     let Some(mut g) = gpu(test) else { return };
-    let (mut rng, seed) = seeded(test);
+    let seed = crate::common::seed(test);
+    let mut rng = StdRng::seed_from_u64(seed);
     let (w, h) = (71usize, 45usize);
     let (sharp, broad) = (rng.gen_range(0.8..1.2), rng.gen_range(1.5..2.5));
     let sol = random_solution(&mut rng, w, h, sharp, broad);
@@ -256,7 +229,8 @@ fn gram_error(a: &[StampGram], b: &[StampGram], ncols: usize, basis: &Basis, cut
 fn al_stamp_grams_match_cpu() {
     let test = "al_stamp_grams_match_cpu";
     let Some(mut g) = gpu(test) else { return };
-    let (mut rng, seed) = seeded(test);
+    let seed = crate::common::seed(test);
+    let mut rng = StdRng::seed_from_u64(seed);
     // The default basis (h = 24 here: two kernel-row chunks in the shader) on two stamps, then
     // a random narrower one (h ≤ 12, one chunk) on four; llvmpipe is slow.
     let narrow = BasisOptions { max_half: 12, ..Default::default() };
@@ -291,7 +265,8 @@ fn al_stamp_grams_match_cpu() {
 fn fit_with_gpu_grams_matches_cpu_fit() {
     let test = "fit_with_gpu_grams_matches_cpu_fit";
     let Some(mut g) = gpu(test) else { return };
-    let (mut rng, seed) = seeded(test);
+    let seed = crate::common::seed(test);
+    let mut rng = StdRng::seed_from_u64(seed);
     let (w, h) = (256usize, 256usize);
     let (st, ss) = (1.0, 1.3);
     let unit = Normal::new(0.0f64, 1.0).unwrap_or_else(|e| panic!("{e}"));

@@ -15,35 +15,13 @@
 use blink::alert::{Alert, Candidate, Image, Stamp, Survey, Triplet};
 use blink::cpu::{self, CpuEngine};
 use blink::engine::{
-    prepare_stamp, assemble, Engine, EnginePreference, Fit, FitStatus, GpuEngine, PrepareConfig, StampBatch,
+    prepare_stamp, assemble, Engine, EnginePreference, Fit, FitStatus, PrepareConfig, StampBatch,
     StampParams, SubtractionResult,
 };
+use crate::common::{gpu, seeded};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_distr::{Distribution, Normal};
-
-fn seeded(test: &str) -> StdRng {
-    let seed = std::env::var("BLINK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
-    eprintln!("{test}: seed {seed} (rerun with BLINK_SEED={seed})");
-    StdRng::seed_from_u64(seed)
-}
-
-/// The GPU engine, or a failure; `None` (loudly) only with BLINK_ALLOW_NO_GPU=1.
-fn gpu(test: &str) -> Option<GpuEngine> {
-    match GpuEngine::new() {
-        Ok(g) => {
-            eprintln!("{test}: adapter {}", g.adapter());
-            Some(g)
-        }
-        Err(e) if std::env::var("BLINK_ALLOW_NO_GPU").as_deref() == Ok("1") => {
-            eprintln!("!!!!!!!! {test}: SKIPPED, no GPU adapter ({e}); BLINK_ALLOW_NO_GPU=1 !!!!!!!!");
-            None
-        }
-        Err(e) => panic!("{test}: no GPU adapter ({e}); set BLINK_ALLOW_NO_GPU=1 to skip"),
-    }
-}
 
 fn gaussian_add(img: &mut [f32], w: usize, cx: f64, cy: f64, sigma: f64, flux: f64) {
     let h = img.len() / w;

@@ -12,32 +12,10 @@
 //! - variance: relative 1e-6, NaN on the same pixels; saturation and grown masks: identical.
 
 use blink::cpu::frame::{self as twin, Profile};
-use blink::engine::{Engine, GpuEngine};
+
+use crate::common::{gpu, seeded};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn seeded(test: &str) -> StdRng {
-    let seed = std::env::var("BLINK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
-    eprintln!("{test}: seed {seed} (rerun with BLINK_SEED={seed})");
-    StdRng::seed_from_u64(seed)
-}
-
-/// The GPU engine, or a failure; `None` (loudly) only with BLINK_ALLOW_NO_GPU=1.
-fn gpu(test: &str) -> Option<GpuEngine> {
-    match GpuEngine::new() {
-        Ok(g) => {
-            eprintln!("{test}: adapter {}", g.adapter());
-            Some(g)
-        }
-        Err(e) if std::env::var("BLINK_ALLOW_NO_GPU").as_deref() == Ok("1") => {
-            eprintln!("!!!!!!!! {test}: SKIPPED, no GPU adapter ({e}); BLINK_ALLOW_NO_GPU=1 !!!!!!!!");
-            None
-        }
-        Err(e) => panic!("{test}: no GPU adapter ({e}); set BLINK_ALLOW_NO_GPU=1 to skip"),
-    }
-}
+use rand::Rng;
 
 const W: usize = 96;
 const H: usize = 80;

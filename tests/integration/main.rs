@@ -2,6 +2,7 @@
 //!
 //! - `al_parity`: the Alard–Lupton GPU kernels against their CPU twins and the CPU fit.
 //! - `agreement`: issue 4, blink's cutout score against the surveys' SNR on the real fixture alerts.
+//! - `common`: the parity tests' seeded RNG and GPU engine.
 //! - `bench_alerts`: `blink bench` alerts mode on a tiny simulated night through embedded Kafka.
 //! - `detect`: `blink detect` and `blink bench` on simulated nights against truth; bad folders.
 //! - `decode`: every fixture file decodes with the counts of `testdata/README.md`; bad input.
@@ -12,6 +13,7 @@
 //!   manifest and truth, determinism).
 
 mod al_parity;
+mod common;
 mod agreement;
 mod bench_alerts;
 mod decode;
