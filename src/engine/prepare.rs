@@ -128,6 +128,9 @@ impl PreparedStamp {
     }
 }
 
+/// Pixel values of this magnitude or more are fill values: unusable, like NaN.
+pub const ABSURD_PIXEL: f32 = 1e20;
+
 fn bad(alert: &Alert, why: impl std::fmt::Display) -> EngineError {
     EngineError::BadStamp(format!("alert {}: {why}", alert.alert_id))
 }
@@ -740,7 +743,9 @@ pub fn prepare_stamp(alert: &Alert, cfg: &PrepareConfig) -> Result<PreparedStamp
             check_shape(alert, &format!("{what} variance"), v, w, h)?;
         }
     }
-    let finite = |s: &Stamp, i: usize| !s.mask[i] && s.image.data[i].is_finite();
+    // Values beyond ±ABSURD_PIXEL are fill values, not light (ZTF reference cutouts mark
+    // pixels without data with −3.4e38, the most negative f32).
+    let finite = |s: &Stamp, i: usize| !s.mask[i] && s.image.data[i].is_finite() && s.image.data[i].abs() < ABSURD_PIXEL;
     let mut sci_ok: Vec<bool> = (0..npix).map(|i| finite(sci, i)).collect();
     let mut tmpl_ok: Vec<bool> = (0..npix).map(|i| finite(tmpl, i)).collect();
 
@@ -1089,6 +1094,29 @@ mod tests {
         assert!(sky_var > 3.0 && sky_var < 20.0, "{sky_var}");
         // A bright pixel gets Poisson variance on top.
         assert!(p.science_var[40 * w + 20] > p.science_var[0] + 100.0);
+    }
+
+    #[test]
+    fn fill_values_are_masked_like_nan() {
+        // ZTF reference cutouts mark pixels without data with −3.4e38: they must count as
+        // unusable, exactly as NaN would, not as light.
+        let (w, h) = (63, 63);
+        let mut t = gaussian(w, h, 31.0, 31.0, 1.6, 5000.0);
+        let mut s = gaussian(w, h, 31.0, 31.0, 2.4, 5000.0);
+        for i in 0..w * h {
+            t[i] += 300.0 + 10.0 * noise(i);
+            s[i] += 300.0 + 10.0 * noise(i + 7);
+        }
+        let corner: Vec<usize> = (0..8).flat_map(|y| (0..8).map(move |x| y * w + x)).collect();
+        let with = |fill: f32| {
+            let mut t = t.clone();
+            corner.iter().for_each(|&i| t[i] = fill);
+            let cand = Candidate { stamp_x: 31.0, stamp_y: 31.0, positive: true, ..Default::default() };
+            prepare_stamp(&alert(stamp(s.clone(), w, h, None, None), stamp(t, w, h, None, None), cand), &PrepareConfig::default()).unwrap()
+        };
+        let (fill, nan) = (with(-f32::MAX), with(f32::NAN));
+        assert!(corner.iter().all(|&i| fill.weight[i] == 0.0));
+        assert_eq!(fill, nan);
     }
 
     #[test]
