@@ -13,6 +13,7 @@
 //! - [`gpu`]: wgpu context, buffer pool and one dispatcher per WGSL kernel (`shaders/<k>.wgsl`).
 //! - [`cpu`]: the CPU twin of every kernel (same names), the oracle in tests.
 //! - [`sink`]: gRPC hub and server.
+//! - [`history`]: the object history store (past epochs per object; redb file or in memory).
 //! - [`service`]: everything wired together for `serve` and `demo`.
 //! - [`sim`]: simulated alerts, and simulated FITS nights (`sim::night`, `blink simulate`).
 //! - [`detect`]: full-frame subtraction and detection on night folders (`blink detect`), the
@@ -31,6 +32,7 @@ pub mod decode;
 pub mod detect;
 pub mod engine;
 pub mod gpu;
+pub mod history;
 pub mod metrics;
 pub mod pipeline;
 pub mod service;

@@ -1,0 +1,82 @@
+//! [`MemoryHistory`]: the same tables and rules as the redb store, in `BTreeMap`s, for tests and
+//! `blink demo`. Nothing survives the process.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::alert::Survey;
+
+use super::core::{self, Kv, KvRead, Rules, T};
+use super::{Epoch, HistoryConfig, HistoryError, HistoryStats, HistoryStore, ObjectHistory, PutOutcome};
+
+/// The history store in memory. `config.path` and `rebuild_corrupt` are ignored.
+pub struct MemoryHistory {
+    rules: Rules,
+    tables: Mutex<Tables>,
+}
+
+#[derive(Default)]
+struct Tables([BTreeMap<Vec<u8>, Vec<u8>>; 6]);
+
+impl Tables {
+    fn t(&self, t: T) -> &BTreeMap<Vec<u8>, Vec<u8>> {
+        &self.0[t as usize]
+    }
+}
+
+impl KvRead for Tables {
+    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, HistoryError> {
+        Ok(self.t(t).get(key).cloned())
+    }
+    fn keys(&self, t: T, lo: &[u8], hi: &[u8]) -> Result<Vec<Vec<u8>>, HistoryError> {
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        Ok(self.t(t).range(lo.to_vec()..hi.to_vec()).map(|(k, _)| k.clone()).collect())
+    }
+    fn first_key(&self, t: T) -> Result<Option<Vec<u8>>, HistoryError> {
+        Ok(self.t(t).keys().next().cloned())
+    }
+}
+
+impl Kv for Tables {
+    fn put(&mut self, t: T, key: &[u8], value: &[u8]) -> Result<(), HistoryError> {
+        self.0[t as usize].insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
+    fn del(&mut self, t: T, key: &[u8]) -> Result<(), HistoryError> {
+        self.0[t as usize].remove(key);
+        Ok(())
+    }
+}
+
+impl MemoryHistory {
+    pub fn new(config: &HistoryConfig) -> Result<MemoryHistory, HistoryError> {
+        Ok(MemoryHistory { rules: Rules::new(config)?, tables: Mutex::new(Tables::default()) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        // Only a bug panics under the lock; the tables are still the best there is.
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl HistoryStore for MemoryHistory {
+    fn put_many(&self, epochs: &[Epoch]) -> Result<Vec<PutOutcome>, HistoryError> {
+        // The maps never fail and hold only records this process wrote, so a batch cannot stop
+        // half-way (no copy-on-write needed for atomicity).
+        core::put_batch(&mut *self.lock(), &self.rules, epochs)
+    }
+
+    fn find(&self, survey: Survey, object_id: &str, ra: f64, dec: f64) -> Result<Option<String>, HistoryError> {
+        core::find(&*self.lock(), &self.rules, survey, object_id, ra, dec)
+    }
+
+    fn object(&self, key: &str) -> Result<Option<ObjectHistory>, HistoryError> {
+        core::object(&*self.lock(), key)
+    }
+
+    fn stats(&self) -> Result<HistoryStats, HistoryError> {
+        core::stats(&*self.lock())
+    }
+}
