@@ -19,6 +19,7 @@
 //! - [`detect`]: full-frame subtraction and detection on night folders (`blink detect`), the
 //!   detection catalogue.
 //! - [`subtract`]: Alard–Lupton PSF matching: kernel basis, fitting stamps, the spatially varying fit.
+//! - [`stack`]: sub-pixel alignment and inverse-variance stacks of difference stamps over time windows.
 //! - [`bench`]: `blink bench`, detection, speed and latency against a night's truth.
 //! - [`config`], [`metrics`], [`cli`], [`columns`] (CSV tables read by column name).
 
@@ -39,6 +40,7 @@ pub mod service;
 pub mod sim;
 pub mod sink;
 pub mod source;
+pub mod stack;
 pub mod subtract;
 
 /// Code generated from `proto/blink/v1/blink.proto`.
