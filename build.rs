@@ -11,6 +11,7 @@ fn main() {
     // So have the whole-frame kernels (`gpu::kernels::frame`), with their own shared prefix
     // (`shaders/frame/shared/`).
     validate_shaders(Path::new("shaders/frame"));
+    validate_shaders(Path::new("shaders/stack"));
     compile_protos();
 }
 

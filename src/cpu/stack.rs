@@ -24,6 +24,8 @@ use crate::subtract::decorr::PsfImage;
 pub const TAPS: usize = 6;
 /// Lanczos order `a`: the kernel is `sinc(x) sinc(x/a)` on `|x| < a`.
 pub const LANCZOS_A: f64 = 3.0;
+/// Fractions of a pixel below this (or above 1 − this) count as a whole pixel, pixels.
+pub const SNAP: f64 = 1e-6;
 /// Half-width of the box around the stamp centre whose mean weight an epoch's PSF gets in the
 /// effective PSF ([`effective_psf`]).
 pub const CORE_RADIUS: usize = 2;
@@ -42,12 +44,17 @@ pub fn lanczos3(x: f64) -> f64 {
 
 /// The weights of a shift by `d` along one axis: `out(x) = Σ_t k[t] · in(x + i + t − 2)` with
 /// `i = floor(d)`, so `out(x)` is the input at `x + d`. Normalised to unit sum; an integer
-/// shift is the exact delta `[0, 0, 1, 0, 0, 0]`.
+/// shift (within [`SNAP`]) is the exact delta `[0, 0, 1, 0, 0, 0]`.
 pub fn axis_taps(d: f64) -> (i64, [f64; TAPS]) {
-    let i = d.floor();
-    let f = d - i;
+    let mut i = d.floor();
+    let mut f = d - i;
+    // Within SNAP of a whole pixel the shift is that whole pixel: an exact copy, and no weight
+    // so small that the GPU's f32 would flush it to zero and mask differently.
+    if f > 1.0 - SNAP {
+        (i, f) = (i + 1.0, 0.0);
+    }
     let mut k = [0.0f64; TAPS];
-    if f == 0.0 {
+    if f < SNAP {
         k[2] = 1.0;
         return (i as i64, k);
     }
@@ -159,9 +166,10 @@ pub fn shift_planes(d: &[f32], v: &[f32], vt: &[f32], w: usize, h: usize, t: &Sh
     out
 }
 
-/// One shifted pixel by the direct 6×6 sum (the kernel's loop): `(D', V', VT')`, `None` where
-/// masked. For the few pixels the effective PSF's weights need.
-pub fn shift_pixel(d: &[f32], v: &[f32], vt: &[f32], w: usize, h: usize, t: &ShiftTaps, x: usize, y: usize) -> Option<[f64; 3]> {
+/// One shifted pixel of the planes `[D, V, VT]` by the direct 6×6 sum (the kernel's loop):
+/// `(D', V', VT')`, `None` where masked. For the few pixels the effective PSF's weights need.
+pub fn shift_pixel(planes: [&[f32]; 3], w: usize, h: usize, t: &ShiftTaps, x: usize, y: usize) -> Option<[f64; 3]> {
+    let [d, v, vt] = planes;
     let mut s = [0.0f64; 3];
     for (j, &ky) in t.ky.iter().enumerate() {
         if ky == 0.0 {
@@ -356,7 +364,7 @@ pub fn effective_psf(b: &StackBatch, epochs: std::ops::Range<usize>) -> PsfImage
         for y in cy.saturating_sub(r)..=(cy + r).min(b.height.saturating_sub(1)) {
             for x in cx.saturating_sub(r)..=(cx + r).min(b.width.saturating_sub(1)) {
                 cells += 1.0;
-                if let Some(s) = shift_pixel(d, v, vt, b.width, b.height, &t, x, y) {
+                if let Some(s) = shift_pixel([d, v, vt], b.width, b.height, &t, x, y) {
                     wsum += c / s[1];
                 }
             }
@@ -443,7 +451,7 @@ mod tests {
         for y in 0..h {
             for x in 0..w {
                 let o = y * w + x;
-                match shift_pixel(&d, &v, &vt, w, h, &t, x, y) {
+                match shift_pixel([&d, &v, &vt], w, h, &t, x, y) {
                     None => assert!(sd[o].is_nan() && sv[o].is_nan() && svt[o].is_nan(), "({x}, {y})"),
                     Some(s) => {
                         assert!((sd[o] as f64 - s[0]).abs() < 1e-4 && (sv[o] as f64 - s[1]).abs() < 1e-5 && (svt[o] as f64 - s[2]).abs() < 1e-6, "({x}, {y})");

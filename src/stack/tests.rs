@@ -238,22 +238,20 @@ fn stack_variance_includes_the_template_covariance() {
         let vt = 0.6f64;
         let t: Vec<f64> = (0..w * h).map(|_| normal.sample(&mut rng) * vt.sqrt()).collect();
         let mut epochs = Vec::new();
-        let mut naive_parts: Vec<(Vec<f32>, f64)> = Vec::new();
         for i in 0..n {
             let g: f64 = rng.gen_range(0.8..1.2);
             let vs: f64 = rng.gen_range(1.0..4.0);
             let mut e = epoch(w, h, i as f64, "r", 0.0, 0.0);
-            for p in 0..w * h {
+            for (p, tp) in t.iter().enumerate() {
                 // A smooth variance map across the stamp, the template's share within it.
                 let vs_p = vs * (1.0 + 0.5 * (p % w) as f64 / w as f64);
-                e.diff[p] = (normal.sample(&mut rng) * vs_p.sqrt() - g * t[p]) as f32;
+                e.diff[p] = (normal.sample(&mut rng) * vs_p.sqrt() - g * tp) as f32;
                 e.var[p] = (vs_p + g * g * vt) as f32;
                 e.var_template[p] = (g * g * vt) as f32;
                 if rng.gen_bool(0.03) {
                     e.diff[p] = f32::NAN;
                 }
             }
-            naive_parts.push((e.var.clone(), g));
             epochs.push(e);
         }
         let s = coadd(&epochs).unwrap();
@@ -300,10 +298,10 @@ fn noisy_epochs(rng: &mut StdRng, w: usize, h: usize, n: usize, v: f64, vt: f64,
         .map(|i| {
             let (dx, dy) = (rng.gen_range(-0.5..0.5), rng.gen_range(-0.5..0.5));
             let mut e = epoch(w, h, i as f64 * 0.3, "r", dx, dy);
-            for p in 0..w * h {
+            for (p, tp) in t.iter().enumerate() {
                 let (x, y) = ((p % w) as f64 - x0 - dx, (p / w) as f64 - y0 - dy);
                 let src = flux * (-(x * x + y * y) / (2.0 * sig * sig)).exp() / (2.0 * std::f64::consts::PI * sig * sig);
-                e.diff[p] = (src + normal.sample(rng) * (v - vt).sqrt() - t[p]) as f32;
+                e.diff[p] = (src + normal.sample(rng) * (v - vt).sqrt() - tp) as f32;
                 e.var[p] = v as f32;
                 e.var_template[p] = vt as f32;
             }

@@ -9,6 +9,7 @@
 //! - `engine_parity`: each WGSL kernel against its CPU twin on fresh random inputs.
 //! - `frame_parity`: the whole-frame GPU kernels (score, sky mesh, variance, masks) against `cpu::frame`.
 //! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
+//! - `stack_parity`: the stacking kernels (shift, coadd) against `cpu::stack`; windows on the GPU.
 //! - `simulate`: `blink simulate` against its own claims (noise, flux, template depth, headers,
 //!   manifest and truth, determinism).
 
@@ -22,3 +23,4 @@ mod e2e;
 mod engine_parity;
 mod frame_parity;
 mod simulate;
+mod stack_parity;
