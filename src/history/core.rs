@@ -142,7 +142,8 @@ fn put_one(kv: &mut impl Kv, rules: &Rules, c: &mut Counters, e: &Epoch) -> Resu
     let (okey, mut meta, new_object) = match matching(kv, rules, e.survey, &e.object_id, e.ra, e.dec)? {
         Some((okey, meta)) => (okey, meta, false),
         None => {
-            let meta = ObjectMeta { survey: e.survey, object_id: e.object_id.clone(), ra: e.ra, dec: e.dec, n_epochs: 0 };
+            let meta =
+                ObjectMeta { survey: e.survey, object_id: e.object_id.clone(), ra: e.ra, dec: e.dec, n_epochs: 0 };
             (new_object_key(kv, e)?, meta, true)
         }
     };
@@ -212,9 +213,7 @@ fn new_object_key(kv: &impl KvRead, e: &Epoch) -> Result<String, HistoryError> {
 }
 
 fn object_meta(kv: &impl KvRead, key: &str) -> Result<Option<ObjectMeta>, HistoryError> {
-    kv.get(T::Objects, key.as_bytes())?
-        .map(|b| ObjectMeta::decode(&b).map_err(|r| bad(key.as_bytes(), r)))
-        .transpose()
+    kv.get(T::Objects, key.as_bytes())?.map(|b| ObjectMeta::decode(&b).map_err(|r| bad(key.as_bytes(), r))).transpose()
 }
 
 enum Why {
@@ -290,7 +289,8 @@ pub(crate) fn object(kv: &impl KvRead, key: &str) -> Result<Option<ObjectHistory
     };
     for k in kv.keys(T::ByObject, &lo, &hi)? {
         let akey = record::alert_key_of_object_epoch(&k).ok_or_else(|| bad(&k, "short object index key"))?;
-        let rec = kv.get(T::Epochs, akey)?.ok_or_else(|| bad_alert(akey, format!("object {key} lists a missing epoch")))?;
+        let rec =
+            kv.get(T::Epochs, akey)?.ok_or_else(|| bad_alert(akey, format!("object {key} lists a missing epoch")))?;
         let (_, e) = record::decode_epoch(&rec).map_err(|r| bad_alert(akey, r))?;
         // Keys come in band, then MJD order.
         h.bands.entry(e.band.clone()).or_default().push(e);

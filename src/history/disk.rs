@@ -63,7 +63,12 @@ impl RedbHistory {
             Err(HistoryError::Corrupt { reason, .. }) => {
                 let aside = aside_name(path);
                 std::fs::rename(path, &aside).map_err(|source| HistoryError::Io { path: path.clone(), source })?;
-                tracing::warn!(path = %path.display(), aside = %aside.display(), %reason, "history file corrupt: moved aside, starting empty");
+                tracing::warn!(
+                    path = %path.display(),
+                    aside = %aside.display(),
+                    %reason,
+                    "history file corrupt: moved aside, starting empty"
+                );
                 let db = open_db(path)?;
                 Ok(RedbHistory { db, path: path.clone(), rules, moved_aside: Some(aside) })
             }
@@ -110,7 +115,9 @@ fn open_db(path: &Path) -> Result<Database, HistoryError> {
         std::fs::create_dir_all(dir).map_err(|source| HistoryError::Io { path: path.to_owned(), source })?;
     }
     if path.is_dir() {
-        return Err(corrupt("it is a directory".into()));
+        // Not damage to rebuild from: someone's folder is in the way.
+        let source = std::io::Error::other("a directory, not a file");
+        return Err(HistoryError::Io { path: path.to_owned(), source });
     }
     // redb reports damage as errors, but a file it never wrote can still trip an assertion.
     let opened = catch_unwind(AssertUnwindSafe(|| {
@@ -125,12 +132,17 @@ fn open_db(path: &Path) -> Result<Database, HistoryError> {
             return Err(match e {
                 DatabaseError::DatabaseAlreadyOpen => HistoryError::Locked { path: path.to_owned() },
                 DatabaseError::Storage(StorageError::Io(source))
-                    if !matches!(source.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) =>
+                    if !matches!(
+                        source.kind(),
+                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                    ) =>
                 {
                     HistoryError::Io { path: path.to_owned(), source }
                 }
                 DatabaseError::Storage(s) => corrupt(s.to_string()),
-                DatabaseError::UpgradeRequired(v) => corrupt(format!("redb file format {v}, older than this redb reads")),
+                DatabaseError::UpgradeRequired(v) => {
+                    corrupt(format!("redb file format {v}, older than this redb reads"))
+                }
                 DatabaseError::RepairAborted => corrupt("redb could not repair it".into()),
                 other => storage(path, other),
             })
@@ -250,7 +262,8 @@ impl KvRead for ReadTables<'_> {
 impl RedbHistory {
     fn read<R>(&self, f: impl FnOnce(&ReadTables<'_>) -> Result<R, HistoryError>) -> Result<R, HistoryError> {
         let txn = self.db.begin_read().map_err(self.storage())?;
-        let t = T::ALL.iter().map(|t| txn.open_table(def(*t))).collect::<Result<Vec<_>, _>>().map_err(self.storage())?;
+        let t =
+            T::ALL.iter().map(|t| txn.open_table(def(*t))).collect::<Result<Vec<_>, _>>().map_err(self.storage())?;
         f(&ReadTables { path: &self.path, t })
     }
 }
@@ -259,7 +272,11 @@ impl HistoryStore for RedbHistory {
     fn put_many(&self, epochs: &[Epoch]) -> Result<Vec<PutOutcome>, HistoryError> {
         let txn = self.db.begin_write().map_err(self.storage())?;
         let out = {
-            let t = T::ALL.iter().map(|t| txn.open_table(def(*t))).collect::<Result<Vec<_>, _>>().map_err(self.storage())?;
+            let t = T::ALL
+                .iter()
+                .map(|t| txn.open_table(def(*t)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(self.storage())?;
             let mut tables = WriteTables { path: &self.path, t };
             core::put_batch(&mut tables, &self.rules, epochs)?
         };

@@ -162,7 +162,9 @@ impl ObjectHistory {
     /// Every epoch, all bands, sorted by MJD (then band, then alert id).
     pub fn epochs(&self) -> Vec<&Epoch> {
         let mut all: Vec<&Epoch> = self.bands.values().flatten().collect();
-        all.sort_by(|a, b| a.mjd.total_cmp(&b.mjd).then_with(|| a.band.cmp(&b.band)).then_with(|| a.alert_id.cmp(&b.alert_id)));
+        all.sort_by(|a, b| {
+            a.mjd.total_cmp(&b.mjd).then_with(|| a.band.cmp(&b.band)).then_with(|| a.alert_id.cmp(&b.alert_id))
+        });
         all
     }
 

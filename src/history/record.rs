@@ -103,7 +103,13 @@ pub(crate) fn encoded_len(object_key: &str, e: &Epoch) -> usize {
     let s = &e.stamps;
     let planes: usize =
         [&s.difference, &s.variance, &s.template_variance, &s.psf].iter().map(|p| 4 + 4 * p.data.len()).sum();
-    2 + (2 + object_key.len()) + (2 + e.alert_id.len()) + (2 + e.object_id.len()) + (1 + e.band.len()) + 5 * 8 + 3 * 4 + planes
+    2 + (2 + object_key.len())
+        + (2 + e.alert_id.len())
+        + (2 + e.object_id.len())
+        + (1 + e.band.len())
+        + 5 * 8
+        + 3 * 4
+        + planes
 }
 
 /// The stored record of an epoch under an object key. `e` must have passed [`validate`].
@@ -485,7 +491,16 @@ mod tests {
 
     #[test]
     fn counters_and_objects_round_trip() {
-        let c = Counters { objects: 3, epochs: 9, bytes: 12345, evicted_by_age: 1, evicted_by_size: 2, expired_on_arrival: 4, duplicates: 5, newest_mjd: Some(60001.25) };
+        let c = Counters {
+            objects: 3,
+            epochs: 9,
+            bytes: 12345,
+            evicted_by_age: 1,
+            evicted_by_size: 2,
+            expired_on_arrival: 4,
+            duplicates: 5,
+            newest_mjd: Some(60001.25),
+        };
         assert_eq!(Counters::decode(&c.encode()), Ok(c));
         let m = ObjectMeta { survey: Survey::Rubin, object_id: "123".into(), ra: 10.5, dec: -3.25, n_epochs: 7 };
         assert_eq!(ObjectMeta::decode(&m.encode()), Ok(m));

@@ -38,11 +38,13 @@ fn rng() -> StdRng {
     StdRng::seed_from_u64(rand::random())
 }
 
+type Named = (&'static str, Box<dyn HistoryStore>);
+
 /// Both stores under `cfg` (the redb one in a fresh folder, kept alive by the returned guard).
-fn stores(cfg: &HistoryConfig) -> (Vec<(&'static str, Box<dyn HistoryStore>)>, TempDir) {
+fn stores(cfg: &HistoryConfig) -> (Vec<Named>, TempDir) {
     let dir = TempDir::new("unit");
     let disk = HistoryConfig { path: dir.0.join("h.redb"), ..cfg.clone() };
-    let v: Vec<(&'static str, Box<dyn HistoryStore>)> = vec![
+    let v: Vec<Named> = vec![
         ("memory", Box::new(MemoryHistory::new(cfg).unwrap())),
         ("redb", Box::new(RedbHistory::open(&disk).unwrap())),
     ];
@@ -52,7 +54,9 @@ fn stores(cfg: &HistoryConfig) -> (Vec<(&'static str, Box<dyn HistoryStore>)>, T
 /// A small valid epoch at a position, random pixels; fixed-length ids so every record of one
 /// survey has the same size.
 fn epoch(rng: &mut impl Rng, alert: u64, object_id: &str, ra: f64, dec: f64, mjd: f64) -> Epoch {
-    let plane = |rng: &mut dyn rand::RngCore, w: usize| Image::new(w, w, (0..w * w).map(|_| rng.gen_range(-10.0f32..10.0)).collect());
+    let plane = |rng: &mut dyn rand::RngCore, w: usize| {
+        Image::new(w, w, (0..w * w).map(|_| rng.gen_range(-10.0f32..10.0)).collect())
+    };
     Epoch {
         survey: Survey::Ztf,
         alert_id: format!("{alert:012}"),
@@ -63,7 +67,12 @@ fn epoch(rng: &mut impl Rng, alert: u64, object_id: &str, ra: f64, dec: f64, mjd
         dec,
         stamp_x: rng.gen_range(0.0..7.0),
         stamp_y: rng.gen_range(0.0..7.0),
-        stamps: EpochStamps { difference: plane(rng, 7), variance: plane(rng, 7), template_variance: plane(rng, 7), psf: plane(rng, 3) },
+        stamps: EpochStamps {
+            difference: plane(rng, 7),
+            variance: plane(rng, 7),
+            template_variance: plane(rng, 7),
+            psf: plane(rng, 3),
+        },
         measurement: Measurement { flux: rng.gen(), flux_err: rng.gen(), score: rng.gen() },
     }
 }
@@ -128,15 +137,17 @@ fn match_by_position_across_cell_edges() {
             // Six points 0.45 arcsec from the corner, 60° apart: they fall in at least two of the
             // cells that meet there, and any two are < 1 arcsec apart.
             let pa0 = rng.gen_range(0.0..std::f64::consts::TAU);
-            let points: Vec<(f64, f64)> =
-                (0..6).map(|k| offset(corner.0, corner.1, 0.45, pa0 + k as f64 * std::f64::consts::FRAC_PI_3)).collect();
+            let points: Vec<(f64, f64)> = (0..6)
+                .map(|k| offset(corner.0, corner.1, 0.45, pa0 + k as f64 * std::f64::consts::FRAC_PI_3))
+                .collect();
             let cells: std::collections::BTreeSet<u64> =
                 points.iter().map(|p| sky::cell(INDEX_DEPTH, p.0, p.1)).collect();
             assert!(cells.len() >= 2, "{name}: {points:?} around a corner all in {cells:?}");
             let mut key = None;
             for (i, p) in points.iter().enumerate() {
                 assert!(arcsec_between(points[0], *p) < 1.0);
-                let (k, new) = added(s.put(&epoch(&mut rng, 1000 * round + i as u64, "", p.0, p.1, 60000.0 + i as f64)).unwrap());
+                let (k, new) =
+                    added(s.put(&epoch(&mut rng, 1000 * round + i as u64, "", p.0, p.1, 60000.0 + i as f64)).unwrap());
                 assert_eq!(new, i == 0, "{name}: point {i} of {points:?} in cells {cells:?}");
                 assert_eq!(*key.get_or_insert(k.clone()), k, "{name}");
             }
@@ -178,11 +189,12 @@ fn duplicate_alert_changes_nothing_and_queries_sort_by_mjd() {
     let (stores, _dir) = stores(&HistoryConfig::default());
     for (name, s) in &stores {
         let (ra, dec) = random_sky(&mut rng);
-        let mut epochs: Vec<Epoch> =
-            (0..12).map(|i| {
+        let mut epochs: Vec<Epoch> = (0..12)
+            .map(|i| {
                 let mjd = 60000.0 + rng.gen_range(0.0..30.0);
                 epoch(&mut rng, i, "obj", ra, dec, mjd)
-            }).collect();
+            })
+            .collect();
         for e in &epochs {
             s.put(e).unwrap();
         }
@@ -244,7 +256,10 @@ fn retention_by_age_keeps_exactly_the_window_before_the_newest() {
         let mut want: Vec<String> = keep.iter().map(|e| e.alert_id.clone()).collect();
         want.sort();
         assert_eq!(stored, want, "{name}");
-        assert_eq!(st.objects as usize, (0..4).filter(|o| s.object(&format!("ztf:id:o{o}")).unwrap().is_some()).count());
+        assert_eq!(
+            st.objects as usize,
+            (0..4).filter(|o| s.object(&format!("ztf:id:o{o}")).unwrap().is_some()).count()
+        );
     }
 }
 
@@ -252,11 +267,12 @@ fn retention_by_age_keeps_exactly_the_window_before_the_newest() {
 fn size_bound_evicts_oldest_first_and_counts() {
     let mut rng = rng();
     let (ra, dec) = random_sky(&mut rng);
-    let epochs: Vec<Epoch> =
-        (0..30).map(|i| {
+    let epochs: Vec<Epoch> = (0..30)
+        .map(|i| {
             let mjd = 60000.0 + rng.gen_range(0.0..30.0);
             epoch(&mut rng, i, &format!("o{}", i % 5), ra, dec, mjd)
-        }).collect();
+        })
+        .collect();
     let one = super::record::encode_epoch("ztf:id:o0", &epochs[0]).len() as u64;
     let keep = rng.gen_range(3..10);
     let cfg = HistoryConfig { max_bytes: one * keep + one / 2, ..Default::default() };
@@ -270,7 +286,11 @@ fn size_bound_evicts_oldest_first_and_counts() {
             rest = tail;
         }
         let st = s.stats().unwrap();
-        assert_eq!((st.epochs, st.bytes, st.evicted_by_size, st.evicted_by_age), (keep, keep * one, 30 - keep, 0), "{name}");
+        assert_eq!(
+            (st.epochs, st.bytes, st.evicted_by_size, st.evicted_by_age),
+            (keep, keep * one, 30 - keep, 0),
+            "{name}"
+        );
         let mut newest: Vec<&Epoch> = epochs.iter().collect();
         newest.sort_by(|a, b| b.mjd.total_cmp(&a.mjd));
         for (i, e) in newest.iter().enumerate() {
@@ -290,7 +310,10 @@ fn bad_epochs_are_rejected_not_errors() {
         let mut bad = epoch(&mut rng, 2, "a", 10.0, 10.0, 60000.0);
         bad.stamps.psf = Image::zeros(4, 4);
         let out = s.put_many(&[bad, good]).unwrap();
-        assert!(matches!(&out[0], PutOutcome::Rejected(r) if r.contains("psf") && r.contains("000000000002")), "{name}: {out:?}");
+        assert!(
+            matches!(&out[0], PutOutcome::Rejected(r) if r.contains("psf") && r.contains("000000000002")),
+            "{name}: {out:?}"
+        );
         assert!(matches!(&out[1], PutOutcome::Added { .. }), "{name}");
         assert_eq!(s.stats().unwrap().epochs, 1);
     }
@@ -326,7 +349,13 @@ fn prop_epochs(seed: u64, n: usize) -> (Vec<Obj>, Vec<(usize, Epoch)>) {
     (objs, epochs)
 }
 
-fn check_order_and_duplicates(s: &dyn HistoryStore, seed: u64, n: usize, dups: &[usize], batch: usize) -> Result<(), TestCaseError> {
+fn check_order_and_duplicates(
+    s: &dyn HistoryStore,
+    seed: u64,
+    n: usize,
+    dups: &[usize],
+    batch: usize,
+) -> Result<(), TestCaseError> {
     let (objs, epochs) = prop_epochs(seed, n);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut sequence: Vec<Epoch> = epochs.iter().map(|(_, e)| e.clone()).collect();
