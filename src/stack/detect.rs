@@ -31,9 +31,13 @@ pub struct StackMeasurement {
 /// Score and flux of a point source at `(x, y)` on the stack's grid (a candidate's position):
 /// the effective PSF moved to the position's sub-pixel phase (Lanczos-3) and correlated at the
 /// nearest pixel. At a whole pixel it is [`score`]'s value there (without its floor on the
-/// frame's largest `den`). `None` where that pixel is masked or off the stamp.
+/// frame's largest `den`). `None` where that pixel is masked or off the stamp (or the stack's
+/// planes do not match its shape).
 pub fn measure(stack: &Stack, x: f64, y: f64) -> Option<StackMeasurement> {
     let (w, h) = (stack.width, stack.height);
+    if stack.image.len() != w * h || stack.var.len() != w * h || stack.psf.side % 2 == 0 || stack.psf.pixels.len() != stack.psf.side * stack.psf.side {
+        return None;
+    }
     let (px, py) = (x.round(), y.round());
     if !(px >= 0.0 && py >= 0.0 && px < w as f64 && py < h as f64) {
         return None;

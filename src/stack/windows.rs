@@ -126,9 +126,10 @@ where
         let mut ws: Vec<WindowStack> = Vec::with_capacity(mine.len());
         for (p, slot) in mine {
             let stack = match slot {
-                Ok(k) => stacks[k].clone(),
-                Err(j) => ws[j].stack.clone(),
+                Ok(k) => stacks.get(k),
+                Err(j) => ws.get(j).map(|w| &w.stack),
             };
+            let stack = stack.cloned().ok_or_else(|| StackError::BadBatch(format!("no stack for the {}-night window of band {}", p.nights, p.band)))?;
             ws.push(WindowStack { band: p.band, nights: p.nights, epochs: p.epochs, same_as: p.same_as, stack });
         }
         out.push(ws);
