@@ -4,7 +4,7 @@
 //! Everything goes through the [`HistoryStore`] trait. [`RedbHistory`] is the embedded default,
 //! one crash-safe file on local disk (redb); [`MemoryHistory`] keeps the same tables in memory for
 //! tests and `blink demo`. Both run the same matching, deduplication and retention code
-//! ([`core`]), so they answer alike. `docs/history.md` has the whole story.
+//! (`core`), so they answer alike. `docs/history.md` has the whole story.
 //!
 //! # Layout
 //! - [`config`]: [`HistoryConfig`], the `[history]` section.

@@ -407,7 +407,8 @@ impl<'a> Reader<'a> {
 
     fn plane(&mut self) -> Result<Image, String> {
         let (w, h) = (usize::from(self.u16()?), usize::from(self.u16()?));
-        let bytes = self.take(w * h * 4)?;
+        let n = w.checked_mul(h).and_then(|n| n.checked_mul(4)).ok_or("plane size overflows")?;
+        let bytes = self.take(n)?;
         let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         Ok(Image { width: w, height: h, data })
     }
