@@ -54,6 +54,8 @@ pub struct FramesReport {
     /// Robust σ of the score image on empty sky (1 for a perfectly normalised score).
     pub score_sigma_empty_sky: f64,
     pub threshold: f64,
+    /// Per stacking window (`detect::stacking`, `bench::stacks`); empty without stacks.
+    pub stacks: Vec<super::stacks::WindowSummary>,
 }
 
 /// Everything `blink bench` measured on a night.
@@ -167,18 +169,18 @@ impl FramesReport {
                 None => "—".into(),
             },
         );
-        if s.false_positives.flagged.total > 0 {
-            let f = &s.false_positives.flagged;
+        let epoch_fp = s.false_positives.by_timescale.get(super::matching::EPOCH);
+        if let Some(e) = epoch_fp.filter(|e| e.flagged.total > 0) {
+            let (f, t, frames) = (&e.flagged, &e.total, e.frames);
             let by = FpClass::ALL.iter().map(|c| format!("{} {}", c.name(), f.get(*c))).collect::<Vec<_>>().join(", ");
-            line("  of which flagged", format!("{} of {} ({by})", f.total, s.false_positives.total.total));
-            if s.frames > 0 {
-                let t = &s.false_positives.total;
-                let per = |c: FpClass| (t.get(c) - f.get(c)) as f64 / s.frames as f64;
+            line("  of which flagged", format!("{} of {} ({by})", f.total, t.total));
+            if frames > 0 {
+                let per = |c: FpClass| (t.get(c) - f.get(c)) as f64 / frames as f64;
                 line(
                     "  unflagged / frame",
                     format!(
                         "{}  (on star {}, on sky {}, artifact {})",
-                        num((t.total - f.total) as f64 / s.frames as f64, 2),
+                        num((t.total - f.total) as f64 / frames as f64, 2),
                         num(per(FpClass::OnStar), 2),
                         num(per(FpClass::OnSky), 2),
                         num(per(FpClass::Artifact), 2)
@@ -218,7 +220,25 @@ impl FramesReport {
                 if s.unlisted_detections > 0 { format!(", {} on frames not in the manifest (ignored)", s.unlisted_detections) } else { String::new() }
             ),
         );
-        line("frames", format!("{} (match radius {} px)", s.frames, s.match_radius_px));
+        let epochs = epoch_fp.map(|e| e.frames).unwrap_or(s.frames);
+        line("frames", format!("{epochs} (match radius {} px)", s.match_radius_px));
+        if !self.stacks.is_empty() {
+            let _ = writeln!(out, "\nStacks (docs/stacking.md): per window, slow transients of per-epoch SNR {}–{}, detected |score| / ideal stack SNR, unflagged false positives per stack (a frame: above)", num(self.stacks[0].slow_snr.0, 1), num(self.stacks[0].slow_snr.1, 1));
+            let _ = writeln!(out, "  {:<6} {:>6}  {:>16}  {:>11}  {:>34}  {:>7}", "window", "stacks", "slow found", "score/ideal", "unflagged FP (star, sky, artifact)", "score σ");
+            for w in &self.stacks {
+                let fp = w.unflagged_fp_per_stack.map(|r| format!("{} ({}, {}, {})", num(r.total, 2), num(r.on_star, 2), num(r.on_sky, 2), num(r.artifact, 2))).unwrap_or_else(|| "—".into());
+                let _ = writeln!(
+                    out,
+                    "  {:<6} {:>6}  {:>16}  {:>11}  {:>34}  {:>7}",
+                    w.window,
+                    w.stacks,
+                    format!("{} {}/{}", opt(w.slow_fraction, 3), w.slow_detected, w.slow_targets),
+                    opt(w.score_over_ideal_median, 3),
+                    fp,
+                    opt(w.score_sigma_median, 3)
+                );
+            }
+        }
         for (name, ts) in &s.timescales {
             out.push('\n');
             out.push_str(&completeness_table(name, ts));
@@ -311,7 +331,7 @@ mod tests {
         let stages = vec![StageTime { name: "load".into(), seconds: 1.0 }, StageTime { name: "subtract".into(), seconds: 3.0 }];
         let speed = Speed::new("cpu", 2, 8.4, 2.0, stages);
         let mut r = BenchReport::new("night1", Some("blink simulate 0.1.0 (seed 1)".into()));
-        r.frames = Some(FramesReport { summary, speed, score_sigma_empty_sky: 1.04, threshold: 5.0 });
+        r.frames = Some(FramesReport { summary, speed, score_sigma_empty_sky: 1.04, threshold: 5.0, stacks: Vec::new() });
         r
     }
 

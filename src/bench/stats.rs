@@ -141,7 +141,7 @@ pub struct FpCounts {
 }
 
 impl FpCounts {
-    fn add(&mut self, class: FpClass) {
+    pub fn add(&mut self, class: FpClass) {
         match class {
             FpClass::OnStar => self.on_star += 1,
             FpClass::OnSky => self.on_sky += 1,
@@ -191,6 +191,8 @@ pub struct TimescaleFp {
     pub frames: usize,
     pub total: FpCounts,
     pub per_frame_mean: Option<FpRates>,
+    /// Those of `total` that carry an artifact flag.
+    pub flagged: FpCounts,
 }
 
 /// False positives over the night.
@@ -440,6 +442,7 @@ pub fn summarize(m: &NightMatch, dets: &[Detection], threshold: f64) -> FramesSu
     let mut per_frame: Vec<FrameFp> = m.frames.iter().map(|f| FrameFp { frame: f.clone(), counts: FpCounts::default() }).collect();
     let frame_index: std::collections::HashMap<&str, usize> = m.frames.iter().enumerate().map(|(i, f)| (f.as_str(), i)).collect();
     let (mut total, mut flagged) = (FpCounts::default(), FpCounts::default());
+    let mut ts_flagged: BTreeMap<String, FpCounts> = BTreeMap::new();
     for fp in &m.false_positives {
         if !passes(fp.detection) {
             continue;
@@ -448,6 +451,7 @@ pub fn summarize(m: &NightMatch, dets: &[Detection], threshold: f64) -> FramesSu
         total.add(fp.class);
         if d.flags & ARTIFACT_FLAGS != 0 {
             flagged.add(fp.class);
+            ts_flagged.entry(timescale_of(&d.frame)).or_default().add(fp.class);
         }
         if let Some(&i) = frame_index.get(d.frame.as_str()) {
             per_frame[i].counts.add(fp.class);
@@ -465,7 +469,8 @@ pub fn summarize(m: &NightMatch, dets: &[Detection], threshold: f64) -> FramesSu
         .into_iter()
         .map(|(ts, c)| {
             let frames = frames_per_ts.get(&ts).copied().unwrap_or(0);
-            (ts, TimescaleFp { frames, total: c, per_frame_mean: c.per_frame(frames) })
+            let flagged = ts_flagged.get(&ts).copied().unwrap_or_default();
+            (ts, TimescaleFp { frames, total: c, per_frame_mean: c.per_frame(frames), flagged })
         })
         .collect::<BTreeMap<_, _>>();
 

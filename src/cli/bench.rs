@@ -72,6 +72,9 @@ pub struct BenchArgs {
 /// Half-size of gallery stamps, pixels (stamps are 2·R+1 wide).
 const GALLERY_HALF: usize = 15;
 
+/// Per-epoch optimal SNR range of the slow transients issue 5's stacking targets are set on.
+const SLOW_SNR: (f64, f64) = (2.0, 3.0);
+
 /// A stamp triplet around (x, y); pixels outside the frame are NaN.
 fn cut(img: &FrameImages, x: f64, y: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let r = GALLERY_HALF as i64;
@@ -147,8 +150,23 @@ fn run_frames(args: &BenchArgs, night: &Night, truth_rows: &[TruthRecord]) -> an
             eprintln!("{}", super::detect::progress_line(i, n, r));
         }
     })?;
-    let frames: Vec<String> = run.frames.iter().map(|f| f.frame.clone()).collect();
+    let mut frames: Vec<String> = run.frames.iter().map(|f| f.frame.clone()).collect();
     let dets: Vec<Detection> = run.detections().cloned().collect();
+    // Stacks are scored against the combined truth of their frames (`bench::stacks`).
+    let mut truth_all = truth_rows.to_vec();
+    if !run.stacks.is_empty() {
+        let depths = template_depths(night);
+        let depth = |f: &str| depths.get(f).copied().unwrap_or(1.0);
+        truth_all.extend(crate::bench::stacks::stack_truth(truth_rows, &run.stacks, &depth));
+        frames.extend(run.stacks.iter().map(|s| s.key.clone()));
+        if !quiet {
+            for s in &run.stacks {
+                eprintln!("{}", super::detect::stack_line(s));
+            }
+        }
+    }
+    let epoch_truth = truth_rows;
+    let truth_rows = &truth_all[..];
     let m = matching::match_night(&dets, truth_rows, &frames, MATCH_RADIUS_PX);
     if m.targets.is_empty() {
         tracing::warn!("the truth table lists no transients or variable stars on these frames: completeness is undefined");
@@ -167,7 +185,21 @@ fn run_frames(args: &BenchArgs, night: &Night, truth_rows: &[TruthRecord]) -> an
         ("missed transients".to_string(), gallery.take(&picks.missed)),
         ("false positives".to_string(), gallery.take(&picks.false_positives)),
     ];
-    Ok((FramesReport { summary, speed, score_sigma_empty_sky: sky, threshold: opts.threshold }, dets, sections))
+    let stacks = crate::bench::stacks::window_summaries(&m, &dets, opts.threshold, &run.stacks, epoch_truth, SLOW_SNR);
+    Ok((FramesReport { summary, speed, score_sigma_empty_sky: sky, threshold: opts.threshold, stacks }, dets, sections))
+}
+
+/// Each frame's template depth (`NCOMBINE`, the number of exposures averaged), by frame file.
+fn template_depths(night: &Night) -> HashMap<String, f64> {
+    let mut by_template: HashMap<String, f64> = HashMap::new();
+    let mut out = HashMap::new();
+    for e in &night.manifest.frames {
+        let d = *by_template.entry(e.template.clone()).or_insert_with(|| {
+            crate::detect::image::read_image(&night.path(&e.template)).ok().and_then(|t| t.header.ncombine).unwrap_or(1.0)
+        });
+        out.insert(e.file.clone(), d);
+    }
+    out
 }
 
 fn read_truth(night: &Night) -> anyhow::Result<Vec<TruthRecord>> {

@@ -43,6 +43,11 @@ pub struct DetectOptionsArgs {
     /// from the two seeings, on the GPU or CPU engine).
     #[arg(long, value_parser = ["al", "gaussian"], default_value = "al")]
     pub method: String,
+    /// Stack each field's and band's differences over these windows of nights and detect on
+    /// the stacks too (faint, slow transients); `none` turns stacking off. Stack detections
+    /// have the frame `stack:<window>:<last frame>` in the catalogue (docs/stacking.md).
+    #[arg(long, default_value = "1,3,10,30")]
+    pub stack_windows: String,
 }
 
 impl DetectOptionsArgs {
@@ -54,7 +59,8 @@ impl DetectOptionsArgs {
             anyhow::bail!("--tile {}: expected 16 to 4096 pixels", self.tile);
         }
         let method = self.method.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-        Ok(FrameOptions { threshold: self.threshold, tile: self.tile, method, ..FrameOptions::default() })
+        let stack_windows = crate::detect::stacking::parse_windows(&self.stack_windows).map_err(|e| anyhow::anyhow!("--stack-windows: {e}"))?;
+        Ok(FrameOptions { threshold: self.threshold, tile: self.tile, method, stack_windows, ..FrameOptions::default() })
     }
 }
 
@@ -70,6 +76,20 @@ pub fn progress_line(i: usize, n: usize, r: &crate::detect::FrameResult) -> Stri
         r.aperture_correction.map(|c| format!("{c:.3}")).unwrap_or_else(|| "none".into()),
         r.score_sigma,
         r.times.total().as_secs_f64()
+    )
+}
+
+/// One line per stack.
+pub fn stack_line(s: &crate::detect::stacking::StackResult) -> String {
+    format!(
+        "stack {} {} {} ({} frames to {}): {} detections, score sigma {:.3}",
+        s.window,
+        s.field,
+        s.band,
+        s.frames.len(),
+        s.frames.last().map(String::as_str).unwrap_or(""),
+        s.detections.len(),
+        s.score_sigma
     )
 }
 
@@ -90,6 +110,11 @@ pub async fn run(args: &DetectArgs) -> anyhow::Result<()> {
     })
     .await
     .context("the detection thread failed")??;
+    if !args.quiet {
+        for s in &run.stacks {
+            eprintln!("{}", stack_line(s));
+        }
+    }
     let dets: Vec<_> = run.detections().cloned().collect();
     let file = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     catalog::write_csv(std::io::BufWriter::new(file), &dets).with_context(|| format!("writing {}", args.out.display()))?;

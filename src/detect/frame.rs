@@ -69,6 +69,9 @@ pub struct FrameOptions {
     /// leaves cosmic rays on stars without their shape flags (unflagged false positives 8.5 →
     /// 28 per frame). Off by default; `blink subtract --model-error`.
     pub model_error: bool,
+    /// Windows, nights, over which `Detector::detect_night` stacks each field's and band's
+    /// differences and detects on the stacks (`detect::stacking`); empty: no stacking.
+    pub stack_windows: Vec<f64>,
 }
 
 /// The PSF-matching kernel.
@@ -95,7 +98,16 @@ impl std::str::FromStr for Method {
 
 impl Default for FrameOptions {
     fn default() -> Self {
-        FrameOptions { threshold: 5.0, tile: 256, background_mesh: 64, scale_from_zero_points: true, method: Method::AlardLupton, decorrelate: true, model_error: false }
+        FrameOptions {
+            threshold: 5.0,
+            tile: 256,
+            background_mesh: 64,
+            scale_from_zero_points: true,
+            method: Method::AlardLupton,
+            decorrelate: true,
+            model_error: false,
+            stack_windows: crate::stack::DEFAULT_WINDOWS.to_vec(),
+        }
     }
 }
 
@@ -132,6 +144,33 @@ pub struct Difference {
     /// Time outside the engine (preparation, the batch, reassembly, background) and in it.
     pub prepare: Duration,
     pub engine: Duration,
+}
+
+impl Difference {
+    /// A stack of differences (`detect::stacking`) as a [`Difference`] for [`find_peaks`]: the
+    /// stacked image and its variance (0 where masked), the saturated pixels of its frames, the
+    /// difference's PSF width; white noise, no kernel.
+    pub fn for_stack(width: usize, height: usize, difference: Vec<f32>, variance: Vec<f32>, saturated: Vec<bool>, sigma: f64) -> Difference {
+        Difference {
+            width,
+            height,
+            difference,
+            variance,
+            saturated,
+            sigma_science: sigma,
+            sigma_template: sigma,
+            sigma_difference: sigma,
+            kernel_sigma: 0.0,
+            convolved_template: true,
+            scale: 1.0,
+            scale_source: ScaleSource::Kernel,
+            noise: NoiseModel { kernel: vec![1.0], kernel_side: 1, var_unconvolved: 0.0, var_convolved: 0.0 },
+            kernel_solution: None,
+            decorrelated: None,
+            prepare: Duration::ZERO,
+            engine: Duration::ZERO,
+        }
+    }
 }
 
 /// A difference after the decorrelation post-filter (`crate::subtract::decorr`), in the same

@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod frame;
 pub mod image;
 pub mod psf;
+pub mod stacking;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -169,11 +170,14 @@ pub struct Detector {
     pub keep_images: bool,
     /// The last template read, with what subtraction needs of it (computed once per template).
     template: Option<(Image, frame::Prepared)>,
+    /// Stacks of the night being detected (`detect_night`), and the stacks its frames ended.
+    stacker: Option<stacking::FrameStacker>,
+    stacks: Vec<stacking::StackResult>,
 }
 
 impl Detector {
     pub fn new(engine: Box<dyn Engine>, options: FrameOptions) -> Detector {
-        Detector { engine, options, keep_images: false, template: None }
+        Detector { engine, options, keep_images: false, template: None, stacker: None, stacks: Vec::new() }
     }
 
     pub fn adapter(&self) -> String {
@@ -258,6 +262,18 @@ impl Detector {
             aperture_correction: aperture_correction.unwrap_or(1.0),
         };
         let detections = frame::find_peaks(&diff, &sc, &meta, self.options.threshold);
+        if let Some(st) = self.stacker.as_mut() {
+            let info = stacking::FrameInfo {
+                frame: &entry.file,
+                field: &entry.field,
+                band: &entry.band,
+                mjd,
+                zero_point: meta.zero_point,
+                wcs: meta.wcs,
+                aperture_correction: meta.aperture_correction,
+            };
+            self.stacks.extend(st.add(&info, &diff, psf.as_ref()));
+        }
         let sample: Vec<f32> =
             sc.score.iter().zip(&diff.variance).step_by(3).filter(|(_, v)| **v > 0.0).map(|(s, _)| *s).collect();
         let score_sigma = image::robust_stats(&sample).map(|(_, s)| s as f64).unwrap_or(f64::NAN);
@@ -321,17 +337,20 @@ pub fn check_registration(science: &Image, template: &Image) -> Result<f64, Dete
     Ok(worst)
 }
 
-/// Every frame's result, in manifest order, and the wall time.
+/// Every frame's result, in manifest order, the stacks' (`detect::stacking`) and the wall time.
 #[derive(Debug)]
 pub struct NightRun {
     pub adapter: String,
     pub frames: Vec<FrameResult>,
+    /// In the order the nights ended; per night, windows from the shortest.
+    pub stacks: Vec<stacking::StackResult>,
     pub wall: Duration,
 }
 
 impl NightRun {
+    /// The frames' detections, then the stacks'.
     pub fn detections(&self) -> impl Iterator<Item = &Detection> {
-        self.frames.iter().flat_map(|f| f.detections.iter())
+        self.frames.iter().flat_map(|f| f.detections.iter()).chain(self.stacks.iter().flat_map(|s| s.detections.iter()))
     }
 
     pub fn times(&self) -> StageTimes {
@@ -359,13 +378,27 @@ impl Detector {
     ) -> Result<NightRun, DetectError> {
         let t0 = Instant::now();
         let n = limit.unwrap_or(usize::MAX).min(night.manifest.frames.len());
+        self.stacker = (!self.options.stack_windows.is_empty()).then(|| stacking::FrameStacker::new(&self.options.stack_windows, self.options.threshold));
+        self.stacks.clear();
         let mut frames = Vec::with_capacity(n);
-        for (i, entry) in night.manifest.frames.iter().take(n).enumerate() {
-            let mut r = self.detect_frame(night, entry)?;
+        // Stacks need each field's frames in time order: the manifest's order within a field
+        // and band is kept, sorted by MJD where the manifest gives it.
+        let mut order: Vec<usize> = (0..n).collect();
+        if self.stacker.is_some() {
+            let e = &night.manifest.frames;
+            order.sort_by(|&a, &b| (&e[a].field, &e[a].band, e[a].mjd.unwrap_or(f64::NAN)).partial_cmp(&(&e[b].field, &e[b].band, e[b].mjd.unwrap_or(f64::NAN))).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+        }
+        for (i, &k) in order.iter().enumerate() {
+            let mut r = self.detect_frame(night, &night.manifest.frames[k])?;
             each(i, n, &mut r);
             r.images = None;
-            frames.push(r);
+            frames.push((k, r));
         }
-        Ok(NightRun { adapter: self.adapter(), frames, wall: t0.elapsed() })
+        frames.sort_by_key(|(k, _)| *k);
+        if let Some(mut st) = self.stacker.take() {
+            self.stacks.extend(st.finish());
+        }
+        let stacks = std::mem::take(&mut self.stacks);
+        Ok(NightRun { adapter: self.adapter(), frames: frames.into_iter().map(|(_, r)| r).collect(), stacks, wall: t0.elapsed() })
     }
 }

@@ -181,7 +181,7 @@ pub fn decorrelation_kernel(
 }
 
 /// Full 2-D convolution of two centred odd-sided square kernels: side `sa + sb − 1`, centred.
-fn convolve_full(a: &[f64], sa: usize, b: &[f64], sb: usize) -> Vec<f64> {
+pub fn convolve_full(a: &[f64], sa: usize, b: &[f64], sb: usize) -> Vec<f64> {
     let so = sa + sb - 1;
     let mut out = vec![0.0; so * so];
     for (ay, arow) in a.chunks_exact(sa).enumerate() {

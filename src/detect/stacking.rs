@@ -1,0 +1,338 @@
+//! Frames mode of stacking (issue 5): `blink detect` on a night folder stacks the difference
+//! frames of each field and band over windows of nights (1, 3, 10, 30 by default) and detects on
+//! every stack, as on a frame.
+//!
+//! Each frame's decorrelated difference (white noise) enters with its variance, the template's
+//! part of that variance and its PSF (the measured PSF through the decorrelation filter, as
+//! the frame's score uses it). Frames of one field and band sit on their template's grid, so no
+//! resampling is needed (`docs/night-format.md`, "Registration").
+//!
+//! The epochs of a night (frames less than [`NIGHT_GAP_DAYS`] after the night's first) are
+//! stacked when the night ends; each window's stack is then the stack of the night stacks it
+//! holds ([`crate::stack::Stack::as_epoch`]): memory grows with nights, not with frames. A window
+//! is stacked at the end of every night once it holds more nights than the next shorter window
+//! (a 30-night window on a 10-night run is the 10-night one, and is not stacked twice).
+//!
+//! Detections on a stack carry the frame key `stack:<window>:<last frame>` (window `1n`, `3n`,
+//! `10n`, `30n`), the MJD of the night's last frame and the usual flags. `blink bench` matches
+//! them against the truth of the frames the stack holds (`bench::stacks`).
+
+use std::collections::BTreeMap;
+
+use super::catalog::Detection;
+use super::frame::{self, Difference, FrameMeta, ScoreImage};
+use super::psf;
+use crate::stack::{coadd, plan_windows, Stack, StackEpoch};
+use crate::subtract::decorr::{decorrelated_psf, PsfImage};
+
+/// Frames of a field and band later than this after the night's first frame start a new night.
+pub const NIGHT_GAP_DAYS: f64 = 0.5;
+
+/// The windows' label: `1n`, `3n`, `10n`, `30n`, `2.5n`.
+pub fn window_label(nights: f64) -> String {
+    if nights.fract() == 0.0 {
+        format!("{}n", nights as i64)
+    } else {
+        format!("{nights}n")
+    }
+}
+
+/// Parse `1,3,10,30` (nights); `none` or an empty list turns stacking off.
+pub fn parse_windows(text: &str) -> Result<Vec<f64>, String> {
+    let t = text.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for part in t.split(',') {
+        let v: f64 = part.trim().trim_end_matches('n').parse().map_err(|_| format!("window {part:?}: a number of nights, e.g. 1,3,10,30"))?;
+        if !(v.is_finite() && v >= 1.0 && v <= 3650.0) {
+            return Err(format!("window {v}: between 1 and 3650 nights"));
+        }
+        out.push(v);
+    }
+    out.sort_by(f64::total_cmp);
+    out.dedup();
+    Ok(out)
+}
+
+/// What one window's stack at the end of one night produced.
+#[derive(Debug, Clone)]
+pub struct StackResult {
+    /// `stack:<window>:<last frame>`, the detections' `frame`.
+    pub key: String,
+    pub field: String,
+    pub band: String,
+    /// Window length, nights, and its label.
+    pub nights: f64,
+    pub window: String,
+    /// The frames stacked (manifest `file`s), in time order.
+    pub frames: Vec<String>,
+    /// MJD of the last frame.
+    pub mjd: f64,
+    pub detections: Vec<Detection>,
+    /// Robust σ of the stack's score over usable pixels (1 for an honest variance).
+    pub score_sigma: f64,
+}
+
+/// What the stacker needs of one frame besides its difference.
+#[derive(Debug, Clone)]
+pub struct FrameInfo<'a> {
+    pub frame: &'a str,
+    pub field: &'a str,
+    pub band: &'a str,
+    pub mjd: f64,
+    pub zero_point: Option<f64>,
+    pub wcs: Option<crate::sim::night::wcs::TanWcs>,
+    pub aperture_correction: f64,
+}
+
+/// One night of one field and band, and the frames in it.
+struct Night {
+    frames: Vec<String>,
+    /// MJD of the night's first frame.
+    start: f64,
+    stack: StackEpoch,
+}
+
+/// One field and band.
+struct Group {
+    field: String,
+    band: String,
+    /// Frames of the night being observed, not yet stacked.
+    open: Vec<(String, StackEpoch)>,
+    open_start: f64,
+    nights: Vec<Night>,
+    /// Saturated pixels of any frame (the stacks' `saturated` flag), and the last frame's
+    /// meta data for the catalogue.
+    saturated: Vec<bool>,
+    sigma_difference: f64,
+    zero_point: Option<f64>,
+    wcs: Option<crate::sim::night::wcs::TanWcs>,
+    aperture_correction: f64,
+}
+
+/// Stacks frames as they come (in time order within each field and band).
+pub struct FrameStacker {
+    windows: Vec<f64>,
+    threshold: f64,
+    groups: BTreeMap<(String, String), Group>,
+    longest: f64,
+}
+
+impl FrameStacker {
+    pub fn new(windows: &[f64], threshold: f64) -> FrameStacker {
+        let longest = windows.iter().cloned().fold(0.0, f64::max);
+        FrameStacker { windows: windows.to_vec(), threshold, groups: BTreeMap::new(), longest }
+    }
+
+    /// Add one frame's difference (`psf`: the difference's measured PSF, when there was one).
+    /// Returns the stacks of every night that this frame's arrival ended. A frame without a
+    /// decorrelated difference is left out, with a warning.
+    pub fn add(&mut self, info: &FrameInfo<'_>, diff: &Difference, psf: Option<&PsfImage>) -> Vec<StackResult> {
+        let Some(epoch) = epoch_of(diff, psf, info.mjd, info.band) else {
+            tracing::warn!(frame = info.frame, "no decorrelated difference: the frame is left out of the stacks");
+            return Vec::new();
+        };
+        let key = (info.field.to_string(), info.band.to_string());
+        let mut out = Vec::new();
+        let g = self.groups.entry(key).or_insert_with(|| Group {
+            field: info.field.to_string(),
+            band: info.band.to_string(),
+            open: Vec::new(),
+            open_start: info.mjd,
+            nights: Vec::new(),
+            saturated: vec![false; diff.width * diff.height],
+            sigma_difference: diff.sigma_difference,
+            zero_point: info.zero_point,
+            wcs: info.wcs,
+            aperture_correction: info.aperture_correction,
+        });
+        if g.saturated.len() != diff.width * diff.height {
+            tracing::warn!(frame = info.frame, "the frame's size differs from its field's earlier frames: left out of the stacks");
+            return out;
+        }
+        if !g.open.is_empty() && info.mjd - g.open_start > NIGHT_GAP_DAYS {
+            out.extend(close_night(g, &self.windows, self.longest, self.threshold));
+        }
+        if g.open.is_empty() {
+            g.open_start = info.mjd;
+        }
+        g.saturated.iter_mut().zip(&diff.saturated).for_each(|(a, b)| *a |= *b);
+        g.sigma_difference = diff.sigma_difference;
+        g.zero_point = info.zero_point;
+        g.wcs = info.wcs.or(g.wcs);
+        g.aperture_correction = info.aperture_correction;
+        g.open.push((info.frame.to_string(), epoch));
+        out
+    }
+
+    /// Close every open night (the end of the run) and return their stacks.
+    pub fn finish(&mut self) -> Vec<StackResult> {
+        let mut out = Vec::new();
+        for g in self.groups.values_mut() {
+            if !g.open.is_empty() {
+                out.extend(close_night(g, &self.windows, self.longest, self.threshold));
+            }
+        }
+        out
+    }
+}
+
+/// The StackEpoch of a frame: the decorrelated difference (NaN where masked), its variance,
+/// the template's share of it and the PSF through the decorrelation filter.
+fn epoch_of(diff: &Difference, psf: Option<&PsfImage>, mjd: f64, band: &str) -> Option<StackEpoch> {
+    let dc = diff.decorrelated.as_ref()?;
+    let p = match psf {
+        Some(p) => p.clone(),
+        None => gaussian_psf(diff.sigma_difference),
+    };
+    let q = psf::trimmed(&decorrelated_psf(&dc.kernel, &p.pixels, p.side).ok()?, 1e-4);
+    let share = template_share(diff, &dc.kernel, &q);
+    tracing::debug!(share, "template share of the difference's matched-filter variance");
+    let ok = |v: f32| v > 0.0 && v.is_finite();
+    let d = dc.difference.iter().zip(&dc.variance).map(|(d, v)| if ok(*v) { *d } else { f32::NAN }).collect();
+    let v: Vec<f32> = dc.variance.iter().map(|v| if ok(*v) { *v } else { f32::NAN }).collect();
+    let vt = v.iter().map(|v| (*v as f64 * share) as f32).collect();
+    Some(StackEpoch { width: diff.width, height: diff.height, diff: d, var: v, var_template: vt, psf: q, mjd, band: band.to_string(), dx: 0.0, dy: 0.0 })
+}
+
+/// The template's share of the matched filter's variance on the decorrelated difference. The
+/// template's noise reaches the difference through the decorrelation filter φ, and through the
+/// matching kernel κ too when the template is the convolved image; the science's the same way.
+/// For a filter `q` (the difference's PSF through φ), an image of white noise `σ²` that goes
+/// through `f` adds `σ² Σ (q ⋆ f)²` to the filter's variance. Per pixel, the template's share of
+/// the variance is far smaller (κ spreads its noise), but it is correlated over the PSF: what
+/// stacks need is its share of what a point-source filter sees.
+fn template_share(diff: &Difference, dk: &crate::subtract::decorr::DecorrelationKernel, q: &PsfImage) -> f64 {
+    use crate::subtract::decorr::convolve_full;
+    let nm = &diff.noise;
+    let phi_side = dk.side();
+    // q ⋆ f = q ⊗ f(−·); Σ (q ⋆ f)² = Σ (q_flipped ⊗ f)², flipping q instead of f.
+    let qf: Vec<f64> = q.pixels.iter().rev().copied().collect();
+    let power = |f: &[f64], side: usize| -> f64 { convolve_full(&qf, q.side, f, side).iter().map(|v| v * v).sum() };
+    let through_phi = power(&dk.kernel, phi_side);
+    let phi_kappa = convolve_full(&dk.kernel, phi_side, &nm.kernel, nm.kernel_side);
+    let through_both = power(&phi_kappa, phi_side + nm.kernel_side - 1);
+    let (vu, vc) = (dk.var_unconvolved.max(0.0) * through_phi, dk.var_convolved.max(0.0) * through_both);
+    let (vt, vs) = if diff.convolved_template { (vc, vu) } else { (vu, vc) };
+    if vt + vs > 0.0 && (vt + vs).is_finite() {
+        vt / (vt + vs)
+    } else {
+        0.0
+    }
+}
+
+/// A unit-sum Gaussian PSF image of `sigma` (±4σ).
+fn gaussian_psf(sigma: f64) -> PsfImage {
+    let s = sigma.max(0.3);
+    let half = (4.0 * s).ceil() as usize;
+    let side = 2 * half + 1;
+    let mut pixels: Vec<f64> = (0..side * side)
+        .map(|i| {
+            let (dx, dy) = ((i % side) as f64 - half as f64, (i / side) as f64 - half as f64);
+            (-(dx * dx + dy * dy) / (2.0 * s * s)).exp()
+        })
+        .collect();
+    let sum: f64 = pixels.iter().sum();
+    pixels.iter_mut().for_each(|p| *p /= sum);
+    PsfImage { side, pixels }
+}
+
+/// Stack the group's open night, keep it, and detect on every window that ends with it.
+fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64) -> Vec<StackResult> {
+    let open = std::mem::take(&mut g.open);
+    let frames: Vec<String> = open.iter().map(|(f, _)| f.clone()).collect();
+    let epochs: Vec<StackEpoch> = open.into_iter().map(|(_, e)| e).collect();
+    let now = epochs.iter().map(|e| e.mjd).fold(f64::NEG_INFINITY, f64::max);
+    let night = match coadd(&epochs) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(field = %g.field, band = %g.band, "stacking a night failed ({e}); its frames are left out of the stacks");
+            return Vec::new();
+        }
+    };
+    drop(epochs);
+    g.nights.push(Night { frames, start: g.open_start, stack: night.as_epoch(now, &g.band) });
+    // Nights beyond the longest window are no longer needed.
+    let start = g.open_start;
+    g.nights.retain(|n| start - n.start < longest);
+    // A window of W nights holds the nights that began less than W − ½ days before this one
+    // (nights about a day apart: this one and the W − 1 before it). `plan_windows` adds its
+    // tolerance to every window, so it is taken off here.
+    let at_start: Vec<StackEpoch> = g.nights.iter().map(|n| StackEpoch { mjd: n.start, ..n.stack.clone() }).collect();
+    let shifted: Vec<(f64, f64)> = windows.iter().map(|w| (w - 0.5 - crate::stack::WINDOW_TOLERANCE, *w)).collect();
+    let plans = plan_windows(&at_start, start, &shifted.iter().map(|s| s.0).collect::<Vec<_>>());
+    let mut out = Vec::new();
+    for plan in &plans {
+        if plan.same_as.is_some() {
+            continue;
+        }
+        let Some(&(_, nights)) = shifted.iter().find(|s| s.0 == plan.nights) else { continue };
+        let members: Vec<&Night> = plan.epochs.iter().map(|&i| &g.nights[i]).collect();
+        let stack: Stack = if members.len() == 1 {
+            match coadd(std::slice::from_ref(&members[0].stack)) {
+                Ok(s) => s,
+                Err(_) => continue,
+            }
+        } else {
+            let eps: Vec<StackEpoch> = members.iter().map(|n| n.stack.clone()).collect();
+            match coadd(&eps) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("stacking {} nights failed: {e}", members.len());
+                    continue;
+                }
+            }
+        };
+        let mut frames: Vec<String> = members.iter().flat_map(|n| n.frames.iter().cloned()).collect();
+        frames.sort();
+        let label = window_label(nights);
+        let last = g.nights.last().and_then(|n| n.frames.last()).cloned().unwrap_or_default();
+        let key = format!("stack:{label}:{last}");
+        let (detections, score_sigma) = detect_on(&stack, g, &key, now, threshold);
+        out.push(StackResult { key, field: g.field.clone(), band: g.band.clone(), nights, window: label, frames, mjd: now, detections, score_sigma });
+    }
+    out
+}
+
+/// Score, peaks and flags on a stack, as on a frame.
+fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (Vec<Detection>, f64) {
+    let (w, h) = (stack.width, stack.height);
+    let sc: ScoreImage = {
+        let mut sc = psf::matched_filter(&stack.image, &stack.var, w, h, &stack.psf, 1.0);
+        sc.psf_peak = stack.psf.pixels[stack.psf.pixels.len() / 2];
+        sc
+    };
+    // `find_peaks` reads the difference, its variance, saturation and PSF width of a frame.
+    let ok = |v: f32| v > 0.0 && v.is_finite();
+    let diff = Difference::for_stack(
+        w,
+        h,
+        stack.image.iter().zip(&stack.var).map(|(d, v)| if ok(*v) { *d } else { 0.0 }).collect(),
+        stack.var.iter().map(|v| if ok(*v) { *v } else { 0.0 }).collect(),
+        g.saturated.clone(),
+        g.sigma_difference,
+    );
+    let meta = FrameMeta { frame: key, mjd, band: &g.band, zero_point: g.zero_point, wcs: g.wcs, aperture_correction: g.aperture_correction };
+    let dets = frame::find_peaks(&diff, &sc, &meta, threshold);
+    let sample: Vec<f32> = sc.score.iter().zip(&diff.variance).step_by(3).filter(|(_, v)| **v > 0.0).map(|(s, _)| *s).collect();
+    let sigma = super::image::robust_stats(&sample).map(|(_, s)| s as f64).unwrap_or(f64::NAN);
+    (dets, sigma)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_and_label() {
+        assert_eq!(parse_windows("1,3,10,30").unwrap(), vec![1.0, 3.0, 10.0, 30.0]);
+        assert_eq!(parse_windows("10n, 3n").unwrap(), vec![3.0, 10.0]);
+        assert!(parse_windows("none").unwrap().is_empty());
+        assert!(parse_windows("0").is_err());
+        assert!(parse_windows("x").is_err());
+        assert_eq!(window_label(10.0), "10n");
+        assert_eq!(window_label(2.5), "2.5n");
+    }
+}
