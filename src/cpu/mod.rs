@@ -9,7 +9,7 @@ pub mod fit;
 pub mod frame;
 pub mod stack;
 
-use crate::engine::{Engine, EngineError, StampBatch, SubtractionImages, SubtractionResult};
+use crate::engine::{Engine, EngineError, StampBatch, StampPlanes, SubtractionImages, SubtractionResult};
 use std::ops::Range;
 
 /// The engine made of the CPU twins. Each stamp goes through convolve, fit and
@@ -52,17 +52,32 @@ impl CpuEngine {
         batch.validate()?;
         let len = batch.n * batch.npix();
         let (mut difference, mut variance) = (vec![0.0f32; len], vec![0.0f32; len]);
-        let results = self.run(batch, Some((&mut difference, &mut variance)));
+        let results = self.run(batch, Some((&mut difference, &mut variance)), None);
         Ok(SubtractionImages { results, difference, variance })
     }
 
+    /// Every kernel, with the planes the history store keeps ([`StampPlanes`]); the convolved
+    /// template variance is kept as each stamp is convolved, not computed twice.
+    pub fn subtract_planes(&mut self, batch: &StampBatch) -> Result<StampPlanes, EngineError> {
+        batch.validate()?;
+        let len = batch.n * batch.npix();
+        let (mut difference, mut variance, mut conv_tv) = (vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len]);
+        let results = self.run(batch, Some((&mut difference, &mut variance)), Some(&mut conv_tv));
+        Ok(StampPlanes::from_images(batch, SubtractionImages { results, difference, variance }, &conv_tv))
+    }
+
     /// Split the batch over the threads; `images` (whole-batch difference and variance, zeroed)
-    /// is split along with it.
-    fn run(&self, batch: &StampBatch, images: Option<(&mut [f32], &mut [f32])>) -> Vec<SubtractionResult> {
+    /// and `conv_tv` (the convolved template variance) are split along with it.
+    fn run(
+        &self,
+        batch: &StampBatch,
+        images: Option<(&mut [f32], &mut [f32])>,
+        conv_tv: Option<&mut [f32]>,
+    ) -> Vec<SubtractionResult> {
         let npix = batch.npix();
         let threads = self.threads.min(batch.n / MIN_STAMPS_PER_THREAD).max(1);
         if threads == 1 {
-            return run_stamps(batch, 0..batch.n, images);
+            return run_stamps(batch, 0..batch.n, images, conv_tv);
         }
         let per = batch.n.div_ceil(threads);
         let ranges: Vec<Range<usize>> = (0..batch.n).step_by(per).map(|s| s..(s + per).min(batch.n)).collect();
@@ -71,11 +86,17 @@ impl CpuEngine {
             None => ranges.iter().map(|_| None).collect(),
         };
         parts.resize_with(ranges.len(), || None);
+        let mut tvs: Vec<Option<&mut [f32]>> = match conv_tv {
+            Some(tv) => tv.chunks_mut(per * npix).map(Some).collect(),
+            None => Vec::new(),
+        };
+        tvs.resize_with(ranges.len(), || None);
         std::thread::scope(|scope| {
             let handles: Vec<_> = ranges
                 .into_iter()
                 .zip(parts)
-                .map(|(range, part)| scope.spawn(move || run_stamps(batch, range, part)))
+                .zip(tvs)
+                .map(|((range, part), tv)| scope.spawn(move || run_stamps(batch, range, part, tv)))
                 .collect();
             handles
                 .into_iter()
@@ -86,11 +107,13 @@ impl CpuEngine {
 }
 
 /// convolve → fit → difference_score on the stamps `range`, one stamp at a time, with scratch
-/// reused across stamps. `images` holds the range's own difference and variance planes.
+/// reused across stamps. `images` holds the range's own difference and variance planes,
+/// `conv_tv` its convolved template variance.
 fn run_stamps(
     batch: &StampBatch,
     range: Range<usize>,
     mut images: Option<(&mut [f32], &mut [f32])>,
+    mut conv_tv_out: Option<&mut [f32]>,
 ) -> Vec<SubtractionResult> {
     let npix = batch.npix();
     let mut scratch = convolve::Scratch::default();
@@ -124,6 +147,9 @@ fn run_stamps(
                 conv_tv: &conv_tv,
             };
             let own = (s - start) * npix..(s - start + 1) * npix;
+            if let Some(tv) = conv_tv_out.as_mut() {
+                tv[own.clone()].copy_from_slice(&conv_tv);
+            }
             let out = images.as_mut().map(|(d, v)| (&mut d[own.clone()], &mut v[own]));
             difference_score::score_stamp(&f, &score_in, out)
         })
@@ -137,11 +163,15 @@ impl Engine for CpuEngine {
 
     fn subtract(&mut self, batch: &StampBatch) -> Result<Vec<SubtractionResult>, EngineError> {
         batch.validate()?;
-        Ok(self.run(batch, None))
+        Ok(self.run(batch, None, None))
     }
 
     fn subtract_images(&mut self, batch: &StampBatch) -> Result<SubtractionImages, EngineError> {
         CpuEngine::subtract_images(self, batch)
+    }
+
+    fn subtract_planes(&mut self, batch: &StampBatch) -> Result<StampPlanes, EngineError> {
+        CpuEngine::subtract_planes(self, batch)
     }
 }
 

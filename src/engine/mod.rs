@@ -190,6 +190,52 @@ pub struct SubtractionImages {
     pub variance: Vec<f32>,
 }
 
+/// Per-stamp planes of one batch for the history store and stacking: the results, the
+/// difference, its variance and the template's share of that variance, laid out like the batch.
+/// Masked pixels (weight 0) are NaN in all three planes, as stacking expects (never 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StampPlanes {
+    pub results: Vec<SubtractionResult>,
+    pub difference: Vec<f32>,
+    pub variance: Vec<f32>,
+    /// `scale² · (K ⊗ template variance)`: the part of `variance` the template brings. It is
+    /// common to every epoch subtracted against the same template (`docs/stacking.md`).
+    pub template_variance: Vec<f32>,
+}
+
+impl StampPlanes {
+    /// The planes from [`SubtractionImages`] and the convolved template variance (`K² ⊗ T_var`,
+    /// the engine's `ConvV` plane): the template share is `scale² · ConvV`, and masked pixels
+    /// become NaN. Both engines end here, so they differ only by their planes' rounding.
+    pub fn from_images(batch: &StampBatch, images: SubtractionImages, conv_tv: &[f32]) -> StampPlanes {
+        let npix = batch.npix();
+        let SubtractionImages { results, mut difference, mut variance } = images;
+        let mut template_variance = vec![f32::NAN; difference.len()];
+        for (s, r) in results.iter().enumerate() {
+            let a2 = f64::from(r.flux_scale).powi(2);
+            for i in s * npix..((s + 1) * npix).min(difference.len()) {
+                let used = batch.weight.get(i).is_some_and(|w| *w > 0.0);
+                match (used, conv_tv.get(i)) {
+                    (true, Some(tv)) => template_variance[i] = (a2 * f64::from(*tv)) as f32,
+                    _ => {
+                        difference[i] = f32::NAN;
+                        if let Some(v) = variance.get_mut(i) {
+                            *v = f32::NAN;
+                        }
+                    }
+                }
+            }
+        }
+        StampPlanes { results, difference, variance, template_variance }
+    }
+
+    /// Stamp `s`'s three planes, when it is in the batch.
+    pub fn stamp(&self, s: usize, npix: usize) -> Option<(&[f32], &[f32], &[f32])> {
+        let px = s.checked_mul(npix)?..(s + 1).checked_mul(npix)?;
+        Some((self.difference.get(px.clone())?, self.variance.get(px.clone())?, self.template_variance.get(px)?))
+    }
+}
+
 /// The value `flux_err` takes when no pixel constrains the matched filter.
 pub const FLUX_ERR_NONE: f32 = f32::MAX;
 
@@ -224,4 +270,13 @@ pub trait Engine: Send {
     /// Like [`Engine::subtract`], also returning the difference and variance images (full
     /// frames cut into tiles use these; alerts need only the results).
     fn subtract_images(&mut self, batch: &StampBatch) -> Result<SubtractionImages, EngineError>;
+    /// Like [`Engine::subtract`], also returning the per-stamp planes the history store keeps
+    /// ([`StampPlanes`]). The pipeline asks for them only when stacking is on. The default runs
+    /// [`Engine::subtract_images`] and convolves the template variance again on the CPU; both
+    /// engines override it to keep the plane they already have.
+    fn subtract_planes(&mut self, batch: &StampBatch) -> Result<StampPlanes, EngineError> {
+        let images = self.subtract_images(batch)?;
+        let conv = crate::cpu::convolve::convolve(batch);
+        Ok(StampPlanes::from_images(batch, images, &conv.template_var))
+    }
 }

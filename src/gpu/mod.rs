@@ -17,7 +17,7 @@ pub mod pool;
 
 use crate::cpu::convolve::Convolved;
 use crate::engine::{
-    Engine, EngineError, Fit, FitStatus, StampBatch, SubtractionImages, SubtractionResult,
+    Engine, EngineError, Fit, FitStatus, StampBatch, StampPlanes, SubtractionImages, SubtractionResult,
 };
 use context::GpuContext;
 use kernels::{BatchParams, Pix, StampGpu, Work, PIX_PLANES, RESULT_STRIDE, WORK_PLANES};
@@ -73,6 +73,24 @@ impl GpuEngine {
         let variance = planes.pop().unwrap_or_default();
         let difference = planes.pop().unwrap_or_default();
         Ok(SubtractionImages { results: to_results(&res), difference, variance })
+    }
+
+    /// Every kernel, with the planes the history store keeps ([`StampPlanes`]): the `Diff`,
+    /// `Var` and `ConvV` work planes are read back (only here; `subtract` reads none).
+    pub fn subtract_planes(&mut self, batch: &StampBatch) -> Result<StampPlanes, EngineError> {
+        let plan = Plan {
+            convolve: true,
+            fit: true,
+            score: true,
+            conv: None,
+            fits: None,
+            read: &[Work::Diff, Work::Var, Work::ConvV],
+        };
+        let (res, mut planes) = self.run(batch, plan)?;
+        let conv_tv = planes.pop().unwrap_or_default();
+        let variance = planes.pop().unwrap_or_default();
+        let difference = planes.pop().unwrap_or_default();
+        Ok(StampPlanes::from_images(batch, SubtractionImages { results: to_results(&res), difference, variance }, &conv_tv))
     }
 
     /// The `convolve` kernel alone.
@@ -558,5 +576,9 @@ impl Engine for GpuEngine {
 
     fn subtract_images(&mut self, batch: &StampBatch) -> Result<SubtractionImages, EngineError> {
         GpuEngine::subtract_images(self, batch)
+    }
+
+    fn subtract_planes(&mut self, batch: &StampBatch) -> Result<StampPlanes, EngineError> {
+        GpuEngine::subtract_planes(self, batch)
     }
 }

@@ -421,3 +421,51 @@ fn cpu_pure_noise_scores_are_unit_normal() {
     assert!(mean.abs() < 0.3, "mean {mean}");
     assert!(std > 0.8 && std < 1.25, "std {std}");
 }
+
+/// Issue 5: the planes the history store keeps (difference, variance, template share) come back
+/// from the GPU's work planes as the CPU makes them. NaN marks the same masked pixels on both.
+/// The whole engine's fits differ a little (`check_results`), so each pixel's tolerance
+/// carries the fit's difference: |Δd| ≤ |Δa|·|T'| + |Δb| + 1e-4·(|d| + √v), and the variances
+/// (2|Δa|/|a| + 1e-4) of the template term plus 1e-4 of the whole.
+#[test]
+fn subtract_planes_match_cpu() {
+    let mut rng = seeded("subtract_planes_match_cpu");
+    let Some(mut g) = gpu("subtract_planes_match_cpu") else { return };
+    let mut c = CpuEngine::new();
+    for (w, h, n) in SHAPES {
+        let b = random_batch(&mut rng, w, h, n);
+        let gp = g.subtract_planes(&b).unwrap();
+        let cp = c.subtract_planes(&b).unwrap();
+        // The CPU planes are the image path's, with the template share from `convolve`.
+        let ci = c.subtract_images(&b).unwrap();
+        let conv = cpu::convolve::convolve(&b);
+        assert_eq!(cp.results, ci.results);
+        check_results(&gp.results, &cp.results);
+        let npix = b.npix();
+        for s in 0..b.n {
+            let (gr, cr) = (gp.results[s], cp.results[s]);
+            let (da, db) = ((gr.flux_scale - cr.flux_scale).abs(), (gr.background - cr.background).abs());
+            let rel_a = 2.0 * da / cr.flux_scale.abs().max(1e-6) + 1e-4;
+            for i in s * npix..(s + 1) * npix {
+                let (gd, cd) = (gp.difference[i], cp.difference[i]);
+                let (gv, cv) = (gp.variance[i], cp.variance[i]);
+                let (gt, ct) = (gp.template_variance[i], cp.template_variance[i]);
+                if b.weight[i] == 0.0 {
+                    assert!(gd.is_nan() && gv.is_nan() && gt.is_nan() && cd.is_nan() && cv.is_nan() && ct.is_nan(), "pixel {i}: masked, not NaN");
+                    continue;
+                }
+                assert_eq!(cd, ci.difference[i], "pixel {i}");
+                let want_t = (f64::from(cr.flux_scale).powi(2) * f64::from(conv.template_var[i])) as f32;
+                assert!((ct - want_t).abs() <= 1e-6 * want_t.abs(), "pixel {i}: cpu template share {ct}, a²·T'var {want_t}");
+                assert!(ct <= cv * (1.0 + 1e-6), "pixel {i}: template share {ct} over the variance {cv}");
+                let td = da * conv.template[i].abs() + db + 1e-4 * (cd.abs() + cv.max(0.0).sqrt()) + 1e-30;
+                assert!((gd - cd).abs() <= td, "stamp {s} pixel {i}: difference gpu {gd} cpu {cd} (tol {td})");
+                let tt = rel_a * ct.abs() + 1e-30;
+                assert!((gt - ct).abs() <= tt, "stamp {s} pixel {i}: template share gpu {gt} cpu {ct} (tol {tt})");
+                let tv = rel_a * ct.abs() + 1e-4 * cv.abs() + 1e-30;
+                assert!((gv - cv).abs() <= tv, "stamp {s} pixel {i}: variance gpu {gv} cpu {cv} (tol {tv})");
+            }
+        }
+        eprintln!("planes {w}x{h} x{n}: ok");
+    }
+}
