@@ -20,6 +20,15 @@ pub struct Metrics {
     pub batches: AtomicU64,
     pub offsets_committed: AtomicU64,
     pub subscribers: AtomicU64,
+    /// Epochs added to the object history store.
+    pub epochs_stored: AtomicU64,
+    /// Epochs the store already had (at-least-once redelivery): nothing added.
+    pub history_duplicates: AtomicU64,
+    /// Stack detections published (`timescale = "stack:<N>n"`).
+    pub stack_detections: AtomicU64,
+    /// History store failures: a failed put (its batch went to dead letters, reason `history`),
+    /// or a failed read or announcement record while stacking.
+    pub history_errors: AtomicU64,
     dead_letters: Mutex<BTreeMap<String, u64>>,
 }
 

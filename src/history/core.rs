@@ -8,13 +8,14 @@
 //! - `ByObject`: object key, band, MJD, alert key → (): an object's epochs in band, MJD order.
 //! - `ByTime`: MJD, alert key → (): all epochs, oldest first, for eviction.
 //! - `Sky`: survey and depth-14 HEALPix cell, object key → (): the positional index.
-//! - `Meta`: `format` and `counters`.
+//! - `Meta`: `format` and `counters`, and the stack announcements:
+//!   `announced\0<object key>\0<band>\0<nights, f64 BE bits>` → score f64, MJD f64 (LE).
 
 use crate::alert::Survey;
 
 use super::record::{self, Counters, ObjectMeta};
 use super::sky::{self, INDEX_DEPTH, KEY_DEPTH};
-use super::{Epoch, HistoryConfig, HistoryError, HistoryStats, ObjectHistory, PutOutcome};
+use super::{Announcement, Epoch, HistoryConfig, HistoryError, HistoryStats, ObjectHistory, PutOutcome};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum T {
@@ -60,6 +61,73 @@ pub(crate) trait Kv: KvRead {
 pub(crate) const FORMAT_KEY: &[u8] = b"format";
 pub(crate) const FORMAT: [u8; 2] = [1, INDEX_DEPTH];
 const COUNTERS_KEY: &[u8] = b"counters";
+const ANNOUNCED: &[u8] = b"announced\0";
+
+fn announced_prefix(object: &str) -> Vec<u8> {
+    let mut k = ANNOUNCED.to_vec();
+    k.extend_from_slice(object.as_bytes());
+    k.push(0);
+    k
+}
+
+/// An object's stack announcements, by band and window.
+pub(crate) fn announcements(kv: &impl KvRead, object: &str) -> Result<Vec<Announcement>, HistoryError> {
+    let lo = announced_prefix(object);
+    let mut hi = lo.clone();
+    if let Some(last) = hi.last_mut() {
+        *last = 1;
+    }
+    let mut out = Vec::new();
+    for key in kv.keys(T::Meta, &lo, &hi)? {
+        let rest = key.get(lo.len()..).unwrap_or_default();
+        let parsed = rest.iter().position(|b| *b == 0).and_then(|nul| {
+            let band = std::str::from_utf8(rest.get(..nul)?).ok()?;
+            let nights = f64::from_bits(u64::from_be_bytes(rest.get(nul + 1..)?.try_into().ok()?));
+            Some((band.to_owned(), nights))
+        });
+        let value = kv.get(T::Meta, &key)?.unwrap_or_default();
+        let fields = value.get(..16).and_then(|v| {
+            let score = f64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+            let mjd = f64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+            Some((score, mjd))
+        });
+        match (parsed, fields, value.len()) {
+            (Some((band, nights)), Some((score, mjd)), 16) => out.push(Announcement { band, nights, score, mjd }),
+            _ => return Err(bad(&key, "announcement entry")),
+        }
+    }
+    Ok(out)
+}
+
+/// Upsert announcements, one per (object, band, window).
+pub(crate) fn record_announcements(kv: &mut impl Kv, list: &[(String, Announcement)]) -> Result<(), HistoryError> {
+    for (object, a) in list {
+        if a.band.as_bytes().contains(&0) || object.as_bytes().contains(&0) {
+            return Err(HistoryError::Internal(format!("announcement of {object:?} band {:?}: NUL in a name", a.band)));
+        }
+        let mut key = announced_prefix(object);
+        key.extend_from_slice(a.band.as_bytes());
+        key.push(0);
+        key.extend_from_slice(&a.nights.to_bits().to_be_bytes());
+        let mut value = a.score.to_le_bytes().to_vec();
+        value.extend_from_slice(&a.mjd.to_le_bytes());
+        kv.put(T::Meta, &key, &value)?;
+    }
+    Ok(())
+}
+
+/// Forget an object's announcements (its last epoch went).
+fn drop_announcements(kv: &mut impl Kv, object: &str) -> Result<(), HistoryError> {
+    let lo = announced_prefix(object);
+    let mut hi = lo.clone();
+    if let Some(last) = hi.last_mut() {
+        *last = 1;
+    }
+    for key in kv.keys(T::Meta, &lo, &hi)? {
+        kv.del(T::Meta, &key)?;
+    }
+    Ok(())
+}
 
 /// The configured rules, validated.
 #[derive(Debug, Clone, Copy)]
@@ -252,6 +320,7 @@ fn remove_epoch(kv: &mut impl Kv, c: &mut Counters, akey: &[u8]) -> Result<(), H
     meta.n_epochs = meta.n_epochs.saturating_sub(1);
     if meta.n_epochs == 0 {
         kv.del(T::Objects, okey.as_bytes())?;
+        drop_announcements(kv, &okey)?;
         kv.del(T::Sky, &record::sky_key(meta.survey, sky::cell(INDEX_DEPTH, meta.ra, meta.dec), &okey))?;
         c.objects = c.objects.saturating_sub(1);
     } else {

@@ -14,7 +14,7 @@ use redb::{
 use crate::alert::Survey;
 
 use super::core::{self, Kv, KvRead, Rules, FORMAT, FORMAT_KEY, T};
-use super::{Epoch, HistoryConfig, HistoryError, HistoryStats, HistoryStore, ObjectHistory, PutOutcome};
+use super::{Announcement, Epoch, HistoryConfig, HistoryError, HistoryStats, HistoryStore, ObjectHistory, PutOutcome};
 
 /// redb's page cache; its default (1 GiB) is more than a history needs next to the GPU work.
 const CACHE_BYTES: usize = 64 << 20;
@@ -295,5 +295,24 @@ impl HistoryStore for RedbHistory {
 
     fn stats(&self) -> Result<HistoryStats, HistoryError> {
         self.read(|t| core::stats(t))
+    }
+
+    fn announcements(&self, object: &str) -> Result<Vec<Announcement>, HistoryError> {
+        self.read(|t| core::announcements(t, object))
+    }
+
+    fn record_announcements(&self, list: &[(String, Announcement)]) -> Result<(), HistoryError> {
+        let txn = self.db.begin_write().map_err(self.storage())?;
+        {
+            let t = T::ALL
+                .iter()
+                .map(|t| txn.open_table(def(*t)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(self.storage())?;
+            let mut tables = WriteTables { path: &self.path, t };
+            core::record_announcements(&mut tables, list)?;
+        }
+        txn.commit().map_err(self.storage())?;
+        Ok(())
     }
 }

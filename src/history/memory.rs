@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::alert::Survey;
 
 use super::core::{self, Kv, KvRead, Rules, T};
-use super::{Epoch, HistoryConfig, HistoryError, HistoryStats, HistoryStore, ObjectHistory, PutOutcome};
+use super::{Announcement, Epoch, HistoryConfig, HistoryError, HistoryStats, HistoryStore, ObjectHistory, PutOutcome};
 
 /// The history store in memory. `config.path` and `rebuild_corrupt` are ignored.
 pub struct MemoryHistory {
@@ -78,5 +78,13 @@ impl HistoryStore for MemoryHistory {
 
     fn stats(&self) -> Result<HistoryStats, HistoryError> {
         core::stats(&*self.lock())
+    }
+
+    fn announcements(&self, object: &str) -> Result<Vec<Announcement>, HistoryError> {
+        core::announcements(&*self.lock(), object)
+    }
+
+    fn record_announcements(&self, list: &[(String, Announcement)]) -> Result<(), HistoryError> {
+        core::record_announcements(&mut *self.lock(), list)
     }
 }

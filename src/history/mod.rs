@@ -56,6 +56,28 @@ pub trait HistoryStore: Send + Sync {
 
     /// Counts and sizes.
     fn stats(&self) -> Result<HistoryStats, HistoryError>;
+
+    /// The stack detections announced for an object, one per band and window (the latest).
+    fn announcements(&self, object: &str) -> Result<Vec<Announcement>, HistoryError>;
+
+    /// Records announcements (object key, announcement), replacing the object's earlier one for
+    /// the same band and window, in one durable commit. They go when the object's last epoch
+    /// goes.
+    fn record_announcements(&self, list: &[(String, Announcement)]) -> Result<(), HistoryError>;
+}
+
+/// The last stack detection published for one object, band and window: the pipeline
+/// announces again only when the score has grown enough since (`docs/stacking.md`,
+/// "Streaming"). Kept in the store so a restart does not announce again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Announcement {
+    pub band: String,
+    /// The window, nights.
+    pub nights: f64,
+    /// The stack's score when announced, sigma (signed).
+    pub score: f64,
+    /// The epoch (MJD) the stack was made at.
+    pub mjd: f64,
 }
 
 /// One epoch of one object: what stacking needs from a processed alert.

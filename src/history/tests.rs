@@ -505,3 +505,38 @@ fn a_record_of_an_unknown_version_is_a_clear_error() {
     let err = s.object("ztf:id:v").unwrap_err().to_string();
     assert!(err.contains("ztf:000000000077") && err.contains("record version 9, this blink reads version 1"), "{err}");
 }
+
+/// Issue 5: stack announcements are upserted per (object, band, window), survive a reopen of
+/// the file, and go with the object's last epoch.
+#[test]
+fn announcements_upsert_survive_reopen_and_go_with_the_object() {
+    let mut rng = rng();
+    let cfg = HistoryConfig { retention_days: 5.0, ..Default::default() };
+    let (stores, dir) = stores(&cfg);
+    let a = |band: &str, nights: f64, score: f64| Announcement { band: band.into(), nights, score, mjd: 60000.0 };
+    for (name, s) in &stores {
+        let key = added(s.put(&epoch(&mut rng, 1, "ZTF1", 10.0, 20.0, 60000.0)).unwrap()).0;
+        let other = added(s.put(&epoch(&mut rng, 2, "ZTF2", 10.0, 20.0, 60000.0)).unwrap()).0;
+        assert!(s.announcements(&key).unwrap().is_empty(), "{name}");
+        s.record_announcements(&[(key.clone(), a("g", 3.0, 6.0)), (key.clone(), a("g", 10.0, 7.0)), (other.clone(), a("r", 3.0, 5.5))]).unwrap();
+        s.record_announcements(&[(key.clone(), a("g", 3.0, 9.5))]).unwrap();
+        let mut got = s.announcements(&key).unwrap();
+        got.sort_by(|x, y| x.nights.total_cmp(&y.nights));
+        assert_eq!(got, vec![a("g", 3.0, 9.5), a("g", 10.0, 7.0)], "{name}");
+        // A prefix of another key is not that key's.
+        assert_eq!(s.announcements(&key[..key.len() - 1]).unwrap(), vec![], "{name}");
+        // Both objects' epochs age out: their announcements go too.
+        s.put(&epoch(&mut rng, 3, "ZTF3", 10.0, 20.0, 60010.0)).unwrap();
+        assert!(s.announcements(&key).unwrap().is_empty() && s.announcements(&other).unwrap().is_empty(), "{name}");
+    }
+    drop(stores);
+    let path = dir.0.join("h.redb");
+    let key = {
+        let s = RedbHistory::open(&HistoryConfig { path: path.clone(), ..cfg.clone() }).unwrap();
+        let key = added(s.put(&epoch(&mut rng, 4, "ZTF4", 10.0, 20.0, 60010.0)).unwrap()).0;
+        s.record_announcements(&[(key.clone(), a("i", 30.0, -8.0))]).unwrap();
+        key
+    };
+    let s = RedbHistory::open(&HistoryConfig { path, ..cfg }).unwrap();
+    assert_eq!(s.announcements(&key).unwrap(), vec![a("i", 30.0, -8.0)]);
+}

@@ -8,9 +8,14 @@
 //! ```
 //! Every unit derived from a message (one result per alert, or one dead letter) is counted by the
 //! [`ack::AckTracker`]; the source commits an offset only when all earlier units are delivered.
+//!
+//! With a history store ([`Pipeline::start_with_history`]) the engine also returns each
+//! stamp's planes, and the sink stores the batch's epochs in one durable commit before it acks
+//! them, then measures the touched objects' window stacks ([`stacking`]).
 
 pub mod ack;
 pub mod deadletter;
+pub mod stacking;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,6 +29,7 @@ use crate::alert::{Alert, Survey};
 use crate::config::Config;
 use crate::decode::{DecodeError, Decoder};
 use crate::engine::{self, Engine, PrepareConfig, PreparedStamp, SubtractionResult};
+use crate::history::{Epoch, EpochStamps, HistoryStore, Measurement, PutOutcome};
 use crate::metrics::Metrics;
 use crate::sink::grpc::Hub;
 pub use ack::{AckToken, AckTracker};
@@ -47,6 +53,9 @@ pub struct AlertMeta {
     pub mjd_tai: f64,
     pub band: String,
     pub survey_snr: Option<f64>,
+    /// The candidate's sub-pixel position in the stamps (0-based, x = column).
+    pub stamp_x: f64,
+    pub stamp_y: f64,
 }
 
 impl AlertMeta {
@@ -60,6 +69,8 @@ impl AlertMeta {
             mjd_tai: a.mjd_tai,
             band: a.band.clone(),
             survey_snr: a.candidate.survey_snr,
+            stamp_x: a.candidate.stamp_x,
+            stamp_y: a.candidate.stamp_y,
         }
     }
 }
@@ -144,12 +155,26 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Start every stage. `engine` moves to a dedicated thread (GPU submission blocks).
+    /// No history store: single-epoch results only.
     pub fn start(
         cfg: &Config,
         decoder: Arc<Decoder>,
         engine: Box<dyn Engine>,
         hub: Hub,
         metrics: Arc<Metrics>,
+    ) -> std::io::Result<Pipeline> {
+        Pipeline::start_with_history(cfg, decoder, engine, hub, metrics, None)
+    }
+
+    /// [`Pipeline::start`], with `history` (when given) keeping every processed alert's epoch
+    /// and the stack detections published from it.
+    pub fn start_with_history(
+        cfg: &Config,
+        decoder: Arc<Decoder>,
+        engine: Box<dyn Engine>,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        history: Option<Arc<dyn HistoryStore>>,
     ) -> std::io::Result<Pipeline> {
         let cap = cfg.batch.channel_capacity;
         let (input, envelopes) = mpsc::channel::<Envelope>(cap);
@@ -180,7 +205,10 @@ impl Pipeline {
         ));
         let engine_thread = std::thread::Builder::new()
             .name("blink-engine".into())
-            .spawn(move || engine_stage(engine, batches_rx, outcomes_tx))?;
+            .spawn({
+                let planes = history.is_some();
+                move || engine_stage(engine, batches_rx, outcomes_tx, planes)
+            })?;
         let sink = tokio::spawn(sink_stage(
             outcomes_rx,
             hub,
@@ -188,6 +216,7 @@ impl Pipeline {
             dead,
             metrics,
             cfg.detect.threshold,
+            history,
         ));
         Ok(Pipeline { input, commits, tasks: vec![decode, batcher, sink], engine_thread })
     }
@@ -332,19 +361,36 @@ async fn batch_stage(
     }
 }
 
-type Outcomes = Vec<((AckToken, AlertMeta), Result<SubtractionResult, String>)>;
+/// One alert's engine output: the result and, when a history store is on, its planes.
+type Processed = Result<(SubtractionResult, Option<EpochStamps>), String>;
+type Outcomes = Vec<((AckToken, AlertMeta), Processed)>;
 
-/// Runs on its own thread: assemble each batch, run the engine, pass results on.
+/// Runs on its own thread: assemble each batch, run the engine, pass results on. With
+/// `planes`, the engine also returns each stamp's planes for the history store.
 fn engine_stage(
     mut engine: Box<dyn Engine>,
     mut batches: mpsc::Receiver<Vec<Item>>,
     outcomes: mpsc::Sender<Outcomes>,
+    planes: bool,
 ) {
     while let Some(items) = batches.blocking_recv() {
         let (items, stamps): (Vec<(AckToken, AlertMeta)>, Vec<PreparedStamp>) =
             items.into_iter().map(|i| ((i.token, i.meta), i.stamp)).unzip();
         let batch = engine::assemble(&stamps);
-        let results: Vec<Result<SubtractionResult, String>> = match engine.subtract(&batch) {
+        let run = if planes {
+            engine.subtract_planes(&batch).map(|p| {
+                let stamps = (0..batch.n)
+                    .map(|s| {
+                        let params = batch.params.get(s)?;
+                        stacking::epoch_stamps(&p, s, batch.width, batch.height, params)
+                    })
+                    .collect::<Vec<_>>();
+                p.results.iter().copied().zip(stamps).collect::<Vec<_>>()
+            })
+        } else {
+            engine.subtract(&batch).map(|r| r.into_iter().map(|r| (r, None)).collect())
+        };
+        let results: Vec<Processed> = match run {
             Ok(r) if r.len() == items.len() => r.into_iter().map(Ok).collect(),
             Ok(r) => {
                 let msg = format!("engine returned {} results for {} stamps", r.len(), items.len());
@@ -361,6 +407,10 @@ fn engine_stage(
     }
 }
 
+/// Publish each batch's results and ack them. With a history store, the batch's epochs are
+/// stored first in one durable commit (so a crash repeats at most unacknowledged alerts); if
+/// that fails the batch's alerts become dead letters (`history`) and the stream goes on. Then
+/// the touched objects' stacks are measured and announced, and only then is the batch acked.
 async fn sink_stage(
     mut outcomes: mpsc::Receiver<Outcomes>,
     hub: Hub,
@@ -368,30 +418,171 @@ async fn sink_stage(
     dead: Arc<DeadLetterSink>,
     metrics: Arc<Metrics>,
     threshold: f64,
+    history: Option<Arc<dyn HistoryStore>>,
 ) {
     while let Some(batch) = outcomes.recv().await {
         Metrics::inc(&metrics.batches);
+        let mut good: Vec<(Outcome, Option<EpochStamps>)> = Vec::with_capacity(batch.len());
         for ((token, meta), result) in batch {
             match result {
-                Ok(result) if result.score.is_finite() => {
+                Ok((result, stamps)) if result.score.is_finite() => {
                     let detected = f64::from(result.score).abs() >= threshold;
-                    let outcome = Outcome { token: token.clone(), meta, result, detected };
-                    hub.publish(&outcome);
-                    Metrics::inc(&metrics.results_out);
-                    if detected {
-                        Metrics::inc(&metrics.detected);
-                    }
+                    good.push((Outcome { token, meta, result, detected }, stamps));
                 }
-                Ok(result) => {
+                Ok((result, _)) => {
                     let msg = format!(
                         "{} alert {}: non-finite score {}",
                         meta.survey, meta.alert_id, result.score
                     );
                     dead.deliver(&token, "engine", &msg);
+                    acks.done(&token);
                 }
-                Err(e) => dead.deliver(&token, "engine", &e),
+                Err(e) => {
+                    dead.deliver(&token, "engine", &e);
+                    acks.done(&token);
+                }
             }
-            acks.done(&token);
         }
+        let mut touched = Vec::new();
+        if let Some(h) = history.as_ref().filter(|_| !good.is_empty()) {
+            match store(h.clone(), &good, &metrics).await {
+                Ok(t) => touched = t,
+                Err(e) => {
+                    Metrics::inc(&metrics.history_errors);
+                    tracing::error!(error = %e, alerts = good.len(), "history store failed; the batch goes to dead letters");
+                    for (o, _) in &good {
+                        let msg = format!("{} alert {}: {e}", o.meta.survey, o.meta.alert_id);
+                        dead.deliver(&o.token, "history", &msg);
+                        acks.done(&o.token);
+                    }
+                    continue;
+                }
+            }
+        }
+        for (o, _) in &good {
+            hub.publish(o);
+            Metrics::inc(&metrics.results_out);
+            if o.detected {
+                Metrics::inc(&metrics.detected);
+            }
+        }
+        if let Some(h) = history.as_ref().filter(|_| !touched.is_empty()) {
+            announce_stacks(h.clone(), touched, &good, &hub, &metrics, threshold).await;
+        }
+        for (o, _) in &good {
+            acks.done(&o.token);
+        }
+    }
+}
+
+/// Store the epochs of `good` in one commit; the objects they went to (added, or already
+/// there) are returned for stacking.
+async fn store(
+    h: Arc<dyn HistoryStore>,
+    good: &[(Outcome, Option<EpochStamps>)],
+    metrics: &Metrics,
+) -> Result<Vec<stacking::Touched>, String> {
+    let mut epochs = Vec::with_capacity(good.len());
+    let mut index = Vec::with_capacity(good.len());
+    for (i, (o, stamps)) in good.iter().enumerate() {
+        let Some(stamps) = stamps else { continue };
+        let m = &o.meta;
+        epochs.push(Epoch {
+            survey: m.survey,
+            alert_id: m.alert_id.clone(),
+            object_id: m.object_id.clone(),
+            band: m.band.clone(),
+            mjd: m.mjd_tai,
+            ra: m.ra,
+            dec: m.dec,
+            stamp_x: m.stamp_x,
+            stamp_y: m.stamp_y,
+            stamps: stamps.clone(),
+            measurement: Measurement::from(&o.result),
+        });
+        index.push(i);
+    }
+    let shapes: Vec<(usize, usize)> = epochs.iter().map(|e| e.stamps.difference.shape()).collect();
+    // redb commits with an fsync: off the async workers.
+    let outcomes = tokio::task::spawn_blocking(move || h.put_many(&epochs))
+        .await
+        .map_err(|e| format!("history task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let mut touched = Vec::new();
+    for ((i, out), (width, height)) in index.into_iter().zip(outcomes).zip(shapes) {
+        let Some((o, _)) = good.get(i) else { continue };
+        let object = match out {
+            PutOutcome::Added { object, .. } => {
+                Metrics::inc(&metrics.epochs_stored);
+                object
+            }
+            // Evaluated again: if the first delivery stored the epoch but died before its
+            // announcements were recorded, this one makes them; otherwise the recorded
+            // announcements keep it from publishing twice.
+            PutOutcome::Duplicate { object } => {
+                Metrics::inc(&metrics.history_duplicates);
+                object
+            }
+            PutOutcome::Expired => continue,
+            PutOutcome::Rejected(reason) => {
+                tracing::warn!(alert_id = %o.meta.alert_id, %reason, "epoch not stored in the history");
+                continue;
+            }
+        };
+        touched.push(stacking::Touched {
+            index: i,
+            object,
+            band: o.meta.band.clone(),
+            mjd: o.meta.mjd_tai,
+            x: o.meta.stamp_x,
+            y: o.meta.stamp_y,
+            width,
+            height,
+        });
+    }
+    Ok(touched)
+}
+
+/// Measure the touched objects' stacks, publish what is to be announced, record it.
+async fn announce_stacks(
+    h: Arc<dyn HistoryStore>,
+    touched: Vec<stacking::Touched>,
+    good: &[(Outcome, Option<EpochStamps>)],
+    hub: &Hub,
+    metrics: &Metrics,
+    threshold: f64,
+) {
+    let store = h.clone();
+    let run = tokio::task::spawn_blocking(move || stacking::evaluate(&*store, &touched, threshold)).await;
+    let (hits, record) = match run {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            Metrics::inc(&metrics.history_errors);
+            tracing::error!(error = %e, "stacking: history read failed");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "stacking task failed");
+            return;
+        }
+    };
+    for hit in &hits {
+        let Some((o, _)) = good.get(hit.index) else { continue };
+        let m = &hit.measurement;
+        hub.publish_stack(o, &stacking::timescale(hit.nights), m.score, m.flux, m.flux_err);
+        Metrics::inc(&metrics.stack_detections);
+        tracing::debug!(object = %hit.object, band = %hit.band, nights = hit.nights, epochs = hit.epochs, score = m.score, "stack detection");
+    }
+    if record.is_empty() {
+        return;
+    }
+    // Recorded after publishing: a crash in between announces again on replay (at least once).
+    match tokio::task::spawn_blocking(move || h.record_announcements(&record)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            Metrics::inc(&metrics.history_errors);
+            tracing::error!(error = %e, "stacking: announcements not recorded");
+        }
+        Err(e) => tracing::error!(error = %e, "announcement task failed"),
     }
 }

@@ -44,9 +44,29 @@ impl Hub {
     /// Hand a result to every current subscriber (none listening is fine: it is still delivered
     /// to the hub, which is what the ack waits for).
     pub fn publish(&self, o: &Outcome) -> u64 {
+        self.send(o, "epoch", None)
+    }
+
+    /// Hand a stack detection to every subscriber: the alert `o` whose epoch made the stack,
+    /// with the stack's score, flux and error and `timescale` (`stack:<N>n`). Its id is
+    /// `<survey>:<alert id>:<timescale>`, stable like the epoch's.
+    pub fn publish_stack(&self, o: &Outcome, timescale: &str, score: f64, flux: f64, flux_err: f64) -> u64 {
+        self.send(o, timescale, Some((score, flux, flux_err)))
+    }
+
+    fn send(&self, o: &Outcome, timescale: &str, stack: Option<(f64, f64, f64)>) -> u64 {
         let sequence = self.sequence.fetch_add(1, Relaxed) + 1;
+        let id = match stack {
+            None => format!("{}:{}", o.meta.survey, o.meta.alert_id),
+            Some(_) => format!("{}:{}:{timescale}", o.meta.survey, o.meta.alert_id),
+        };
+        let (score, flux, flux_err) = stack.unwrap_or((
+            f64::from(o.result.score),
+            f64::from(o.result.flux),
+            f64::from(o.result.flux_err),
+        ));
         let d = Detection {
-            id: format!("{}:{}", o.meta.survey, o.meta.alert_id),
+            id,
             survey: o.meta.survey.to_string(),
             alert_id: o.meta.alert_id.clone(),
             object_id: o.meta.object_id.clone(),
@@ -54,14 +74,14 @@ impl Hub {
             dec: o.meta.dec,
             mjd_tai: o.meta.mjd_tai,
             band: o.meta.band.clone(),
-            score: f64::from(o.result.score),
-            flux: f64::from(o.result.flux),
-            flux_err: f64::from(o.result.flux_err),
-            survey_snr: o.meta.survey_snr.unwrap_or(f64::NAN),
+            score,
+            flux,
+            flux_err,
+            survey_snr: if stack.is_some() { f64::NAN } else { o.meta.survey_snr.unwrap_or(f64::NAN) },
             flux_scale: f64::from(o.result.flux_scale),
             background: f64::from(o.result.background),
-            detected: o.detected,
-            timescale: "epoch".into(),
+            detected: if stack.is_some() { true } else { o.detected },
+            timescale: timescale.into(),
             sequence,
             topic: o.token.topic.clone(),
             partition: o.token.partition,
@@ -71,7 +91,8 @@ impl Hub {
         sequence
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Arc<Detection>> {
+    /// Every detection published from now on, unfiltered (the gRPC streams and tests read this).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Detection>> {
         self.tx.subscribe()
     }
 }
@@ -202,6 +223,10 @@ impl Blink for BlinkService {
             batches: Metrics::get(&m.batches),
             offsets_committed: Metrics::get(&m.offsets_committed),
             messages_in: Metrics::get(&m.messages_in),
+            epochs_stored: Metrics::get(&m.epochs_stored),
+            history_duplicates: Metrics::get(&m.history_duplicates),
+            stack_detections: Metrics::get(&m.stack_detections),
+            history_errors: Metrics::get(&m.history_errors),
         }))
     }
 }
@@ -250,6 +275,8 @@ mod tests {
                 mjd_tai: 61000.0,
                 band: "r".into(),
                 survey_snr: None,
+                stamp_x: 20.0,
+                stamp_y: 20.0,
             },
             result: SubtractionResult {
                 flux_scale: 1.0,
