@@ -351,7 +351,8 @@ pub async fn run(night: &Path, opts: &AlertsOptions) -> anyhow::Result<AlertsSum
         None
     };
     let brokers = embedded.as_ref().map(|e| e.bootstrap_servers()).unwrap_or(opts.kafka.clone());
-    let service = Service::start(&cfg, &brokers).await?;
+    // An offline replay keeps no history file behind.
+    let service = Service::start_with(&cfg, &brokers, crate::service::HistoryBackend::Memory).await?;
 
     let addr = format!("http://{}", service.grpc_addr);
     let subscribed = async {
@@ -517,6 +518,8 @@ async fn measure(
     let mut last = first_sent;
     loop {
         match tokio::time::timeout(Duration::from_millis(5), rx.recv()).await {
+            // Stack detections (`stack:<N>n`) are not the per-alert results scored here.
+            Ok(Some(Ok((d, _)))) if d.timescale != "epoch" => {}
             Ok(Some(Ok((d, t)))) => {
                 received_total += 1;
                 match index.get(d.alert_id.as_str()) {

@@ -11,8 +11,12 @@ use crate::sim::night::truth::TruthRecord;
 /// Robust σ of `img.score` away from every row of `truth` (the frame's rows), unmasked pixels
 /// only; `fwhm` (pixels) widens the berth around sources. `None` when no pixel is left.
 pub fn empty_sky_sigma(img: &FrameImages, truth: &[&TruthRecord], fwhm: f64) -> Option<f64> {
-    let (w, h) = (img.width, img.height);
-    let mut keep = img.masked.iter().map(|m| !m).collect::<Vec<bool>>();
+    empty_sky_sigma_of(img.width, img.height, &img.score, &img.masked, truth, fwhm)
+}
+
+/// [`empty_sky_sigma`] of a `w × h` score image and its mask (a stack's, say).
+pub fn empty_sky_sigma_of(w: usize, h: usize, score: &[f32], masked: &[bool], truth: &[&TruthRecord], fwhm: f64) -> Option<f64> {
+    let mut keep = masked.iter().map(|m| !m).collect::<Vec<bool>>();
     for t in truth {
         if t.kind == "bad_column" {
             let c = t.x.round() as i64;
@@ -35,7 +39,7 @@ pub fn empty_sky_sigma(img: &FrameImages, truth: &[&TruthRecord], fwhm: f64) -> 
             }
         }
     }
-    let sample: Vec<f32> = img.score.iter().zip(&keep).filter(|(_, k)| **k).map(|(s, _)| *s).collect();
+    let sample: Vec<f32> = score.iter().zip(&keep).filter(|(_, k)| **k).map(|(s, _)| *s).collect();
     robust_stats(&sample).map(|(_, s)| s as f64)
 }
 

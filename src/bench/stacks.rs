@@ -122,12 +122,19 @@ pub struct WindowSummary {
     pub unflagged_fp_per_stack: Option<FpRates>,
     /// Median over the stacks of the score's robust σ over usable pixels.
     pub score_sigma_median: Option<f64>,
+    /// Median over the stacks of the score's robust σ on empty sky (away from every source
+    /// and artifact of the stack's frames), when the score images were kept.
+    pub score_sigma_empty_sky: Option<f64>,
 }
 
 /// Per-window figures from a night's match (`m` over frames and stacks, `dets` the catalogue),
 /// the stacks themselves and the frames' own truth (for the slow transients' per-epoch SNR).
-pub fn window_summaries(m: &NightMatch, dets: &[Detection], threshold: f64, stacks: &[StackResult], epoch_truth: &[TruthRecord], slow_snr: (f64, f64)) -> Vec<WindowSummary> {
+pub fn window_summaries(m: &NightMatch, dets: &[Detection], threshold: f64, stacks: &[StackResult], epoch_truth: &[TruthRecord], stack_truth: &[TruthRecord], slow_snr: (f64, f64)) -> Vec<WindowSummary> {
     let by_key: BTreeMap<&str, &StackResult> = stacks.iter().map(|s| (s.key.as_str(), s)).collect();
+    let mut stack_rows: BTreeMap<&str, Vec<&TruthRecord>> = BTreeMap::new();
+    for t in stack_truth {
+        stack_rows.entry(t.frame.as_str()).or_default().push(t);
+    }
     // Per-epoch SNR of every slow transient, by (id, frame).
     let mut slow_epoch: std::collections::HashMap<(u64, &str), f64> = Default::default();
     for t in epoch_truth.iter().filter(|t| t.kind == "slow") {
@@ -176,6 +183,15 @@ pub fn window_summaries(m: &NightMatch, dets: &[Detection], threshold: f64, stac
             ratios.sort_by(f64::total_cmp);
             let mut sig: Vec<f64> = mine.iter().map(|s| s.score_sigma).filter(|v| v.is_finite()).collect();
             sig.sort_by(f64::total_cmp);
+            let mut sky: Vec<f64> = mine
+                .iter()
+                .filter_map(|s| {
+                    let (score, masked) = s.score_image.as_ref()?;
+                    let rows: Vec<&TruthRecord> = stack_rows.get(s.key.as_str()).map(|v| v.iter().copied().collect()).unwrap_or_default();
+                    super::sky::empty_sky_sigma_of(s.width, s.height, score, masked, &rows, super::matching::NOMINAL_FWHM_PX)
+                })
+                .collect();
+            sky.sort_by(f64::total_cmp);
             WindowSummary {
                 window: w,
                 stacks: mine.len(),
@@ -186,6 +202,7 @@ pub fn window_summaries(m: &NightMatch, dets: &[Detection], threshold: f64, stac
                 score_over_ideal_median: (!ratios.is_empty()).then(|| ratios[ratios.len() / 2]),
                 unflagged_fp_per_stack: fp.per_frame(mine.len()),
                 score_sigma_median: (!sig.is_empty()).then(|| sig[sig.len() / 2]),
+                score_sigma_empty_sky: (!sky.is_empty()).then(|| sky[sky.len() / 2]),
             }
         })
         .collect()
@@ -223,12 +240,15 @@ mod tests {
             key: "stack:10n:f9".into(),
             field: "F".into(),
             band: "r".into(),
+            width: 0,
+            height: 0,
             nights: 10.0,
             window: "10n".into(),
             frames: frames.iter().map(|f| f.to_string()).collect(),
             mjd: 9.0,
             detections: Vec::new(),
             score_sigma: 1.0,
+            score_image: None,
         }
     }
 

@@ -185,7 +185,7 @@ fn run_frames(args: &BenchArgs, night: &Night, truth_rows: &[TruthRecord]) -> an
         ("missed transients".to_string(), gallery.take(&picks.missed)),
         ("false positives".to_string(), gallery.take(&picks.false_positives)),
     ];
-    let stacks = crate::bench::stacks::window_summaries(&m, &dets, opts.threshold, &run.stacks, epoch_truth, SLOW_SNR);
+    let stacks = crate::bench::stacks::window_summaries(&m, &dets, opts.threshold, &run.stacks, epoch_truth, truth_rows, SLOW_SNR);
     Ok((FramesReport { summary, speed, score_sigma_empty_sky: sky, threshold: opts.threshold, stacks }, dets, sections))
 }
 

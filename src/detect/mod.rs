@@ -101,6 +101,9 @@ pub struct StageTimes {
     pub score: Duration,
     /// Peaks, measurements, flags.
     pub detect: Duration,
+    /// Stacking (`detect::stacking`): the frame into its night, and the stacks of every night
+    /// it ended (coadds, scores, peaks).
+    pub stack: Duration,
 }
 
 impl StageTimes {
@@ -110,21 +113,23 @@ impl StageTimes {
         self.engine += o.engine;
         self.score += o.score;
         self.detect += o.detect;
+        self.stack += o.stack;
     }
 
     /// (name, seconds) in pipeline order.
-    pub fn named(&self) -> [(&'static str, f64); 5] {
+    pub fn named(&self) -> [(&'static str, f64); 6] {
         [
             ("read", self.read.as_secs_f64()),
             ("prepare", self.prepare.as_secs_f64()),
             ("engine", self.engine.as_secs_f64()),
             ("score", self.score.as_secs_f64()),
             ("detect", self.detect.as_secs_f64()),
+            ("stack", self.stack.as_secs_f64()),
         ]
     }
 
     pub fn total(&self) -> Duration {
-        self.read + self.prepare + self.engine + self.score + self.detect
+        self.read + self.prepare + self.engine + self.score + self.detect + self.stack
     }
 }
 
@@ -262,6 +267,11 @@ impl Detector {
             aperture_correction: aperture_correction.unwrap_or(1.0),
         };
         let detections = frame::find_peaks(&diff, &sc, &meta, self.options.threshold);
+        let sample: Vec<f32> =
+            sc.score.iter().zip(&diff.variance).step_by(3).filter(|(_, v)| **v > 0.0).map(|(s, _)| *s).collect();
+        let score_sigma = image::robust_stats(&sample).map(|(_, s)| s as f64).unwrap_or(f64::NAN);
+        let detect = t2.elapsed();
+        let t3 = Instant::now();
         if let Some(st) = self.stacker.as_mut() {
             let info = stacking::FrameInfo {
                 frame: &entry.file,
@@ -272,12 +282,9 @@ impl Detector {
                 wcs: meta.wcs,
                 aperture_correction: meta.aperture_correction,
             };
-            self.stacks.extend(st.add(&info, &diff, psf.as_ref()));
+            self.stacks.extend(st.add(&info, &diff, psf.as_ref(), &detections));
         }
-        let sample: Vec<f32> =
-            sc.score.iter().zip(&diff.variance).step_by(3).filter(|(_, v)| **v > 0.0).map(|(s, _)| *s).collect();
-        let score_sigma = image::robust_stats(&sample).map(|(_, s)| s as f64).unwrap_or(f64::NAN);
-        let detect = t2.elapsed();
+        let stack = t3.elapsed();
         let images = self.keep_images.then(|| FrameImages {
             width: diff.width,
             height: diff.height,
@@ -292,7 +299,7 @@ impl Detector {
             width: diff.width,
             height: diff.height,
             detections,
-            times: StageTimes { read, prepare: diff.prepare, engine: diff.engine, score, detect },
+            times: StageTimes { read, prepare: diff.prepare, engine: diff.engine, score, detect, stack },
             fwhm_science: diff.sigma_science * frame::FWHM_PER_SIGMA,
             fwhm_template: diff.sigma_template * frame::FWHM_PER_SIGMA,
             kernel_sigma: diff.kernel_sigma,
@@ -378,7 +385,11 @@ impl Detector {
     ) -> Result<NightRun, DetectError> {
         let t0 = Instant::now();
         let n = limit.unwrap_or(usize::MAX).min(night.manifest.frames.len());
-        self.stacker = (!self.options.stack_windows.is_empty()).then(|| stacking::FrameStacker::new(&self.options.stack_windows, self.options.threshold));
+        self.stacker = (!self.options.stack_windows.is_empty()).then(|| {
+            let mut st = stacking::FrameStacker::new(&self.options.stack_windows, self.options.threshold);
+            st.keep_scores = self.keep_images;
+            st
+        });
         self.stacks.clear();
         let mut frames = Vec::with_capacity(n);
         // Stacks need each field's frames in time order: the manifest's order within a field
@@ -396,7 +407,11 @@ impl Detector {
         }
         frames.sort_by_key(|(k, _)| *k);
         if let Some(mut st) = self.stacker.take() {
+            let t = Instant::now();
             self.stacks.extend(st.finish());
+            if let Some((_, last)) = frames.last_mut() {
+                last.times.stack += t.elapsed();
+            }
         }
         let stacks = std::mem::take(&mut self.stacks);
         Ok(NightRun { adapter: self.adapter(), frames: frames.into_iter().map(|(_, r)| r).collect(), stacks, wall: t0.elapsed() })

@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use super::catalog::Detection;
+use super::catalog::{flags, Detection};
 use super::frame::{self, Difference, FrameMeta, ScoreImage};
 use super::psf;
 use crate::stack::{coadd, plan_windows, Stack, StackEpoch};
@@ -63,6 +63,9 @@ pub struct StackResult {
     pub key: String,
     pub field: String,
     pub band: String,
+    /// Size of the stack, pixels (its frames').
+    pub width: usize,
+    pub height: usize,
     /// Window length, nights, and its label.
     pub nights: f64,
     pub window: String,
@@ -73,6 +76,9 @@ pub struct StackResult {
     pub detections: Vec<Detection>,
     /// Robust σ of the stack's score over usable pixels (1 for an honest variance).
     pub score_sigma: f64,
+    /// The score image and its mask (true: no data), when the stacker keeps them
+    /// ([`FrameStacker::keep_scores`]; `blink bench` measures the scatter on empty sky).
+    pub score_image: Option<(Vec<f32>, Vec<bool>)>,
 }
 
 /// What the stacker needs of one frame besides its difference.
@@ -114,6 +120,8 @@ struct Group {
 
 /// Stacks frames as they come (in time order within each field and band).
 pub struct FrameStacker {
+    /// Keep each stack's score image in [`StackResult::score_image`].
+    pub keep_scores: bool,
     windows: Vec<f64>,
     threshold: f64,
     groups: BTreeMap<(String, String), Group>,
@@ -123,17 +131,21 @@ pub struct FrameStacker {
 impl FrameStacker {
     pub fn new(windows: &[f64], threshold: f64) -> FrameStacker {
         let longest = windows.iter().cloned().fold(0.0, f64::max);
-        FrameStacker { windows: windows.to_vec(), threshold, groups: BTreeMap::new(), longest }
+        FrameStacker { keep_scores: false, windows: windows.to_vec(), threshold, groups: BTreeMap::new(), longest }
     }
 
     /// Add one frame's difference (`psf`: the difference's measured PSF, when there was one).
     /// Returns the stacks of every night that this frame's arrival ended. A frame without a
     /// decorrelated difference is left out, with a warning.
-    pub fn add(&mut self, info: &FrameInfo<'_>, diff: &Difference, psf: Option<&PsfImage>) -> Vec<StackResult> {
-        let Some(epoch) = epoch_of(diff, psf, info.mjd, info.band) else {
+    /// `detections` are the frame's own: around those flagged sharp or streak (a cosmic ray,
+    /// a hot pixel, a satellite) the frame is masked before it enters the stacks, so an
+    /// artifact of one epoch, or one that sits on the same pixel in every epoch, does not add up.
+    pub fn add(&mut self, info: &FrameInfo<'_>, diff: &Difference, psf: Option<&PsfImage>, detections: &[Detection]) -> Vec<StackResult> {
+        let Some(mut epoch) = epoch_of(diff, psf, info.mjd, info.band) else {
             tracing::warn!(frame = info.frame, "no decorrelated difference: the frame is left out of the stacks");
             return Vec::new();
         };
+        mask_artifacts(&mut epoch, detections, diff.sigma_difference * frame::FWHM_PER_SIGMA);
         let key = (info.field.to_string(), info.band.to_string());
         let mut out = Vec::new();
         let g = self.groups.entry(key).or_insert_with(|| Group {
@@ -153,7 +165,7 @@ impl FrameStacker {
             return out;
         }
         if !g.open.is_empty() && info.mjd - g.open_start > NIGHT_GAP_DAYS {
-            out.extend(close_night(g, &self.windows, self.longest, self.threshold));
+            out.extend(close_night(g, &self.windows, self.longest, self.threshold, self.keep_scores));
         }
         if g.open.is_empty() {
             g.open_start = info.mjd;
@@ -172,7 +184,7 @@ impl FrameStacker {
         let mut out = Vec::new();
         for g in self.groups.values_mut() {
             if !g.open.is_empty() {
-                out.extend(close_night(g, &self.windows, self.longest, self.threshold));
+                out.extend(close_night(g, &self.windows, self.longest, self.threshold, self.keep_scores));
             }
         }
         out
@@ -223,6 +235,93 @@ fn template_share(diff: &Difference, dk: &crate::subtract::decorr::Decorrelation
     }
 }
 
+/// A night's pixel more than this many σ above the mean of the night's other epochs is an
+/// outlier (a cosmic ray the frame's flags missed) and is masked in its epoch.
+pub const CLIP_SIGMA: f64 = 6.0;
+/// Pixels around an outlier masked with it: the decorrelation filter spreads it a little.
+pub const CLIP_GROW: usize = 2;
+
+/// Per pixel, with at least three usable epochs: an epoch whose value lies more than `k` σ
+/// above the inverse-variance mean of the others (σ from both variances) is masked there, the
+/// mask grown by `grow` pixels in that epoch. Only upward: what a single exposure adds that its
+/// night's other exposures lack is a cosmic ray or a flash, which the frame itself reports; a
+/// transient seen in every exposure is never clipped. Returns the pixels masked.
+pub fn clip_outliers(epochs: &mut [StackEpoch], k: f64, grow: usize) -> usize {
+    let n = epochs.len();
+    if n < 3 {
+        return 0;
+    }
+    let (w, h) = (epochs[0].width, epochs[0].height);
+    if epochs.iter().any(|e| e.width != w || e.height != h) {
+        return 0;
+    }
+    let mut hits: Vec<Vec<bool>> = vec![vec![false; w * h]; n];
+    let mut any = false;
+    for i in 0..w * h {
+        let (mut sw, mut swd, mut cnt) = (0.0f64, 0.0f64, 0);
+        for e in epochs.iter() {
+            let (d, v) = (e.diff[i], e.var[i]);
+            if d.is_finite() && v > 0.0 {
+                sw += 1.0 / v as f64;
+                swd += d as f64 / v as f64;
+                cnt += 1;
+            }
+        }
+        if cnt < 3 {
+            continue;
+        }
+        for (k_e, e) in epochs.iter().enumerate() {
+            let (d, v) = (e.diff[i], e.var[i]);
+            if !(d.is_finite() && v > 0.0) {
+                continue;
+            }
+            let (ow, owd) = (sw - 1.0 / v as f64, swd - d as f64 / v as f64);
+            if ow <= 0.0 {
+                continue;
+            }
+            let mean = owd / ow;
+            if (d as f64 - mean) > k * (v as f64 + 1.0 / ow).sqrt() {
+                hits[k_e][i] = true;
+                any = true;
+            }
+        }
+    }
+    if !any {
+        return 0;
+    }
+    let mut masked = 0;
+    for (e, hit) in epochs.iter_mut().zip(&hits) {
+        let grown = crate::cpu::frame::grow(hit, w, h, grow);
+        for (i, g) in grown.iter().enumerate() {
+            if *g && e.diff[i].is_finite() {
+                e.diff[i] = f32::NAN;
+                e.var[i] = f32::NAN;
+                e.var_template[i] = f32::NAN;
+                masked += 1;
+            }
+        }
+    }
+    masked
+}
+
+/// Mask (NaN) a box around every detection flagged [`flags::SHARP`] or [`flags::STREAK`]:
+/// `1.5 FWHM` (at least 3 px) for a sharp one, 5 px more for a streak (up to 10 px long).
+fn mask_artifacts(e: &mut StackEpoch, detections: &[Detection], fwhm: f64) {
+    let (w, h) = (e.width as i64, e.height as i64);
+    for d in detections.iter().filter(|d| d.flags & (flags::SHARP | flags::STREAK) != 0) {
+        let r = (1.5 * fwhm).ceil().max(3.0) as i64 + if d.flags & flags::STREAK != 0 { 5 } else { 0 };
+        let (cx, cy) = (d.x.round() as i64, d.y.round() as i64);
+        for y in (cy - r).max(0)..=(cy + r).min(h - 1) {
+            for x in (cx - r).max(0)..=(cx + r).min(w - 1) {
+                let i = (y * w + x) as usize;
+                e.diff[i] = f32::NAN;
+                e.var[i] = f32::NAN;
+                e.var_template[i] = f32::NAN;
+            }
+        }
+    }
+}
+
 /// A unit-sum Gaussian PSF image of `sigma` (±4σ).
 fn gaussian_psf(sigma: f64) -> PsfImage {
     let s = sigma.max(0.3);
@@ -240,10 +339,11 @@ fn gaussian_psf(sigma: f64) -> PsfImage {
 }
 
 /// Stack the group's open night, keep it, and detect on every window that ends with it.
-fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64) -> Vec<StackResult> {
+fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64, keep: bool) -> Vec<StackResult> {
     let open = std::mem::take(&mut g.open);
     let frames: Vec<String> = open.iter().map(|(f, _)| f.clone()).collect();
-    let epochs: Vec<StackEpoch> = open.into_iter().map(|(_, e)| e).collect();
+    let mut epochs: Vec<StackEpoch> = open.into_iter().map(|(_, e)| e).collect();
+    clip_outliers(&mut epochs, CLIP_SIGMA, CLIP_GROW);
     let now = epochs.iter().map(|e| e.mjd).fold(f64::NEG_INFINITY, f64::max);
     let night = match coadd(&epochs) {
         Ok(s) => s,
@@ -290,14 +390,15 @@ fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64) -> 
         let label = window_label(nights);
         let last = g.nights.last().and_then(|n| n.frames.last()).cloned().unwrap_or_default();
         let key = format!("stack:{label}:{last}");
-        let (detections, score_sigma) = detect_on(&stack, g, &key, now, threshold);
-        out.push(StackResult { key, field: g.field.clone(), band: g.band.clone(), nights, window: label, frames, mjd: now, detections, score_sigma });
+        let (detections, score_sigma, score) = detect_on(&stack, g, &key, now, threshold);
+        let score_image = keep.then(|| (score, stack.var.iter().map(|v| !(*v > 0.0 && v.is_finite())).collect()));
+        out.push(StackResult { key, field: g.field.clone(), band: g.band.clone(), width: stack.width, height: stack.height, nights, window: label, frames, mjd: now, detections, score_sigma, score_image });
     }
     out
 }
 
 /// Score, peaks and flags on a stack, as on a frame.
-fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (Vec<Detection>, f64) {
+fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (Vec<Detection>, f64, Vec<f32>) {
     let (w, h) = (stack.width, stack.height);
     let sc: ScoreImage = {
         let mut sc = psf::matched_filter(&stack.image, &stack.var, w, h, &stack.psf, 1.0);
@@ -318,12 +419,53 @@ fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (
     let dets = frame::find_peaks(&diff, &sc, &meta, threshold);
     let sample: Vec<f32> = sc.score.iter().zip(&diff.variance).step_by(3).filter(|(_, v)| **v > 0.0).map(|(s, _)| *s).collect();
     let sigma = super::image::robust_stats(&sample).map(|(_, s)| s as f64).unwrap_or(f64::NAN);
-    (dets, sigma)
+    (dets, sigma, sc.score)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn epoch(rng: &mut impl rand::Rng, w: usize, source: f32) -> StackEpoch {
+        use rand_distr::{Distribution, Normal};
+        let n = Normal::new(0.0f32, 1.0).unwrap();
+        let mut diff: Vec<f32> = (0..w * w).map(|_| n.sample(rng)).collect();
+        diff[w * w / 2 + w / 2] += source;
+        StackEpoch {
+            width: w,
+            height: w,
+            diff,
+            var: vec![1.0; w * w],
+            var_template: vec![0.01; w * w],
+            psf: gaussian_psf(1.0),
+            mjd: 0.0,
+            band: "r".into(),
+            dx: 0.0,
+            dy: 0.0,
+        }
+    }
+
+    #[test]
+    fn clipping_removes_a_one_exposure_spike_and_keeps_a_steady_source() {
+        let mut rng = rand::thread_rng();
+        let w = 32;
+        let c = w * w / 2 + w / 2;
+        // A spike of 50 σ in one of three exposures: masked there, and only there (with its
+        // neighbours), the others untouched.
+        let mut night = vec![epoch(&mut rng, w, 0.0), epoch(&mut rng, w, 50.0), epoch(&mut rng, w, 0.0)];
+        let before: Vec<Vec<f32>> = night.iter().map(|e| e.diff.clone()).collect();
+        let masked = clip_outliers(&mut night, CLIP_SIGMA, CLIP_GROW);
+        assert!(night[1].diff[c].is_nan() && night[1].diff[c + 2].is_nan() && !night[1].diff[c + 3].is_nan());
+        assert_eq!(night[0].diff, before[0]);
+        assert_eq!(night[2].diff, before[2]);
+        assert!((25..=40).contains(&masked), "{masked} pixels masked");
+        // The same source in every exposure: nothing clipped (pure noise clips ~1e-9 of pixels).
+        let mut steady: Vec<StackEpoch> = (0..3).map(|_| epoch(&mut rng, w, 50.0)).collect();
+        assert_eq!(clip_outliers(&mut steady, CLIP_SIGMA, CLIP_GROW), 0);
+        // Two exposures cannot tell which one is odd.
+        let mut two = vec![epoch(&mut rng, w, 0.0), epoch(&mut rng, w, 50.0)];
+        assert_eq!(clip_outliers(&mut two, CLIP_SIGMA, CLIP_GROW), 0);
+    }
 
     #[test]
     fn windows_parse_and_label() {
