@@ -29,6 +29,9 @@ pub struct Config {
     pub grpc: GrpcConfig,
     pub decode: DecodeConfig,
     pub dead_letter: DeadLetterConfig,
+    /// The object history store (`docs/history.md`): `blink serve` keeps it in this file,
+    /// `blink demo` in memory.
+    pub history: crate::history::HistoryConfig,
 }
 
 /// Where alerts come from.
@@ -247,6 +250,9 @@ impl Config {
         if self.grpc.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!("grpc.listen = {:?}: expected ip:port", self.grpc.listen));
         }
+        if let Err(e) = self.history.validate() {
+            return bad(e.to_string());
+        }
         Ok(())
     }
 }
@@ -271,6 +277,7 @@ mod tests {
         let cfg = Config::load(Some(&path), []).expect("blink.example.toml must load");
         assert_eq!(cfg.batch, BatchConfig::default());
         assert_eq!(cfg.detect, DetectConfig::default());
+        assert_eq!(cfg.history, crate::history::HistoryConfig::default());
         assert_eq!(cfg.kafka.brokers, "localhost:9092");
     }
 

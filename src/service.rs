@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::decode::{Decoder, DecoderConfig, Limits};
 use crate::engine::{select_engine, EnginePreference};
+use crate::history::{HistoryError, HistoryStore, MemoryHistory, RedbHistory};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::sink::grpc::{self, Hub};
@@ -29,6 +30,40 @@ pub enum ServiceError {
     Io(#[from] std::io::Error),
     #[error("engine selection was interrupted: {0}")]
     Join(String),
+    #[error(transparent)]
+    History(#[from] HistoryError),
+}
+
+/// Where the object history lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryBackend {
+    /// The redb file of `history.path` (`blink serve`).
+    File,
+    /// In memory, gone at exit (`blink demo`, offline benches).
+    Memory,
+}
+
+/// Open the history store `cfg.history` describes on `backend`. Opening the file reads and
+/// checks every page: off the async workers.
+pub async fn open_history(cfg: &Config, backend: HistoryBackend) -> Result<Arc<dyn HistoryStore>, ServiceError> {
+    let hc = cfg.history.clone();
+    let store: Arc<dyn HistoryStore> = match backend {
+        HistoryBackend::Memory => Arc::new(MemoryHistory::new(&hc)?),
+        HistoryBackend::File => {
+            let opened = tokio::task::spawn_blocking(move || {
+                if hc.rebuild_corrupt {
+                    RedbHistory::open_or_rebuild(&hc)
+                } else {
+                    RedbHistory::open(&hc)
+                }
+            })
+            .await
+            .map_err(|e| ServiceError::Join(e.to_string()))??;
+            tracing::info!(path = %cfg.history.path.display(), "history store open");
+            Arc::new(opened)
+        }
+    };
+    Ok(store)
 }
 
 /// Build the decoder the config describes.
@@ -57,8 +92,15 @@ pub struct Service {
 }
 
 impl Service {
-    /// Start everything against `brokers` (a bootstrap list; the embedded cluster's too).
+    /// Start everything against `brokers` (a bootstrap list; the embedded cluster's too), with
+    /// the history in the file `cfg.history.path`.
     pub async fn start(cfg: &Config, brokers: &str) -> Result<Service, ServiceError> {
+        Service::start_with(cfg, brokers, HistoryBackend::File).await
+    }
+
+    /// [`Service::start`] with the history on `backend`.
+    pub async fn start_with(cfg: &Config, brokers: &str, backend: HistoryBackend) -> Result<Service, ServiceError> {
+        let history = open_history(cfg, backend).await?;
         let decoder = Arc::new(decoder(cfg)?);
         let pref: EnginePreference = cfg.engine.prefer.parse().map_err(ServiceError::Engine)?;
         // Adapter discovery blocks (and may take a second on llvmpipe): off the async workers.
@@ -84,7 +126,8 @@ impl Service {
             },
         ));
 
-        let pipeline = Pipeline::start(cfg, decoder, engine, hub.clone(), metrics.clone())?;
+        let pipeline =
+            Pipeline::start_with_history(cfg, decoder, engine, hub.clone(), metrics.clone(), Some(history))?;
         let consumer = kafka::consumer(&cfg.kafka, brokers)?;
         tracing::info!(brokers, topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, "consuming");
         let source = tokio::spawn(kafka::run(

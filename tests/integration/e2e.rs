@@ -11,7 +11,7 @@ use blink::decode::Decoder;
 use blink::metrics::Metrics;
 use blink::proto::blink_client::BlinkClient;
 use blink::proto::{StatusRequest, SubscribeRequest};
-use blink::service::Service;
+use blink::service::{HistoryBackend, Service};
 use blink::sim::{simulate_alerts, AlertSimConfig};
 use blink::source::kafka::{self, EmbeddedKafka};
 use blink::source::replay::fixture_messages;
@@ -91,7 +91,7 @@ async fn offsets_are_committed_after_delivery_and_status_counts_dead_letters() {
     cfg.grpc.listen = "127.0.0.1:0".into();
     cfg.batch.max_alerts = 4;
     cfg.engine.prefer = "cpu".into();
-    let service = Service::start(&cfg, &brokers).await.unwrap();
+    let service = Service::start_with(&cfg, &brokers, HistoryBackend::Memory).await.unwrap();
     let mut client = BlinkClient::connect(format!("http://{}", service.grpc_addr)).await.unwrap();
     // A filtered subscriber: only ZTF... of which there are none here, so it gets nothing.
     let mut ztf_only = client

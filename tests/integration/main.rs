@@ -10,6 +10,8 @@
 //! - `history`: issue 5, the object history store: kill -9 while writing, a corrupt file, simulated alerts.
 //! - `frame_parity`: the whole-frame GPU kernels (score, sky mesh, variance, masks) against `cpu::frame`.
 //! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
+//! - `stacking_stream`: issue 5, stacking in the pipeline: a faint source announced once from its
+//!   stack, redelivery and restart announce nothing, a history error dead-letters its batch.
 //! - `stack_parity`: the stacking kernels (shift, coadd) against `cpu::stack`; windows on the GPU.
 //! - `simulate`: `blink simulate` against its own claims (noise, flux, template depth, headers,
 //!   manifest and truth, determinism).
@@ -26,3 +28,4 @@ mod frame_parity;
 mod history;
 mod simulate;
 mod stack_parity;
+mod stacking_stream;
