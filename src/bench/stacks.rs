@@ -187,7 +187,7 @@ pub fn window_summaries(m: &NightMatch, dets: &[Detection], threshold: f64, stac
                 .iter()
                 .filter_map(|s| {
                     let (score, masked) = s.score_image.as_ref()?;
-                    let rows: Vec<&TruthRecord> = stack_rows.get(s.key.as_str()).map(|v| v.iter().copied().collect()).unwrap_or_default();
+                    let rows: Vec<&TruthRecord> = stack_rows.get(s.key.as_str()).cloned().unwrap_or_default();
                     super::sky::empty_sky_sigma_of(s.width, s.height, score, masked, &rows, super::matching::NOMINAL_FWHM_PX)
                 })
                 .collect();

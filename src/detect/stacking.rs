@@ -46,7 +46,7 @@ pub fn parse_windows(text: &str) -> Result<Vec<f64>, String> {
     let mut out = Vec::new();
     for part in t.split(',') {
         let v: f64 = part.trim().trim_end_matches('n').parse().map_err(|_| format!("window {part:?}: a number of nights, e.g. 1,3,10,30"))?;
-        if !(v.is_finite() && v >= 1.0 && v <= 3650.0) {
+        if !(v.is_finite() && (1.0..=3650.0).contains(&v)) {
             return Err(format!("window {v}: between 1 and 3650 nights"));
         }
         out.push(v);
@@ -246,6 +246,8 @@ pub const CLIP_GROW: usize = 2;
 /// mask grown by `grow` pixels in that epoch. Only upward: what a single exposure adds that its
 /// night's other exposures lack is a cosmic ray or a flash, which the frame itself reports; a
 /// transient seen in every exposure is never clipped. Returns the pixels masked.
+// One pixel index runs over every epoch's planes and the hit masks at once.
+#[allow(clippy::needless_range_loop)]
 pub fn clip_outliers(epochs: &mut [StackEpoch], k: f64, grow: usize) -> usize {
     let n = epochs.len();
     if n < 3 {

@@ -87,7 +87,7 @@ pub(crate) fn validate(e: &Epoch) -> Result<(), String> {
             ));
         }
     }
-    if !shape_ok(&s.psf, MAX_PSF_SIDE) || s.psf.width % 2 == 0 || s.psf.height % 2 == 0 {
+    if !shape_ok(&s.psf, MAX_PSF_SIDE) || s.psf.width.is_multiple_of(2) || s.psf.height.is_multiple_of(2) {
         return Err(format!(
             "psf {}x{} with {} pixels (odd sides 1..={MAX_PSF_SIDE})",
             s.psf.width,

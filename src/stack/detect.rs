@@ -35,7 +35,7 @@ pub struct StackMeasurement {
 /// planes do not match its shape).
 pub fn measure(stack: &Stack, x: f64, y: f64) -> Option<StackMeasurement> {
     let (w, h) = (stack.width, stack.height);
-    if stack.image.len() != w * h || stack.var.len() != w * h || stack.psf.side % 2 == 0 || stack.psf.pixels.len() != stack.psf.side * stack.psf.side {
+    if stack.image.len() != w * h || stack.var.len() != w * h || stack.psf.side.is_multiple_of(2) || stack.psf.pixels.len() != stack.psf.side * stack.psf.side {
         return None;
     }
     let (px, py) = (x.round(), y.round());
