@@ -299,7 +299,7 @@ mod tests {
             let mask: Vec<bool> = (0..w * h)
                 .map(|_| {
                     s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    (s >> 33) % 53 == 0
+                    (s >> 33).is_multiple_of(53)
                 })
                 .collect();
             assert_eq!(grow(&mask, w, h, r), grow_direct(&mask, w, h, r as i64), "r = {r}");

@@ -474,7 +474,7 @@ pub fn aperture_correction_profile(img: &Image, p: &[f64], side: usize, sigma: f
     let w = img.width;
     let r_ap = (4.0 * 2.3548 * sigma).ceil().max(4.0) as usize;
     let rf = (side / 2) as i64;
-    if side % 2 == 0 || p.len() != side * side {
+    if side.is_multiple_of(2) || p.len() != side * side {
         return None;
     }
     let stars = isolated_stars(img, r_ap.max(rf as usize) + 5)?.at;

@@ -91,7 +91,7 @@ impl StackEpoch {
             }
         }
         let p = &self.psf;
-        if p.side % 2 == 0 || p.pixels.len() != p.side * p.side {
+        if p.side.is_multiple_of(2) || p.pixels.len() != p.side * p.side {
             return bad(format!("PSF of side {} with {} values (odd side, side² values)", p.side, p.pixels.len()));
         }
         if !self.mjd.is_finite() {

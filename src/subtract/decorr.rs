@@ -124,7 +124,7 @@ pub fn decorrelation_kernel(
     var_convolved: f64,
     out_half: usize,
 ) -> Result<DecorrelationKernel, SubtractError> {
-    if kappa_side % 2 == 0 || kappa.len() != kappa_side * kappa_side {
+    if kappa_side.is_multiple_of(2) || kappa.len() != kappa_side * kappa_side {
         return Err(SubtractError::Shape { what: format!("matching kernel of {} values for an odd side {kappa_side}", kappa.len()) });
     }
     if out_half > MAX_OUT_HALF {
@@ -205,7 +205,7 @@ pub fn convolve_full(a: &[f64], sa: usize, b: &[f64], sb: usize) -> Vec<f64> {
 /// centred, odd side. The result has side `psf_side + 2·half` (the full convolution, nothing
 /// cut) and the sum of `psf` times [`DecorrelationKernel::sum`] (≈ 1 for a unit-sum PSF).
 pub fn decorrelated_psf(kernel: &DecorrelationKernel, psf: &[f64], psf_side: usize) -> Result<PsfImage, SubtractError> {
-    if psf_side % 2 == 0 || psf.len() != psf_side * psf_side {
+    if psf_side.is_multiple_of(2) || psf.len() != psf_side * psf_side {
         return Err(SubtractError::Shape { what: format!("PSF of {} values for an odd side {psf_side}", psf.len()) });
     }
     if let Some(i) = psf.iter().position(|v| !v.is_finite()) {

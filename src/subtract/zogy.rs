@@ -131,7 +131,7 @@ pub fn fast_size(target: usize) -> usize {
     loop {
         let mut m = n;
         for p in [2, 3, 5] {
-            while m % p == 0 {
+            while m.is_multiple_of(p) {
                 m /= p;
             }
         }
@@ -175,7 +175,7 @@ pub fn grow_mask(mask: &[bool], w: usize, h: usize, radius: usize) -> Vec<bool> 
 }
 
 fn check_psf(name: &str, psf: &[f64], side: usize) -> Result<Vec<f64>, SubtractError> {
-    if side % 2 == 0 || psf.len() != side * side {
+    if side.is_multiple_of(2) || psf.len() != side * side {
         return Err(SubtractError::Shape { what: format!("{name} PSF has {} values for an odd side {side}", psf.len()) });
     }
     if let Some(i) = psf.iter().position(|v| !v.is_finite()) {

@@ -33,7 +33,7 @@ fn crash_epoch(seed: u64, i: u64) -> Epoch {
     let mut plane = |w: usize| Image::new(w, w, (0..w * w).map(|_| rng.gen_range(-100.0f32..100.0)).collect());
     let stamps =
         EpochStamps { difference: plane(31), variance: plane(31), template_variance: plane(31), psf: plane(15) };
-    let (object_id, (ra, dec)) = if i % 3 == 0 {
+    let (object_id, (ra, dec)) = if i.is_multiple_of(3) {
         let (ra, dec) = centre(i % 4);
         (String::new(), (ra + rng.gen_range(-5e-5..5e-5), dec + rng.gen_range(-5e-5..5e-5)))
     } else {
