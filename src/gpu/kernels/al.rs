@@ -16,6 +16,7 @@
 use std::time::{Duration, Instant};
 
 use crate::cpu::al::{term_kernels, variance_kernels};
+use super::{check_limits, gpu_err};
 use crate::engine::EngineError;
 use crate::gpu::context::GpuContext;
 use crate::gpu::GpuEngine;
@@ -119,10 +120,6 @@ fn entry(binding: u32, ty: wgpu::BufferBindingType) -> wgpu::BindGroupLayoutEntr
     }
 }
 
-fn gpu_err(ctx: &GpuContext, what: impl std::fmt::Display) -> EngineError {
-    EngineError::Gpu(format!("{}: {what}", ctx.adapter_name()))
-}
-
 impl AlPipelines {
     /// Check the adapter's limits against what the shaders need, then build the pipelines.
     pub fn new(ctx: &GpuContext) -> Result<AlPipelines, EngineError> {
@@ -134,11 +131,7 @@ impl AlPipelines {
             ("workgroup size y", l.max_compute_workgroup_size_y, STAMP_TILE),
             ("storage buffers per stage", l.max_storage_buffers_per_shader_stage, 3),
         ];
-        for (what, has, needs) in need {
-            if has < needs {
-                return Err(gpu_err(ctx, format!("Alard–Lupton kernels need {needs} {what}, the adapter has {has}")));
-            }
-        }
+        check_limits(ctx, "Alard–Lupton kernels", &need)?;
         use wgpu::BufferBindingType as B;
         let dev = &ctx.device;
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -601,23 +594,9 @@ impl StampGrams for GpuEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::kernels::wgsl_fields;
 
     /// Field names of a WGSL struct (scalar u32 fields).
-    fn wgsl_fields(src: &str, name: &str) -> Vec<String> {
-        let start = src.find(&format!("struct {name} {{")).expect("struct in shader");
-        let body = &src[start..];
-        let body = &body[body.find('{').expect("{") + 1..body.find('}').expect("}")];
-        body.lines()
-            .map(|l| l.trim())
-            .filter(|l| !l.is_empty() && !l.starts_with("//"))
-            .map(|l| {
-                let (field, ty) = l.split_once(':').expect("field: type");
-                assert_eq!(ty.trim().trim_end_matches(','), "u32", "{l}");
-                field.trim().to_string()
-            })
-            .collect()
-    }
-
     #[test]
     fn wgsl_params_and_constants_match_rust() {
         let f = wgsl_fields(CONVOLVE_WGSL, "AlConvParams");

@@ -26,6 +26,7 @@ use wgpu::util::DeviceExt;
 
 use crate::cpu::frame::Profile;
 use crate::detect::frame::ScoreImage;
+use super::{check_limits, gpu_err};
 use crate::engine::EngineError;
 use crate::gpu::context::GpuContext;
 use crate::gpu::GpuEngine;
@@ -142,10 +143,6 @@ pub struct FramePipelines {
     dummy: [wgpu::Buffer; 4],
 }
 
-fn gpu_err(ctx: &GpuContext, what: impl std::fmt::Display) -> EngineError {
-    EngineError::Gpu(format!("{}: {what}", ctx.adapter_name()))
-}
-
 fn bad(what: impl Into<String>) -> EngineError {
     EngineError::BadStamp(what.into())
 }
@@ -162,11 +159,7 @@ impl FramePipelines {
             ("uniform buffers per stage", l.max_uniform_buffers_per_shader_stage, 2),
             ("workgroup memory bytes", l.max_compute_workgroup_storage_size, 2048),
         ];
-        for (what, has, needs) in need {
-            if has < needs {
-                return Err(gpu_err(ctx, format!("the frame kernels need {needs} {what}, the adapter has {has}")));
-            }
-        }
+        check_limits(ctx, "the frame kernels", &need)?;
         let dev = &ctx.device;
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let buffer = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
@@ -853,17 +846,7 @@ impl GpuEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn wgsl_fields(src: &str, name: &str) -> Vec<String> {
-        let start = src.find(&format!("struct {name} {{")).expect("struct in shader");
-        let body = &src[start..];
-        let body = &body[body.find('{').expect("{") + 1..body.find('}').expect("}")];
-        body.lines()
-            .map(|l| l.trim())
-            .filter(|l| !l.is_empty() && !l.starts_with("//"))
-            .map(|l| l.split_once(':').expect("field: type").0.trim().to_string())
-            .collect()
-    }
+    use crate::gpu::kernels::wgsl_fields;
 
     #[test]
     fn wgsl_params_and_constants_match_rust() {

@@ -13,7 +13,41 @@ pub mod fit;
 pub mod frame;
 pub mod stack;
 
-use crate::engine::StampParams;
+use crate::engine::{EngineError, StampParams};
+use crate::gpu::context::GpuContext;
+
+/// An error of the adapter `ctx` (its name first).
+pub(crate) fn gpu_err(ctx: &GpuContext, what: impl std::fmt::Display) -> EngineError {
+    EngineError::Gpu(format!("{}: {what}", ctx.adapter_name()))
+}
+
+/// Every `(what, the adapter's limit, what the kernels need)` is met, or an error naming the
+/// first that is not: "`kernels` need N what, the adapter has M".
+pub(crate) fn check_limits(ctx: &GpuContext, kernels: &str, need: &[(&str, u32, u32)]) -> Result<(), EngineError> {
+    match need.iter().find(|(_, has, needs)| has < needs) {
+        Some((what, has, needs)) => Err(gpu_err(ctx, format!("{kernels} need {needs} {what}, the adapter has {has}"))),
+        None => Ok(()),
+    }
+}
+
+/// Field names of a WGSL struct (scalar fields only, 4 bytes each), for the tests that keep the
+/// Rust mirrors of the shaders' structs in step.
+#[cfg(test)]
+pub(crate) fn wgsl_fields(src: &str, name: &str) -> Vec<String> {
+    let start = src.find(&format!("struct {name} {{")).expect("struct in shader");
+    let body = &src[start..];
+    let body = &body[body.find('{').expect("{") + 1..body.find('}').expect("}")];
+    body.lines()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty() && !l.starts_with("//"))
+        .map(|l| {
+            let (field, ty) = l.split_once(':').expect("field: type");
+            let ty = ty.trim().trim_end_matches(',');
+            assert!(ty == "u32" || ty == "f32" || ty == "i32", "scalar field {l}");
+            field.trim().to_string()
+        })
+        .collect()
+}
 
 /// Invocations per workgroup (keep in sync with `WG` in every `shaders/*.wgsl`).
 pub const WORKGROUP_SIZE: u32 = 256;
@@ -100,23 +134,6 @@ pub const SHADERS: [(&str, &str); 3] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Field names and count of a WGSL struct (scalar fields only, 4 bytes each).
-    fn wgsl_fields(src: &str, name: &str) -> Vec<String> {
-        let start = src.find(&format!("struct {name} {{")).expect("struct in shader");
-        let body = &src[start..];
-        let body = &body[body.find('{').expect("{") + 1..body.find('}').expect("}")];
-        body.lines()
-            .map(|l| l.trim())
-            .filter(|l| !l.is_empty() && !l.starts_with("//"))
-            .map(|l| {
-                let (field, ty) = l.split_once(':').expect("field: type");
-                let ty = ty.trim().trim_end_matches(',');
-                assert!(ty == "u32" || ty == "f32" || ty == "i32", "scalar field {l}");
-                field.trim().to_string()
-            })
-            .collect()
-    }
 
     #[test]
     fn wgsl_structs_match_rust_sizes() {

@@ -21,6 +21,7 @@ use std::ops::Range;
 use wgpu::util::DeviceExt;
 
 use crate::cpu::stack::{corr_product, effective_psf, ShiftTaps, Shifted, TAPS};
+use super::{check_limits, gpu_err};
 use crate::engine::EngineError;
 use crate::gpu::context::GpuContext;
 use crate::gpu::GpuEngine;
@@ -71,10 +72,6 @@ pub struct GpuStack {
     coadd: wgpu::ComputePipeline,
     /// Largest buffer of one chunk, bytes ([`GpuStack::set_chunk_bytes`]).
     chunk_bytes: u64,
-}
-
-fn gpu_err(ctx: &GpuContext, what: impl std::fmt::Display) -> EngineError {
-    EngineError::Gpu(format!("{}: {what}", ctx.adapter_name()))
 }
 
 fn bad(what: impl Into<String>) -> EngineError {
@@ -132,11 +129,7 @@ impl GpuStack {
             ("workgroup size x", l.max_compute_workgroup_size_x, WG),
             ("storage buffers per stage", l.max_storage_buffers_per_shader_stage, 4),
         ];
-        for (what, has, needs) in need {
-            if has < needs {
-                return Err(gpu_err(ctx, format!("the stacking kernels need {needs} {what}, the adapter has {has}")));
-            }
-        }
+        check_limits(ctx, "the stacking kernels", &need)?;
         let dev = &ctx.device;
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
@@ -334,17 +327,7 @@ fn read_back(ctx: &GpuContext, read: &wgpu::Buffer, bytes: u64) -> Result<Vec<f3
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn wgsl_fields(src: &str, name: &str) -> Vec<String> {
-        let start = src.find(&format!("struct {name} {{")).expect("struct in shader");
-        let body = &src[start..];
-        let body = &body[body.find('{').expect("{") + 1..body.find('}').expect("}")];
-        body.lines()
-            .map(|l| l.trim())
-            .filter(|l| !l.is_empty() && !l.starts_with("//"))
-            .map(|l| l.split_once(':').expect("field: type").0.trim().to_string())
-            .collect()
-    }
+    use crate::gpu::kernels::wgsl_fields;
 
     #[test]
     fn wgsl_params_and_constants_match_rust() {
