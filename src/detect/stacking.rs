@@ -327,17 +327,7 @@ fn mask_artifacts(e: &mut StackEpoch, detections: &[Detection], fwhm: f64) {
 /// A unit-sum Gaussian PSF image of `sigma` (±4σ).
 fn gaussian_psf(sigma: f64) -> PsfImage {
     let s = sigma.max(0.3);
-    let half = (4.0 * s).ceil() as usize;
-    let side = 2 * half + 1;
-    let mut pixels: Vec<f64> = (0..side * side)
-        .map(|i| {
-            let (dx, dy) = ((i % side) as f64 - half as f64, (i / side) as f64 - half as f64);
-            (-(dx * dx + dy * dy) / (2.0 * s * s)).exp()
-        })
-        .collect();
-    let sum: f64 = pixels.iter().sum();
-    pixels.iter_mut().for_each(|p| *p /= sum);
-    PsfImage { side, pixels }
+    PsfImage::gaussian(2 * (4.0 * s).ceil() as usize + 1, s, 0.0, 0.0)
 }
 
 /// Stack the group's open night, keep it, and detect on every window that ends with it.

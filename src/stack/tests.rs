@@ -13,16 +13,7 @@ use rand_distr::{Distribution, Normal};
 
 /// A unit-sum Gaussian PSF of σ `s` on a `side²` image, centred at `(c + ox, c + oy)`.
 fn gaussian_psf(side: usize, s: f64, ox: f64, oy: f64) -> PsfImage {
-    let c = (side / 2) as f64;
-    let mut p: Vec<f64> = (0..side * side)
-        .map(|i| {
-            let (x, y) = ((i % side) as f64 - c - ox, (i / side) as f64 - c - oy);
-            (-(x * x + y * y) / (2.0 * s * s)).exp()
-        })
-        .collect();
-    let sum: f64 = p.iter().sum();
-    p.iter_mut().for_each(|v| *v /= sum);
-    PsfImage { side, pixels: p }
+    PsfImage::gaussian(side, s, ox, oy)
 }
 
 fn epoch(w: usize, h: usize, mjd: f64, band: &str, dx: f64, dy: f64) -> StackEpoch {

@@ -101,6 +101,23 @@ pub struct PsfImage {
     pub pixels: Vec<f64>,
 }
 
+impl PsfImage {
+    /// A unit-sum Gaussian of σ `sigma` (pixels) centred `(dx, dy)` from the middle pixel of a
+    /// `side²` image (`side` odd).
+    pub fn gaussian(side: usize, sigma: f64, dx: f64, dy: f64) -> PsfImage {
+        let c = (side / 2) as f64;
+        let mut pixels: Vec<f64> = (0..side * side)
+            .map(|i| {
+                let (u, v) = ((i % side) as f64 - c - dx, (i / side) as f64 - c - dy);
+                (-(u * u + v * v) / (2.0 * sigma * sigma)).exp()
+            })
+            .collect();
+        let sum: f64 = pixels.iter().sum();
+        pixels.iter_mut().for_each(|p| *p /= sum);
+        PsfImage { side, pixels }
+    }
+}
+
 /// The decorrelation filter for a difference whose convolved image went through `kappa`.
 ///
 /// - `kappa`: the matching kernel at the point of interest (the frame centre, say; LSST does

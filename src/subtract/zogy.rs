@@ -449,15 +449,7 @@ mod tests {
 
     /// A unit-sum Gaussian of σ `s` centred at `(dx, dy)` from the middle of a `(2h+1)²` box.
     fn gaussian(h: usize, s: f64, dx: f64, dy: f64) -> Vec<f64> {
-        let side = 2 * h + 1;
-        let g: Vec<f64> = (0..side * side)
-            .map(|i| {
-                let (u, v) = ((i % side) as f64 - h as f64 - dx, (i / side) as f64 - h as f64 - dy);
-                (-(u * u + v * v) / (2.0 * s * s)).exp()
-            })
-            .collect();
-        let sum: f64 = g.iter().sum();
-        g.iter().map(|v| v / sum).collect()
+        crate::subtract::decorr::PsfImage::gaussian(2 * h + 1, s, dx, dy).pixels
     }
 
     /// Add `flux` × a Gaussian of σ `s` at `(x, y)` to `img`.

@@ -27,16 +27,7 @@ const DMAX: f32 = 40.0;
 fn psf(rng: &mut StdRng) -> PsfImage {
     let side = 2 * rng.gen_range(2..6) + 1;
     let (s, ox, oy) = (rng.gen_range(0.8..2.5), rng.gen_range(-0.5..0.5), rng.gen_range(-0.5..0.5));
-    let c = (side / 2) as f64;
-    let mut p: Vec<f64> = (0..side * side)
-        .map(|i| {
-            let (x, y) = ((i % side) as f64 - c - ox, (i / side) as f64 - c - oy);
-            (-(x * x + y * y) / (2.0 * s * s)).exp()
-        })
-        .collect();
-    let sum: f64 = p.iter().sum();
-    p.iter_mut().for_each(|v| *v /= sum);
-    PsfImage { side, pixels: p }
+    PsfImage::gaussian(side, s, ox, oy)
 }
 
 /// A random epoch: noise and a source, a few NaN pixels, masked variances (0 or NaN), a NaN
