@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use crate::cpu::al::{term_kernels, variance_kernels};
-use super::{check_limits, gpu_err};
+use super::{check_limits, gpu_err, read_floats, read_into};
 use crate::engine::EngineError;
 use crate::gpu::context::GpuContext;
 use crate::gpu::GpuEngine;
@@ -202,30 +202,6 @@ pub(crate) fn pack_terms(kernels: &[Vec<f64>], half: usize) -> (Vec<f32>, usize,
         }
     }
     (out, passes, taps4)
-}
-
-/// Read back `floats` f32 from a mappable buffer.
-fn read_floats(ctx: &GpuContext, buf: &wgpu::Buffer, floats: usize) -> Result<Vec<f32>, EngineError> {
-    let mut out = vec![0.0f32; floats];
-    read_into(ctx, buf, &mut out)?;
-    Ok(out)
-}
-
-/// Read back `dst.len()` f32 from a mappable buffer into `dst` (one copy).
-fn read_into(ctx: &GpuContext, buf: &wgpu::Buffer, dst: &mut [f32]) -> Result<(), EngineError> {
-    let slice = buf.slice(0..(dst.len() * 4) as u64);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    ctx.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| gpu_err(ctx, format!("poll: {e}")))?;
-    rx.recv().map_err(|e| gpu_err(ctx, format!("map callback: {e}")))?.map_err(|e| gpu_err(ctx, format!("map: {e}")))?;
-    {
-        let view = slice.get_mapped_range().map_err(|e| gpu_err(ctx, format!("mapped range: {e}")))?;
-        bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(&view);
-    }
-    buf.unmap();
-    Ok(())
 }
 
 /// Pop the two error scopes of a submission into one result.

@@ -30,6 +30,30 @@ pub(crate) fn check_limits(ctx: &GpuContext, kernels: &str, need: &[(&str, u32, 
     }
 }
 
+/// Read back `floats` f32 from a mappable buffer.
+pub(crate) fn read_floats(ctx: &GpuContext, buf: &wgpu::Buffer, floats: usize) -> Result<Vec<f32>, EngineError> {
+    let mut out = vec![0.0f32; floats];
+    read_into(ctx, buf, &mut out)?;
+    Ok(out)
+}
+
+/// Read back `dst.len()` f32 from a mappable buffer into `dst` (one copy).
+pub(crate) fn read_into(ctx: &GpuContext, buf: &wgpu::Buffer, dst: &mut [f32]) -> Result<(), EngineError> {
+    let slice = buf.slice(0..(dst.len() * 4) as u64);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| gpu_err(ctx, format!("poll: {e}")))?;
+    rx.recv().map_err(|e| gpu_err(ctx, format!("map callback: {e}")))?.map_err(|e| gpu_err(ctx, format!("map: {e}")))?;
+    {
+        let view = slice.get_mapped_range().map_err(|e| gpu_err(ctx, format!("mapped range: {e}")))?;
+        bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(&view);
+    }
+    buf.unmap();
+    Ok(())
+}
+
 /// Field names of a WGSL struct (scalar fields only, 4 bytes each), for the tests that keep the
 /// Rust mirrors of the shaders' structs in step.
 #[cfg(test)]

@@ -21,9 +21,8 @@ use std::ops::Range;
 use wgpu::util::DeviceExt;
 
 use crate::cpu::stack::{corr_product, effective_psf, ShiftTaps, Shifted, TAPS};
-use super::{check_limits, gpu_err};
+use super::{check_limits, gpu_err, read_floats};
 use crate::engine::EngineError;
-use crate::gpu::context::GpuContext;
 use crate::gpu::GpuEngine;
 use crate::stack::{Stack, StackBatch};
 
@@ -287,7 +286,7 @@ impl GpuStack {
             if let Some(e) = pollster::block_on(val.pop()).or(oom_err) {
                 return Err(gpu_err(ctx, e));
             }
-            read_back(ctx, &read, out_bytes)
+            read_floats(ctx, &read, (out_bytes / 4) as usize)
         })();
         for buf in [Some(src), dst, Some(out), Some(read)].into_iter().flatten() {
             engine.pool.release(buf);
@@ -301,28 +300,6 @@ fn bind(buf: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
     wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: buf, offset: 0, size: NonZeroU64::new(bytes.max(4)) })
 }
 
-/// `bytes` of a mapped-for-read buffer as f32 (waits for the device).
-fn read_back(ctx: &GpuContext, read: &wgpu::Buffer, bytes: u64) -> Result<Vec<f32>, EngineError> {
-    let slice = read.slice(0..bytes);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    let out = ctx
-        .device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| gpu_err(ctx, format!("poll: {e}")))
-        .and_then(|_| rx.recv().map_err(|e| gpu_err(ctx, format!("map callback: {e}"))))
-        .and_then(|r| r.map_err(|e| gpu_err(ctx, format!("map: {e}"))))
-        .and_then(|_| {
-            let view = slice.get_mapped_range().map_err(|e| gpu_err(ctx, format!("mapped range: {e}")))?;
-            Ok(bytemuck::cast_slice::<u8, f32>(&view).to_vec())
-        });
-    if out.is_ok() {
-        read.unmap();
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {
