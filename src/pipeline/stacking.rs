@@ -71,6 +71,10 @@ pub struct StackHit {
     pub measurement: StackMeasurement,
 }
 
+/// What [`evaluate`] found: the stack detections to publish, and the announcements to record
+/// (object key, announcement) once they are published.
+pub type Evaluation = (Vec<StackHit>, Vec<(String, Announcement)>);
+
 /// Measure the touched objects' window stacks and decide what to announce. Per object and band
 /// only the latest alert of the list counts (the others' windows end earlier). Windows with
 /// `same_as` set (a shorter window has the same epochs) and windows of one epoch (the epoch
@@ -79,7 +83,7 @@ pub fn evaluate(
     history: &dyn HistoryStore,
     touched: &[Touched],
     threshold: f64,
-) -> Result<(Vec<StackHit>, Vec<(String, Announcement)>), HistoryError> {
+) -> Result<Evaluation, HistoryError> {
     let mut latest: BTreeMap<(&str, &str), &Touched> = BTreeMap::new();
     for t in touched {
         let e = latest.entry((t.object.as_str(), t.band.as_str())).or_insert(t);
@@ -144,7 +148,7 @@ pub fn evaluate(
 fn stack_epoch(e: &crate::history::Epoch, t: &Touched) -> Option<StackEpoch> {
     let (dx, dy) = (e.stamp_x - t.x, e.stamp_y - t.y);
     let p = &e.stamps.psf;
-    if p.width != p.height || p.width % 2 == 0 {
+    if p.width != p.height || p.width.is_multiple_of(2) {
         return None;
     }
     let centred = PsfImage { side: p.width, pixels: p.data.iter().map(|v| f64::from(*v)).collect() };
