@@ -362,15 +362,17 @@ fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64, kee
         }
         let Some(&(_, nights)) = shifted.iter().find(|s| s.0 == plan.nights) else { continue };
         let members: Vec<&Night> = plan.epochs.iter().map(|&i| &g.nights[i]).collect();
-        let stack: Stack = if members.len() == 1 {
-            match coadd(std::slice::from_ref(&members[0].stack)) {
-                Ok(s) => s,
-                Err(_) => continue,
-            }
+        // A window of this night alone is the night stack itself.
+        let owned;
+        let stack: &Stack = if members.len() == 1 {
+            &night
         } else {
             let eps: Vec<StackEpoch> = members.iter().map(|n| n.stack.clone()).collect();
             match coadd(&eps) {
-                Ok(s) => s,
+                Ok(s) => {
+                    owned = s;
+                    &owned
+                }
                 Err(e) => {
                     tracing::warn!("stacking {} nights failed: {e}", members.len());
                     continue;
@@ -382,7 +384,7 @@ fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64, kee
         let label = window_label(nights);
         let last = g.nights.last().and_then(|n| n.frames.last()).cloned().unwrap_or_default();
         let key = format!("stack:{label}:{last}");
-        let (detections, score_sigma, score) = detect_on(&stack, g, &key, now, threshold);
+        let (detections, score_sigma, score) = detect_on(stack, g, &key, now, threshold);
         let score_image = keep.then(|| (score, stack.var.iter().map(|v| !(*v > 0.0 && v.is_finite())).collect()));
         out.push(StackResult { key, field: g.field.clone(), band: g.band.clone(), width: stack.width, height: stack.height, nights, window: label, frames, mjd: now, detections, score_sigma, score_image });
     }
