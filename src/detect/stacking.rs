@@ -113,6 +113,7 @@ struct Group {
     /// meta data for the catalogue.
     saturated: Vec<bool>,
     sigma_difference: f64,
+    /// The first frame's zero point: every epoch is scaled to it, and stack fluxes are in it.
     zero_point: Option<f64>,
     wcs: Option<crate::sim::night::wcs::TanWcs>,
     aperture_correction: f64,
@@ -164,6 +165,16 @@ impl FrameStacker {
             tracing::warn!(frame = info.frame, "the frame's size differs from its field's earlier frames: left out of the stacks");
             return out;
         }
+        // Every epoch on the field's first zero point: a steady source has one flux in the stack.
+        if let (Some(zp), Some(zp0)) = (info.zero_point, g.zero_point) {
+            let f = 10f64.powf(-0.4 * (zp - zp0));
+            if f.is_finite() && f > 0.0 && f != 1.0 {
+                let (f, f2) = (f as f32, (f * f) as f32);
+                epoch.diff.iter_mut().for_each(|v| *v *= f);
+                epoch.var.iter_mut().for_each(|v| *v *= f2);
+                epoch.var_template.iter_mut().for_each(|v| *v *= f2);
+            }
+        }
         if !g.open.is_empty() && info.mjd - g.open_start > NIGHT_GAP_DAYS {
             out.extend(close_night(g, &self.windows, self.longest, self.threshold, self.keep_scores));
         }
@@ -172,7 +183,7 @@ impl FrameStacker {
         }
         g.saturated.iter_mut().zip(&diff.saturated).for_each(|(a, b)| *a |= *b);
         g.sigma_difference = diff.sigma_difference;
-        g.zero_point = info.zero_point;
+        g.zero_point = g.zero_point.or(info.zero_point);
         g.wcs = info.wcs.or(g.wcs);
         g.aperture_correction = info.aperture_correction;
         g.open.push((info.frame.to_string(), epoch));
