@@ -169,17 +169,7 @@ pub(crate) fn load_counters(kv: &impl KvRead) -> Result<Counters, HistoryError> 
 }
 
 pub(crate) fn stats(kv: &impl KvRead) -> Result<HistoryStats, HistoryError> {
-    let c = load_counters(kv)?;
-    Ok(HistoryStats {
-        objects: c.objects,
-        epochs: c.epochs,
-        bytes: c.bytes,
-        evicted_by_age: c.evicted_by_age,
-        evicted_by_size: c.evicted_by_size,
-        expired_on_arrival: c.expired_on_arrival,
-        duplicates: c.duplicates,
-        newest_mjd: c.newest_mjd,
-    })
+    load_counters(kv)
 }
 
 /// Applies a batch in order and updates the counters once. The caller commits (or drops) `kv`.

@@ -224,17 +224,24 @@ fn first_key<Tb: ReadableTable<&'static [u8], &'static [u8]>>(
     Ok(table.first().map_err(|e| storage(path, e))?.map(|(k, _)| k.value().to_vec()))
 }
 
-impl KvRead for WriteTables<'_> {
-    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, HistoryError> {
-        get(self.path, &self.t[t as usize], key)
-    }
-    fn keys(&self, t: T, lo: &[u8], hi: &[u8]) -> Result<Vec<Vec<u8>>, HistoryError> {
-        keys(self.path, &self.t[t as usize], lo, hi)
-    }
-    fn first_key(&self, t: T) -> Result<Option<Vec<u8>>, HistoryError> {
-        first_key(self.path, &self.t[t as usize])
-    }
+/// Reads go through the same three helpers for the write and the read transaction's tables.
+macro_rules! kv_read {
+    ($tables:ident) => {
+        impl KvRead for $tables<'_> {
+            fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, HistoryError> {
+                get(self.path, &self.t[t as usize], key)
+            }
+            fn keys(&self, t: T, lo: &[u8], hi: &[u8]) -> Result<Vec<Vec<u8>>, HistoryError> {
+                keys(self.path, &self.t[t as usize], lo, hi)
+            }
+            fn first_key(&self, t: T) -> Result<Option<Vec<u8>>, HistoryError> {
+                first_key(self.path, &self.t[t as usize])
+            }
+        }
+    };
 }
+kv_read!(WriteTables);
+kv_read!(ReadTables);
 
 impl Kv for WriteTables<'_> {
     fn put(&mut self, t: T, key: &[u8], value: &[u8]) -> Result<(), HistoryError> {
@@ -244,18 +251,6 @@ impl Kv for WriteTables<'_> {
     fn del(&mut self, t: T, key: &[u8]) -> Result<(), HistoryError> {
         self.t[t as usize].remove(key).map_err(|e| storage(self.path, e))?;
         Ok(())
-    }
-}
-
-impl KvRead for ReadTables<'_> {
-    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, HistoryError> {
-        get(self.path, &self.t[t as usize], key)
-    }
-    fn keys(&self, t: T, lo: &[u8], hi: &[u8]) -> Result<Vec<Vec<u8>>, HistoryError> {
-        keys(self.path, &self.t[t as usize], lo, hi)
-    }
-    fn first_key(&self, t: T) -> Result<Option<Vec<u8>>, HistoryError> {
-        first_key(self.path, &self.t[t as usize])
     }
 }
 

@@ -198,18 +198,8 @@ impl ObjectMeta {
     }
 }
 
-/// The store's counters, kept in the meta table and committed with the epochs.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub(crate) struct Counters {
-    pub objects: u64,
-    pub epochs: u64,
-    pub bytes: u64,
-    pub evicted_by_age: u64,
-    pub evicted_by_size: u64,
-    pub expired_on_arrival: u64,
-    pub duplicates: u64,
-    pub newest_mjd: Option<f64>,
-}
+/// The store's counters ([`HistoryStats`]), kept in the meta table and committed with the epochs.
+pub(crate) type Counters = super::HistoryStats;
 
 impl Counters {
     pub fn encode(&self) -> Vec<u8> {
