@@ -11,6 +11,8 @@
 //!   interpolation; the same for the sky-subtracted image and the residual taken off in place.
 //! - variance: relative 1e-6, NaN on the same pixels; saturation and grown masks: identical.
 
+#[path = "../../benches/common/star_field.rs"]
+mod star_field;
 use blink::cpu::frame::{self as twin, Profile};
 
 use crate::common::{gpu, seeded};
@@ -272,35 +274,7 @@ fn frame_al_kernels_match_the_twins() {
 
 /// A star field as `benches/frames.rs` makes it (same stars in both images, seeing `fwhm`).
 fn star_image(side: usize, fwhm: f64, rng: &mut StdRng, stars: &[(f64, f64, f64)]) -> blink::detect::image::Image {
-    use blink::detect::image::{Image, ImageHeader};
-    let sigma = fwhm / 2.3548;
-    let mut data = vec![500.0f32; side * side];
-    for &(x0, y0, flux) in stars {
-        let r = (4.0 * sigma).ceil() as i64;
-        for y in (y0 as i64 - r).max(0)..(y0 as i64 + r + 1).min(side as i64) {
-            for x in (x0 as i64 - r).max(0)..(x0 as i64 + r + 1).min(side as i64) {
-                let d2 = (x as f64 - x0).powi(2) + (y as f64 - y0).powi(2);
-                data[y as usize * side + x as usize] += (flux * (-0.5 * d2 / (sigma * sigma)).exp() / (2.0 * std::f64::consts::PI * sigma * sigma)) as f32;
-            }
-        }
-    }
-    for v in &mut data {
-        let g: f32 = (0..4).map(|_| rng.gen_range(0.0f32..1.0)).sum::<f32>() - 2.0;
-        *v += g * 3f32.sqrt() * (*v / 1.5).max(1.0).sqrt() / 1.5;
-    }
-    let header = ImageHeader {
-        mjd_start: Some(61000.0),
-        exptime: 30.0,
-        band: Some("r".into()),
-        gain: Some(1.5),
-        read_noise: 5.0,
-        saturate: Some(60000.0),
-        zero_point: Some(28.5),
-        seeing: Some(fwhm),
-        wcs: None,
-        ncombine: None,
-    };
-    Image { path: "parity.fits".into(), width: side, height: side, data, header, warnings: Vec::new() }
+    star_field::render(side, fwhm, stars, || rng.gen_range(0.0..1.0))
 }
 
 #[test]
