@@ -80,6 +80,29 @@ pub struct AlConvParams {
     pub nan_bits: u32,
 }
 
+impl AlConvParams {
+    /// Pass `p` (spatial terms `p·TERMS..`) of a `w × h` frame: input rows from `in_y0`, output
+    /// rows `out_y0 .. out_y0 + rows`; the first pass writes, the others accumulate.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pass(p: usize, w: usize, h: usize, in_y0: usize, out_y0: usize, rows: usize, half: usize, taps4: usize, order: usize) -> AlConvParams {
+        let side = 2 * half + 1;
+        AlConvParams {
+            width: w as u32,
+            height: h as u32,
+            in_y0: in_y0 as u32,
+            out_y0: out_y0 as u32,
+            out_rows: rows as u32,
+            half: half as u32,
+            taps4: taps4 as u32,
+            order: order as u32,
+            term0: (p * TERMS) as u32,
+            kern_off: (p * side * taps4 * 2) as u32,
+            accumulate: (p > 0) as u32,
+            nan_bits: 0x7fc0_0000,
+        }
+    }
+}
+
 /// Parameters of the stamp kernels (keep in sync with `struct AlGramParams` in
 /// `shaders/al/al_gram.wgsl`).
 #[repr(C)]
@@ -303,7 +326,9 @@ impl GpuEngine {
             .min(max_groups * TY as usize)
             .min(pipes.band_rows.unwrap_or(usize::MAX));
         let in_rows_max = h.min(band + 2 * half);
-        let (w32, h32) = (u32_of(w, "frame width")?, u32_of(h, "frame height")?);
+        // Frames wider or taller than u32 are refused before the parameters cast to it.
+        u32_of(w, "frame width")?;
+        u32_of(h, "frame height")?;
 
         let dev = &ctx.device;
         let q = &ctx.queue;
@@ -344,20 +369,7 @@ impl GpuEngine {
             let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
             q.write_buffer(&b_img, 0, bytemuck::cast_slice(&image[in_lo * w..in_hi * w]));
             for (p, buf) in b_params.iter().enumerate() {
-                let prm = AlConvParams {
-                    width: w32,
-                    height: h32,
-                    in_y0: in_lo as u32,
-                    out_y0: y0 as u32,
-                    out_rows: rows as u32,
-                    half: half as u32,
-                    taps4: taps4 as u32,
-                    order: order as u32,
-                    term0: (p * TERMS) as u32,
-                    kern_off: (p * side * taps4 * 2) as u32,
-                    accumulate: (p > 0) as u32,
-                    nan_bits: 0x7fc0_0000,
-                };
+                let prm = AlConvParams::pass(p, w, h, in_lo, y0, rows, half, taps4, order);
                 q.write_buffer(buf, 0, bytemuck::bytes_of(&prm));
             }
             let groups = (w.div_ceil(TW as usize) as u32, rows.div_ceil(TY as usize) as u32);

@@ -722,7 +722,7 @@ impl GpuEngine {
     /// `cpu::al::convolve_terms`; `gpu::kernels::al`'s `al_convolve` shader, the whole frame as
     /// one band): no upload, no read-back.
     pub fn frame_al_convolve(&mut self, kernels: &[Vec<f64>], half: usize, order: usize, image: &GpuPlane) -> Result<GpuPlane, EngineError> {
-        use super::al::{AlConvParams, CONVOLVE_WGSL, CONVOLVE_WORKGROUP_BYTES, ENTRY_CONVOLVE, MAX_HALF, TERMS, TW, TY};
+        use super::al::{AlConvParams, CONVOLVE_WGSL, CONVOLVE_WORKGROUP_BYTES, ENTRY_CONVOLVE, MAX_HALF, TW, TY};
         let side = 2 * half + 1;
         let (w, h) = (image.width, image.height);
         if half > MAX_HALF || kernels.len() > crate::subtract::spatial_terms(order).len() || kernels.iter().any(|k| k.len() != side * side) {
@@ -788,20 +788,7 @@ impl GpuEngine {
             let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
             let binds: Vec<wgpu::BindGroup> = (0..passes)
                 .map(|p| {
-                    let prm = AlConvParams {
-                        width: w as u32,
-                        height: h as u32,
-                        in_y0: 0,
-                        out_y0: 0,
-                        out_rows: h as u32,
-                        half: half as u32,
-                        taps4: taps4 as u32,
-                        order: order as u32,
-                        term0: (p * TERMS) as u32,
-                        kern_off: (p * side * taps4 * 2) as u32,
-                        accumulate: (p > 0) as u32,
-                        nan_bits: 0x7fc0_0000,
-                    };
+                    let prm = AlConvParams::pass(p, w, h, 0, 0, h, half, taps4, order);
                     let u = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("blink.frame.al_params"), contents: bytemuck::bytes_of(&prm), usage: wgpu::BufferUsages::UNIFORM });
                     dev.create_bind_group(&wgpu::BindGroupDescriptor {
                         label: Some("blink.frame.al_convolve"),
