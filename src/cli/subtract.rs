@@ -77,8 +77,9 @@ pub struct SubtractArgs {
     /// Template PSF image, as `--science-psf`.
     #[arg(long)]
     pub template_psf: Option<PathBuf>,
-    /// Flux scale science / template, for `zogy` when the headers have no MAGZP (absent from
-    /// both: measured by aperture photometry of isolated stars).
+    /// Flux scale science / template (the science's counts per template count for one source).
+    /// By default it comes from the headers' MAGZP when both have one; else `al` fits it as the
+    /// kernel's sum and `zogy` measures it by aperture photometry of isolated stars.
     #[arg(long)]
     pub flux_scale: Option<f64>,
     /// Write the Alard–Lupton difference without the decorrelation post-filter (its noise then
@@ -126,6 +127,9 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         }
     }
     crate::detect::check_registration(&science, &template)?;
+    if let Some(s) = a.flux_scale.filter(|s| !(s.is_finite() && *s > 0.0)) {
+        anyhow::bail!("--flux-scale {s} is not a positive number");
+    }
     let psf_s = a.science_psf.as_deref().map(read_psf).transpose()?;
     let psf_t = a.template_psf.as_deref().map(read_psf).transpose()?;
     for (img, psf) in [(&mut science, &psf_s), (&mut template, &psf_t)] {
@@ -139,7 +143,7 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         };
         return run_zogy(a, &science, &template, &ps, &pt, t0);
     }
-    let opts = FrameOptions { tile: a.tile.clamp(16, 4096), decorrelate: !a.no_decorrelation, model_error: a.model_error, ..FrameOptions::default() };
+    let opts = FrameOptions { tile: a.tile.clamp(16, 4096), decorrelate: !a.no_decorrelation, model_error: a.model_error, flux_scale: a.flux_scale, ..FrameOptions::default() };
     let mut engine = crate::engine::select_engine(super::engine_preference(&a.engine)?)?;
     let read = t0.elapsed();
     let t1 = Instant::now();

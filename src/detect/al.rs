@@ -52,6 +52,17 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
     // saturated pixels are already zeroed above, so a level only guards what the mask missed.
     o.stamps.saturate_science = sat_broad;
     o.stamps.saturate_template = sat_sharp;
+    // The kernel's sum from the zero points when both headers have one (`FitOptions::fixed_scale`
+    // says why); it maps the sharper image onto the broader one.
+    // (`FrameOptions::flux_scale`, given outright, comes first.)
+    let (given, source) = match (opts.flux_scale, science.header.zero_point, template.header.zero_point) {
+        (Some(a), _, _) => (Some(a), ScaleSource::Given),
+        (None, Some(zs), Some(zt)) if opts.scale_from_zero_points => (Some(10f64.powf(0.4 * (zs - zt))), ScaleSource::ZeroPoints),
+        _ => (None, ScaleSource::Kernel),
+    };
+    let given = given.filter(|a| a.is_finite() && *a > 0.0);
+    let scale_source = if given.is_some() { source } else { ScaleSource::Kernel };
+    o.fit.fixed_scale = given.map(|a| if convolved_template { a } else { 1.0 / a });
     let pair = Pair { width: w, height: h, science: &b_img, template: &s_fit, science_variance: &b_var, template_variance: Some(&s_fit_var) };
     let tf = Instant::now();
     // The fit's stamp convolutions and Gram sums stay on the CPU even with a GPU: measured on
@@ -77,7 +88,7 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
         kernel_sigma: (sigma_broad * sigma_broad - sigma_sharp * sigma_sharp).max(0.0).sqrt(),
         convolved_template,
         scale: if convolved_template { scale_c } else { 1.0 / scale_c },
-        scale_source: ScaleSource::Kernel,
+        scale_source,
         noise: NoiseModel { kernel: kc, kernel_side: 2 * sol.half() + 1, var_unconvolved: var_u, var_convolved: var_c },
         kernel_solution: Some(Box::new(sol)),
         decorrelated,

@@ -56,6 +56,9 @@ pub struct FrameOptions {
     pub background_mesh: usize,
     /// Take the flux scale from the headers' `MAGZP` when both have one (else fit it per tile).
     pub scale_from_zero_points: bool,
+    /// The flux scale science / template given outright (`blink subtract --flux-scale`): it
+    /// overrides the zero points, the stars and the fit.
+    pub flux_scale: Option<f64>,
     /// The matching kernel.
     pub method: Method,
     /// Apply the decorrelation post-filter (DMTN-021) to an Alard–Lupton difference, so its
@@ -103,6 +106,7 @@ impl Default for FrameOptions {
             tile: 256,
             background_mesh: 64,
             scale_from_zero_points: true,
+            flux_scale: None,
             method: Method::AlardLupton,
             decorrelate: true,
             model_error: false,
@@ -197,6 +201,8 @@ fn saturation_mask(img: &Image) -> Vec<bool> {
 /// Where the flux scale science / template came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleSource {
+    /// Given outright (`FrameOptions::flux_scale`).
+    Given,
     /// `MAGZP` of both headers.
     ZeroPoints,
     /// Aperture photometry of bright isolated stars in both images.
@@ -210,6 +216,7 @@ pub enum ScaleSource {
 impl ScaleSource {
     pub fn name(self) -> &'static str {
         match self {
+            ScaleSource::Given => "given",
             ScaleSource::ZeroPoints => "zero points",
             ScaleSource::Stars => "stars",
             ScaleSource::Fit => "fit per tile",
@@ -313,6 +320,7 @@ pub fn subtract_prepared(
     // aperture photometry of stars, else fitted per tile (a fit on pixels is pulled by the wings
     // of bright stars whose PSF shapes differ).
     let (scale, scale_source) = match (science.header.zero_point, template.header.zero_point) {
+        _ if opts.flux_scale.is_some() => (opts.flux_scale, ScaleSource::Given),
         (Some(zs), Some(zt)) if opts.scale_from_zero_points => (Some(10f64.powf(0.4 * (zs - zt))), ScaleSource::ZeroPoints),
         _ => match super::image::photometric_scale(science, template, sigma_difference * FWHM_PER_SIGMA) {
             Some(a) => (Some(a), ScaleSource::Stars),

@@ -267,16 +267,31 @@ fn subtract_writes_the_difference_and_a_unit_score_image() {
     let args = ["subtract", "--science", sci.to_str().unwrap(), "--template", tpl.to_str().unwrap(), "--out-diff", d.to_str().unwrap(), "--out-score", z.to_str().unwrap(), "--engine", "cpu"];
     let (code, err) = blink(&args);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("flux scale") && err.contains("Alard-Lupton kernel"), "{err}");
+    assert!(err.contains("flux scale") && err.contains("(zero points)"), "{err}");
     let (w, h, diff, mut f) = read_fits(&d);
     assert_eq!((w, h), (512, 384));
     let hdu = f.primary_hdu().unwrap();
-    assert_eq!(hdu.read_key::<String>(&mut f, "FSCALSRC").unwrap(), "Alard-Lupton kernel");
-    // The kernel's sum is the flux scale; the zero points say what it should be.
+    // Both headers have MAGZP: the kernel's sum is held at their ratio, the shape fitted.
+    assert_eq!(hdu.read_key::<String>(&mut f, "FSCALSRC").unwrap(), "zero points");
     let a: f64 = hdu.read_key(&mut f, "FSCALE").unwrap();
     let zp = |p: &Path| blink::detect::image::read_image(p).unwrap().header.zero_point.unwrap();
     let want = 10f64.powf(0.4 * (zp(&sci) - zp(&tpl)));
-    assert!((a / want - 1.0).abs() < 0.02, "kernel scale {a} vs zero points {want}");
+    assert!((a / want - 1.0).abs() < 1e-6, "kernel scale {a} vs zero points {want}");
+    // --flux-scale overrides them; a scale that is not positive is an error.
+    let given = dir.join("diff-given.fits");
+    let mut fargs = args.to_vec();
+    let given_score = dir.join("score-given.fits");
+    fargs[6] = given.to_str().unwrap();
+    fargs[8] = given_score.to_str().unwrap();
+    fargs.extend(["--flux-scale", "0.97"]);
+    let (code, err) = blink(&fargs);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("flux scale 0.9700 (given)"), "{err}");
+    fargs.truncate(fargs.len() - 1);
+    fargs.push("0");
+    let (code, err) = blink(&fargs);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--flux-scale 0 is not a positive number"), "{err}");
     // The Gaussian kernel on the engine takes the zero points.
     let mut gargs = args.to_vec();
     gargs.extend(["--method", "gaussian"]);
