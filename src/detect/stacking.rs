@@ -93,8 +93,21 @@ pub struct FrameInfo<'a> {
     pub aperture_correction: f64,
 }
 
+/// The path of the template's noise into one frame's decorrelated difference, as a kernel
+/// image: `f·σ_T·(φ ⊗ κ)` when the template was the convolved image, `f·σ_T·φ` when it was not
+/// (`f` the frame's zero-point scaling, `σ_T` the template's sky noise), with the frame's
+/// weight in its night (`1 / median variance`, as the coadd weighs it).
+#[derive(Debug, Clone)]
+struct TemplatePath {
+    side: usize,
+    kernel: Vec<f64>,
+    weight: f64,
+}
+
 /// One night of one field and band, and the frames in it.
 struct Night {
+    /// The frames' template paths, weights normalised to sum 1 within the night.
+    paths: Vec<TemplatePath>,
     frames: Vec<String>,
     /// MJD of the night's first frame.
     start: f64,
@@ -106,7 +119,7 @@ struct Group {
     field: String,
     band: String,
     /// Frames of the night being observed, not yet stacked.
-    open: Vec<(String, StackEpoch)>,
+    open: Vec<(String, StackEpoch, Option<TemplatePath>)>,
     open_start: f64,
     nights: Vec<Night>,
     /// Saturated pixels of any frame (the stacks' `saturated` flag), and the last frame's
@@ -142,7 +155,7 @@ impl FrameStacker {
     /// a hot pixel, a satellite) the frame is masked before it enters the stacks, so an
     /// artifact of one epoch, or one that sits on the same pixel in every epoch, does not add up.
     pub fn add(&mut self, info: &FrameInfo<'_>, diff: &Difference, psf: Option<&PsfImage>, detections: &[Detection]) -> Vec<StackResult> {
-        let Some(mut epoch) = epoch_of(diff, psf, info.mjd, info.band) else {
+        let Some((mut epoch, mut path)) = epoch_of(diff, psf, info.mjd, info.band) else {
             tracing::warn!(frame = info.frame, "no decorrelated difference: the frame is left out of the stacks");
             return Vec::new();
         };
@@ -173,6 +186,10 @@ impl FrameStacker {
                 epoch.diff.iter_mut().for_each(|v| *v *= f);
                 epoch.var.iter_mut().for_each(|v| *v *= f2);
                 epoch.var_template.iter_mut().for_each(|v| *v *= f2);
+                if let Some(p) = path.as_mut() {
+                    p.kernel.iter_mut().for_each(|v| *v *= f as f64);
+                    p.weight /= (f * f) as f64;
+                }
             }
         }
         if !g.open.is_empty() && info.mjd - g.open_start > NIGHT_GAP_DAYS {
@@ -186,7 +203,7 @@ impl FrameStacker {
         g.zero_point = g.zero_point.or(info.zero_point);
         g.wcs = info.wcs.or(g.wcs);
         g.aperture_correction = info.aperture_correction;
-        g.open.push((info.frame.to_string(), epoch));
+        g.open.push((info.frame.to_string(), epoch, path));
         out
     }
 
@@ -204,7 +221,7 @@ impl FrameStacker {
 
 /// The StackEpoch of a frame: the decorrelated difference (NaN where masked), its variance,
 /// the template's share of it and the PSF through the decorrelation filter.
-fn epoch_of(diff: &Difference, psf: Option<&PsfImage>, mjd: f64, band: &str) -> Option<StackEpoch> {
+fn epoch_of(diff: &Difference, psf: Option<&PsfImage>, mjd: f64, band: &str) -> Option<(StackEpoch, Option<TemplatePath>)> {
     let dc = diff.decorrelated.as_ref()?;
     let p = match psf {
         Some(p) => p.clone(),
@@ -217,7 +234,81 @@ fn epoch_of(diff: &Difference, psf: Option<&PsfImage>, mjd: f64, band: &str) -> 
     let d = dc.difference.iter().zip(&dc.variance).map(|(d, v)| if ok(*v) { *d } else { f32::NAN }).collect();
     let v: Vec<f32> = dc.variance.iter().map(|v| if ok(*v) { *v } else { f32::NAN }).collect();
     let vt = v.iter().map(|v| (*v as f64 * share) as f32).collect();
-    Some(StackEpoch { width: diff.width, height: diff.height, diff: d, var: v, var_template: vt, psf: q, mjd, band: band.to_string(), dx: 0.0, dy: 0.0 })
+    let path = template_path(diff, &dc.kernel, median_finite(&v));
+    Some((StackEpoch { width: diff.width, height: diff.height, diff: d, var: v, var_template: vt, psf: q, mjd, band: band.to_string(), dx: 0.0, dy: 0.0 }, path))
+}
+
+/// Median of the finite values (NaN when none).
+fn median_finite(v: &[f32]) -> f64 {
+    let mut f: Vec<f32> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if f.is_empty() {
+        return f64::NAN;
+    }
+    let mid = f.len() / 2;
+    *f.select_nth_unstable_by(mid, |a, b| a.total_cmp(b)).1 as f64
+}
+
+/// The template's noise path into a frame's decorrelated difference ([`TemplatePath`]), its
+/// weight `1 / median_var`.
+fn template_path(diff: &Difference, dk: &crate::subtract::decorr::DecorrelationKernel, median_var: f64) -> Option<TemplatePath> {
+    use crate::subtract::decorr::convolve_full;
+    let nm = &diff.noise;
+    let (kernel, side, var) = if diff.convolved_template {
+        (convolve_full(&dk.kernel, dk.side(), &nm.kernel, nm.kernel_side), dk.side() + nm.kernel_side - 1, dk.var_convolved)
+    } else {
+        (dk.kernel.clone(), dk.side(), dk.var_unconvolved)
+    };
+    let sigma = var.max(0.0).sqrt();
+    let weight = 1.0 / median_var;
+    (sigma > 0.0 && weight.is_finite() && weight > 0.0).then(|| TemplatePath { side, kernel: kernel.iter().map(|k| k * sigma).collect(), weight })
+}
+
+/// How much of the template term a stack's coadd counts is really there, for the filter `q`.
+/// The coadd takes every epoch's template noise as one and the same (fully correlated): with
+/// the epochs' filtered template paths `h_i = q ⋆ p_i` and their weights `c_i` it counts
+/// `(Σ c_i ‖h_i‖)²`. The true variance is `‖Σ c_i h_i‖²`, smaller when the epochs' kernels
+/// differ (different seeing spreads the same template noise differently). Returns the ratio,
+/// in (0, 1], or 1 when the paths are unknown.
+fn template_correlation(paths: &[(f64, &TemplatePath)], q: &PsfImage) -> f64 {
+    use crate::subtract::decorr::convolve_full;
+    let Some(side) = paths.iter().map(|(_, p)| p.side).max() else { return 1.0 };
+    let qf: Vec<f64> = q.pixels.iter().rev().copied().collect();
+    let out = side + q.side - 1;
+    let mut sum = vec![0.0; out * out];
+    let mut assumed = 0.0;
+    for (c, p) in paths {
+        let h = convolve_full(&qf, q.side, &p.kernel, p.side);
+        // Centred on the common grid (sides are odd, so the offset is whole).
+        let (hs, off) = (q.side + p.side - 1, (side - p.side) / 2);
+        let norm: f64 = h.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assumed += c * norm;
+        for y in 0..hs {
+            for x in 0..hs {
+                sum[(y + off) * out + x + off] += c * h[y * hs + x];
+            }
+        }
+    }
+    let exact: f64 = sum.iter().map(|v| v * v).sum();
+    let r = exact / (assumed * assumed);
+    if r.is_finite() && r > 0.0 {
+        r.min(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// The template term of `stack` scaled by `r` ([`template_correlation`]).
+fn scale_template_term(stack: &mut Stack, r: f64) {
+    if r >= 1.0 {
+        return;
+    }
+    let r = r as f32;
+    for (v, vt) in stack.var.iter_mut().zip(stack.var_template.iter_mut()) {
+        if v.is_finite() && vt.is_finite() {
+            *v -= (1.0 - r) * *vt;
+            *vt *= r;
+        }
+    }
 }
 
 /// The template's share of the matched filter's variance on the decorrelated difference. The
@@ -344,8 +435,16 @@ fn gaussian_psf(sigma: f64) -> PsfImage {
 /// Stack the group's open night, keep it, and detect on every window that ends with it.
 fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64, keep: bool) -> Vec<StackResult> {
     let open = std::mem::take(&mut g.open);
-    let frames: Vec<String> = open.iter().map(|(f, _)| f.clone()).collect();
-    let mut epochs: Vec<StackEpoch> = open.into_iter().map(|(_, e)| e).collect();
+    let frames: Vec<String> = open.iter().map(|(f, _, _)| f.clone()).collect();
+    // Every frame's template path, or none for the night (one unknown path and the
+    // correction is left out).
+    let mut paths: Vec<TemplatePath> = open.iter().filter_map(|(_, _, p)| p.clone()).collect();
+    if paths.len() != open.len() {
+        paths.clear();
+    }
+    let total: f64 = paths.iter().map(|p| p.weight).sum();
+    paths.iter_mut().for_each(|p| p.weight /= total);
+    let mut epochs: Vec<StackEpoch> = open.into_iter().map(|(_, e, _)| e).collect();
     clip_outliers(&mut epochs, CLIP_SIGMA, CLIP_GROW);
     let now = epochs.iter().map(|e| e.mjd).fold(f64::NEG_INFINITY, f64::max);
     let night = match coadd(&epochs) {
@@ -356,7 +455,7 @@ fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64, kee
         }
     };
     drop(epochs);
-    g.nights.push(Night { frames, start: g.open_start, stack: night.as_epoch(now, &g.band) });
+    g.nights.push(Night { paths, frames, start: g.open_start, stack: night.as_epoch(now, &g.band) });
     // Nights beyond the longest window are no longer needed.
     let start = g.open_start;
     g.nights.retain(|n| start - n.start < longest);
@@ -374,22 +473,31 @@ fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64, kee
         let Some(&(_, nights)) = shifted.iter().find(|s| s.0 == plan.nights) else { continue };
         let members: Vec<&Night> = plan.epochs.iter().map(|&i| &g.nights[i]).collect();
         // A window of this night alone is the night stack itself.
-        let owned;
-        let stack: &Stack = if members.len() == 1 {
-            &night
+        let mut stack: Stack = if members.len() == 1 {
+            night.clone()
         } else {
             let eps: Vec<StackEpoch> = members.iter().map(|n| n.stack.clone()).collect();
             match coadd(&eps) {
-                Ok(s) => {
-                    owned = s;
-                    &owned
-                }
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("stacking {} nights failed: {e}", members.len());
                     continue;
                 }
             }
         };
+        // The template term as the frames' kernels really correlate it: each frame weighs its
+        // night's weight (1 / median variance of the night stack) times its weight in the night.
+        if members.iter().all(|n| !n.paths.is_empty()) {
+            let nw: Vec<f64> = members.iter().map(|n| 1.0 / median_finite(&n.stack.var)).collect();
+            let tot: f64 = nw.iter().sum();
+            let weighted: Vec<(f64, &TemplatePath)> = members.iter().zip(&nw).flat_map(|(n, w)| n.paths.iter().map(move |p| (w / tot * p.weight, p))).collect();
+            if tot.is_finite() && tot > 0.0 {
+                let r = template_correlation(&weighted, &stack.psf);
+                tracing::debug!(window = nights, r, "template term: measured correlation of the frames' template noise");
+                scale_template_term(&mut stack, r);
+            }
+        }
+        let stack = &stack;
         let mut frames: Vec<String> = members.iter().flat_map(|n| n.frames.iter().cloned()).collect();
         frames.sort();
         let label = window_label(nights);
@@ -470,6 +578,33 @@ mod tests {
         // Two exposures cannot tell which one is odd.
         let mut two = vec![epoch(&mut rng, w, 0.0), epoch(&mut rng, w, 50.0)];
         assert_eq!(clip_outliers(&mut two, CLIP_SIGMA, CLIP_GROW), 0);
+    }
+
+    #[test]
+    fn the_template_term_shrinks_only_as_far_as_the_paths_differ() {
+        let q = PsfImage::gaussian(15, 1.5, 0.0, 0.0);
+        let path = |sigma: f64, amp: f64| {
+            let g = PsfImage::gaussian(13, sigma, 0.0, 0.0);
+            TemplatePath { side: 13, kernel: g.pixels.iter().map(|v| v * amp).collect(), weight: 1.0 }
+        };
+        let (a, b) = (path(0.8, 2.0), path(2.5, 2.0));
+        // The same path twice: fully correlated, nothing to take off.
+        let same = template_correlation(&[(0.5, &a), (0.5, &a)], &q);
+        assert!((same - 1.0).abs() < 1e-12, "{same}");
+        // Different seeing: less than fully correlated, but far from independent.
+        let r = template_correlation(&[(0.5, &a), (0.5, &b)], &q);
+        assert!(r > 0.5 && r < 0.99, "{r}");
+        // Only the paths' shapes and their weighted amplitudes count.
+        let b2 = path(2.5, 4.0);
+        let r2 = template_correlation(&[(0.5, &a), (0.25, &b2)], &q);
+        assert!((r2 - r).abs() < 1e-12, "{r2} vs {r}");
+        // The stack's template term shrinks by r, and the rest of the variance stays.
+        let mut st = Stack::masked(2, 1);
+        st.var = vec![4.0, 1.0];
+        st.var_template = vec![2.0, f32::NAN];
+        scale_template_term(&mut st, 0.75);
+        assert_eq!((st.var[0], st.var_template[0]), (3.5, 1.5));
+        assert_eq!(st.var[1], 1.0);
     }
 
     #[test]
