@@ -223,16 +223,17 @@ impl FramesReport {
         let epochs = epoch_fp.map(|e| e.frames).unwrap_or(s.frames);
         line("frames", format!("{epochs} (match radius {} px)", s.match_radius_px));
         if !self.stacks.is_empty() {
-            let _ = writeln!(out, "\nStacks (docs/stacking.md): per window, slow transients of per-epoch SNR {}–{}, detected |score| / ideal stack SNR, unflagged false positives per stack (a frame: above)", num(self.stacks[0].slow_snr.0, 1), num(self.stacks[0].slow_snr.1, 1));
-            let _ = writeln!(out, "  {:<6} {:>6}  {:>16}  {:>11}  {:>34}  {:>7}  {:>9}", "window", "stacks", "slow found", "score/ideal", "unflagged FP (star, sky, artifact)", "score σ", "σ on sky");
+            let _ = writeln!(out, "\nStacks (docs/stacking.md): per window, slow transients of per-epoch SNR {}–{} found (blended ones, without a peak of their own in the noiseless score, apart: found/blended), detected |score| / ideal stack SNR, unflagged false positives per stack (a frame: above)", num(self.stacks[0].slow_snr.0, 1), num(self.stacks[0].slow_snr.1, 1));
+            let _ = writeln!(out, "  {:<6} {:>6}  {:>16}  {:>7}  {:>11}  {:>34}  {:>7}  {:>9}", "window", "stacks", "slow found", "blended", "score/ideal", "unflagged FP (star, sky, artifact)", "score σ", "σ on sky");
             for w in &self.stacks {
                 let fp = w.unflagged_fp_per_stack.map(|r| format!("{} ({}, {}, {})", num(r.total, 2), num(r.on_star, 2), num(r.on_sky, 2), num(r.artifact, 2))).unwrap_or_else(|| "—".into());
                 let _ = writeln!(
                     out,
-                    "  {:<6} {:>6}  {:>16}  {:>11}  {:>34}  {:>7}  {:>9}",
+                    "  {:<6} {:>6}  {:>16}  {:>7}  {:>11}  {:>34}  {:>7}  {:>9}",
                     w.window,
                     w.stacks,
                     format!("{} {}/{}", opt(w.slow_fraction, 3), w.slow_detected, w.slow_targets),
+                    format!("{}/{}", w.slow_blended_detected, w.slow_blended),
                     opt(w.score_over_ideal_median, 3),
                     fp,
                     opt(w.score_sigma_median, 3),

@@ -510,14 +510,31 @@ fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64, kee
     out
 }
 
-/// Score, peaks and flags on a stack, as on a frame.
+/// The most a stack's noise is scaled by its measured scatter (either way), as a factor on σ.
+pub const VARIANCE_RESCALE_MAX: f64 = 1.15;
+
+/// Score, peaks and flags on a stack, as on a frame; the noise scaled to the stack's measured
+/// score scatter (see `VARIANCE_RESCALE_MAX`). The σ returned is the scatter before scaling.
 fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (Vec<Detection>, f64, Vec<f32>) {
     let (w, h) = (stack.width, stack.height);
-    let sc: ScoreImage = {
+    let mut sc: ScoreImage = {
         let mut sc = psf::matched_filter(&stack.image, &stack.var, w, h, &stack.psf, 1.0);
         sc.psf_peak = stack.psf.pixels[stack.psf.pixels.len() / 2];
         sc
     };
+    // The stack's variance rests on a model of how the template's noise correlates across
+    // epochs; its measured scatter says how well. As LSST's coadds do (`ScaleVarianceTask`),
+    // the noise is scaled to what the stack shows: the score's robust σ over its usable
+    // pixels (a median absolute deviation, which sources barely move), within ±15%.
+    let ok_var = |v: f32| v > 0.0 && v.is_finite();
+    let raw: Vec<f32> = sc.score.iter().zip(&stack.var).step_by(3).filter(|(_, v)| ok_var(**v)).map(|(s, _)| *s).collect();
+    let raw_sigma = super::image::robust_stats(&raw).map(|(_, s)| s as f64).unwrap_or(f64::NAN);
+    if raw_sigma.is_finite() && raw_sigma > 0.0 {
+        let f = raw_sigma.clamp(1.0 / VARIANCE_RESCALE_MAX, VARIANCE_RESCALE_MAX) as f32;
+        tracing::debug!(key, raw_sigma, "stack score rescaled by its measured scatter");
+        sc.score.iter_mut().for_each(|v| *v /= f);
+        sc.flux_err.iter_mut().for_each(|v| *v *= f);
+    }
     // `find_peaks` reads the difference, its variance, saturation and PSF width of a frame.
     let ok = |v: f32| v > 0.0 && v.is_finite();
     let diff = Difference::for_stack(
@@ -530,9 +547,7 @@ fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (
     );
     let meta = FrameMeta { frame: key, mjd, band: &g.band, zero_point: g.zero_point, wcs: g.wcs, aperture_correction: g.aperture_correction };
     let dets = frame::find_peaks(&diff, &sc, &meta, threshold);
-    let sample: Vec<f32> = sc.score.iter().zip(&diff.variance).step_by(3).filter(|(_, v)| **v > 0.0).map(|(s, _)| *s).collect();
-    let sigma = super::image::robust_stats(&sample).map(|(_, s)| s as f64).unwrap_or(f64::NAN);
-    (dets, sigma, sc.score)
+    (dets, raw_sigma, sc.score)
 }
 
 #[cfg(test)]
