@@ -6,7 +6,8 @@
 //! - `subtract+stacking`: `Engine::subtract_planes`, the epochs' planes and PSFs, `put_many`
 //!   into a `MemoryHistory` holding the 10 earlier epochs per object (rebuilt outside the timed
 //!   part), then `pipeline::stacking::evaluate`: each object's history read, its window stacks
-//!   (`stack::windows`, CPU) and `stack::measure` at the candidate.
+//!   (`stack::windows`, CPU, on the pixels the measurement reads) and `stack::measure` at the
+//!   candidate. A second plain timing splits it: subtraction with planes, storing, stacks.
 //!
 //! The engine is `select_engine(auto)`: the GPU where there is one (its adapter is printed and
 //! in the group name), else (no adapter, or llvmpipe) the CPU engine. The issue's target is that stacking adds at most
@@ -82,25 +83,30 @@ fn subtract_and_stack(engine: &mut dyn Engine, b: &StampBatch, store: &MemoryHis
     let now = 61000.0 + HISTORY as f64;
     let new = epochs(engine, b, now, "now");
     let outcomes = store.put_many(&new).expect("put");
-    let touched: Vec<Touched> = outcomes
+    let touched = touched_of(&new, outcomes, b.width, b.height);
+    let (hits, _) = stacking::evaluate(store, &touched, 5.0).expect("evaluate");
+    hits.len()
+}
+
+/// The stored alerts of `new` as the sink hands them to `evaluate`.
+fn touched_of(new: &[Epoch], outcomes: Vec<blink::history::PutOutcome>, width: usize, height: usize) -> Vec<Touched> {
+    outcomes
         .into_iter()
         .enumerate()
         .filter_map(|(k, o)| match o {
             blink::history::PutOutcome::Added { object, .. } | blink::history::PutOutcome::Duplicate { object } => Some(Touched {
                 index: k,
                 object,
-                band: "r".into(),
-                mjd: now,
+                band: new[k].band.clone(),
+                mjd: new[k].mjd,
                 x: new[k].stamp_x,
                 y: new[k].stamp_y,
-                width: b.width,
-                height: b.height,
+                width,
+                height,
             }),
             _ => None,
         })
-        .collect();
-    let (hits, _) = stacking::evaluate(store, &touched, 5.0).expect("evaluate");
-    hits.len()
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
@@ -145,6 +151,28 @@ fn bench(c: &mut Criterion) {
         total += t.elapsed().as_secs_f64();
     }
     let both = total / (reps * n) as f64;
+    // Where the stacking path's time goes, per alert.
+    let (mut t_planes, mut t_put, mut t_eval) = (0.0, 0.0, 0.0);
+    for _ in 0..reps {
+        let store = fresh();
+        let t = Instant::now();
+        let new = epochs(engine.as_mut(), &b, 61000.0 + HISTORY as f64, "now");
+        t_planes += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let outcomes = store.put_many(&new).expect("put");
+        t_put += t.elapsed().as_secs_f64();
+        let touched = touched_of(&new, outcomes, b.width, b.height);
+        let t = Instant::now();
+        stacking::evaluate(&store, &touched, 5.0).expect("evaluate");
+        t_eval += t.elapsed().as_secs_f64();
+    }
+    let per = |s: f64| s / (reps * n) as f64 * 1e6;
+    eprintln!(
+        "stacking bench [{adapter}]: per alert, subtract with planes {:.1} us, store {:.1} us, stacks and measure {:.1} us",
+        per(t_planes),
+        per(t_put),
+        per(t_eval)
+    );
     eprintln!(
         "stacking bench [{adapter}]: subtract {:.1} us/alert, subtract+stacking {:.1} us/alert: ratio {:.2} (stacking adds {:.0}%)",
         sub * 1e6,

@@ -201,35 +201,47 @@ pub fn shift_pixel(planes: [&[f32]; 3], w: usize, h: usize, t: &ShiftTaps, x: us
 }
 
 /// A PSF shifted the same way as its epoch's pixels, zero outside its image (it is a model, not
-/// data: its wings end there), non-finite values as zero, then back to unit sum.
+/// data: its wings end there), non-finite values as zero, then back to unit sum. Separable:
+/// along x into a scratch image, then along y (the streaming path shifts a few PSFs per epoch
+/// and window, so this is on its hot path).
 pub fn shift_psf(p: &PsfImage, t: &ShiftTaps) -> PsfImage {
     let s = p.side;
-    let at = |x: i64, y: i64| -> f64 {
-        if x < 0 || y < 0 || x >= s as i64 || y >= s as i64 {
+    let si = s as i64;
+    let px = |x: i64, y: usize| -> f64 {
+        if x < 0 || x >= si {
             return 0.0;
         }
-        let v = p.pixels.get(y as usize * s + x as usize).copied().unwrap_or(0.0);
+        let v = p.pixels.get(y * s + x as usize).copied().unwrap_or(0.0);
         if v.is_finite() {
             v
         } else {
             0.0
         }
     };
-    let mut out = vec![0.0f64; s * s];
-    for y in 0..s as i64 {
-        for x in 0..s as i64 {
+    // Rows: every source row shifted along x.
+    let mut rows = vec![0.0f64; s * s];
+    for y in 0..s {
+        for x in 0..si {
             let mut acc = 0.0;
-            for (j, &ky) in t.ky.iter().enumerate() {
-                if ky == 0.0 {
-                    continue;
-                }
-                for (i, &kx) in t.kx.iter().enumerate() {
-                    if kx != 0.0 {
-                        acc += kx * ky * at(x + t.ix + i as i64 - 2, y + t.iy + j as i64 - 2);
-                    }
+            for (i, &kx) in t.kx.iter().enumerate() {
+                if kx != 0.0 {
+                    acc += kx * px(x + t.ix + i as i64 - 2, y);
                 }
             }
-            out[y as usize * s + x as usize] = acc;
+            rows[y * s + x as usize] = acc;
+        }
+    }
+    let mut out = vec![0.0f64; s * s];
+    for y in 0..si {
+        for (j, &ky) in t.ky.iter().enumerate() {
+            let sy = y + t.iy + j as i64 - 2;
+            if ky == 0.0 || sy < 0 || sy >= si {
+                continue;
+            }
+            let (dst, src) = (y as usize * s, sy as usize * s);
+            for x in 0..s {
+                out[dst + x] += ky * rows[src + x];
+            }
         }
     }
     let sum: f64 = out.iter().sum();
@@ -313,6 +325,7 @@ pub fn coadd(b: &StackBatch) -> Vec<Stack> {
 pub fn coadd_shifted(b: &StackBatch, sh: &Shifted) -> Vec<Stack> {
     let npix = b.npix();
     let corr: Vec<f64> = b.shifts.iter().map(|&(dx, dy)| corr_product(&ShiftTaps::new(dx, dy))).collect();
+    let psfs = EpochPsfs::new(b, 0..b.epochs());
     b.stacks
         .iter()
         .map(|r| {
@@ -331,7 +344,7 @@ pub fn coadd_shifted(b: &StackBatch, sh: &Shifted) -> Vec<Stack> {
                 st.var_template[i] = vt;
                 st.count[i] = n;
             }
-            st.psf = effective_psf(b, r.clone());
+            st.psf = psfs.effective(r.clone());
             st
         })
         .collect()
@@ -346,50 +359,75 @@ pub fn corr_product(t: &ShiftTaps) -> f64 {
 /// The effective PSF of the stack of `epochs` of `b`: the epochs' shifted PSFs, each weighted
 /// by its mean weight `c / V'` over the `(2·CORE_RADIUS + 1)²` box at the stamp centre (masked
 /// pixels weigh 0), on the largest side among them, unit sum. Equal weights where no epoch has
-/// a usable core.
+/// a usable core. For several stacks of one batch, [`EpochPsfs`] shifts each epoch's PSF once.
 pub fn effective_psf(b: &StackBatch, epochs: std::ops::Range<usize>) -> PsfImage {
-    let npix = b.npix();
-    let side = epochs.clone().filter_map(|e| b.psfs.get(e)).map(|p| p.side).max().unwrap_or(1);
-    let (cx, cy) = (b.width / 2, b.height / 2);
-    let mut parts = Vec::new();
-    for e in epochs {
-        let (Some(p), Some(&(dx, dy))) = (b.psfs.get(e), b.shifts.get(e)) else { continue };
-        let t = ShiftTaps::new(dx, dy);
-        let c = corr_product(&t);
-        let px = e * npix..(e + 1) * npix;
-        let (d, v, vt) = (&b.diff[px.clone()], &b.var[px.clone()], &b.var_template[px]);
-        let mut wsum = 0.0;
-        let r = CORE_RADIUS;
-        let mut cells = 0.0;
-        for y in cy.saturating_sub(r)..=(cy + r).min(b.height.saturating_sub(1)) {
-            for x in cx.saturating_sub(r)..=(cx + r).min(b.width.saturating_sub(1)) {
-                cells += 1.0;
-                if let Some(s) = shift_pixel([d, v, vt], b.width, b.height, &t, x, y) {
-                    wsum += c / s[1];
+    EpochPsfs::new(b, epochs.clone()).effective(epochs)
+}
+
+/// Each epoch's part in an effective PSF ([`effective_psf`]): its weight at the stamp centre
+/// and its shifted PSF, made once for every stack of a batch that holds the epoch (one
+/// object's windows share most of their epochs).
+#[derive(Debug, Clone)]
+pub struct EpochPsfs {
+    /// The first epoch held; `parts[k]` is epoch `first + k`'s, `None` for one without a PSF.
+    first: usize,
+    parts: Vec<Option<(f64, PsfImage)>>,
+}
+
+impl EpochPsfs {
+    /// The parts of the epochs `epochs` of `b`.
+    pub fn new(b: &StackBatch, epochs: std::ops::Range<usize>) -> EpochPsfs {
+        let npix = b.npix();
+        let (cx, cy) = (b.width / 2, b.height / 2);
+        let first = epochs.start;
+        let parts = epochs
+            .map(|e| {
+                let (p, &(dx, dy)) = (b.psfs.get(e)?, b.shifts.get(e)?);
+                let t = ShiftTaps::new(dx, dy);
+                let c = corr_product(&t);
+                let px = e * npix..(e + 1) * npix;
+                let (d, v, vt) = (b.diff.get(px.clone())?, b.var.get(px.clone())?, b.var_template.get(px)?);
+                let mut wsum = 0.0;
+                let r = CORE_RADIUS;
+                let mut cells = 0.0;
+                for y in cy.saturating_sub(r)..=(cy + r).min(b.height.saturating_sub(1)) {
+                    for x in cx.saturating_sub(r)..=(cx + r).min(b.width.saturating_sub(1)) {
+                        cells += 1.0;
+                        if let Some(s) = shift_pixel([d, v, vt], b.width, b.height, &t, x, y) {
+                            wsum += c / s[1];
+                        }
+                    }
+                }
+                Some((wsum / f64::max(cells, 1.0), shift_psf(p, &t)))
+            })
+            .collect();
+        EpochPsfs { first, parts }
+    }
+
+    /// The effective PSF of the stack of `epochs` (epochs outside those held are left out).
+    pub fn effective(&self, epochs: std::ops::Range<usize>) -> PsfImage {
+        let parts: Vec<&(f64, PsfImage)> = epochs.filter_map(|e| self.parts.get(e.checked_sub(self.first)?)?.as_ref()).collect();
+        let side = parts.iter().map(|(_, p)| p.side).max().unwrap_or(1);
+        let total: f64 = parts.iter().map(|(w, _)| w).sum();
+        let equal = !(total > 0.0 && total.is_finite());
+        let mut out = vec![0.0f64; side * side];
+        for (w, p) in parts {
+            let w = if equal { 1.0 } else { *w };
+            let off = (side - p.side) / 2;
+            for y in 0..p.side {
+                for x in 0..p.side {
+                    out[(y + off) * side + x + off] += w * p.pixels[y * p.side + x];
                 }
             }
         }
-        parts.push((wsum / f64::max(cells, 1.0), shift_psf(p, &t)));
-    }
-    let total: f64 = parts.iter().map(|(w, _)| w).sum();
-    let equal = !(total > 0.0 && total.is_finite());
-    let mut out = vec![0.0f64; side * side];
-    for (w, p) in &parts {
-        let w = if equal { 1.0 } else { *w };
-        let off = (side - p.side) / 2;
-        for y in 0..p.side {
-            for x in 0..p.side {
-                out[(y + off) * side + x + off] += w * p.pixels[y * p.side + x];
+        let sum: f64 = out.iter().sum();
+        if sum != 0.0 && sum.is_finite() {
+            for v in &mut out {
+                *v /= sum;
             }
         }
+        PsfImage { side, pixels: out }
     }
-    let sum: f64 = out.iter().sum();
-    if sum != 0.0 && sum.is_finite() {
-        for v in &mut out {
-            *v /= sum;
-        }
-    }
-    PsfImage { side, pixels: out }
 }
 
 #[cfg(test)]
@@ -463,6 +501,47 @@ mod tests {
         // box the NaN reaches.
         let masked = sd.iter().filter(|x| x.is_nan()).count();
         assert_eq!(masked, w * h - (w - 5) * (h - 5) + 36);
+    }
+
+    #[test]
+    fn a_psf_shift_is_the_direct_sum_with_nothing_outside() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for _ in 0..20 {
+            let side = 2 * rng.gen_range(1..10) + 1;
+            let mut pixels: Vec<f64> = (0..side * side).map(|_| rng.gen_range(0.0..1.0)).collect();
+            pixels[rng.gen_range(0..side * side)] = f64::NAN;
+            let p = PsfImage { side, pixels };
+            let t = ShiftTaps::new(rng.gen_range(-3.0..3.0), rng.gen_range(-3.0..3.0));
+            let got = shift_psf(&p, &t);
+            // The 6×6 sum of the definition, zero outside the image and for non-finite pixels.
+            let at = |x: i64, y: i64| {
+                let inside = x >= 0 && y >= 0 && x < side as i64 && y < side as i64;
+                let v = if inside { p.pixels[y as usize * side + x as usize] } else { 0.0 };
+                if v.is_finite() {
+                    v
+                } else {
+                    0.0
+                }
+            };
+            let mut want = vec![0.0f64; side * side];
+            for y in 0..side as i64 {
+                for x in 0..side as i64 {
+                    for (j, ky) in t.ky.iter().enumerate() {
+                        for (i, kx) in t.kx.iter().enumerate() {
+                            want[y as usize * side + x as usize] += kx * ky * at(x + t.ix + i as i64 - 2, y + t.iy + j as i64 - 2);
+                        }
+                    }
+                }
+            }
+            let sum: f64 = want.iter().sum();
+            assert_eq!(got.side, side);
+            assert!((got.pixels.iter().sum::<f64>() - 1.0).abs() < 1e-9, "seed {seed}: unit sum");
+            for (g, w) in got.pixels.iter().zip(&want) {
+                assert!((g - w / sum).abs() < 1e-12, "seed {seed}: {g} against {}", w / sum);
+            }
+        }
     }
 
     #[test]

@@ -96,27 +96,13 @@ pub fn evaluate(
     for t in latest.into_values() {
         let Some(object) = history.object(&t.object)? else { continue };
         let Some(band) = object.bands.get(&t.band) else { continue };
-        let epochs: Vec<StackEpoch> = band
-            .iter()
-            .filter(|e| e.stamps.difference.shape() == (t.width, t.height))
-            .filter_map(|e| stack_epoch(e, t))
-            .collect();
-        if epochs.len() < 2 {
-            continue;
-        }
-        let windows = match stack::windows(&epochs, t.mjd, &DEFAULT_WINDOWS) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, object = %t.object, "stack windows failed");
-                continue;
-            }
-        };
+        let Some(windows) = window_measurements(band, t, true) else { continue };
         let announced = history.announcements(&t.object)?;
-        for w in windows {
+        for (w, m) in windows {
             if w.same_as.is_some() || w.epochs.len() < 2 {
                 continue;
             }
-            let Some(m) = stack::measure(&w.stack, t.x, t.y) else { continue };
+            let Some(m) = m else { continue };
             if !(m.score.is_finite() && m.score.abs() >= threshold) {
                 continue;
             }
@@ -141,11 +127,115 @@ pub fn evaluate(
     Ok((hits, record))
 }
 
-/// A stored epoch on the common grid of `t`: the offset is the difference of the candidates'
-/// stamp positions, and the stored (centred) PSF is moved by it first, so that after
-/// alignment it is centred again on the common grid (`stack::measure` moves it to the
+/// The window stacks of one object's epochs in `t`'s band (those of `t`'s stamp shape) on the
+/// common grid of `t`, each with its measurement at the candidate; cut to the measurement's
+/// [`Crop`] when `crop` is set (the stacks are then of the crop). `None` with fewer than two
+/// epochs to stack, or when stacking fails (logged).
+fn window_measurements(band: &[crate::history::Epoch], t: &Touched, crop: bool) -> Option<Vec<(stack::WindowStack, Option<StackMeasurement>)>> {
+    let same: Vec<&crate::history::Epoch> = band.iter().filter(|e| e.stamps.difference.shape() == (t.width, t.height)).collect();
+    let crop = if crop { Crop::for_touched(t, &same) } else { Crop::WHOLE };
+    let epochs: Vec<StackEpoch> = same.into_iter().filter_map(|e| stack_epoch(e, t, &crop)).collect();
+    if epochs.len() < 2 {
+        return None;
+    }
+    match stack::windows(&epochs, t.mjd, &DEFAULT_WINDOWS) {
+        Ok(ws) => Some(ws.into_iter().map(|w| {
+            let m = crop.measure(&w.stack, t.x, t.y);
+            (w, m)
+        }).collect()),
+        Err(e) => {
+            tracing::warn!(error = %e, object = %t.object, "stack windows failed");
+            None
+        }
+    }
+}
+
+/// The part of the stamps a stack measurement at the candidate reads: a square centred on the
+/// stamp's centre pixel (so that the effective PSF's weights, taken at the centre, are the same
+/// numbers) that holds the matched filter's footprint at the candidate, the Lanczos support of
+/// every pixel of it and of the centre box, whatever the epochs' offsets. Pixels of the square
+/// outside the stamp are NaN, as masked; the shift masks what reaches past the stamp the same
+/// way, so stacks of the crop equal the full stamps' stacks there, bit for bit
+/// (`a_stack_of_the_crop_measures_what_the_whole_stamps_do`). On 63×63 stamps with the
+/// candidate near the centre it is ~27×27: a fifth of the pixels to shift and add.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Crop {
+    /// Stamp pixel of the crop's pixel (0, 0); may be negative (padding).
+    x0: i64,
+    y0: i64,
+    side: usize,
+}
+
+impl Crop {
+    /// No cut: the whole stamp.
+    const WHOLE: Crop = Crop { x0: 0, y0: 0, side: 0 };
+
+    /// The crop for `t`'s stack measurement over `epochs` (those of its shape), or the whole
+    /// stamp when the crop would not be smaller.
+    fn for_touched(t: &Touched, epochs: &[&crate::history::Epoch]) -> Crop {
+        let (cx, cy) = ((t.width / 2) as f64, (t.height / 2) as f64);
+        let far = (t.x.round() - cx).abs().max((t.y.round() - cy).abs());
+        let psf_half = epochs.iter().map(|e| e.stamps.psf.width / 2).max().unwrap_or(0).max(crate::cpu::stack::CORE_RADIUS);
+        let shift = epochs.iter().map(|e| (e.stamp_x - t.x).abs().max((e.stamp_y - t.y).abs())).fold(0.0f64, f64::max);
+        // A shift by d reads from floor(d) − 2 to floor(d) + 3 (a whole d: d itself), at most
+        // ceil(|d|) + 2 away.
+        let half = far + psf_half as f64 + shift.ceil() + 2.0;
+        if !half.is_finite() || 2.0 * half + 1.0 >= t.width.min(t.height) as f64 {
+            return Crop::WHOLE;
+        }
+        let half = half as i64;
+        Crop { x0: (t.width / 2) as i64 - half, y0: (t.height / 2) as i64 - half, side: (2 * half + 1) as usize }
+    }
+
+    fn is_whole(&self) -> bool {
+        self.side == 0
+    }
+
+    /// `plane` (`w × h`) cut to the crop, NaN outside the stamp.
+    fn cut(&self, plane: &[f32], w: usize, h: usize) -> Vec<f32> {
+        if self.is_whole() {
+            return plane.to_vec();
+        }
+        let mut out = vec![f32::NAN; self.side * self.side];
+        for (r, row) in out.chunks_exact_mut(self.side).enumerate() {
+            let y = self.y0 + r as i64;
+            if y < 0 || y >= h as i64 {
+                continue;
+            }
+            let (xa, xb) = (self.x0.max(0), (self.x0 + self.side as i64).min(w as i64));
+            if xa >= xb {
+                continue;
+            }
+            let src = &plane[y as usize * w + xa as usize..y as usize * w + xb as usize];
+            row[(xa - self.x0) as usize..(xb - self.x0) as usize].copy_from_slice(src);
+        }
+        out
+    }
+
+    /// The stamp's `(width, height)` as cut.
+    fn shape(&self, w: usize, h: usize) -> (usize, usize) {
+        if self.is_whole() {
+            (w, h)
+        } else {
+            (self.side, self.side)
+        }
+    }
+
+    /// [`stack::measure`] at the stamp position `(x, y)` on a stack of the crop, the pixel
+    /// reported in stamp coordinates.
+    fn measure(&self, stack: &stack::Stack, x: f64, y: f64) -> Option<StackMeasurement> {
+        let mut m = stack::measure(stack, x - self.x0 as f64, y - self.y0 as f64)?;
+        m.x = usize::try_from(m.x as i64 + self.x0).ok()?;
+        m.y = usize::try_from(m.y as i64 + self.y0).ok()?;
+        Some(m)
+    }
+}
+
+/// A stored epoch on the common grid of `t`, cut to `crop`: the offset is the difference of
+/// the candidates' stamp positions, and the stored (centred) PSF is moved by it first, so that
+/// after alignment it is centred again on the common grid (`stack::measure` moves it to the
 /// candidate's phase). `None` for an epoch that cannot be stacked (logged).
-fn stack_epoch(e: &crate::history::Epoch, t: &Touched) -> Option<StackEpoch> {
+fn stack_epoch(e: &crate::history::Epoch, t: &Touched, crop: &Crop) -> Option<StackEpoch> {
     let (dx, dy) = (e.stamp_x - t.x, e.stamp_y - t.y);
     let p = &e.stamps.psf;
     if p.width != p.height || p.width.is_multiple_of(2) {
@@ -153,12 +243,14 @@ fn stack_epoch(e: &crate::history::Epoch, t: &Touched) -> Option<StackEpoch> {
     }
     let centred = PsfImage { side: p.width, pixels: p.data.iter().map(|v| f64::from(*v)).collect() };
     let psf = crate::cpu::stack::shift_psf(&centred, &crate::cpu::stack::ShiftTaps::new(-dx, -dy));
+    let (w, h) = (t.width, t.height);
+    let (width, height) = crop.shape(w, h);
     let se = StackEpoch {
-        width: t.width,
-        height: t.height,
-        diff: e.stamps.difference.data.clone(),
-        var: e.stamps.variance.data.clone(),
-        var_template: e.stamps.template_variance.data.clone(),
+        width,
+        height,
+        diff: crop.cut(&e.stamps.difference.data, w, h),
+        var: crop.cut(&e.stamps.variance.data, w, h),
+        var_template: crop.cut(&e.stamps.template_variance.data, w, h),
         psf,
         mjd: e.mjd,
         band: e.band.clone(),
@@ -171,5 +263,100 @@ fn stack_epoch(e: &crate::history::Epoch, t: &Touched) -> Option<StackEpoch> {
             tracing::warn!(error = %err, alert_id = %e.alert_id, "stored epoch cannot be stacked");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alert::Survey;
+    use crate::history::{Epoch, Measurement};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use rand_distr::{Distribution, StandardNormal};
+
+    /// One object's epochs on 63×63 stamps: noise, a faint source at the candidate, random
+    /// variances, masked pixels and a bad column near the candidate, PSFs of random widths, and
+    /// candidate positions up to 1.95 pixels from `(x, y)`, the first two at that offset on
+    /// both axes.
+    fn history(rng: &mut StdRng, n: usize, (x, y): (f64, f64)) -> Vec<Epoch> {
+        let side = 63;
+        (0..n)
+            .map(|k| {
+                let (sx, sy) = match k {
+                    // The largest offsets, towards the far side and back: the crop's margin
+                    // must hold the Lanczos taps of both.
+                    0 => (x + 1.95, y + 1.95),
+                    1 => (x - 1.95, y - 1.95),
+                    _ => (x + rng.gen_range(-1.95..1.95), y + rng.gen_range(-1.95..1.95)),
+                };
+                let sigma = rng.gen_range(1.0..2.5);
+                let bad_col = 31 + rng.gen_range(-6i64..6);
+                let mut diff = Vec::with_capacity(side * side);
+                let mut var = Vec::with_capacity(side * side);
+                for y in 0..side {
+                    for x in 0..side {
+                        let r2 = (x as f64 - sx).powi(2) + (y as f64 - sy).powi(2);
+                        let v: f64 = rng.gen_range(0.8..1.5);
+                        let masked = x as i64 == bad_col || rng.gen_bool(0.02);
+                        let n: f64 = StandardNormal.sample(rng);
+                        diff.push(if masked { f32::NAN } else { (0.8 * (-r2 / (2.0 * sigma * sigma)).exp() + v.sqrt() * n) as f32 });
+                        var.push(if masked { f32::NAN } else { v as f32 });
+                    }
+                }
+                let tv: Vec<f32> = var.iter().map(|v| 0.3 * v).collect();
+                let half = (4.0 * sigma).ceil() as usize;
+                Epoch {
+                    survey: Survey::Native,
+                    alert_id: format!("a{k}"),
+                    object_id: "obj".into(),
+                    band: "r".into(),
+                    mjd: 61000.0 + rng.gen_range(0.0..25.0),
+                    ra: 10.0,
+                    dec: 20.0,
+                    stamp_x: sx,
+                    stamp_y: sy,
+                    stamps: EpochStamps {
+                        difference: Image::new(side, side, diff),
+                        variance: Image::new(side, side, var),
+                        template_variance: Image::new(side, side, tv),
+                        psf: crate::sim::gaussian_image(2 * half + 1, 2 * half + 1, half as f64, half as f64, sigma),
+                    },
+                    measurement: Measurement { flux: 0.0, flux_err: 1.0, score: 0.0 },
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stack_of_the_crop_measures_what_the_whole_stamps_do() {
+        let seed: u64 = rand::random();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (mut cropped, mut measured) = (0, 0);
+        for case in 0..12 {
+            // Near the centre (a crop), or far from it (the whole stamp, or nearly).
+            let off = if case % 4 == 3 { 22.0 } else { 2.0 };
+            let (x, y) = (31.0 + rng.gen_range(-off..off), 31.0 + rng.gen_range(-off..off));
+            let n = rng.gen_range(3..14);
+            let band = history(&mut rng, n, (x, y));
+            let last = band.iter().map(|e| e.mjd).fold(f64::MIN, f64::max);
+            let t = Touched { index: 0, object: "obj".into(), band: "r".into(), mjd: last, x, y, width: 63, height: 63 };
+            let refs: Vec<&Epoch> = band.iter().collect();
+            let crop = Crop::for_touched(&t, &refs);
+            if !crop.is_whole() && crop.side < 63 {
+                cropped += 1;
+            }
+            let part = window_measurements(&band, &t, true).expect("stacks of the crop");
+            let whole = window_measurements(&band, &t, false).expect("stacks of the whole stamps");
+            assert_eq!(part.len(), whole.len(), "seed {seed}, case {case}");
+            for ((wp, mp), (ww, mw)) in part.iter().zip(&whole) {
+                assert_eq!((&wp.band, wp.nights, &wp.epochs, wp.same_as), (&ww.band, ww.nights, &ww.epochs, ww.same_as), "seed {seed}, case {case}");
+                assert_eq!(wp.stack.psf, ww.stack.psf, "seed {seed}, case {case}: effective PSF");
+                let bits = |m: &Option<StackMeasurement>| m.map(|m| (m.x, m.y, m.score.to_bits(), m.flux.to_bits(), m.flux_err.to_bits()));
+                assert_eq!(bits(mp), bits(mw), "seed {seed}, case {case}, {}-night window at ({x:.2}, {y:.2}), crop {crop:?}", wp.nights);
+                measured += usize::from(mp.is_some());
+            }
+        }
+        assert!(cropped >= 6, "seed {seed}: only {cropped} cases were cut smaller");
+        assert!(measured >= 20, "seed {seed}: only {measured} windows measured");
     }
 }

@@ -9,7 +9,7 @@
 //! The epochs' planes are uploaded once (three writes straight from the batch's vectors), the
 //! Lanczos weights per epoch and the stacks' epoch ranges alongside; only the stacks come back.
 //! The effective PSFs (a few hundred values per stack) are made on the host by the same
-//! function as the CPU path (`cpu::stack::effective_psf`). A batch larger than one storage
+//! function as the CPU path (`cpu::stack::EpochPsfs`). A batch larger than one storage
 //! binding runs in chunks of whole stacks.
 //!
 //! [`GpuStack`] holds its own pipelines next to the [`GpuEngine`] whose device, queue and
@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use wgpu::util::DeviceExt;
 
-use crate::cpu::stack::{corr_product, effective_psf, ShiftTaps, Shifted, TAPS};
+use crate::cpu::stack::{corr_product, EpochPsfs, ShiftTaps, Shifted, TAPS};
 use super::{check_limits, gpu_err, read_floats};
 use crate::engine::EngineError;
 use crate::gpu::GpuEngine;
@@ -207,6 +207,7 @@ impl GpuStack {
         let npix = b.npix();
         let (max_epochs, max_stacks) = self.limits(engine, npix);
         let mut stacks = Vec::with_capacity(b.stacks.len());
+        let psfs = EpochPsfs::new(b, 0..b.epochs());
         for c in chunks(&b.stacks, max_epochs, max_stacks)? {
             let ranges = &b.stacks[c.stacks.clone()];
             let planes = self.run(engine, b, c.epochs.clone(), ranges)?;
@@ -221,7 +222,7 @@ impl GpuStack {
                     var: at(1).to_vec(),
                     var_template: at(2).to_vec(),
                     count: at(3).iter().map(|&c| c as u32).collect(),
-                    psf: effective_psf(b, r.clone()),
+                    psf: psfs.effective(r.clone()),
                     epochs: r.len(),
                 });
             }
