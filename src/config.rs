@@ -123,11 +123,18 @@ pub struct GrpcConfig {
     /// Detections buffered per subscriber; a subscriber that falls further behind is
     /// disconnected with RESOURCE_EXHAUSTED instead of growing memory or stalling others.
     pub subscriber_buffer: usize,
+    /// The last this many detections are kept in memory for subscribers that reconnect with
+    /// `after_sequence` (`blink subscribe --after N`); 0 keeps none (resuming is then refused).
+    pub replay: usize,
 }
 
 impl Default for GrpcConfig {
     fn default() -> Self {
-        GrpcConfig { listen: "127.0.0.1:50051".into(), subscriber_buffer: 4096 }
+        GrpcConfig {
+            listen: "127.0.0.1:50051".into(),
+            subscriber_buffer: 4096,
+            replay: crate::sink::grpc::DEFAULT_REPLAY,
+        }
     }
 }
 

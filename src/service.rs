@@ -111,7 +111,7 @@ impl Service {
         tracing::info!(%adapter, "engine ready");
 
         let metrics = Arc::new(Metrics::default());
-        let hub = Hub::new(cfg.grpc.subscriber_buffer);
+        let hub = Hub::with_replay(cfg.grpc.subscriber_buffer, cfg.grpc.replay);
         let (listener, grpc_addr) = grpc::bind(&cfg.grpc.listen).await?;
         tracing::info!(%grpc_addr, "gRPC listening");
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -358,7 +358,7 @@ pub async fn run(night: &Path, opts: &AlertsOptions) -> anyhow::Result<AlertsSum
     let subscribed = async {
         let mut client = BlinkClient::connect(addr.clone()).await.with_context(|| format!("connecting to {addr}"))?;
         let stream = client
-            .subscribe(SubscribeRequest { min_score: 0.0, surveys: vec![], bands: vec![] })
+            .subscribe(SubscribeRequest::default())
             .await
             .with_context(|| format!("subscribing at {addr}"))?
             .into_inner();

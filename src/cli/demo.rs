@@ -123,7 +123,7 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     let addr = format!("http://{}", service.grpc_addr);
     let mut client = BlinkClient::connect(addr.clone()).await.with_context(|| format!("connecting to {addr}"))?;
     let mut stream = client
-        .subscribe(SubscribeRequest { min_score: 0.0, surveys: vec![], bands: vec![] })
+        .subscribe(SubscribeRequest::default())
         .await?
         .into_inner();
     let (rx_tx, mut rx_rx) = tokio::sync::mpsc::unbounded_channel::<Detection>();

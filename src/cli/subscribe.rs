@@ -3,7 +3,7 @@
 use clap::Args;
 
 use crate::proto::blink_client::BlinkClient;
-use crate::proto::{Detection, StatusRequest, SubscribeRequest};
+use crate::proto::{Cone, Detection, StatusRequest, SubscribeRequest};
 
 #[derive(Debug, Args)]
 pub struct SubscribeArgs {
@@ -19,9 +19,36 @@ pub struct SubscribeArgs {
     /// Only these bands (g, r, i, ...); repeat or comma-separate.
     #[arg(long = "band", value_delimiter = ',')]
     pub bands: Vec<String>,
+    /// Only these timescales: `epoch` (single-epoch subtraction) or a stack window
+    /// (`stack:3n` or `3n`); repeat or comma-separate.
+    #[arg(long = "timescale", value_delimiter = ',')]
+    pub timescales: Vec<String>,
+    /// Only detections within a cone on the sky: `RA,DEC,RADIUS` in degrees (ICRS).
+    #[arg(long, value_name = "RA,DEC,RADIUS", allow_hyphen_values = true)]
+    pub cone: Option<String>,
+    /// Only these objects (the survey's object id); repeat or comma-separate.
+    #[arg(long = "object", value_delimiter = ',')]
+    pub object_ids: Vec<String>,
+    /// Resume: first the detections the server still holds after this sequence number (the
+    /// last one you received; 0 = the oldest kept), then the live stream.
+    #[arg(long, value_name = "SEQUENCE")]
+    pub after: Option<u64>,
     /// Stop after this many results (default: run until the server closes the stream).
     #[arg(long)]
     pub limit: Option<u64>,
+}
+
+/// `RA,DEC,RADIUS` (degrees) as a [`Cone`].
+pub fn parse_cone(s: &str) -> anyhow::Result<Cone> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("--cone {s:?}: {e}; expected RA,DEC,RADIUS in degrees"))?;
+    match v[..] {
+        [ra, dec, radius] => Ok(Cone { ra, dec, radius }),
+        _ => anyhow::bail!("--cone {s:?}: expected three numbers, RA,DEC,RADIUS in degrees"),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -62,8 +89,12 @@ pub async fn subscribe(args: &SubscribeArgs) -> anyhow::Result<()> {
         min_score: args.min_score,
         surveys: args.surveys.clone(),
         bands: args.bands.clone(),
+        timescales: args.timescales.clone(),
+        cone: args.cone.as_deref().map(parse_cone).transpose()?,
+        object_ids: args.object_ids.clone(),
+        after_sequence: args.after,
     };
-    let mut stream = client.subscribe(req).await?.into_inner();
+    let mut stream = client.subscribe(req).await.map_err(|s| anyhow::anyhow!("subscribe refused: {}", s.message()))?.into_inner();
     let mut n = 0u64;
     while let Some(d) = stream.message().await? {
         println!("{}", detection_json(&d));

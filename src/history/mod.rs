@@ -18,7 +18,7 @@ mod core;
 mod disk;
 mod memory;
 mod record;
-mod sky;
+pub(crate) mod sky;
 #[cfg(test)]
 mod tests;
 

@@ -1,13 +1,19 @@
-//! The gRPC sink: a [`Hub`] fans results out to every `Subscribe` stream, each through a bounded
-//! buffer; the tonic service (`proto/blink/v1/blink.proto`) serves `Subscribe` and `Status`.
+//! The gRPC sink: a [`Hub`] numbers every result, keeps the last `grpc.replay` of them in a
+//! ring and fans them out to every `Subscribe` stream, each through a bounded buffer; the tonic
+//! service (`proto/blink/v1/blink.proto`) serves `Subscribe` and `Status`.
 //!
 //! A subscriber that falls more than `grpc.subscriber_buffer` results behind gets
 //! RESOURCE_EXHAUSTED and is disconnected: memory stays bounded and the others never stall.
+//! It reconnects with `after_sequence` set to the last sequence it got and receives what it
+//! missed from the ring, then the live stream, with nothing lost or repeated between the two
+//! (the ring and the fan-out are updated under one lock, and a resuming stream subscribes under
+//! it).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use tokio::net::TcpListener;
@@ -19,23 +25,85 @@ use crate::pipeline::Outcome;
 use crate::proto::blink_server::{Blink, BlinkServer};
 use crate::proto::{Detection, StatusReply, StatusRequest, SubscribeRequest};
 
+/// Detections kept for resuming subscribers by default (`grpc.replay`).
+pub const DEFAULT_REPLAY: usize = 100_000;
+
 /// Fan-out point between the pipeline and the subscribers. Cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
     tx: broadcast::Sender<Arc<Detection>>,
-    sequence: Arc<AtomicU64>,
+    /// The sequence counter and the retained detections; sending happens under this lock too,
+    /// so a resuming subscriber sees the ring and the live stream meet exactly.
+    ring: Arc<Mutex<Ring>>,
     /// Turns true at shutdown: every stream sends what it still holds, then ends, so the gRPC
     /// server's graceful shutdown does not wait forever on open subscriptions.
     closed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
+/// The last `capacity` detections, oldest first, and the last sequence number given.
+struct Ring {
+    last: u64,
+    capacity: usize,
+    items: VecDeque<Arc<Detection>>,
+}
+
+/// Why a subscription cannot resume where it asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    #[error(
+        "detections after sequence {after} are no longer all retained: the oldest kept is {oldest} \
+         (the server keeps the last {capacity}, grpc.replay); resume from a later sequence or subscribe live"
+    )]
+    TooOld { after: u64, oldest: u64, capacity: usize },
+    #[error(
+        "sequence {after} has not been produced yet: the latest is {latest} (a restarted server numbers \
+         its detections from 1 again); subscribe live or resume from at most {latest}"
+    )]
+    Ahead { after: u64, latest: u64 },
+}
+
 impl Hub {
+    /// A hub with `buffer` detections per subscriber and the default replay ring.
     pub fn new(buffer: usize) -> Hub {
-        let (tx, _) = broadcast::channel(buffer.max(1));
-        let (closed, _) = tokio::sync::watch::channel(false);
-        Hub { tx, sequence: Arc::new(AtomicU64::new(0)), closed: Arc::new(closed) }
+        Hub::with_replay(buffer, DEFAULT_REPLAY)
     }
 
+    /// A hub with `buffer` detections per subscriber, keeping the last `replay` detections for
+    /// subscribers that resume (0: none kept).
+    pub fn with_replay(buffer: usize, replay: usize) -> Hub {
+        let (tx, _) = broadcast::channel(buffer.max(1));
+        let (closed, _) = tokio::sync::watch::channel(false);
+        let ring = Ring { last: 0, capacity: replay, items: VecDeque::with_capacity(replay.min(4096)) };
+        Hub { tx, ring: Arc::new(Mutex::new(ring)), closed: Arc::new(closed) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // A panic while holding the lock leaves the ring consistent (every update is a push
+        // and a pop), so a poisoned lock is still usable.
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sequence of the last detection published (0 before the first).
+    pub fn latest(&self) -> u64 {
+        self.lock().last
+    }
+
+    /// Subscribe live, or resume after sequence `after`: the retained detections with a larger
+    /// sequence, in order, and a receiver of every detection published after them.
+    pub fn resume(&self, after: Option<u64>) -> Result<(Vec<Arc<Detection>>, broadcast::Receiver<Arc<Detection>>), ResumeError> {
+        let ring = self.lock();
+        let rx = self.tx.subscribe();
+        let Some(after) = after else { return Ok((Vec::new(), rx)) };
+        if after > ring.last {
+            return Err(ResumeError::Ahead { after, latest: ring.last });
+        }
+        let oldest = ring.items.front().map_or(ring.last + 1, |d| d.sequence);
+        if after + 1 < oldest {
+            return Err(ResumeError::TooOld { after, oldest, capacity: ring.capacity });
+        }
+        let skip = (after + 1 - oldest) as usize;
+        Ok((ring.items.iter().skip(skip).cloned().collect(), rx))
+    }
     /// End every subscription once it has sent what it holds.
     pub fn close(&self) {
         self.closed.send_replace(true);
@@ -55,7 +123,9 @@ impl Hub {
     }
 
     fn send(&self, o: &Outcome, timescale: &str, stack: Option<(f64, f64, f64)>) -> u64 {
-        let sequence = self.sequence.fetch_add(1, Relaxed) + 1;
+        let mut ring = self.lock();
+        ring.last += 1;
+        let sequence = ring.last;
         let id = match stack {
             None => format!("{}:{}", o.meta.survey, o.meta.alert_id),
             Some(_) => format!("{}:{}:{timescale}", o.meta.survey, o.meta.alert_id),
@@ -87,12 +157,20 @@ impl Hub {
             partition: o.token.partition,
             offset: o.token.offset,
         };
-        let _ = self.tx.send(Arc::new(d));
+        let d = Arc::new(d);
+        if ring.capacity > 0 {
+            if ring.items.len() == ring.capacity {
+                ring.items.pop_front();
+            }
+            ring.items.push_back(d.clone());
+        }
+        let _ = self.tx.send(d);
         sequence
     }
 
     /// Every detection published from now on, unfiltered (the gRPC streams and tests read this).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Detection>> {
+        let _ring = self.lock();
         self.tx.subscribe()
     }
 }
@@ -103,6 +181,23 @@ pub struct Filter {
     min_score: f64,
     surveys: Vec<String>,
     bands: Vec<String>,
+    /// Normalised ([`normalise_timescale`]).
+    timescales: Vec<String>,
+    /// `(ra, dec, radius)`, degrees.
+    cone: Option<(f64, f64, f64)>,
+    object_ids: Vec<String>,
+}
+
+/// A timescale as detections carry it: `epoch`, or `stack:<N>n` with `N` written as Rust
+/// writes the f64 (`3n`, `stack:3.0n` → `stack:3n`). `None` for anything else.
+pub fn normalise_timescale(t: &str) -> Option<String> {
+    let t = t.trim();
+    if t.eq_ignore_ascii_case("epoch") {
+        return Some("epoch".into());
+    }
+    let n = t.strip_prefix("stack:").unwrap_or(t).strip_suffix('n')?;
+    let n: f64 = n.parse().ok()?;
+    (n.is_finite() && n > 0.0).then(|| crate::pipeline::stacking::timescale(n))
 }
 
 impl Filter {
@@ -120,10 +215,42 @@ impl Filter {
                 )));
             }
         }
+        let timescales = r
+            .timescales
+            .iter()
+            .map(|t| {
+                normalise_timescale(t).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "unknown timescale {t:?}: use epoch, or a stack window such as stack:3n (or 3n)"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cone = match &r.cone {
+            None => None,
+            Some(c) => {
+                if !(c.ra.is_finite() && c.dec.is_finite() && (-90.0..=90.0).contains(&c.dec)) {
+                    return Err(Status::invalid_argument(format!(
+                        "cone centre ({}, {}): ra and dec in degrees, dec within [-90, 90]",
+                        c.ra, c.dec
+                    )));
+                }
+                if !(c.radius > 0.0 && c.radius <= 180.0) {
+                    return Err(Status::invalid_argument(format!(
+                        "cone radius {}: degrees, more than 0 and at most 180",
+                        c.radius
+                    )));
+                }
+                Some((c.ra, c.dec, c.radius))
+            }
+        };
         Ok(Filter {
             min_score: r.min_score,
             surveys: r.surveys.iter().map(|s| s.to_ascii_lowercase()).collect(),
             bands: r.bands.clone(),
+            timescales,
+            cone,
+            object_ids: r.object_ids.clone(),
         })
     }
 
@@ -134,6 +261,11 @@ impl Filter {
                     crate::alert::Survey::parse(s).map(|s| s.as_str()) == Some(d.survey.as_str())
                 }))
             && (self.bands.is_empty() || self.bands.contains(&d.band))
+            && (self.timescales.is_empty() || self.timescales.contains(&d.timescale))
+            && (self.object_ids.is_empty() || self.object_ids.contains(&d.object_id))
+            && self.cone.is_none_or(|(ra, dec, r)| {
+                crate::history::sky::distance_rad(ra, dec, d.ra, d.dec).to_degrees() <= r
+            })
     }
 }
 
@@ -152,6 +284,16 @@ impl Drop for SubscriberGuard {
     }
 }
 
+/// One `Subscribe` stream's state: the retained detections still to send, then the live ones.
+struct Subscription {
+    backlog: VecDeque<Arc<Detection>>,
+    rx: broadcast::Receiver<Arc<Detection>>,
+    closed: tokio::sync::watch::Receiver<bool>,
+    filter: Filter,
+    _guard: SubscriberGuard,
+    finished: bool,
+}
+
 type DetectionStream = Pin<Box<dyn Stream<Item = Result<Detection, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -163,50 +305,60 @@ impl Blink for BlinkService {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let filter = Filter::from_request(request.get_ref())?;
-        let rx = self.hub.subscribe();
+        let (backlog, rx) = self.hub.resume(request.get_ref().after_sequence).map_err(|e| match e {
+            ResumeError::TooOld { .. } => Status::out_of_range(e.to_string()),
+            ResumeError::Ahead { .. } => Status::failed_precondition(e.to_string()),
+        })?;
         let closed = self.hub.closed.subscribe();
         self.metrics.subscribers.fetch_add(1, Relaxed);
-        let guard = SubscriberGuard(self.metrics.clone());
-        let stream = futures::stream::unfold(
-            (rx, closed, filter, guard, false),
-            |(mut rx, mut closed, filter, guard, finished)| async move {
-                if finished {
-                    return None;
+        let state = Subscription {
+            backlog: backlog.into(),
+            rx,
+            closed,
+            filter,
+            _guard: SubscriberGuard(self.metrics.clone()),
+            finished: false,
+        };
+        let stream = futures::stream::unfold(state, |mut st| async move {
+            if st.finished {
+                return None;
+            }
+            // The retained detections first (the receiver holds everything after them).
+            while let Some(d) = st.backlog.pop_front() {
+                if st.filter.matches(&d) {
+                    return Some((Ok(d.as_ref().clone()), st));
                 }
-                loop {
-                    let next = if *closed.borrow() {
-                        // Shutting down: drain what is buffered, then end the stream.
-                        match rx.try_recv() {
-                            Ok(d) => Ok(d),
-                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                                Err(broadcast::error::RecvError::Lagged(n))
-                            }
-                            Err(_) => return None,
-                        }
-                    } else {
-                        tokio::select! {
-                            r = rx.recv() => r,
-                            _ = closed.changed() => continue,
-                        }
-                    };
-                    match next {
-                        Ok(d) if filter.matches(&d) => {
-                            let state = (rx, closed, filter, guard, false);
-                            return Some((Ok(d.as_ref().clone()), state));
-                        }
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            let status = Status::resource_exhausted(format!(
-                                "subscriber too slow: {n} detections dropped from its buffer; \
-                                 reconnect (and read faster, or raise grpc.subscriber_buffer)"
-                            ));
-                            return Some((Err(status), (rx, closed, filter, guard, true)));
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return None,
+            }
+            loop {
+                let next = if *st.closed.borrow() {
+                    // Shutting down: drain what is buffered, then end the stream.
+                    match st.rx.try_recv() {
+                        Ok(d) => Ok(d),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => Err(broadcast::error::RecvError::Lagged(n)),
+                        Err(_) => return None,
                     }
+                } else {
+                    tokio::select! {
+                        r = st.rx.recv() => r,
+                        _ = st.closed.changed() => continue,
+                    }
+                };
+                match next {
+                    Ok(d) if st.filter.matches(&d) => return Some((Ok(d.as_ref().clone()), st)),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let status = Status::resource_exhausted(format!(
+                            "subscriber too slow: {n} detections dropped from its buffer; reconnect with \
+                             after_sequence = the last sequence received (and read faster, or raise \
+                             grpc.subscriber_buffer)"
+                        ));
+                        st.finished = true;
+                        return Some((Err(status), st));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-            },
-        );
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -261,6 +413,7 @@ mod tests {
     use crate::alert::Survey;
     use crate::engine::SubtractionResult;
     use crate::pipeline::{AckToken, AlertMeta};
+    use crate::proto::Cone;
     use futures::StreamExt;
 
     fn outcome(i: usize, survey: Survey, score: f32) -> Outcome {
@@ -290,7 +443,143 @@ mod tests {
     }
 
     fn service(buffer: usize) -> BlinkService {
-        BlinkService { hub: Hub::new(buffer), metrics: Arc::new(Metrics::default()), adapter: "test".into() }
+        service_with_replay(buffer, DEFAULT_REPLAY)
+    }
+
+    fn service_with_replay(buffer: usize, replay: usize) -> BlinkService {
+        BlinkService { hub: Hub::with_replay(buffer, replay), metrics: Arc::new(Metrics::default()), adapter: "test".into() }
+    }
+
+    async fn sequences(s: &mut DetectionStream, n: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(s.next().await.expect("a detection").expect("not an error").sequence);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_resumes_gets_what_it_missed_once_and_in_order() {
+        let svc = service(64);
+        let mut first = open(&svc, SubscribeRequest::default()).await;
+        for i in 0..10 {
+            svc.hub.publish(&outcome(i, Survey::Ztf, 6.0));
+        }
+        assert_eq!(sequences(&mut first, 4).await, vec![1, 2, 3, 4]);
+        drop(first);
+        for i in 10..15 {
+            svc.hub.publish(&outcome(i, Survey::Ztf, 6.0));
+        }
+        let mut again = open(&svc, SubscribeRequest { after_sequence: Some(4), ..Default::default() }).await;
+        assert_eq!(sequences(&mut again, 11).await, (5..=15).collect::<Vec<_>>());
+        svc.hub.publish(&outcome(15, Survey::Ztf, 6.0));
+        assert_eq!(sequences(&mut again, 1).await, vec![16], "then the live stream, nothing repeated");
+        // A filter applies to the replayed part too.
+        let mut some = open(&svc, SubscribeRequest { after_sequence: Some(0), min_score: 7.0, ..Default::default() }).await;
+        svc.hub.publish(&outcome(16, Survey::Ztf, 8.0));
+        assert_eq!(sequences(&mut some, 1).await, vec![17]);
+    }
+
+    #[test]
+    fn resuming_while_detections_pour_in_misses_and_repeats_nothing() {
+        let hub = Hub::with_replay(100_000, 100_000);
+        let total = 20_000u64;
+        let publisher = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                for i in 0..total as usize {
+                    hub.publish(&outcome(i, Survey::Ztf, 6.0));
+                }
+            })
+        };
+        let mut resumed = 0;
+        while hub.latest() < total {
+            let after = hub.latest() / 2;
+            let (backlog, mut rx) = hub.resume(Some(after)).expect("retained");
+            let mut seen: Vec<u64> = backlog.iter().map(|d| d.sequence).collect();
+            let upto = seen.last().copied().unwrap_or(after);
+            // The receiver holds exactly what came after the backlog.
+            if let Ok(d) = rx.try_recv() {
+                assert_eq!(d.sequence, upto + 1, "the live stream starts right after the backlog");
+                seen.push(d.sequence);
+            }
+            let want: Vec<u64> = (after + 1..=after + seen.len() as u64).collect();
+            assert_eq!(seen, want);
+            resumed += 1;
+        }
+        publisher.join().unwrap();
+        assert!(resumed > 0);
+        assert_eq!(hub.latest(), total);
+    }
+
+    #[tokio::test]
+    async fn resuming_from_what_is_gone_or_not_yet_made_is_refused_plainly() {
+        let svc = service_with_replay(64, 5);
+        for i in 0..10 {
+            svc.hub.publish(&outcome(i, Survey::Ztf, 6.0));
+        }
+        let asked = |after| svc.subscribe(Request::new(SubscribeRequest { after_sequence: Some(after), ..Default::default() }));
+        let old = asked(2).await.err().expect("refused");
+        assert_eq!(old.code(), tonic::Code::OutOfRange);
+        assert!(old.message().contains("oldest kept is 6"), "{}", old.message());
+        let ahead = asked(11).await.err().expect("refused");
+        assert_eq!(ahead.code(), tonic::Code::FailedPrecondition);
+        assert!(ahead.message().contains("latest is 10"), "{}", ahead.message());
+        let mut ok = open(&svc, SubscribeRequest { after_sequence: Some(5), ..Default::default() }).await;
+        assert_eq!(sequences(&mut ok, 5).await, vec![6, 7, 8, 9, 10]);
+        let mut at_end = open(&svc, SubscribeRequest { after_sequence: Some(10), ..Default::default() }).await;
+        svc.hub.publish(&outcome(10, Survey::Ztf, 6.0));
+        assert_eq!(sequences(&mut at_end, 1).await, vec![11]);
+    }
+
+    #[tokio::test]
+    async fn timescale_cone_and_object_filters() {
+        let svc = service(64);
+        let mut o = outcome(0, Survey::Ztf, 6.0);
+        (o.meta.ra, o.meta.dec, o.meta.object_id) = (150.0, 2.0, "ZTF21abc".into());
+        let far = Outcome { meta: AlertMeta { ra: 150.0, dec: 2.2, object_id: "ZTF21xyz".into(), ..o.meta.clone() }, ..o.clone() };
+        let req = |f: fn(&mut SubscribeRequest)| {
+            let mut r = SubscribeRequest::default();
+            f(&mut r);
+            r
+        };
+        let stacks = open(&svc, req(|r| r.timescales = vec!["3n".into()])).await;
+        let epochs = open(&svc, req(|r| r.timescales = vec!["EPOCH".into()])).await;
+        // 0.1 degree around (150, 2): 360 arcsec, the far one is 720 arcsec away.
+        let cone = open(&svc, req(|r| r.cone = Some(Cone { ra: 150.0, dec: 2.0, radius: 0.1 }))).await;
+        let object = open(&svc, req(|r| r.object_ids = vec!["ZTF21xyz".into()])).await;
+        svc.hub.publish(&o); // 1
+        svc.hub.publish_stack(&o, "stack:3n", 7.0, 1.0, 0.1); // 2
+        svc.hub.publish_stack(&o, "stack:10n", 8.0, 1.0, 0.1); // 3
+        svc.hub.publish(&far); // 4
+        svc.hub.publish_stack(&far, "stack:3n", 9.0, 1.0, 0.1); // 5
+        svc.hub.close();
+        let seqs = |s: DetectionStream| async move { s.map(|d| d.unwrap().sequence).collect::<Vec<_>>().await };
+        assert_eq!(seqs(stacks).await, vec![2, 5]);
+        assert_eq!(seqs(epochs).await, vec![1, 4]);
+        assert_eq!(seqs(cone).await, vec![1, 2, 3]);
+        assert_eq!(seqs(object).await, vec![4, 5]);
+
+        for bad in [
+            req(|r| r.timescales = vec!["weekly".into()]),
+            req(|r| r.cone = Some(Cone { ra: 10.0, dec: 95.0, radius: 1.0 })),
+            req(|r| r.cone = Some(Cone { ra: 10.0, dec: 5.0, radius: 0.0 })),
+            req(|r| r.cone = Some(Cone { ra: f64::NAN, dec: 5.0, radius: 1.0 })),
+        ] {
+            let e = svc.subscribe(Request::new(bad.clone())).await.err().expect("refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {}", e.message());
+        }
+    }
+
+    #[test]
+    fn timescales_are_written_as_detections_carry_them() {
+        assert_eq!(normalise_timescale("epoch").as_deref(), Some("epoch"));
+        assert_eq!(normalise_timescale("3n").as_deref(), Some("stack:3n"));
+        assert_eq!(normalise_timescale("stack:3.0n").as_deref(), Some("stack:3n"));
+        assert_eq!(normalise_timescale("stack:0.5n").as_deref(), Some("stack:0.5n"));
+        for bad in ["", "n", "stack:n", "-1n", "3", "stack:3d", "NaNn", "infn"] {
+            assert_eq!(normalise_timescale(bad), None, "{bad:?}");
+        }
     }
 
     async fn open(svc: &BlinkService, req: SubscribeRequest) -> DetectionStream {
@@ -320,7 +609,12 @@ mod tests {
     #[tokio::test]
     async fn filters_and_close() {
         let svc = service(16);
-        let req = SubscribeRequest { min_score: 5.0, surveys: vec!["LSST".into()], bands: vec!["r".into()] };
+        let req = SubscribeRequest {
+            min_score: 5.0,
+            surveys: vec!["LSST".into()],
+            bands: vec!["r".into()],
+            ..Default::default()
+        };
         let mut s = open(&svc, req).await;
         svc.hub.publish(&outcome(0, Survey::Ztf, 9.0)); // wrong survey
         svc.hub.publish(&outcome(1, Survey::Rubin, 2.0)); // below min score
