@@ -12,7 +12,7 @@ use blink::proto::SubscribeRequest;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "http://127.0.0.1:50051".into());
     let mut client = BlinkClient::connect(addr).await?;
-    let request = SubscribeRequest { min_score: 5.0, surveys: vec![], bands: vec![] };
+    let request = SubscribeRequest { min_score: 5.0, ..Default::default() };
     let mut stream = client.subscribe(request).await?.into_inner();
     while let Some(d) = stream.message().await? {
         println!(

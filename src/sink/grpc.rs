@@ -47,6 +47,10 @@ struct Ring {
     items: VecDeque<Arc<Detection>>,
 }
 
+/// What [`Hub::resume`] gives: the retained detections to send first, and the receiver of
+/// everything published after them.
+pub type Resumed = (Vec<Arc<Detection>>, broadcast::Receiver<Arc<Detection>>);
+
 /// Why a subscription cannot resume where it asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResumeError {
@@ -90,7 +94,7 @@ impl Hub {
 
     /// Subscribe live, or resume after sequence `after`: the retained detections with a larger
     /// sequence, in order, and a receiver of every detection published after them.
-    pub fn resume(&self, after: Option<u64>) -> Result<(Vec<Arc<Detection>>, broadcast::Receiver<Arc<Detection>>), ResumeError> {
+    pub fn resume(&self, after: Option<u64>) -> Result<Resumed, ResumeError> {
         let ring = self.lock();
         let rx = self.tx.subscribe();
         let Some(after) = after else { return Ok((Vec::new(), rx)) };

@@ -95,12 +95,12 @@ async fn offsets_are_committed_after_delivery_and_status_counts_dead_letters() {
     let mut client = BlinkClient::connect(format!("http://{}", service.grpc_addr)).await.unwrap();
     // A filtered subscriber: only ZTF... of which there are none here, so it gets nothing.
     let mut ztf_only = client
-        .subscribe(SubscribeRequest { min_score: 0.0, surveys: vec!["ztf".into()], bands: vec![] })
+        .subscribe(SubscribeRequest { surveys: vec!["ztf".into()], ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     let mut all = client
-        .subscribe(SubscribeRequest { min_score: 0.0, surveys: vec![], bands: vec![] })
+        .subscribe(SubscribeRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -135,6 +135,21 @@ async fn offsets_are_committed_after_delivery_and_status_counts_dead_letters() {
     assert!(got.windows(2).all(|w| w[0].sequence < w[1].sequence));
     // The filtered subscriber received nothing (no ZTF input here).
     assert!(tokio::time::timeout(Duration::from_millis(300), ztf_only.message()).await.is_err());
+    // A subscriber whose connection dropped after the fourth result resumes from it, over the
+    // wire: the rest, in order, once.
+    let mut resumed = client
+        .subscribe(SubscribeRequest { after_sequence: Some(got[3].sequence), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut again = Vec::new();
+    while again.len() < got.len() - 4 {
+        let d = tokio::time::timeout_at(deadline.into(), resumed.message()).await.expect("replayed in time");
+        again.push(d.unwrap().unwrap().sequence);
+    }
+    assert_eq!(again, got[4..].iter().map(|d| d.sequence).collect::<Vec<_>>());
+    let gone = client.subscribe(SubscribeRequest { after_sequence: Some(1_000_000), ..Default::default() }).await;
+    assert_eq!(gone.err().map(|s| s.code()), Some(tonic::Code::FailedPrecondition));
 
     service.stop().await;
 
