@@ -10,6 +10,7 @@
 //! - `history`: issue 5, the object history store: kill -9 while writing, a corrupt file, simulated alerts.
 //! - `frame_parity`: the whole-frame GPU kernels (score, sky mesh, variance, masks) against `cpu::frame`.
 //! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
+//! - `python_example`: issue 6, `examples/python/subscribe.py` (grpcio) against a live server.
 //! - `stacking_stream`: issue 5, stacking in the pipeline: a faint source announced once from its
 //!   stack, redelivery and restart announce nothing, a history error dead-letters its batch.
 //! - `stack_parity`: the stacking kernels (shift, coadd) against `cpu::stack`; windows on the GPU.
@@ -26,6 +27,7 @@ mod e2e;
 mod engine_parity;
 mod frame_parity;
 mod history;
+mod python_example;
 mod simulate;
 mod stack_parity;
 mod stacking_stream;

@@ -1,0 +1,118 @@
+//! `examples/python/subscribe.py` (grpcio) against a live server: alerts through the embedded
+//! Kafka cluster and the pipeline, then the Python client resumes from sequence 0 and prints
+//! every result, then a filtered one prints only what its filter lets through.
+//!
+//! The example's requirements are installed into a virtual environment under cargo's target
+//! folder (kept between runs; ~10 s the first time, from PyPI). This test needs `python3` with
+//! `venv` and the package index; `BLINK_SKIP_PYTHON_EXAMPLE=1` skips it, saying so, on a
+//! machine without them.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blink::config::Config;
+use blink::metrics::Metrics;
+use blink::service::{HistoryBackend, Service};
+use blink::sim::{simulate_alerts, AlertSimConfig};
+use blink::source::kafka::{self, EmbeddedKafka};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python with the example's requirements, made once per target folder.
+fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-example-venv");
+    let py = venv.join("bin").join("python");
+    let ready = || Command::new(&py).args(["-c", "import grpc, grpc_tools"]).status().is_ok_and(|s| s.success());
+    if !ready() {
+        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
+        assert!(made.is_ok_and(|s| s.success()), "python3 -m venv {} failed: python3 with venv is needed (BLINK_SKIP_PYTHON_EXAMPLE=1 skips this test)", venv.display());
+        let req = repo().join("examples/python/requirements.txt");
+        let pip = Command::new(&py).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"]).arg(&req).status();
+        assert!(pip.is_ok_and(|s| s.success()), "pip install -r {} failed (BLINK_SKIP_PYTHON_EXAMPLE=1 skips this test)", req.display());
+        assert!(ready(), "grpcio installed but not importable");
+    }
+    py
+}
+
+/// Run the example with `args` against `addr`; its JSON lines.
+fn run_example(py: &Path, addr: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(py)
+        .arg(repo().join("examples/python/subscribe.py"))
+        .args(["--addr", addr, "--timeout", "60"])
+        .args(args)
+        .output()
+        .expect("run subscribe.py");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "subscribe.py {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_receives_detections_from_a_live_server() {
+    if std::env::var("BLINK_SKIP_PYTHON_EXAMPLE").is_ok_and(|v| v == "1") {
+        eprintln!("BLINK_SKIP_PYTHON_EXAMPLE=1: the Python example is not run");
+        return;
+    }
+    let py = tokio::task::spawn_blocking(python).await.unwrap();
+
+    let topic = "python-example".to_string();
+    let embedded = EmbeddedKafka::start(std::slice::from_ref(&topic), 1).unwrap();
+    let brokers = embedded.bootstrap_servers();
+    let mut cfg = Config::default();
+    cfg.kafka.topics = vec![topic.clone()];
+    cfg.kafka.group_id = "python-example-group".into();
+    cfg.grpc.listen = "127.0.0.1:0".into();
+    cfg.engine.prefer = "cpu".into();
+    let service = Service::start_with(&cfg, &brokers, HistoryBackend::Memory).await.unwrap();
+    let addr = service.grpc_addr.to_string();
+
+    let sims = simulate_alerts(8, 11, &AlertSimConfig::default());
+    let producer = kafka::producer(&brokers).unwrap();
+    for a in &sims {
+        let payload = blink::decode::native::encode_native(std::slice::from_ref(a)).unwrap();
+        kafka::publish(&producer, &topic, &a.object_id, &payload).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (Metrics::get(&service.metrics.results_out) as usize) < sims.len() {
+        assert!(Instant::now() < deadline, "results not all out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Every result, replayed from the server's ring: in order, once each.
+    let (p, a) = (py.clone(), addr.clone());
+    let n = sims.len().to_string();
+    let all = tokio::task::spawn_blocking(move || run_example(&p, &a, &["--after", "0", "--limit", &n])).await.unwrap();
+    let seqs: Vec<u64> = all.iter().map(|d| d["sequence"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=sims.len() as u64).collect::<Vec<_>>());
+    let ids: BTreeSet<String> = all.iter().map(|d| d["id"].as_str().unwrap().to_string()).collect();
+    let want: BTreeSet<String> = sims.iter().map(|s| format!("native:{}", s.alert_id)).collect();
+    assert_eq!(ids, want);
+    assert!(all.iter().all(|d| d["score"].as_f64().is_some_and(f64::is_finite) && d["timescale"] == "epoch"));
+
+    // A filter: one object only, then the live stream (it ends at --limit).
+    let one = sims[3].object_id.clone();
+    let (p, a) = (py.clone(), addr.clone());
+    let only = tokio::task::spawn_blocking(move || run_example(&p, &a, &["--after", "0", "--object", &one, "--limit", "1"])).await.unwrap();
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0]["object_id"].as_str(), Some(sims[3].object_id.as_str()));
+
+    // Its errors are plain: resuming beyond the latest.
+    let out = Command::new(&py)
+        .arg(repo().join("examples/python/subscribe.py"))
+        .args(["--addr", &addr, "--after", "999999", "--timeout", "30"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FAILED_PRECONDITION") && stderr.contains("latest is"), "{stderr}");
+
+    service.stop().await;
+    drop(embedded);
+}
