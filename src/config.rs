@@ -126,6 +126,37 @@ pub struct GrpcConfig {
     /// The last this many detections are kept in memory for subscribers that reconnect with
     /// `after_sequence` (`blink subscribe --after N`); 0 keeps none (resuming is then refused).
     pub replay: usize,
+    /// Bearer tokens accepted on every call (`authorization: Bearer <token>`); with none here
+    /// and no `tokens_file`, calls need no token. Never logged.
+    pub tokens: Vec<Secret>,
+    /// A file of tokens, one per line (blank lines and `#` comments ignored), read at start-up
+    /// and added to `tokens`.
+    pub tokens_file: Option<PathBuf>,
+    /// TLS: the server's certificate chain and private key, PEM files; both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+/// A value that must not appear in logs: `Debug` prints `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 impl Default for GrpcConfig {
@@ -134,6 +165,10 @@ impl Default for GrpcConfig {
             listen: "127.0.0.1:50051".into(),
             subscriber_buffer: 4096,
             replay: crate::sink::grpc::DEFAULT_REPLAY,
+            tokens: Vec::new(),
+            tokens_file: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -253,6 +288,12 @@ impl Config {
         }
         if self.grpc.subscriber_buffer == 0 {
             return bad("grpc.subscriber_buffer must be at least 1".into());
+        }
+        if let Some(i) = self.grpc.tokens.iter().position(|t| t.expose().is_empty() || t.expose().chars().any(char::is_whitespace)) {
+            return bad(format!("grpc.tokens[{i}] is empty or holds whitespace"));
+        }
+        if self.grpc.tls_cert.is_some() != self.grpc.tls_key.is_some() {
+            return bad("grpc.tls_cert and grpc.tls_key go together: set both (PEM files) or neither".into());
         }
         if self.grpc.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!("grpc.listen = {:?}: expected ip:port", self.grpc.listen));

@@ -32,6 +32,8 @@ pub enum ServiceError {
     Join(String),
     #[error(transparent)]
     History(#[from] HistoryError),
+    #[error(transparent)]
+    Security(#[from] grpc::SecurityError),
 }
 
 /// Where the object history lives.
@@ -100,6 +102,8 @@ impl Service {
 
     /// [`Service::start`] with the history on `backend`.
     pub async fn start_with(cfg: &Config, brokers: &str, backend: HistoryBackend) -> Result<Service, ServiceError> {
+        // Token files and TLS material first: a bad one stops start-up at once, naming it.
+        let security = grpc::Security::from_config(&cfg.grpc)?;
         let history = open_history(cfg, backend).await?;
         let decoder = Arc::new(decoder(cfg)?);
         let pref: EnginePreference = cfg.engine.prefer.parse().map_err(ServiceError::Engine)?;
@@ -113,7 +117,7 @@ impl Service {
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::with_replay(cfg.grpc.subscriber_buffer, cfg.grpc.replay);
         let (listener, grpc_addr) = grpc::bind(&cfg.grpc.listen).await?;
-        tracing::info!(%grpc_addr, "gRPC listening");
+        tracing::info!(%grpc_addr, tls = security.tls(), token_required = security.requires_token(), "gRPC listening");
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut grpc_stop = shutdown_rx.clone();
         let grpc = tokio::spawn(grpc::serve(
@@ -121,6 +125,7 @@ impl Service {
             hub.clone(),
             metrics.clone(),
             adapter.clone(),
+            security,
             async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
             },

@@ -5,6 +5,7 @@
     .venv/bin/python examples/python/subscribe.py --addr 127.0.0.1:50051 --min-score 5
     .venv/bin/python examples/python/subscribe.py --timescale 3n,10n --cone 150.1,2.2,0.5
     .venv/bin/python examples/python/subscribe.py --after 41873     # resume after #41873
+    BLINK_TOKEN=... .venv/bin/python examples/python/subscribe.py --addr blink.example.org:50051 --ca-cert ca.pem
 
 The client code is generated at start from blink's own proto/blink/v1/blink.proto (found next
 to this file in a checkout, or given with --proto), so it always matches the server's API. The
@@ -79,6 +80,8 @@ def main():
     p.add_argument("--after", type=int, metavar="SEQUENCE", help="resume after this sequence number (0: the oldest kept)")
     p.add_argument("--limit", type=int, help="stop after this many detections")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--token", default=os.environ.get("BLINK_TOKEN"), help="bearer token, for a server with grpc.tokens (default: $BLINK_TOKEN)")
+    p.add_argument("--ca-cert", metavar="PEM", help="CA of the server's certificate: connect with TLS (grpc.tls_cert)")
     p.add_argument("--proto", default=DEFAULT_PROTO, help="the proto folder of a blink checkout (default %(default)s)")
     a = p.parse_args()
 
@@ -99,12 +102,18 @@ def main():
     if a.after is not None:
         req.after_sequence = a.after
 
-    addr = a.addr.removeprefix("http://")
+    addr = a.addr.removeprefix("http://").removeprefix("https://")
+    if a.ca_cert:
+        with open(a.ca_cert, "rb") as f:
+            channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    else:
+        channel = grpc.insecure_channel(addr)
+    metadata = [("authorization", f"Bearer {a.token}")] if a.token else None
     n = 0
-    with grpc.insecure_channel(addr) as channel:
+    with channel:
         stub = rpc.BlinkStub(channel)
         try:
-            for d in stub.Subscribe(req, timeout=a.timeout):
+            for d in stub.Subscribe(req, timeout=a.timeout, metadata=metadata):
                 print(json.dumps(as_json(d)), flush=True)
                 n += 1
                 if a.limit is not None and n >= a.limit:

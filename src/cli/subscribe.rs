@@ -5,11 +5,68 @@ use clap::Args;
 use crate::proto::blink_client::BlinkClient;
 use crate::proto::{Cone, Detection, StatusRequest, SubscribeRequest};
 
-#[derive(Debug, Args)]
-pub struct SubscribeArgs {
-    /// Server address.
+/// How to reach a blink server: address, token, TLS trust.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Server address; `https://` for a server with TLS (`grpc.tls_cert`).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    /// Bearer token, for a server with `grpc.tokens`.
+    #[arg(long, env = "BLINK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM file of the CA that signed the server's certificate; needed for an https://
+    /// address (the system's roots are not read).
+    #[arg(long, value_name = "PEM")]
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+/// Adds `authorization: Bearer <token>` to every call when there is a token.
+#[derive(Clone)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A client of the server `c` names.
+pub type Client = BlinkClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>>;
+
+/// Connect as `c` says, with errors that name the address and the file.
+pub async fn connect(c: &ConnectArgs) -> anyhow::Result<Client> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let mut ep = Endpoint::from_shared(c.addr.clone()).map_err(|e| anyhow::anyhow!("--addr {:?}: {e}", c.addr))?;
+    if let Some(ca) = &c.ca_cert {
+        let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("--ca-cert {}: {e}", ca.display()))?;
+        if !c.addr.starts_with("https://") {
+            anyhow::bail!("--ca-cert is for TLS: use an https:// address (got {})", c.addr);
+        }
+        ep = ep
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(|e| anyhow::anyhow!("--ca-cert {}: {e}", ca.display()))?;
+    } else if c.addr.starts_with("https://") {
+        anyhow::bail!("{} is a TLS address: give the server's CA with --ca-cert PEM", c.addr);
+    }
+    let channel = ep.connect().await.map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", c.addr))?;
+    let token = match &c.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| anyhow::anyhow!("the token holds characters a header cannot carry"))?,
+        ),
+        None => None,
+    };
+    Ok(BlinkClient::with_interceptor(channel, BearerToken(token)))
+}
+
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Only results with |score| >= this many sigma (0 = every result).
     #[arg(long, default_value_t = 0.0)]
     pub min_score: f64,
@@ -53,9 +110,8 @@ pub fn parse_cone(s: &str) -> anyhow::Result<Cone> {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Server address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }
 
 /// One result as a JSON object (the shape `blink subscribe` prints).
@@ -82,9 +138,7 @@ pub fn detection_json(d: &Detection) -> serde_json::Value {
 }
 
 pub async fn subscribe(args: &SubscribeArgs) -> anyhow::Result<()> {
-    let mut client = BlinkClient::connect(args.addr.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?;
+    let mut client = connect(&args.connect).await?;
     let req = SubscribeRequest {
         min_score: args.min_score,
         surveys: args.surveys.clone(),
@@ -107,10 +161,8 @@ pub async fn subscribe(args: &SubscribeArgs) -> anyhow::Result<()> {
 }
 
 pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
-    let mut client = BlinkClient::connect(args.addr.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?;
-    let s = client.status(StatusRequest {}).await?.into_inner();
+    let mut client = connect(&args.connect).await?;
+    let s = client.status(StatusRequest {}).await.map_err(|s| anyhow::anyhow!("status refused: {}", s.message()))?.into_inner();
     let v = serde_json::json!({
         "health": s.health,
         "adapter": s.adapter,

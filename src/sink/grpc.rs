@@ -387,17 +387,126 @@ impl Blink for BlinkService {
     }
 }
 
-/// Serve `Subscribe` and `Status` on `listener` until `shutdown` resolves.
+/// Who may call and how connections are protected: the bearer tokens of `[grpc]` (none: calls
+/// need no token) and TLS (the server's certificate and key). Tokens never reach a log: this
+/// type's `Debug` counts them.
+#[derive(Clone, Default)]
+pub struct Security {
+    tokens: Arc<Vec<crate::config::Secret>>,
+    tls: Option<tonic::transport::Identity>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security").field("tokens", &self.tokens.len()).field("tls", &self.tls.is_some()).finish()
+    }
+}
+
+/// A `[grpc]` security setting that cannot be used (the path in the message).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SecurityError(String);
+
+impl Security {
+    /// From `[grpc]`: `tokens`, the lines of `tokens_file`, and `tls_cert`/`tls_key` read and
+    /// checked now, so a bad file stops start-up with its name rather than the first call.
+    pub fn from_config(g: &crate::config::GrpcConfig) -> Result<Security, SecurityError> {
+        let mut tokens = g.tokens.clone();
+        if let Some(path) = &g.tokens_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| SecurityError(format!("grpc.tokens_file {}: {e}", path.display())))?;
+            let before = tokens.len();
+            tokens.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(crate::config::Secret::new));
+            if tokens.len() == before {
+                return Err(SecurityError(format!("grpc.tokens_file {} holds no token (one per line)", path.display())));
+            }
+            if let Some(n) = tokens[before..].iter().position(|t| t.expose().chars().any(char::is_whitespace)) {
+                return Err(SecurityError(format!("grpc.tokens_file {}: token {} holds whitespace", path.display(), n + 1)));
+            }
+        }
+        let tls = match (&g.tls_cert, &g.tls_key) {
+            (Some(cert), Some(key)) => {
+                let read = |p: &std::path::Path, what: &str| {
+                    std::fs::read(p).map_err(|e| SecurityError(format!("grpc.{what} {}: {e}", p.display())))
+                };
+                let id = tonic::transport::Identity::from_pem(read(cert, "tls_cert")?, read(key, "tls_key")?);
+                // Parsed here (tonic parses when the server is built), so bad PEM fails start-up.
+                tonic::transport::Server::builder()
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(id.clone()))
+                    .map_err(|e| {
+                        SecurityError(format!(
+                            "grpc.tls_cert {} / grpc.tls_key {}: not a usable certificate and key: {e}",
+                            cert.display(),
+                            key.display()
+                        ))
+                    })?;
+                Some(id)
+            }
+            (None, None) => None,
+            _ => return Err(SecurityError("grpc.tls_cert and grpc.tls_key go together".into())),
+        };
+        Ok(Security { tokens: Arc::new(tokens), tls })
+    }
+
+    /// Whether calls must carry a token.
+    pub fn requires_token(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// Whether the server speaks TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The interceptor's check: with tokens configured, `authorization: Bearer <one of them>`.
+    #[allow(clippy::result_large_err)] // tonic's interceptor signature
+    fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
+        if self.tokens.is_empty() {
+            return Ok(req);
+        }
+        let Some(value) = req.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "this server needs a bearer token: send the header `authorization: Bearer <token>` \
+                 (blink subscribe --token, or BLINK_TOKEN)",
+            ));
+        };
+        let given = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or_default();
+        if self.tokens.iter().any(|t| same(t.expose().as_bytes(), given)) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("the bearer token is not one this server accepts"))
+        }
+    }
+}
+
+/// Byte equality in a time that does not depend on where the first difference is (`==` would
+/// tell an attacker, through timing, how much of a guessed token is right). Eight lines; no
+/// crate for it.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() || a.is_empty() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serve `Subscribe` and `Status` on `listener` until `shutdown` resolves, with `security`'s
+/// token check on every call and its TLS.
 pub async fn serve(
     listener: TcpListener,
     hub: Hub,
     metrics: Arc<Metrics>,
     adapter: String,
+    security: Security,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let service = BlinkService { hub, metrics, adapter };
-    tonic::transport::Server::builder()
-        .add_service(BlinkServer::new(service))
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(id) = &security.tls {
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.clone()))?;
+    }
+    let check = security.clone();
+    builder
+        .add_service(BlinkServer::with_interceptor(service, move |req| check.check(req)))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await
 }

@@ -1,6 +1,7 @@
-//! `examples/python/subscribe.py` (grpcio) against a live server: alerts through the embedded
-//! Kafka cluster and the pipeline, then the Python client resumes from sequence 0 and prints
-//! every result, then a filtered one prints only what its filter lets through.
+//! `examples/python/subscribe.py` (grpcio) against a live server with TLS and a bearer token
+//! (`testdata/tls/`): alerts through the embedded Kafka cluster and the pipeline, then the Python
+//! client resumes from sequence 0 and prints every result, a filtered one prints only what its
+//! filter lets through, and one without the token is turned away.
 //!
 //! The example's requirements are installed into a virtual environment under cargo's target
 //! folder (kept between runs; ~10 s the first time, from PyPI). This test needs `python3` with
@@ -17,6 +18,8 @@ use blink::metrics::Metrics;
 use blink::service::{HistoryBackend, Service};
 use blink::sim::{simulate_alerts, AlertSimConfig};
 use blink::source::kafka::{self, EmbeddedKafka};
+
+const TOKEN: &str = "python-example-token";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -42,8 +45,10 @@ fn python() -> PathBuf {
 fn run_example(py: &Path, addr: &str, args: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(py)
         .arg(repo().join("examples/python/subscribe.py"))
-        .args(["--addr", addr, "--timeout", "60"])
+        .args(["--addr", addr, "--timeout", "60", "--ca-cert"])
+        .arg(repo().join("testdata/tls/ca.crt"))
         .args(args)
+        .env("BLINK_TOKEN", TOKEN)
         .output()
         .expect("run subscribe.py");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -70,8 +75,12 @@ async fn the_python_example_receives_detections_from_a_live_server() {
     cfg.kafka.group_id = "python-example-group".into();
     cfg.grpc.listen = "127.0.0.1:0".into();
     cfg.engine.prefer = "cpu".into();
+    let tls = repo().join("testdata/tls");
+    cfg.grpc.tls_cert = Some(tls.join("server.crt"));
+    cfg.grpc.tls_key = Some(tls.join("server.key"));
+    cfg.grpc.tokens = vec![blink::config::Secret::new(TOKEN)];
     let service = Service::start_with(&cfg, &brokers, HistoryBackend::Memory).await.unwrap();
-    let addr = service.grpc_addr.to_string();
+    let addr = format!("localhost:{}", service.grpc_addr.port());
 
     let sims = simulate_alerts(8, 11, &AlertSimConfig::default());
     let producer = kafka::producer(&brokers).unwrap();
@@ -103,15 +112,25 @@ async fn the_python_example_receives_detections_from_a_live_server() {
     assert_eq!(only.len(), 1);
     assert_eq!(only[0]["object_id"].as_str(), Some(sims[3].object_id.as_str()));
 
-    // Its errors are plain: resuming beyond the latest.
-    let out = Command::new(&py)
-        .arg(repo().join("examples/python/subscribe.py"))
-        .args(["--addr", &addr, "--after", "999999", "--timeout", "30"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("FAILED_PRECONDITION") && stderr.contains("latest is"), "{stderr}");
+    // Its errors are plain: resuming beyond the latest; no token.
+    let refused = |extra: &[&str], token: Option<&str>| {
+        let mut c = Command::new(&py);
+        c.arg(repo().join("examples/python/subscribe.py"))
+            .args(["--addr", &addr, "--timeout", "30", "--ca-cert"])
+            .arg(repo().join("testdata/tls/ca.crt"))
+            .args(extra)
+            .env_remove("BLINK_TOKEN");
+        if let Some(t) = token {
+            c.env("BLINK_TOKEN", t);
+        }
+        let out = c.output().unwrap();
+        assert!(!out.status.success(), "{extra:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let ahead = refused(&["--after", "999999"], Some(TOKEN));
+    assert!(ahead.contains("FAILED_PRECONDITION") && ahead.contains("latest is"), "{ahead}");
+    let anonymous = refused(&[], None);
+    assert!(anonymous.contains("UNAUTHENTICATED"), "{anonymous}");
 
     service.stop().await;
     drop(embedded);
