@@ -29,6 +29,9 @@ pub struct Metrics {
     /// History store failures: a failed put (its batch went to dead letters, reason `history`),
     /// or a failed read or announcement record while stacking.
     pub history_errors: AtomicU64,
+    /// Failed deliveries to an output (`sink::Output`: the Kafka topic, the notifiers'
+    /// outbox); a batch still failing after its retries stays unacknowledged.
+    pub output_errors: AtomicU64,
     dead_letters: Mutex<BTreeMap<String, u64>>,
 }
 

@@ -174,6 +174,11 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         "subscribers": s.subscribers,
         "batches": s.batches,
         "offsets_committed": s.offsets_committed,
+        "epochs_stored": s.epochs_stored,
+        "history_duplicates": s.history_duplicates,
+        "stack_detections": s.stack_detections,
+        "history_errors": s.history_errors,
+        "output_errors": s.output_errors,
     });
     println!("{v}");
     Ok(())

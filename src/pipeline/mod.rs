@@ -32,6 +32,7 @@ use crate::engine::{self, Engine, PrepareConfig, PreparedStamp, SubtractionResul
 use crate::history::{Epoch, EpochStamps, HistoryStore, Measurement, PutOutcome};
 use crate::metrics::Metrics;
 use crate::sink::grpc::Hub;
+use crate::sink::Output;
 pub use ack::{AckToken, AckTracker};
 use deadletter::DeadLetterSink;
 
@@ -90,6 +91,8 @@ pub struct Outcome {
     pub meta: AlertMeta,
     pub result: SubtractionResult,
     pub detected: bool,
+    /// This alert's epoch created its object in the history store (false without a store).
+    pub new_object: bool,
 }
 
 /// Commit points waiting for the source, coalesced per partition (bounded by the partition count).
@@ -176,6 +179,20 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         history: Option<Arc<dyn HistoryStore>>,
     ) -> std::io::Result<Pipeline> {
+        Pipeline::start_with_outputs(cfg, decoder, engine, hub, metrics, history, Vec::new())
+    }
+
+    /// [`Pipeline::start_with_history`], every batch's detections also handed to `outputs`
+    /// (in order, each durable) before the batch is acknowledged.
+    pub fn start_with_outputs(
+        cfg: &Config,
+        decoder: Arc<Decoder>,
+        engine: Box<dyn Engine>,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        history: Option<Arc<dyn HistoryStore>>,
+        outputs: Vec<Arc<dyn Output>>,
+    ) -> std::io::Result<Pipeline> {
         let cap = cfg.batch.channel_capacity;
         let (input, envelopes) = mpsc::channel::<Envelope>(cap);
         let (items_tx, items_rx) = mpsc::channel::<Item>(cap);
@@ -217,6 +234,7 @@ impl Pipeline {
             metrics,
             cfg.detect.threshold,
             history,
+            outputs,
         ));
         Ok(Pipeline { input, commits, tasks: vec![decode, batcher, sink], engine_thread })
     }
@@ -419,6 +437,7 @@ async fn sink_stage(
     metrics: Arc<Metrics>,
     threshold: f64,
     history: Option<Arc<dyn HistoryStore>>,
+    outputs: Vec<Arc<dyn Output>>,
 ) {
     while let Some(batch) = outcomes.recv().await {
         Metrics::inc(&metrics.batches);
@@ -427,7 +446,7 @@ async fn sink_stage(
             match result {
                 Ok((result, stamps)) if result.score.is_finite() => {
                     let detected = f64::from(result.score).abs() >= threshold;
-                    good.push((Outcome { token, meta, result, detected }, stamps));
+                    good.push((Outcome { token, meta, result, detected, new_object: false }, stamps));
                 }
                 Ok((result, _)) => {
                     let msg = format!(
@@ -446,7 +465,14 @@ async fn sink_stage(
         let mut touched = Vec::new();
         if let Some(h) = history.as_ref().filter(|_| !good.is_empty()) {
             match store(h.clone(), &good, &metrics).await {
-                Ok(t) => touched = t,
+                Ok((t, created)) => {
+                    touched = t;
+                    for i in created {
+                        if let Some((o, _)) = good.get_mut(i) {
+                            o.new_object = true;
+                        }
+                    }
+                }
                 Err(e) => {
                     Metrics::inc(&metrics.history_errors);
                     tracing::error!(error = %e, alerts = good.len(), "history store failed; the batch goes to dead letters");
@@ -459,15 +485,25 @@ async fn sink_stage(
                 }
             }
         }
+        let mut published = Vec::with_capacity(good.len());
         for (o, _) in &good {
-            hub.publish(o);
+            published.push(hub.publish(o));
             Metrics::inc(&metrics.results_out);
             if o.detected {
                 Metrics::inc(&metrics.detected);
             }
         }
         if let Some(h) = history.as_ref().filter(|_| !touched.is_empty()) {
-            announce_stacks(h.clone(), touched, &good, &hub, &metrics, threshold).await;
+            published.extend(announce_stacks(h.clone(), touched, &good, &hub, &metrics, threshold).await);
+        }
+        let mut delivered = true;
+        for out in &outputs {
+            delivered &= deliver(out.as_ref(), &published, &metrics).await;
+        }
+        if !delivered {
+            // Not acknowledged: the commit point stays before these messages, so a restart
+            // reads them again (consumers drop the repeats by id).
+            continue;
         }
         for (o, _) in &good {
             acks.done(&o.token);
@@ -475,13 +511,47 @@ async fn sink_stage(
     }
 }
 
+/// Attempts at handing one batch to an output, with doubling waits from
+/// [`OUTPUT_FIRST_WAIT`] between them.
+const OUTPUT_ATTEMPTS: u32 = 6;
+const OUTPUT_FIRST_WAIT: Duration = Duration::from_millis(200);
+
+/// Hand `published` to `out`, trying again after a failure; false when every attempt failed.
+async fn deliver(out: &dyn Output, published: &[Arc<crate::proto::Detection>], metrics: &Metrics) -> bool {
+    if published.is_empty() {
+        return true;
+    }
+    let mut wait = OUTPUT_FIRST_WAIT;
+    for attempt in 1..=OUTPUT_ATTEMPTS {
+        match out.deliver(published).await {
+            Ok(()) => return true,
+            Err(e) => {
+                Metrics::inc(&metrics.output_errors);
+                let last = attempt == OUTPUT_ATTEMPTS;
+                tracing::error!(output = out.name(), attempt, error = %e, gave_up = last, "output failed");
+                if !last {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+    }
+    tracing::error!(
+        output = out.name(),
+        detections = published.len(),
+        "output still failing: the batch stays unacknowledged (its messages are read again after a restart)"
+    );
+    false
+}
+
 /// Store the epochs of `good` in one commit; the objects they went to (added, or already
-/// there) are returned for stacking.
+/// there) are returned for stacking, with the indices in `good` of the alerts that created
+/// their object.
 async fn store(
     h: Arc<dyn HistoryStore>,
     good: &[(Outcome, Option<EpochStamps>)],
     metrics: &Metrics,
-) -> Result<Vec<stacking::Touched>, String> {
+) -> Result<(Vec<stacking::Touched>, Vec<usize>), String> {
     let mut epochs = Vec::with_capacity(good.len());
     let mut index = Vec::with_capacity(good.len());
     for (i, (o, stamps)) in good.iter().enumerate() {
@@ -509,11 +579,15 @@ async fn store(
         .map_err(|e| format!("history task failed: {e}"))?
         .map_err(|e| e.to_string())?;
     let mut touched = Vec::new();
+    let mut created = Vec::new();
     for ((i, out), (width, height)) in index.into_iter().zip(outcomes).zip(shapes) {
         let Some((o, _)) = good.get(i) else { continue };
         let object = match out {
-            PutOutcome::Added { object, .. } => {
+            PutOutcome::Added { object, new_object } => {
                 Metrics::inc(&metrics.epochs_stored);
+                if new_object {
+                    created.push(i);
+                }
                 object
             }
             // Evaluated again: if the first delivery stored the epoch but died before its
@@ -540,10 +614,11 @@ async fn store(
             height,
         });
     }
-    Ok(touched)
+    Ok((touched, created))
 }
 
-/// Measure the touched objects' stacks, publish what is to be announced, record it.
+/// Measure the touched objects' stacks, publish what is to be announced, record it; the
+/// detections published.
 async fn announce_stacks(
     h: Arc<dyn HistoryStore>,
     touched: Vec<stacking::Touched>,
@@ -551,7 +626,7 @@ async fn announce_stacks(
     hub: &Hub,
     metrics: &Metrics,
     threshold: f64,
-) {
+) -> Vec<Arc<crate::proto::Detection>> {
     let store = h.clone();
     let run = tokio::task::spawn_blocking(move || stacking::evaluate(&*store, &touched, threshold)).await;
     let (hits, record) = match run {
@@ -559,22 +634,23 @@ async fn announce_stacks(
         Ok(Err(e)) => {
             Metrics::inc(&metrics.history_errors);
             tracing::error!(error = %e, "stacking: history read failed");
-            return;
+            return Vec::new();
         }
         Err(e) => {
             tracing::error!(error = %e, "stacking task failed");
-            return;
+            return Vec::new();
         }
     };
+    let mut published = Vec::with_capacity(hits.len());
     for hit in &hits {
         let Some((o, _)) = good.get(hit.index) else { continue };
         let m = &hit.measurement;
-        hub.publish_stack(o, &stacking::timescale(hit.nights), m.score, m.flux, m.flux_err);
+        published.push(hub.publish_stack(o, &stacking::timescale(hit.nights), m.score, m.flux, m.flux_err));
         Metrics::inc(&metrics.stack_detections);
         tracing::debug!(object = %hit.object, band = %hit.band, nights = hit.nights, epochs = hit.epochs, score = m.score, "stack detection");
     }
     if record.is_empty() {
-        return;
+        return published;
     }
     // Recorded after publishing: a crash in between announces again on replay (at least once).
     match tokio::task::spawn_blocking(move || h.record_announcements(&record)).await {
@@ -585,4 +661,5 @@ async fn announce_stacks(
         }
         Err(e) => tracing::error!(error = %e, "announcement task failed"),
     }
+    published
 }

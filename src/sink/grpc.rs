@@ -115,18 +115,18 @@ impl Hub {
 
     /// Hand a result to every current subscriber (none listening is fine: it is still delivered
     /// to the hub, which is what the ack waits for).
-    pub fn publish(&self, o: &Outcome) -> u64 {
+    pub fn publish(&self, o: &Outcome) -> Arc<Detection> {
         self.send(o, "epoch", None)
     }
 
     /// Hand a stack detection to every subscriber: the alert `o` whose epoch made the stack,
     /// with the stack's score, flux and error and `timescale` (`stack:<N>n`). Its id is
     /// `<survey>:<alert id>:<timescale>`, stable like the epoch's.
-    pub fn publish_stack(&self, o: &Outcome, timescale: &str, score: f64, flux: f64, flux_err: f64) -> u64 {
+    pub fn publish_stack(&self, o: &Outcome, timescale: &str, score: f64, flux: f64, flux_err: f64) -> Arc<Detection> {
         self.send(o, timescale, Some((score, flux, flux_err)))
     }
 
-    fn send(&self, o: &Outcome, timescale: &str, stack: Option<(f64, f64, f64)>) -> u64 {
+    fn send(&self, o: &Outcome, timescale: &str, stack: Option<(f64, f64, f64)>) -> Arc<Detection> {
         let mut ring = self.lock();
         ring.last += 1;
         let sequence = ring.last;
@@ -160,6 +160,7 @@ impl Hub {
             topic: o.token.topic.clone(),
             partition: o.token.partition,
             offset: o.token.offset,
+            new_object: o.new_object && stack.is_none(),
         };
         let d = Arc::new(d);
         if ring.capacity > 0 {
@@ -168,8 +169,8 @@ impl Hub {
             }
             ring.items.push_back(d.clone());
         }
-        let _ = self.tx.send(d);
-        sequence
+        let _ = self.tx.send(d.clone());
+        d
     }
 
     /// Every detection published from now on, unfiltered (the gRPC streams and tests read this).
@@ -383,6 +384,7 @@ impl Blink for BlinkService {
             history_duplicates: Metrics::get(&m.history_duplicates),
             stack_detections: Metrics::get(&m.stack_detections),
             history_errors: Metrics::get(&m.history_errors),
+            output_errors: Metrics::get(&m.output_errors),
         }))
     }
 }
@@ -552,6 +554,7 @@ mod tests {
                 score,
             },
             detected: score.abs() >= 5.0,
+            new_object: false,
         }
     }
 

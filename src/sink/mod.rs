@@ -1,2 +1,22 @@
 //! Where results go. `grpc`: the hub every `Subscribe` stream reads from, and the server.
+//! [`Output`]: what else a batch's detections must reach, durably, before the batch is
+//! acknowledged (the Kafka output topic, the notifiers' outbox).
 pub mod grpc;
+
+use std::sync::Arc;
+
+use crate::proto::Detection;
+
+/// A destination a batch's detections are handed to before its alerts are acknowledged: once
+/// `deliver` returns `Ok`, the detections must survive a crash (written to Kafka and
+/// acknowledged by the brokers, committed to the outbox file). On `Err` the pipeline waits and
+/// tries the same batch again (the stream slows rather than losing anything; a restart
+/// re-reads what was not acknowledged).
+#[tonic::async_trait]
+pub trait Output: Send + Sync {
+    /// Short name for logs and metrics (`kafka`, `notify`).
+    fn name(&self) -> &str;
+    /// Hand over `detections` (every result of a batch and its stack detections, in sequence
+    /// order); `Ok` once they are durable.
+    async fn deliver(&self, detections: &[Arc<Detection>]) -> Result<(), String>;
+}

@@ -103,6 +103,7 @@ fn outcome(a: &blink::alert::Alert) -> blink::pipeline::Outcome {
         },
         result: blink::engine::SubtractionResult { flux_scale: 1.0, background: 0.0, flux: 1.0, flux_err: 0.1, score: 10.0 },
         detected: true,
+        new_object: false,
     }
 }
 
