@@ -14,6 +14,7 @@
 //! - [`cpu`]: the CPU twin of every kernel (same names), the oracle in tests.
 //! - [`sink`]: gRPC hub and server.
 //! - [`history`]: the object history store (past epochs per object; redb file or in memory).
+//! - [`notify`]: notification rules, Slack and webhook notifiers, the durable outbox.
 //! - [`service`]: everything wired together for `serve` and `demo`.
 //! - [`sim`]: simulated alerts, and simulated FITS nights (`sim::night`, `blink simulate`).
 //! - [`detect`]: full-frame subtraction and detection on night folders (`blink detect`), the
@@ -35,6 +36,7 @@ pub mod engine;
 pub mod gpu;
 pub mod history;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod service;
 pub mod sim;

@@ -9,7 +9,10 @@
 //! - `ByTime`: MJD, alert key → (): all epochs, oldest first, for eviction.
 //! - `Sky`: survey and depth-14 HEALPix cell, object key → (): the positional index.
 //! - `Meta`: `format` and `counters`, and the stack announcements:
-//!   `announced\0<object key>\0<band>\0<nights, f64 BE bits>` → score f64, MJD f64 (LE).
+//!   `announced\0<object key>\0<band>\0<nights, f64 BE bits>` → score f64, MJD f64 (LE);
+//!   and `outbox` (the notification outbox's counters, `outbox.rs`).
+//! - `Outbox`, `Notified`, `NotifiedByTime`: the notifiers' pending notifications and
+//!   deduplication keys (`outbox.rs`).
 
 use crate::alert::Survey;
 
@@ -25,10 +28,23 @@ pub(crate) enum T {
     ByTime,
     Sky,
     Meta,
+    Outbox,
+    Notified,
+    NotifiedByTime,
 }
 
 impl T {
-    pub const ALL: [T; 6] = [T::Objects, T::Epochs, T::ByObject, T::ByTime, T::Sky, T::Meta];
+    pub const ALL: [T; 9] = [
+        T::Objects,
+        T::Epochs,
+        T::ByObject,
+        T::ByTime,
+        T::Sky,
+        T::Meta,
+        T::Outbox,
+        T::Notified,
+        T::NotifiedByTime,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -38,6 +54,9 @@ impl T {
             T::ByTime => "by_time",
             T::Sky => "sky",
             T::Meta => "meta",
+            T::Outbox => "outbox",
+            T::Notified => "notified",
+            T::NotifiedByTime => "notified_by_time",
         }
     }
 }

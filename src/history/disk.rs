@@ -14,6 +14,7 @@ use redb::{
 use crate::alert::Survey;
 
 use super::core::{self, Kv, KvRead, Rules, FORMAT, FORMAT_KEY, T};
+use super::outbox::{self, NewNotification, Outbox, OutboxStats, PendingNotification, Queued, Settle};
 use super::{Announcement, Epoch, HistoryConfig, HistoryError, HistoryStats, HistoryStore, ObjectHistory, PutOutcome};
 
 /// redb's page cache; its default (1 GiB) is more than a history needs next to the GPU work.
@@ -263,7 +264,55 @@ impl RedbHistory {
     }
 }
 
+impl RedbHistory {
+    /// `f` on the tables of one write transaction, committed (durably) when it returns `Ok`.
+    fn write<R>(&self, f: impl FnOnce(&mut WriteTables<'_>) -> Result<R, HistoryError>) -> Result<R, HistoryError> {
+        let txn = self.db.begin_write().map_err(self.storage())?;
+        let out = {
+            let t = T::ALL
+                .iter()
+                .map(|t| txn.open_table(def(*t)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(self.storage())?;
+            let mut tables = WriteTables { path: &self.path, t };
+            f(&mut tables)?
+        };
+        txn.commit().map_err(self.storage())?;
+        Ok(out)
+    }
+}
+
+impl Outbox for RedbHistory {
+    fn queue_notifications(&self, items: &[NewNotification]) -> Result<Vec<Queued>, HistoryError> {
+        self.write(|t| outbox::queue(t, items))
+    }
+
+    fn due_notifications(&self, now_ms: u64, limit: usize) -> Result<Vec<PendingNotification>, HistoryError> {
+        self.read(|t| outbox::due(t, now_ms, limit))
+    }
+
+    fn next_due_after(&self, after_ms: u64) -> Result<Option<u64>, HistoryError> {
+        self.read(|t| outbox::next_due_after(t, after_ms))
+    }
+
+    fn settle_notifications(&self, list: &[(PendingNotification, Settle)]) -> Result<(), HistoryError> {
+        self.write(|t| outbox::settle(t, list))
+    }
+
+    fn outbox_stats(&self) -> Result<OutboxStats, HistoryError> {
+        self.read(|t| outbox::stats(t))
+    }
+
+    fn forget_notified_before(&self, before_ms: u64, limit: usize) -> Result<u64, HistoryError> {
+        self.write(|t| outbox::forget_before(t, before_ms, limit))
+    }
+}
+
 impl HistoryStore for RedbHistory {
+    fn outbox(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn Outbox>> {
+        Some(self)
+    }
+
     fn put_many(&self, epochs: &[Epoch]) -> Result<Vec<PutOutcome>, HistoryError> {
         let txn = self.db.begin_write().map_err(self.storage())?;
         let out = {

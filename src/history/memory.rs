@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::alert::Survey;
 
 use super::core::{self, Kv, KvRead, Rules, T};
+use super::outbox::{self, NewNotification, Outbox, OutboxStats, PendingNotification, Queued, Settle};
 use super::{Announcement, Epoch, HistoryConfig, HistoryError, HistoryStats, HistoryStore, ObjectHistory, PutOutcome};
 
 /// The history store in memory. `config.path` and `rebuild_corrupt` are ignored.
@@ -16,7 +17,7 @@ pub struct MemoryHistory {
 }
 
 #[derive(Default)]
-struct Tables([BTreeMap<Vec<u8>, Vec<u8>>; 6]);
+struct Tables([BTreeMap<Vec<u8>, Vec<u8>>; T::ALL.len()]);
 
 impl Tables {
     fn t(&self, t: T) -> &BTreeMap<Vec<u8>, Vec<u8>> {
@@ -61,7 +62,39 @@ impl MemoryHistory {
     }
 }
 
+impl Outbox for MemoryHistory {
+    fn queue_notifications(&self, items: &[NewNotification]) -> Result<Vec<Queued>, HistoryError> {
+        // As `put_many`: only a bad rule name stops a call half-way, and the notifier checks
+        // names at start-up.
+        outbox::queue(&mut *self.lock(), items)
+    }
+
+    fn due_notifications(&self, now_ms: u64, limit: usize) -> Result<Vec<PendingNotification>, HistoryError> {
+        outbox::due(&*self.lock(), now_ms, limit)
+    }
+
+    fn next_due_after(&self, after_ms: u64) -> Result<Option<u64>, HistoryError> {
+        outbox::next_due_after(&*self.lock(), after_ms)
+    }
+
+    fn settle_notifications(&self, list: &[(PendingNotification, Settle)]) -> Result<(), HistoryError> {
+        outbox::settle(&mut *self.lock(), list)
+    }
+
+    fn outbox_stats(&self) -> Result<OutboxStats, HistoryError> {
+        outbox::stats(&*self.lock())
+    }
+
+    fn forget_notified_before(&self, before_ms: u64, limit: usize) -> Result<u64, HistoryError> {
+        outbox::forget_before(&mut *self.lock(), before_ms, limit)
+    }
+}
+
 impl HistoryStore for MemoryHistory {
+    fn outbox(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn Outbox>> {
+        Some(self)
+    }
+
     fn put_many(&self, epochs: &[Epoch]) -> Result<Vec<PutOutcome>, HistoryError> {
         // The maps never fail and hold only records this process wrote, so a batch cannot stop
         // half-way (no copy-on-write needed for atomicity).

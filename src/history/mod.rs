@@ -12,11 +12,14 @@
 //! - `sky`: HEALPix cells (NESTED) and the cone search behind positional matching.
 //! - `core`: the tables as a small key-value interface, and put/evict/query on top of it.
 //! - `disk`: [`RedbHistory`]. `memory`: [`MemoryHistory`].
+//! - [`outbox`]: the notifiers' outbox ([`Outbox`]) in the same store: pending notifications
+//!   and deduplication keys (`src/notify`).
 
 pub mod config;
 mod core;
 mod disk;
 mod memory;
+pub mod outbox;
 mod record;
 pub(crate) mod sky;
 #[cfg(test)]
@@ -30,6 +33,7 @@ use crate::alert::{Alert, Image, Survey};
 pub use config::HistoryConfig;
 pub use disk::RedbHistory;
 pub use memory::MemoryHistory;
+pub use outbox::Outbox;
 pub use record::{MAX_PSF_SIDE, MAX_STAMP_SIDE, RECORD_VERSION};
 pub use sky::INDEX_DEPTH;
 
@@ -64,6 +68,12 @@ pub trait HistoryStore: Send + Sync {
     /// the same band and window, in one durable commit. They go when the object's last epoch
     /// goes.
     fn record_announcements(&self, list: &[(String, Announcement)]) -> Result<(), HistoryError>;
+
+    /// The notifiers' [`Outbox`] kept in the same store (the same redb file), if this store has
+    /// one. `RedbHistory` and `MemoryHistory` do.
+    fn outbox(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn Outbox>> {
+        None
+    }
 }
 
 /// The last stack detection published for one object, band and window: the pipeline
