@@ -32,6 +32,8 @@ pub struct Config {
     /// The object history store (`docs/history.md`): `blink serve` keeps it in this file,
     /// `blink demo` in memory.
     pub history: crate::history::HistoryConfig,
+    /// Outputs besides gRPC: the Kafka output topic.
+    pub output: OutputConfig,
 }
 
 /// Where alerts come from.
@@ -135,6 +137,41 @@ pub struct GrpcConfig {
     /// TLS: the server's certificate chain and private key, PEM files; both or neither.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+}
+
+/// Outputs besides gRPC (`[output]`): the Kafka output topic.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Kafka topic each result is written to (Avro of `schemas/blink/blink.detection.avsc`,
+    /// Confluent framing, keyed by object id); empty: no output topic.
+    pub kafka_topic: String,
+    /// Brokers of the output topic; empty: the input's (`kafka.brokers`, the embedded cluster
+    /// included).
+    pub kafka_brokers: String,
+    /// Only results with `detected` (|score| >= `detect.threshold`) and stack detections;
+    /// false writes every result.
+    pub only_detected: bool,
+    /// The schema id written in the framing when there is no registry.
+    pub schema_id: u32,
+    /// A Confluent-compatible schema registry: the detection schema is registered there under
+    /// `<kafka_topic>-value` at start-up and the id it gives is used.
+    pub schema_registry_url: Option<String>,
+    /// Extra librdkafka producer properties, as they are (e.g. `security.protocol`).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            kafka_topic: String::new(),
+            kafka_brokers: String::new(),
+            only_detected: true,
+            schema_id: 1,
+            schema_registry_url: None,
+            properties: BTreeMap::new(),
+        }
+    }
 }
 
 /// A value that must not appear in logs: `Debug` prints `***`.
@@ -297,6 +334,12 @@ impl Config {
         }
         if self.grpc.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!("grpc.listen = {:?}: expected ip:port", self.grpc.listen));
+        }
+        if self.output.kafka_topic.chars().any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c))) || self.output.kafka_topic.len() > 249 {
+            return bad(format!("output.kafka_topic = {:?}: Kafka topic names use letters, digits, '.', '_' and '-' (at most 249)", self.output.kafka_topic));
+        }
+        if self.output.kafka_topic.is_empty() && (self.output.schema_registry_url.is_some() || !self.output.kafka_brokers.is_empty()) {
+            return bad("output.kafka_brokers or output.schema_registry_url is set but output.kafka_topic is empty: name the topic".into());
         }
         if let Err(e) = self.history.validate() {
             return bad(e.to_string());

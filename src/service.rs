@@ -16,6 +16,8 @@ use crate::history::{HistoryError, HistoryStore, MemoryHistory, RedbHistory};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::sink::grpc::{self, Hub};
+use crate::sink::kafka_out::KafkaOutput;
+use crate::sink::Output;
 use crate::source::kafka;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,8 @@ pub enum ServiceError {
     History(#[from] HistoryError),
     #[error(transparent)]
     Security(#[from] grpc::SecurityError),
+    #[error(transparent)]
+    Output(#[from] crate::sink::kafka_out::OutputError),
 }
 
 /// Where the object history lives.
@@ -131,8 +135,19 @@ impl Service {
             },
         ));
 
-        let pipeline =
-            Pipeline::start_with_history(cfg, decoder, engine, hub.clone(), metrics.clone(), Some(history))?;
+        let mut outputs: Vec<Arc<dyn Output>> = Vec::new();
+        if !cfg.output.kafka_topic.is_empty() {
+            outputs.push(Arc::new(KafkaOutput::start(&cfg.output, brokers).await?));
+        }
+        let pipeline = Pipeline::start_with_outputs(
+            cfg,
+            decoder,
+            engine,
+            hub.clone(),
+            metrics.clone(),
+            Some(history),
+            outputs,
+        )?;
         let consumer = kafka::consumer(&cfg.kafka, brokers)?;
         tracing::info!(brokers, topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, "consuming");
         let source = tokio::spawn(kafka::run(

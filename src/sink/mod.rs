@@ -1,7 +1,9 @@
 //! Where results go. `grpc`: the hub every `Subscribe` stream reads from, and the server.
+//! `kafka_out`: the Kafka output topic (Avro, Confluent framing).
 //! [`Output`]: what else a batch's detections must reach, durably, before the batch is
 //! acknowledged (the Kafka output topic, the notifiers' outbox).
 pub mod grpc;
+pub mod kafka_out;
 
 use std::sync::Arc;
 

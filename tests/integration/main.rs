@@ -11,6 +11,8 @@
 //! - `history`: issue 5, the object history store: kill -9 while writing, a corrupt file, simulated alerts.
 //! - `frame_parity`: the whole-frame GPU kernels (score, sky mesh, variance, masks) against `cpu::frame`.
 //! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
+//! - `outputs`: issue 6, the Kafka output topic (Avro, Confluent framing, registry) and the
+//!   pipeline's retry-then-hold rule for outputs.
 //! - `python_example`: issue 6, `examples/python/subscribe.py` (grpcio) against a live server.
 //! - `stacking_stream`: issue 5, stacking in the pipeline: a faint source announced once from its
 //!   stack, redelivery and restart announce nothing, a history error dead-letters its batch.
@@ -29,6 +31,7 @@ mod engine_parity;
 mod frame_parity;
 mod grpc_security;
 mod history;
+mod outputs;
 mod python_example;
 mod simulate;
 mod stack_parity;
