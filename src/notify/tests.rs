@@ -45,7 +45,7 @@ fn bad_rules_fail_at_start_naming_the_rule() {
     for (when, want) in [
         ("score >=", "when"),
         ("scroe > 3", "unknown variable `scroe`"),
-        ("score * 2", "boolean"),
+        ("score * 2", "Boolean"),
     ] {
         let e = Notifier::new(&config(vec![slack_rule("r-bad", when)]), outbox()).unwrap_err().to_string();
         assert!(e.contains("r-bad") && e.contains(want), "{e}");
@@ -79,7 +79,8 @@ async fn matches_are_queued_once_per_rule_object_and_timescale() {
         let batch: Vec<Arc<Detection>> = (0..rng.gen_range(0..10))
             .map(|_| {
                 let o = objects[rng.gen_range(0..objects.len())];
-                detection(&mut rng, o, timescales[rng.gen_range(0..3)], rng.gen_range(-20.0..20.0))
+                let (t, score) = (timescales[rng.gen_range(0..3)], rng.gen_range(-20.0..20.0));
+                detection(&mut rng, o, t, score)
             })
             .collect();
         for d in &batch {
@@ -118,7 +119,8 @@ fn webhook_request_is_signed_over_the_body_sent_and_keeps_secrets_out_of_debug()
     });
     let n = Notifier::new(&config(vec![r]), outbox()).unwrap();
     for _ in 0..20 {
-        let d = detection(&mut rng, "ZTF\"x\\", "stack:3n", rng.gen_range(-9.0..9.0));
+        let score = rng.gen_range(-9.0..9.0);
+        let d = detection(&mut rng, "ZTF\"x\\", "stack:3n", score);
         let req = n.request_for("hook", &d).unwrap();
         let sig = req.headers.iter().find(|(k, _)| k == "X-Blink-Signature").unwrap().1.clone();
         assert_eq!(sig, message::signature(key.as_bytes(), &req.body));
