@@ -13,6 +13,7 @@
 //! - `e2e`: embedded Kafka → pipeline → gRPC subscribers; dead letters; committed offsets.
 //! - `outputs`: issue 6, the Kafka output topic (Avro, Confluent framing, registry) and the
 //!   pipeline's retry-then-hold rule for outputs.
+//! - `notify`: issue 6, notifiers over HTTP on 127.0.0.1: retries, HMAC signatures, restart with a queued outbox, dedup.
 //! - `python_example`: issue 6, `examples/python/subscribe.py` (grpcio) against a live server.
 //! - `stacking_stream`: issue 5, stacking in the pipeline: a faint source announced once from its
 //!   stack, redelivery and restart announce nothing, a history error dead-letters its batch.
@@ -31,6 +32,7 @@ mod engine_parity;
 mod frame_parity;
 mod grpc_security;
 mod history;
+mod notify;
 mod outputs;
 mod python_example;
 mod simulate;
