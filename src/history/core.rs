@@ -34,17 +34,8 @@ pub(crate) enum T {
 }
 
 impl T {
-    pub const ALL: [T; 9] = [
-        T::Objects,
-        T::Epochs,
-        T::ByObject,
-        T::ByTime,
-        T::Sky,
-        T::Meta,
-        T::Outbox,
-        T::Notified,
-        T::NotifiedByTime,
-    ];
+    pub const ALL: [T; 9] =
+        [T::Objects, T::Epochs, T::ByObject, T::ByTime, T::Sky, T::Meta, T::Outbox, T::Notified, T::NotifiedByTime];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -139,9 +139,10 @@ fn outbox_key(next_ms: u64, id: u64) -> Vec<u8> {
 }
 
 fn encode(attempts: u32, queued_ms: u64, rule: &str, payload: &[u8]) -> Result<Vec<u8>, HistoryError> {
-    let rule_len = u16::try_from(rule.len()).map_err(|_| HistoryError::Internal(format!("rule name of {} bytes", rule.len())))?;
-    let payload_len =
-        u32::try_from(payload.len()).map_err(|_| HistoryError::Internal(format!("payload of {} bytes", payload.len())))?;
+    let rule_len =
+        u16::try_from(rule.len()).map_err(|_| HistoryError::Internal(format!("rule name of {} bytes", rule.len())))?;
+    let payload_len = u32::try_from(payload.len())
+        .map_err(|_| HistoryError::Internal(format!("payload of {} bytes", payload.len())))?;
     let mut r = Vec::with_capacity(19 + rule.len() + payload.len());
     r.push(RECORD_VERSION);
     r.extend_from_slice(&attempts.to_le_bytes());
@@ -170,8 +171,8 @@ fn decode(key: &[u8], rec: &[u8]) -> Result<PendingNotification, HistoryError> {
     let rule = std::str::from_utf8(rec.get(15..rule_end).ok_or_else(short)?)
         .map_err(|_| bad(key, "rule name not UTF-8"))?
         .to_owned();
-    let plen =
-        u32::from_le_bytes(rec.get(rule_end..rule_end + 4).ok_or_else(short)?.try_into().map_err(|_| short())?) as usize;
+    let plen = u32::from_le_bytes(rec.get(rule_end..rule_end + 4).ok_or_else(short)?.try_into().map_err(|_| short())?)
+        as usize;
     let payload = rec.get(rule_end + 4..rule_end + 4 + plen).ok_or_else(short)?.to_vec();
     if rec.len() != rule_end + 4 + plen {
         return Err(bad(key, "trailing bytes after the outbox record"));
@@ -291,9 +292,15 @@ mod tests {
         let payload: Vec<u8> = (0..rng.gen_range(0..300)).map(|_| rng.gen()).collect();
         let t0: u64 = rng.gen_range(1_600_000_000_000..1_900_000_000_000);
         let q = o
-            .queue_notifications(&[n("a", "X\0epoch", t0, &payload), n("a", "X\0epoch", t0, b"2"), n("b", "X\0epoch", t0 + 5, b"3")])
+            .queue_notifications(&[
+                n("a", "X\0epoch", t0, &payload),
+                n("a", "X\0epoch", t0, b"2"),
+                n("b", "X\0epoch", t0 + 5, b"3"),
+            ])
             .unwrap();
-        assert!(matches!(q[0], Queued::Queued { .. }) && q[1] == Queued::Duplicate && matches!(q[2], Queued::Queued { .. }));
+        assert!(
+            matches!(q[0], Queued::Queued { .. }) && q[1] == Queued::Duplicate && matches!(q[2], Queued::Queued { .. })
+        );
         assert_eq!(o.queue_notifications(&[n("a", "X\0epoch", t0 + 9, b"")]).unwrap(), vec![Queued::Duplicate]);
         assert_eq!(o.outbox_stats().unwrap(), OutboxStats { pending: 2, dedup_keys: 2 });
         assert!(o.due_notifications(t0 - 1, 10).unwrap().is_empty());

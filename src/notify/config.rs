@@ -126,10 +126,7 @@ impl NotifyConfig {
                 && r.name.len() <= 64
                 && r.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
             if !ok_name {
-                return bad(format!(
-                    "notify rule name {:?}: wants 1-64 letters, digits, '-', '_' or '.'",
-                    r.name
-                ));
+                return bad(format!("notify rule name {:?}: wants 1-64 letters, digits, '-', '_' or '.'", r.name));
             }
             if !seen.insert(r.name.as_str()) {
                 return bad(format!("notify rule {}: the name is used twice", r.name));
@@ -160,7 +157,10 @@ impl NotifyConfig {
                     }
                     for (name, v) in &w.secret_headers {
                         if ureq::http::HeaderValue::from_str(v.expose()).is_err() {
-                            return bad(format!("notify rule {}: header {name}: the (secret) value is not valid", r.name));
+                            return bad(format!(
+                                "notify rule {}: header {name}: the (secret) value is not valid",
+                                r.name
+                            ));
                         }
                     }
                     if w.secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
@@ -214,7 +214,13 @@ mod tests {
             (NotifyConfig { dedup_days: -1.0, ..c.clone() }, "dedup_days"),
             (NotifyConfig { rules: vec![rule.clone(), rule.clone()], ..c.clone() }, "used twice"),
             (NotifyConfig { rules: vec![RuleConfig { name: "a b".into(), ..rule.clone() }], ..c.clone() }, "name"),
-            (NotifyConfig { rules: vec![RuleConfig { webhook: c.rules[1].webhook.clone(), ..rule.clone() }], ..c.clone() }, "exactly one"),
+            (
+                NotifyConfig {
+                    rules: vec![RuleConfig { webhook: c.rules[1].webhook.clone(), ..rule.clone() }],
+                    ..c.clone()
+                },
+                "exactly one",
+            ),
             (
                 NotifyConfig {
                     rules: vec![RuleConfig {

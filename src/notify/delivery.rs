@@ -77,8 +77,10 @@ mod tests {
             let first = Duration::from_millis(rng.gen_range(1..5000));
             let max = first * rng.gen_range(1..500);
             for failed in [1u32, 2, 3, 5, 10, 30, 64, 1000, u32::MAX] {
-                let cap = (first.as_secs_f64() * 2f64.powi(failed.saturating_sub(1).min(200) as i32)).min(max.as_secs_f64());
-                let waits: Vec<f64> = (0..50).map(|_| backoff(&mut rng, first, max, failed, None).as_secs_f64()).collect();
+                let cap =
+                    (first.as_secs_f64() * 2f64.powi(failed.saturating_sub(1).min(200) as i32)).min(max.as_secs_f64());
+                let waits: Vec<f64> =
+                    (0..50).map(|_| backoff(&mut rng, first, max, failed, None).as_secs_f64()).collect();
                 assert!(waits.iter().all(|w| *w >= 0.0 && *w <= cap + 1e-9), "{failed} {cap} {waits:?}");
                 // Jitter: not all the same, and some in each half of the range.
                 assert!(waits.iter().any(|w| *w < cap / 2.0) && waits.iter().any(|w| *w > cap / 2.0), "{waits:?}");

@@ -140,7 +140,8 @@ mod tests {
         }
         assert_eq!(host("https://hooks.slack.com/services/A/B/C"), "hooks.slack.com");
         let url = "https://hooks.slack.com/services/A/B/C";
-        let s = scrub("failed to reach https://hooks.slack.com/services/A/B/C and /services/A/B/C with tok", url, &["tok"]);
+        let s =
+            scrub("failed to reach https://hooks.slack.com/services/A/B/C and /services/A/B/C with tok", url, &["tok"]);
         assert!(!s.contains("/services/A") && !s.contains("tok"), "{s}");
     }
 

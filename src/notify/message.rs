@@ -268,7 +268,15 @@ mod tests {
             assert!(text.contains(want), "{want} not in {text}");
         }
         let all = m["blocks"].to_string();
-        for want in ["08:13:49.63", "-12:20:44.4", "ZTF21a&lt;b&gt;&amp;c", "3n", "-4.00 sigma", "Band", "https://fink-portal.org/ZTF21a%3Cb%3E%26c?s=ztf&amp;a=1"] {
+        for want in [
+            "08:13:49.63",
+            "-12:20:44.4",
+            "ZTF21a&lt;b&gt;&amp;c",
+            "3n",
+            "-4.00 sigma",
+            "Band",
+            "https://fink-portal.org/ZTF21a%3Cb%3E%26c?s=ztf&amp;a=1",
+        ] {
             assert!(all.contains(want), "{want} not in {all}");
         }
         assert!(!slack_message("bright", &d, None)["blocks"].to_string().contains("fink"));

@@ -67,7 +67,10 @@ const FORGET_EVERY: Duration = Duration::from_secs(3600);
 /// Where one rule sends.
 #[derive(Debug)]
 enum Target {
-    Slack { url: Secret, link_template: Option<String> },
+    Slack {
+        url: Secret,
+        link_template: Option<String>,
+    },
     Webhook {
         url: String,
         body: Option<BodyTemplate>,
@@ -204,7 +207,8 @@ impl Notifier {
             let target = match (&r.slack, &r.webhook) {
                 (Some(s), _) => {
                     if let Some(t) = &s.link_template {
-                        let stripped = message::LINK_FIELDS.iter().fold(t.clone(), |t, f| t.replace(&format!("{{{f}}}"), ""));
+                        let stripped =
+                            message::LINK_FIELDS.iter().fold(t.clone(), |t, f| t.replace(&format!("{{{f}}}"), ""));
                         if stripped.contains('{') || stripped.contains('}') {
                             return Err(err(format!(
                                 "slack.link_template {t:?}: only {{object_id}}, {{alert_id}} and {{survey}} are replaced"
@@ -215,7 +219,12 @@ impl Notifier {
                 }
                 (None, Some(w)) => Target::Webhook {
                     url: w.url.clone(),
-                    body: w.body.as_deref().map(BodyTemplate::parse).transpose().map_err(|e| err(format!("webhook.body: {e}")))?,
+                    body: w
+                        .body
+                        .as_deref()
+                        .map(BodyTemplate::parse)
+                        .transpose()
+                        .map_err(|e| err(format!("webhook.body: {e}")))?,
                     headers: w.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     secret_headers: w.secret_headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     secret: w.secret.clone(),
@@ -285,7 +294,10 @@ impl Notifier {
         f: impl FnOnce(&dyn Outbox) -> Result<R, HistoryError> + Send + 'static,
     ) -> Result<R, NotifyError> {
         let o = self.outbox.clone();
-        tokio::task::spawn_blocking(move || f(&*o)).await.map_err(|e| NotifyError::Join(e.to_string()))?.map_err(NotifyError::from)
+        tokio::task::spawn_blocking(move || f(&*o))
+            .await
+            .map_err(|e| NotifyError::Join(e.to_string()))?
+            .map_err(NotifyError::from)
     }
 
     /// Evaluates the rules on `detections` and commits the matches to the outbox (one durable
@@ -326,7 +338,11 @@ impl Notifier {
         let mut tasks: JoinSet<(PendingNotification, Outcome)> = JoinSet::new();
         let mut rng = StdRng::from_entropy();
         let mut next_forget = Instant::now();
-        tracing::info!(rules = self.rules.len(), pending = self.counters.pending.load(Ordering::Relaxed), "notifier running");
+        tracing::info!(
+            rules = self.rules.len(),
+            pending = self.counters.pending.load(Ordering::Relaxed),
+            "notifier running"
+        );
         loop {
             if *shutdown.borrow() {
                 break;
@@ -362,7 +378,9 @@ impl Notifier {
                             continue;
                         };
                         let now = Instant::now();
-                        let limit = limits.entry(rule.name.clone()).or_insert_with(|| RateLimit::new(rule.rate_per_minute, now));
+                        let limit = limits
+                            .entry(rule.name.clone())
+                            .or_insert_with(|| RateLimit::new(rule.rate_per_minute, now));
                         if !limit.try_take(now) {
                             // Held, not dropped: due again when its turn under the limit comes,
                             // spaced so that each is rewritten about once.
@@ -392,7 +410,10 @@ impl Notifier {
                                 http::send(&agent, &req, &s)
                             })
                             .await;
-                            let out = sent.unwrap_or_else(|e| Outcome::Retry { why: format!("sender failed: {e}"), retry_after: None });
+                            let out = sent.unwrap_or_else(|e| Outcome::Retry {
+                                why: format!("sender failed: {e}"),
+                                retry_after: None,
+                            });
                             (p, out)
                         });
                     }
@@ -473,7 +494,8 @@ impl Notifier {
             }
         };
         if s == Settle::Remove {
-            let _ = self.counters.pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+            let _ =
+                self.counters.pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
         }
         if let Err(error) = self.store(move |o| o.settle_notifications(&[(p, s)])).await {
             // The entry stays as it was: it is sent again (at least once).

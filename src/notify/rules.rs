@@ -1,9 +1,7 @@
 //! Rule conditions: `evalexpr` expressions over a detection's fields, compiled and checked once
 //! at start-up.
 
-use evalexpr::{
-    build_operator_tree, Context, DefaultNumericTypes, EvalexprError, EvalexprResult, Node, Value,
-};
+use evalexpr::{build_operator_tree, Context, DefaultNumericTypes, EvalexprError, EvalexprResult, Node, Value};
 
 use crate::proto::Detection;
 
@@ -191,7 +189,8 @@ mod tests {
         let snr = Condition::compile("survey_snr > 5").unwrap();
         let has = Condition::compile(r#"has_survey_snr && band != "g" && survey == "ztf""#).unwrap();
         let pos = Condition::compile("ra > 100 && dec < 0 && mjd_tai >= 60000 && flux / flux_err > 3").unwrap();
-        let ids = Condition::compile(r#"str::substring(object_id, 0, 3) == "ZTF" && alert_id != "" && detected"#).unwrap();
+        let ids =
+            Condition::compile(r#"str::substring(object_id, 0, 3) == "ZTF" && alert_id != "" && detected"#).unwrap();
         for _ in 0..500 {
             let d = random_detection(&mut rng);
             let ts = d.timescale.strip_prefix("stack:").unwrap_or(&d.timescale).to_string();
@@ -199,7 +198,10 @@ mod tests {
             assert_eq!(abs.eval(&d), Ok(d.score.abs() > 5.5 && d.timescale == "epoch"));
             assert_eq!(snr.eval(&d), Ok(d.survey_snr > 5.0));
             assert_eq!(has.eval(&d), Ok(d.survey_snr.is_finite() && d.band != "g" && d.survey == "ztf"));
-            assert_eq!(pos.eval(&d), Ok(d.ra > 100.0 && d.dec < 0.0 && d.mjd_tai >= 60000.0 && d.flux / d.flux_err > 3.0));
+            assert_eq!(
+                pos.eval(&d),
+                Ok(d.ra > 100.0 && d.dec < 0.0 && d.mjd_tai >= 60000.0 && d.flux / d.flux_err > 3.0)
+            );
             assert_eq!(ids.eval(&d), Ok(d.detected));
         }
     }

@@ -16,7 +16,10 @@ fn slack_rule(name: &str, when: &str) -> RuleConfig {
         name: name.into(),
         when: when.into(),
         rate_per_minute: 60,
-        slack: Some(SlackConfig { url: Secret::new("https://hooks.slack.com/services/T0/B0/XYZ"), link_template: None }),
+        slack: Some(SlackConfig {
+            url: Secret::new("https://hooks.slack.com/services/T0/B0/XYZ"),
+            link_template: None,
+        }),
         webhook: None,
     }
 }
@@ -42,18 +45,18 @@ fn detection(rng: &mut impl Rng, object: &str, timescale: &str, score: f64) -> A
 
 #[test]
 fn bad_rules_fail_at_start_naming_the_rule() {
-    for (when, want) in [
-        ("score >=", "when"),
-        ("scroe > 3", "unknown variable `scroe`"),
-        ("score * 2", "Boolean"),
-    ] {
+    for (when, want) in [("score >=", "when"), ("scroe > 3", "unknown variable `scroe`"), ("score * 2", "Boolean")] {
         let e = Notifier::new(&config(vec![slack_rule("r-bad", when)]), outbox()).unwrap_err().to_string();
         assert!(e.contains("r-bad") && e.contains(want), "{e}");
         assert!(!e.contains("XYZ"), "secret in {e}");
     }
     let mut r = slack_rule("hook", "true");
     r.slack = None;
-    r.webhook = Some(WebhookConfig { url: "http://127.0.0.1:1/x".into(), body: Some("{\"a\": {object_id}}".into()), ..Default::default() });
+    r.webhook = Some(WebhookConfig {
+        url: "http://127.0.0.1:1/x".into(),
+        body: Some("{\"a\": {object_id}}".into()),
+        ..Default::default()
+    });
     let e = Notifier::new(&config(vec![r]), outbox()).unwrap_err().to_string();
     assert!(e.contains("hook") && e.contains("not JSON"), "{e}");
     let mut r = slack_rule("link", "true");
@@ -96,10 +99,8 @@ async fn matches_are_queued_once_per_rule_object_and_timescale() {
     assert_eq!(s.queued + s.deduplicated, matches);
     assert_eq!(s.pending, want.len() as u64);
     let due = store.due_notifications(u64::MAX - 1, 10_000).unwrap();
-    let got: std::collections::BTreeSet<(String, String)> = due
-        .iter()
-        .map(|p| (p.rule.clone(), dedup_key(&Detection::decode(&p.payload[..]).unwrap())))
-        .collect();
+    let got: std::collections::BTreeSet<(String, String)> =
+        due.iter().map(|p| (p.rule.clone(), dedup_key(&Detection::decode(&p.payload[..]).unwrap()))).collect();
     assert_eq!(got, want);
     assert_eq!(due.len(), want.len());
 }

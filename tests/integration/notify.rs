@@ -87,7 +87,10 @@ fn slack_rule(url: &str, when: &str) -> RuleConfig {
         name: "slack-bright".into(),
         when: when.into(),
         rate_per_minute: 0,
-        slack: Some(SlackConfig { url: Secret::new(url), link_template: Some("https://fink-portal.org/{object_id}".into()) }),
+        slack: Some(SlackConfig {
+            url: Secret::new(url),
+            link_template: Some("https://fink-portal.org/{object_id}".into()),
+        }),
         webhook: None,
     }
 }
@@ -152,7 +155,8 @@ async fn slack_notifications_arrive_once_after_server_errors() {
     let c = calls.clone();
     let (url, log) = server(Arc::new(move |_, _| if c.fetch_add(1, Ordering::SeqCst) < 3 { 500 } else { 200 })).await;
     let store = Arc::new(MemoryHistory::new(&HistoryConfig::default()).unwrap());
-    let n = Arc::new(Notifier::new(&fast(vec![slack_rule(&url, "score >= 5")]), store.clone().outbox().unwrap()).unwrap());
+    let n =
+        Arc::new(Notifier::new(&fast(vec![slack_rule(&url, "score >= 5")]), store.clone().outbox().unwrap()).unwrap());
     let (stop, rx) = watch::channel(false);
     let run = tokio::spawn(n.clone().run(rx));
     let batch = detections(&mut rng, 30);
