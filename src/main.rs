@@ -32,6 +32,7 @@ fn main() -> ExitCode {
             Command::Serve(a) => blink::cli::serve::run(a).await,
             Command::Subscribe(a) => blink::cli::subscribe::subscribe(a).await,
             Command::Status(a) => blink::cli::subscribe::status(a).await,
+            Command::Object(a) => blink::cli::subscribe::object(a).await,
             Command::Publish(a) => blink::cli::publish::run(a).await,
             Command::Simulate(a) => blink::cli::simulate::run(a).await,
             Command::Detect(a) => blink::cli::detect::run(a).await,

@@ -130,6 +130,7 @@ impl Service {
             metrics.clone(),
             adapter.clone(),
             security,
+            Some(history.clone()),
             async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
             },

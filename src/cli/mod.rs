@@ -44,6 +44,10 @@ pub enum Command {
     Subscribe(subscribe::SubscribeArgs),
     /// Print a running blink's health and counters as JSON.
     Status(subscribe::StatusArgs),
+    /// Print one object's history from a running blink's history store as JSON (epochs,
+    /// measurements, stack announcements); `--png-dir` writes each epoch's difference stamp as
+    /// a PNG thumbnail. Example: `blink object ZTF21abcdefg --png-dir thumbs`.
+    Object(subscribe::ObjectArgs),
     /// Publish alert files to a Kafka topic, one alert per message as the surveys do
     /// (multi-alert Avro containers are split); for feeding `blink serve` by hand.
     Publish(publish::PublishArgs),

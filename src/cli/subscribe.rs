@@ -114,6 +114,77 @@ pub struct StatusArgs {
     pub connect: ConnectArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct ObjectArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The survey's object id, or the store's key of an object matched by position
+    /// (`<survey>:hpx29:<cell>`).
+    pub object_id: String,
+    /// The survey (ztf, rubin, native), when several have this id.
+    #[arg(long, default_value = "")]
+    pub survey: String,
+    /// Only the latest this many epochs (0: the server's default, 100).
+    #[arg(long, default_value_t = 0)]
+    pub max_epochs: u32,
+    /// Write each epoch's difference thumbnail here as `<alert_id>-<band>.png` (created).
+    #[arg(long, value_name = "DIR")]
+    pub png_dir: Option<std::path::PathBuf>,
+}
+
+pub async fn object(args: &ObjectArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.connect).await?;
+    let req = crate::proto::GetObjectRequest {
+        object_id: args.object_id.clone(),
+        survey: args.survey.clone(),
+        pixels: false,
+        max_epochs: args.max_epochs,
+    };
+    let r = client.get_object(req).await.map_err(|s| anyhow::anyhow!("GetObject: {}", s.message()))?.into_inner();
+    if let Some(dir) = &args.png_dir {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("--png-dir {}: {e}", dir.display()))?;
+    }
+    let mut epochs = Vec::new();
+    for e in &r.epochs {
+        let mut png = serde_json::Value::Null;
+        if let (Some(dir), Some(d)) = (&args.png_dir, &e.difference) {
+            // Alert ids and bands are the surveys' own: keep the file name to safe characters.
+            let safe = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect::<String>();
+            let path = dir.join(format!("{}-{}.png", safe(&e.alert_id), safe(&e.band)));
+            std::fs::write(&path, &d.png).map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
+            png = serde_json::Value::String(path.display().to_string());
+        }
+        epochs.push(serde_json::json!({
+            "alert_id": e.alert_id,
+            "band": e.band,
+            "mjd_tai": e.mjd_tai,
+            "score": e.score,
+            "flux": e.flux,
+            "flux_err": e.flux_err,
+            "stamp_x": e.stamp_x,
+            "stamp_y": e.stamp_y,
+            "png": png,
+        }));
+    }
+    let announcements: Vec<serde_json::Value> = r
+        .announcements
+        .iter()
+        .map(|a| serde_json::json!({"band": a.band, "nights": a.nights, "score": a.score, "mjd_tai": a.mjd_tai}))
+        .collect();
+    let v = serde_json::json!({
+        "key": r.key,
+        "survey": r.survey,
+        "object_id": r.object_id,
+        "ra": r.ra,
+        "dec": r.dec,
+        "epochs_total": r.epochs_total,
+        "epochs": epochs,
+        "announcements": announcements,
+    });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
 /// One result as a JSON object (the shape `blink subscribe` prints).
 pub fn detection_json(d: &Detection) -> serde_json::Value {
     serde_json::json!({

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 use crate::metrics::Metrics;
 use crate::pipeline::Outcome;
 use crate::proto::blink_server::{Blink, BlinkServer};
-use crate::proto::{Detection, StatusReply, StatusRequest, SubscribeRequest};
+use crate::proto::{Detection, GetObjectRequest, ObjectReply, StatusReply, StatusRequest, SubscribeRequest};
 
 /// Detections kept for resuming subscribers by default (`grpc.replay`).
 pub const DEFAULT_REPLAY: usize = 100_000;
@@ -278,6 +278,7 @@ pub struct BlinkService {
     hub: Hub,
     metrics: Arc<Metrics>,
     adapter: String,
+    history: Option<Arc<dyn crate::history::HistoryStore>>,
 }
 
 /// Decrements the subscriber gauge when a stream ends, however it ends.
@@ -365,6 +366,30 @@ impl Blink for BlinkService {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_object(&self, request: Request<GetObjectRequest>) -> Result<Response<ObjectReply>, Status> {
+        use crate::sink::object::{self, ObjectError};
+        let Some(store) = self.history.clone() else {
+            return Err(Status::failed_precondition("this server runs without a history store ([history]): it keeps no objects"));
+        };
+        let r = request.into_inner();
+        if r.object_id.is_empty() {
+            return Err(Status::invalid_argument("object_id is empty"));
+        }
+        // The store reads from disk: off the async workers.
+        let found = tokio::task::spawn_blocking(move || {
+            let h = object::find(store.as_ref(), &r.object_id, &r.survey)?;
+            object::reply(store.as_ref(), &h, r.pixels, r.max_epochs as usize)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("GetObject task failed: {e}")))?;
+        match found {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(e @ ObjectError::NotFound(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ (ObjectError::Ambiguous { .. } | ObjectError::BadSurvey(_))) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ ObjectError::History(_)) => Err(Status::internal(e.to_string())),
+        }
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
@@ -491,17 +516,19 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Serve `Subscribe` and `Status` on `listener` until `shutdown` resolves, with `security`'s
-/// token check on every call and its TLS.
+/// Serve `Subscribe`, `Status` and `GetObject` (from `history`, when there is one) on
+/// `listener` until `shutdown` resolves, with `security`'s token check on every call and its
+/// TLS.
 pub async fn serve(
     listener: TcpListener,
     hub: Hub,
     metrics: Arc<Metrics>,
     adapter: String,
     security: Security,
+    history: Option<Arc<dyn crate::history::HistoryStore>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let service = BlinkService { hub, metrics, adapter };
+    let service = BlinkService { hub, metrics, adapter, history };
     let mut builder = tonic::transport::Server::builder();
     if let Some(id) = &security.tls {
         builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.clone()))?;
@@ -563,7 +590,7 @@ mod tests {
     }
 
     fn service_with_replay(buffer: usize, replay: usize) -> BlinkService {
-        BlinkService { hub: Hub::with_replay(buffer, replay), metrics: Arc::new(Metrics::default()), adapter: "test".into() }
+        BlinkService { hub: Hub::with_replay(buffer, replay), metrics: Arc::new(Metrics::default()), adapter: "test".into(), history: None }
     }
 
     async fn sequences(s: &mut DetectionStream, n: usize) -> Vec<u64> {

@@ -1,9 +1,11 @@
 //! Where results go. `grpc`: the hub every `Subscribe` stream reads from, and the server.
-//! `kafka_out`: the Kafka output topic (Avro, Confluent framing).
+//! `kafka_out`: the Kafka output topic (Avro, Confluent framing). `object`: `GetObject`'s
+//! reply from the history store, with PNG thumbnails.
 //! [`Output`]: what else a batch's detections must reach, durably, before the batch is
 //! acknowledged (the Kafka output topic, the notifiers' outbox).
 pub mod grpc;
 pub mod kafka_out;
+pub mod object;
 
 use std::sync::Arc;
 

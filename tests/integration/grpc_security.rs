@@ -24,7 +24,7 @@ async fn server(g: &GrpcConfig) -> (std::net::SocketAddr, Hub, tokio::sync::ones
     let (listener, addr) = bind("127.0.0.1:0").await.unwrap();
     let hub = Hub::new(64);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, hub.clone(), Arc::new(Metrics::default()), "test".into(), security, async move {
+    tokio::spawn(serve(listener, hub.clone(), Arc::new(Metrics::default()), "test".into(), security, None, async move {
         let _ = stopped.await;
     }));
     (addr, hub, stop)

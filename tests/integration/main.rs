@@ -7,6 +7,7 @@
 //! - `detect`: `blink detect` and `blink bench` on simulated nights against truth; bad folders.
 //! - `decode`: every fixture file decodes with the counts of `testdata/README.md`; bad input.
 //! - `engine_parity`: each WGSL kernel against its CPU twin on fresh random inputs.
+//! - `get_object`: issue 6, `GetObject` and `blink object` from a running server's history store.
 //! - `grpc_security`: issue 6, bearer tokens and TLS on the gRPC server, with the CLI's client.
 //! - `history`: issue 5, the object history store: kill -9 while writing, a corrupt file, simulated alerts.
 //! - `frame_parity`: the whole-frame GPU kernels (score, sky mesh, variance, masks) against `cpu::frame`.
@@ -30,6 +31,7 @@ mod detect;
 mod e2e;
 mod engine_parity;
 mod frame_parity;
+mod get_object;
 mod grpc_security;
 mod history;
 mod notify;
