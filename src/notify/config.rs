@@ -53,7 +53,7 @@ impl Default for NotifyConfig {
 
 /// One rule: when a detection matches `when`, the notifier gets it, once per object and
 /// timescale.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuleConfig {
     /// Unique name, in logs and metrics and the webhook body (letters, digits, `-`, `_`, `.`).
@@ -62,12 +62,18 @@ pub struct RuleConfig {
     /// (`docs/notifications.md` lists the variables and operators).
     pub when: String,
     /// Most notifications per minute for this rule; more wait in the outbox (never dropped).
-    /// 0: no limit. Slack accepts about one message per second per webhook.
+    /// 0: no limit. Default 60: Slack accepts about one message per second per webhook.
     pub rate_per_minute: u32,
     /// Send to a Slack incoming webhook.
     pub slack: Option<SlackConfig>,
     /// Send to a generic HTTP webhook.
     pub webhook: Option<WebhookConfig>,
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        RuleConfig { name: String::new(), when: String::new(), rate_per_minute: 60, slack: None, webhook: None }
+    }
 }
 
 /// A Slack incoming webhook.
@@ -202,6 +208,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.max_attempts, 5);
+        assert_eq!((c.rules[0].rate_per_minute, c.rules[1].rate_per_minute), (60, 0));
         assert_eq!(c.rules.len(), 2);
         c.validate().unwrap();
         assert!(format!("{c:?}").contains("***") && !format!("{c:?}").contains("hooks.slack.com"));
