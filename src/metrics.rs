@@ -32,10 +32,24 @@ pub struct Metrics {
     /// Failed deliveries to an output (`sink::Output`: the Kafka topic, the notifiers'
     /// outbox); a batch still failing after its retries stays unacknowledged.
     pub output_errors: AtomicU64,
+    /// Consumer lag per assigned partition (`topic/partition` → messages behind the high
+    /// watermark), from librdkafka's statistics.
+    lag: Mutex<BTreeMap<String, i64>>,
     dead_letters: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Metrics {
+    /// Replace the lag table (the partitions assigned now, from the latest statistics).
+    pub fn set_lag(&self, lag: impl IntoIterator<Item = (String, i64)>) {
+        let mut map = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        *map = lag.into_iter().collect();
+    }
+
+    /// Consumer lag per `topic/partition`.
+    pub fn lag(&self) -> BTreeMap<String, i64> {
+        self.lag.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn add_dead_letter(&self, reason: &str) -> u64 {
         let mut map = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(reason.to_owned()).or_insert(0);

@@ -91,7 +91,7 @@ pub struct Service {
     pub metrics: Arc<Metrics>,
     pub adapter: String,
     shutdown: watch::Sender<bool>,
-    source: JoinHandle<Result<rdkafka::consumer::StreamConsumer, kafka::KafkaError>>,
+    source: JoinHandle<Result<kafka::Source, kafka::KafkaError>>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     pipeline: Pipeline,
     hub: Hub,
@@ -149,7 +149,7 @@ impl Service {
             Some(history),
             outputs,
         )?;
-        let consumer = kafka::consumer(&cfg.kafka, brokers)?;
+        let consumer = kafka::consumer(&cfg.kafka, brokers, metrics.clone())?;
         tracing::info!(brokers, topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, "consuming");
         let source = tokio::spawn(kafka::run(
             consumer,

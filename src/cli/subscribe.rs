@@ -250,6 +250,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         "stack_detections": s.stack_detections,
         "history_errors": s.history_errors,
         "output_errors": s.output_errors,
+        "lag": s.lag,
     });
     println!("{v}");
     Ok(())

@@ -410,6 +410,7 @@ impl Blink for BlinkService {
             stack_detections: Metrics::get(&m.stack_detections),
             history_errors: Metrics::get(&m.history_errors),
             output_errors: Metrics::get(&m.output_errors),
+            lag: m.lag().into_iter().collect(),
         }))
     }
 }

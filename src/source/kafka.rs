@@ -8,8 +8,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
@@ -79,9 +80,40 @@ pub async fn publish(
 }
 
 /// Build the group consumer and subscribe it.
-pub fn consumer(cfg: &KafkaConfig, brokers: &str) -> Result<StreamConsumer, KafkaError> {
+/// The consumer's context: librdkafka's statistics, every [`LAG_INTERVAL_MS`], give each
+/// assigned partition's lag (high watermark − position), kept in [`Metrics`] for `Status`.
+pub struct LagContext {
+    metrics: Arc<Metrics>,
+}
+
+/// How often librdkafka reports statistics (and so the lag), milliseconds.
+pub const LAG_INTERVAL_MS: u32 = 5000;
+
+impl ClientContext for LagContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let mut lag = Vec::new();
+        for (name, t) in &stats.topics {
+            for (id, p) in &t.partitions {
+                // -1 is librdkafka's "unknown" (not assigned, or no position yet); its internal
+                // partition -1 is not a real one.
+                if *id >= 0 && p.consumer_lag >= 0 {
+                    lag.push((format!("{name}/{id}"), p.consumer_lag));
+                }
+            }
+        }
+        self.metrics.set_lag(lag);
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
+/// The consumer [`consumer`] makes.
+pub type Source = StreamConsumer<LagContext>;
+
+pub fn consumer(cfg: &KafkaConfig, brokers: &str, metrics: Arc<Metrics>) -> Result<Source, KafkaError> {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", brokers)
+        .set("statistics.interval.ms", LAG_INTERVAL_MS.to_string())
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -91,7 +123,8 @@ pub fn consumer(cfg: &KafkaConfig, brokers: &str) -> Result<StreamConsumer, Kafk
     for (k, v) in &cfg.properties {
         cc.set(k, v);
     }
-    let consumer: StreamConsumer = cc.create().map_err(ctx(format!("creating a consumer for {brokers}")))?;
+    let consumer: Source =
+        cc.create_with_context(LagContext { metrics }).map_err(ctx(format!("creating a consumer for {brokers}")))?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(ctx(format!("subscribing to {topics:?}")))?;
     Ok(consumer)
@@ -101,12 +134,12 @@ pub fn consumer(cfg: &KafkaConfig, brokers: &str) -> Result<StreamConsumer, Kafk
 /// commit points from the pipeline's ack tracker are committed as they come. Returns the
 /// consumer so the caller can commit the last points after draining the pipeline.
 pub async fn run(
-    consumer: StreamConsumer,
+    consumer: Source,
     input: mpsc::Sender<Envelope>,
     commits: Arc<CommitQueue>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<StreamConsumer, KafkaError> {
+) -> Result<Source, KafkaError> {
     loop {
         tokio::select! {
             // Commits first: acknowledged work is recorded before more is taken in (as in
@@ -146,7 +179,7 @@ pub async fn run(
 }
 
 /// Commit everything the ack tracker released. `Sync` mode at shutdown.
-pub fn commit(consumer: &StreamConsumer, commits: &CommitQueue, metrics: &Metrics, mode: CommitMode) {
+pub fn commit(consumer: &Source, commits: &CommitQueue, metrics: &Metrics, mode: CommitMode) {
     let points = commits.take();
     if points.is_empty() {
         return;

@@ -150,6 +150,18 @@ async fn offsets_are_committed_after_delivery_and_status_counts_dead_letters() {
     assert_eq!(again, got[4..].iter().map(|d| d.sequence).collect::<Vec<_>>());
     let gone = client.subscribe(SubscribeRequest { after_sequence: Some(1_000_000), ..Default::default() }).await;
     assert_eq!(gone.err().map(|s| s.code()), Some(tonic::Code::FailedPrecondition));
+    // Lag per partition, from librdkafka's statistics (every 5 s): both partitions, nothing
+    // left to read once everything is committed.
+    let lag_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lag = client.status(StatusRequest {}).await.unwrap().into_inner().lag;
+        let want = [format!("{topic}/0"), format!("{topic}/1")];
+        if want.iter().all(|k| lag.get(k) == Some(&0)) {
+            break;
+        }
+        assert!(Instant::now() < lag_deadline, "lag per partition not reported as caught up: {lag:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     service.stop().await;
 
