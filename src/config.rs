@@ -34,6 +34,9 @@ pub struct Config {
     pub history: crate::history::HistoryConfig,
     /// Outputs besides gRPC: the Kafka output topic.
     pub output: OutputConfig,
+    /// Notifications (Slack, webhooks) by rule, through an outbox in the history store
+    /// (`docs/notifications.md`).
+    pub notify: crate::notify::NotifyConfig,
 }
 
 /// Where alerts come from.
@@ -340,6 +343,9 @@ impl Config {
         }
         if self.output.kafka_topic.is_empty() && (self.output.schema_registry_url.is_some() || !self.output.kafka_brokers.is_empty()) {
             return bad("output.kafka_brokers or output.schema_registry_url is set but output.kafka_topic is empty: name the topic".into());
+        }
+        if let Err(e) = self.notify.validate() {
+            return bad(e.to_string());
         }
         if let Err(e) = self.history.validate() {
             return bad(e.to_string());

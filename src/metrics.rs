@@ -35,6 +35,8 @@ pub struct Metrics {
     /// Consumer lag per assigned partition (`topic/partition` → messages behind the high
     /// watermark), from librdkafka's statistics.
     lag: Mutex<BTreeMap<String, i64>>,
+    /// The notifier, when there is one (its own counters, for `Status`).
+    notifier: std::sync::OnceLock<std::sync::Arc<crate::notify::Notifier>>,
     dead_letters: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -43,6 +45,16 @@ impl Metrics {
     pub fn set_lag(&self, lag: impl IntoIterator<Item = (String, i64)>) {
         let mut map = self.lag.lock().unwrap_or_else(|p| p.into_inner());
         *map = lag.into_iter().collect();
+    }
+
+    /// Report `n`'s counters in `Status` (the first notifier set stays).
+    pub fn set_notifier(&self, n: std::sync::Arc<crate::notify::Notifier>) {
+        let _ = self.notifier.set(n);
+    }
+
+    /// The notifier's counters, when there is a notifier.
+    pub fn notify_stats(&self) -> Option<crate::notify::NotifyStats> {
+        self.notifier.get().map(|n| n.stats())
     }
 
     /// Consumer lag per `topic/partition`.

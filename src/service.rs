@@ -38,6 +38,8 @@ pub enum ServiceError {
     Security(#[from] grpc::SecurityError),
     #[error(transparent)]
     Output(#[from] crate::sink::kafka_out::OutputError),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
 }
 
 /// Where the object history lives.
@@ -95,6 +97,8 @@ pub struct Service {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     pipeline: Pipeline,
     hub: Hub,
+    /// The notifications' delivery loop (stops at shutdown; what is pending stays in the outbox).
+    notify: Option<JoinHandle<()>>,
 }
 
 impl Service {
@@ -140,6 +144,17 @@ impl Service {
         if !cfg.output.kafka_topic.is_empty() {
             outputs.push(Arc::new(KafkaOutput::start(&cfg.output, brokers).await?));
         }
+        let mut notify_task = None;
+        if !cfg.notify.rules.is_empty() {
+            let outbox = history.clone().outbox().ok_or_else(|| {
+                ServiceError::Notify(crate::notify::NotifyError::Config("the history store has no outbox".into()))
+            })?;
+            let notifier = Arc::new(crate::notify::Notifier::new(&cfg.notify, outbox)?);
+            metrics.set_notifier(notifier.clone());
+            notify_task = Some(tokio::spawn(notifier.clone().run(shutdown_rx.clone())));
+            outputs.push(notifier);
+            tracing::info!(rules = cfg.notify.rules.len(), "notifications on");
+        }
         let pipeline = Pipeline::start_with_outputs(
             cfg,
             decoder,
@@ -158,7 +173,7 @@ impl Service {
             metrics.clone(),
             shutdown_rx,
         ));
-        Ok(Service { grpc_addr, metrics, adapter, shutdown, source, grpc, pipeline, hub })
+        Ok(Service { grpc_addr, metrics, adapter, shutdown, source, grpc, pipeline, hub, notify: notify_task })
     }
 
     /// Stop taking input, drain every stage, commit the final offsets, stop the gRPC server.
@@ -182,5 +197,8 @@ impl Service {
         }
         self.hub.close();
         let _ = self.grpc.await;
+        if let Some(n) = self.notify {
+            let _ = n.await;
+        }
     }
 }

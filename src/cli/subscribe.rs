@@ -251,6 +251,16 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         "history_errors": s.history_errors,
         "output_errors": s.output_errors,
         "lag": s.lag,
+        "notify": s.notify.map(|n| serde_json::json!({
+            "queued": n.queued,
+            "delivered": n.delivered,
+            "retried": n.retried,
+            "failed": n.failed,
+            "deduplicated": n.deduplicated,
+            "pending": n.pending,
+            "rate_limited": n.rate_limited,
+            "rule_errors": n.rule_errors,
+        })),
     });
     println!("{v}");
     Ok(())

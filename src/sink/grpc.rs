@@ -411,6 +411,16 @@ impl Blink for BlinkService {
             history_errors: Metrics::get(&m.history_errors),
             output_errors: Metrics::get(&m.output_errors),
             lag: m.lag().into_iter().collect(),
+            notify: m.notify_stats().map(|n| crate::proto::NotifyStatus {
+                queued: n.queued,
+                delivered: n.delivered,
+                retried: n.retried,
+                failed: n.failed,
+                deduplicated: n.deduplicated,
+                pending: n.pending,
+                rate_limited: n.rate_limited,
+                rule_errors: n.rule_errors,
+            }),
         }))
     }
 }

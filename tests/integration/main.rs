@@ -4,6 +4,8 @@
 //! - `agreement`: issue 4, blink's cutout score against the surveys' SNR on the real fixture alerts.
 //! - `common`: the parity tests' seeded RNG and GPU engine.
 //! - `bench_alerts`: `blink bench` alerts mode on a tiny simulated night through embedded Kafka.
+//! - `delivery`: issue 6 end to end: Kafka → serve → filtered subscribers, resume, Slack with
+//!   retries, notifications pending across a restart.
 //! - `detect`: `blink detect` and `blink bench` on simulated nights against truth; bad folders.
 //! - `decode`: every fixture file decodes with the counts of `testdata/README.md`; bad input.
 //! - `engine_parity`: each WGSL kernel against its CPU twin on fresh random inputs.
@@ -27,6 +29,7 @@ mod common;
 mod agreement;
 mod bench_alerts;
 mod decode;
+mod delivery;
 mod detect;
 mod e2e;
 mod engine_parity;

@@ -21,17 +21,17 @@ use tokio::sync::watch;
 
 /// One request the stand-in server received and what it answered.
 #[derive(Debug, Clone)]
-struct Received {
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-    status: u16,
+pub(crate) struct Received {
+    pub(crate) headers: HashMap<String, String>,
+    pub(crate) body: Vec<u8>,
+    pub(crate) status: u16,
 }
 
-type Answer = Arc<dyn Fn(&HashMap<String, String>, &[u8]) -> u16 + Send + Sync>;
+pub(crate) type Answer = Arc<dyn Fn(&HashMap<String, String>, &[u8]) -> u16 + Send + Sync>;
 
 /// A minimal HTTP/1.1 server on 127.0.0.1: one request per connection, `answer` picks the
 /// status; every request is logged.
-async fn server(answer: Answer) -> (String, Arc<Mutex<Vec<Received>>>) {
+pub(crate) async fn server(answer: Answer) -> (String, Arc<Mutex<Vec<Received>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook/path", listener.local_addr().unwrap());
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -78,11 +78,11 @@ async fn server(answer: Answer) -> (String, Arc<Mutex<Vec<Received>>>) {
     (url, log)
 }
 
-fn fast(rules: Vec<RuleConfig>) -> NotifyConfig {
+pub(crate) fn fast(rules: Vec<RuleConfig>) -> NotifyConfig {
     NotifyConfig { rules, first_wait_ms: 20, max_wait_ms: 100, timeout_ms: 5_000, ..Default::default() }
 }
 
-fn slack_rule(url: &str, when: &str) -> RuleConfig {
+pub(crate) fn slack_rule(url: &str, when: &str) -> RuleConfig {
     RuleConfig {
         name: "slack-bright".into(),
         when: when.into(),
@@ -129,7 +129,7 @@ fn detections(rng: &mut impl Rng, n: usize) -> Vec<Arc<Detection>> {
         .collect()
 }
 
-async fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
+pub(crate) async fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
     for _ in 0..600 {
         if done() {
             return;
@@ -139,7 +139,7 @@ async fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
     panic!("timed out waiting for {what}");
 }
 
-fn temp_dir(name: &str) -> PathBuf {
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("blink-notify-it-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
