@@ -123,7 +123,16 @@ impl Service {
         tracing::info!(%adapter, "engine ready");
 
         let metrics = Arc::new(Metrics::default());
-        let hub = Hub::with_replay(cfg.grpc.subscriber_buffer, cfg.grpc.replay);
+        // The replay ring and sequence numbers go on from the previous run's (history store).
+        let mut outputs: Vec<Arc<dyn Output>> = Vec::new();
+        let hub = match history.clone().replay_log().filter(|_| cfg.grpc.replay > 0) {
+            Some(log) => {
+                let (hub, out) = crate::sink::replay::restore(log, cfg.grpc.subscriber_buffer, cfg.grpc.replay)?;
+                outputs.push(Arc::new(out));
+                hub
+            }
+            None => Hub::with_replay(cfg.grpc.subscriber_buffer, cfg.grpc.replay),
+        };
         let (listener, grpc_addr) = grpc::bind(&cfg.grpc.listen).await?;
         tracing::info!(%grpc_addr, tls = security.tls(), token_required = security.requires_token(), "gRPC listening");
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -140,7 +149,6 @@ impl Service {
             },
         ));
 
-        let mut outputs: Vec<Arc<dyn Output>> = Vec::new();
         if !cfg.output.kafka_topic.is_empty() {
             outputs.push(Arc::new(KafkaOutput::start(&cfg.output, brokers).await?));
         }

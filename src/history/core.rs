@@ -13,6 +13,8 @@
 //!   and `outbox` (the notification outbox's counters, `outbox.rs`).
 //! - `Outbox`, `Notified`, `NotifiedByTime`: the notifiers' pending notifications and
 //!   deduplication keys (`outbox.rs`).
+//! - `Detections`: the gRPC hub's recent detections and reserved sequence numbers, so a
+//!   subscriber can resume across a restart (`replay.rs`).
 
 use crate::alert::Survey;
 
@@ -31,11 +33,22 @@ pub(crate) enum T {
     Outbox,
     Notified,
     NotifiedByTime,
+    Detections,
 }
 
 impl T {
-    pub const ALL: [T; 9] =
-        [T::Objects, T::Epochs, T::ByObject, T::ByTime, T::Sky, T::Meta, T::Outbox, T::Notified, T::NotifiedByTime];
+    pub const ALL: [T; 10] = [
+        T::Objects,
+        T::Epochs,
+        T::ByObject,
+        T::ByTime,
+        T::Sky,
+        T::Meta,
+        T::Outbox,
+        T::Notified,
+        T::NotifiedByTime,
+        T::Detections,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -48,6 +61,7 @@ impl T {
             T::Outbox => "outbox",
             T::Notified => "notified",
             T::NotifiedByTime => "notified_by_time",
+            T::Detections => "detections",
         }
     }
 }

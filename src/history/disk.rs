@@ -308,8 +308,30 @@ impl Outbox for RedbHistory {
     }
 }
 
+impl super::ReplayLog for RedbHistory {
+    fn append_detections(&self, items: &[(u64, Vec<u8>)], keep: usize) -> Result<(), HistoryError> {
+        self.write(|t| super::replay::append(t, items, keep))
+    }
+
+    fn recent_detections(&self, n: usize) -> Result<Vec<(u64, Vec<u8>)>, HistoryError> {
+        self.read(|t| super::replay::recent(t, n))
+    }
+
+    fn reserved_sequence(&self) -> Result<u64, HistoryError> {
+        self.read(|t| super::replay::reserved(t))
+    }
+
+    fn reserve_sequence(&self, upto: u64) -> Result<(), HistoryError> {
+        self.write(|t| super::replay::reserve(t, upto))
+    }
+}
+
 impl HistoryStore for RedbHistory {
     fn outbox(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn Outbox>> {
+        Some(self)
+    }
+
+    fn replay_log(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn super::ReplayLog>> {
         Some(self)
     }
 

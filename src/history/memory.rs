@@ -90,8 +90,30 @@ impl Outbox for MemoryHistory {
     }
 }
 
+impl super::ReplayLog for MemoryHistory {
+    fn append_detections(&self, items: &[(u64, Vec<u8>)], keep: usize) -> Result<(), HistoryError> {
+        super::replay::append(&mut *self.lock(), items, keep)
+    }
+
+    fn recent_detections(&self, n: usize) -> Result<Vec<(u64, Vec<u8>)>, HistoryError> {
+        super::replay::recent(&*self.lock(), n)
+    }
+
+    fn reserved_sequence(&self) -> Result<u64, HistoryError> {
+        super::replay::reserved(&*self.lock())
+    }
+
+    fn reserve_sequence(&self, upto: u64) -> Result<(), HistoryError> {
+        super::replay::reserve(&mut *self.lock(), upto)
+    }
+}
+
 impl HistoryStore for MemoryHistory {
     fn outbox(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn Outbox>> {
+        Some(self)
+    }
+
+    fn replay_log(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn super::ReplayLog>> {
         Some(self)
     }
 

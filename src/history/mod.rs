@@ -21,6 +21,7 @@ mod disk;
 mod memory;
 pub mod outbox;
 mod record;
+pub mod replay;
 pub(crate) mod sky;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ pub use config::HistoryConfig;
 pub use disk::RedbHistory;
 pub use memory::MemoryHistory;
 pub use outbox::Outbox;
+pub use replay::ReplayLog;
 pub use record::{MAX_PSF_SIDE, MAX_STAMP_SIDE, RECORD_VERSION};
 pub use sky::INDEX_DEPTH;
 
@@ -72,6 +74,12 @@ pub trait HistoryStore: Send + Sync {
     /// The notifiers' [`Outbox`] kept in the same store (the same redb file), if this store has
     /// one. `RedbHistory` and `MemoryHistory` do.
     fn outbox(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn Outbox>> {
+        None
+    }
+
+    /// The gRPC hub's [`ReplayLog`] kept in the same store, if this store has one.
+    /// `RedbHistory` and `MemoryHistory` do.
+    fn replay_log(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn ReplayLog>> {
         None
     }
 }

@@ -540,3 +540,42 @@ fn announcements_upsert_survive_reopen_and_go_with_the_object() {
     let s = RedbHistory::open(&HistoryConfig { path, ..cfg }).unwrap();
     assert_eq!(s.announcements(&key).unwrap(), vec![a("i", 30.0, -8.0)]);
 }
+
+#[test]
+fn the_replay_log_keeps_the_last_detections_and_never_lowers_the_reservation() {
+    let mut rng = rng();
+    let (stores, dir) = stores(&HistoryConfig::default());
+    for (name, s) in stores {
+        let s: std::sync::Arc<dyn HistoryStore> = std::sync::Arc::from(s);
+        let log = s.clone().replay_log().expect("both stores have a replay log");
+        assert_eq!(log.reserved_sequence().unwrap(), 0, "{name}");
+        assert!(log.recent_detections(10).unwrap().is_empty(), "{name}");
+        let keep = rng.gen_range(3..20);
+        let mut seq = 0u64;
+        let mut all = Vec::new();
+        for _ in 0..rng.gen_range(5..15) {
+            let batch: Vec<(u64, Vec<u8>)> = (0..rng.gen_range(1..6))
+                .map(|_| {
+                    seq += rng.gen_range(1..4); // gaps, as after a restart
+                    (seq, (0..rng.gen_range(0..40)).map(|_| rng.gen()).collect())
+                })
+                .collect();
+            all.extend(batch.clone());
+            log.append_detections(&batch, keep).unwrap();
+        }
+        let want = all[all.len().saturating_sub(keep)..].to_vec();
+        assert_eq!(log.recent_detections(keep + 5).unwrap(), want, "{name}: the last {keep}");
+        assert_eq!(log.recent_detections(2).unwrap(), want[want.len() - 2..].to_vec(), "{name}");
+        log.reserve_sequence(500).unwrap();
+        log.reserve_sequence(200).unwrap();
+        assert_eq!(log.reserved_sequence().unwrap(), 500, "{name}: never lowered");
+        log.append_detections(&[(seq + 1, vec![7])], keep).unwrap();
+        assert_eq!(log.reserved_sequence().unwrap(), 500, "{name}: appending keeps it");
+    }
+    // The redb store keeps it across a reopen.
+    let path = dir.0.join("h.redb");
+    let s: std::sync::Arc<dyn HistoryStore> = std::sync::Arc::new(RedbHistory::open(&HistoryConfig { path, ..Default::default() }).unwrap());
+    let log = s.replay_log().unwrap();
+    assert_eq!(log.reserved_sequence().unwrap(), 500);
+    assert!(!log.recent_detections(1).unwrap().is_empty());
+}

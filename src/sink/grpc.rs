@@ -60,8 +60,8 @@ pub enum ResumeError {
     )]
     TooOld { after: u64, oldest: u64, capacity: usize },
     #[error(
-        "sequence {after} has not been produced yet: the latest is {latest} (a restarted server numbers \
-         its detections from 1 again); subscribe live or resume from at most {latest}"
+        "sequence {after} has not been produced yet: the latest is {latest} (a server without a history \
+         store numbers from 1 again after a restart); subscribe live or resume from at most {latest}"
     )]
     Ahead { after: u64, latest: u64 },
 }
@@ -87,6 +87,19 @@ impl Hub {
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A hub that goes on from an earlier process: `recent` (its last detections, oldest first)
+    /// fill the ring, and numbering continues after `last` (at least the largest of them).
+    pub fn restore(buffer: usize, replay: usize, recent: Vec<Detection>, last: u64) -> Hub {
+        let hub = Hub::with_replay(buffer, replay);
+        {
+            let mut ring = hub.lock();
+            let skip = recent.len().saturating_sub(replay);
+            ring.items.extend(recent.into_iter().skip(skip).map(Arc::new));
+            ring.last = ring.items.back().map_or(0, |d| d.sequence).max(last);
+        }
+        hub
+    }
+
     /// The sequence of the last detection published (0 before the first).
     pub fn latest(&self) -> u64 {
         self.lock().last
@@ -105,7 +118,9 @@ impl Hub {
         if after + 1 < oldest {
             return Err(ResumeError::TooOld { after, oldest, capacity: ring.capacity });
         }
-        let skip = (after + 1 - oldest) as usize;
+        // Sequences increase along the ring, with gaps after a restart (numbers the previous
+        // process reserved but did not use).
+        let skip = ring.items.partition_point(|d| d.sequence <= after);
         Ok((ring.items.iter().skip(skip).cloned().collect(), rx))
     }
     /// End every subscription once it has sent what it holds.

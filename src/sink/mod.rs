@@ -1,11 +1,13 @@
 //! Where results go. `grpc`: the hub every `Subscribe` stream reads from, and the server.
 //! `kafka_out`: the Kafka output topic (Avro, Confluent framing). `object`: `GetObject`'s
-//! reply from the history store, with PNG thumbnails.
+//! reply from the history store, with PNG thumbnails. `replay`: the hub's replay ring kept in
+//! the history store, for resuming across restarts.
 //! [`Output`]: what else a batch's detections must reach, durably, before the batch is
 //! acknowledged (the Kafka output topic, the notifiers' outbox).
 pub mod grpc;
 pub mod kafka_out;
 pub mod object;
+pub mod replay;
 
 use std::sync::Arc;
 

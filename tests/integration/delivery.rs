@@ -3,8 +3,9 @@
 //! a Slack stand-in that answers 500 to its first three requests. Every detection reaches each
 //! subscriber whose filter matches, in order, once; every notification the rule calls for
 //! arrives once after the retries; a subscriber that reconnects with its last sequence number
-//! gets what it missed; notifications pending in the outbox when the service stops are
-//! delivered after it starts again.
+//! gets what it missed, also across a restart (the ring kept in the history store);
+//! notifications pending in the outbox when the service stops are delivered after it starts
+//! again.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -190,6 +191,16 @@ async fn detections_reach_subscribers_and_slack_once_even_across_a_restart() {
     assert!(counts.values().all(|c| *c == 1), "each object once: {counts:?}");
     let st = client.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(st.alerts_in, 0, "nothing read again: the first run committed everything");
+
+    // A subscriber resumes across the restart: the ring came back from the history store.
+    let mut across = client
+        .subscribe(SubscribeRequest { after_sequence: Some(produced[2].sequence), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let want_across: Vec<u64> = produced[3..].iter().chain(&produced2).chain(&produced3).map(|d| d.sequence).collect();
+    let got = take(&mut across, want_across.len(), "resumed across the restart").await;
+    assert_eq!(seqs(&got), want_across);
     service.stop().await;
     drop(embedded);
     let _ = std::fs::remove_dir_all(dir);
