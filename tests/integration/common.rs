@@ -41,3 +41,32 @@ pub fn gpu(test: &str) -> Option<GpuEngine> {
         Err(e) => panic!("{test}: no GPU adapter ({e}); set BLINK_ALLOW_NO_GPU=1 to skip"),
     }
 }
+
+/// The configuration the service tests share: consume `topic` in group `<topic>-group`, gRPC on
+/// a free loopback port, the CPU engine (llvmpipe is slower than it).
+pub fn service_config(topic: &str) -> blink::config::Config {
+    let mut cfg = blink::config::Config::default();
+    cfg.kafka.topics = vec![topic.to_string()];
+    cfg.kafka.group_id = format!("{topic}-group");
+    cfg.grpc.listen = "127.0.0.1:0".into();
+    cfg.engine.prefer = "cpu".into();
+    cfg
+}
+
+/// Publish each alert as one blink-native message keyed by its object id, as a survey would.
+pub async fn publish_alerts(brokers: &str, topic: &str, alerts: &[blink::alert::Alert]) {
+    let producer = blink::source::kafka::producer(brokers).unwrap();
+    for a in alerts {
+        let payload = blink::decode::native::encode_native(std::slice::from_ref(a)).unwrap();
+        blink::source::kafka::publish(&producer, topic, &a.object_id, &payload).await.unwrap();
+    }
+}
+
+/// Wait (at most two minutes) until `n` messages are done: every result delivered and acked.
+pub async fn wait_done(metrics: &blink::metrics::Metrics, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while blink::metrics::Metrics::get(&metrics.messages_done) < n {
+        assert!(std::time::Instant::now() < deadline, "{} of {n} messages done", blink::metrics::Metrics::get(&metrics.messages_done));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

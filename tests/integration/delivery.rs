@@ -10,19 +10,17 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blink::alert::Alert;
-use blink::config::Config;
-use blink::decode::native::encode_native;
-use blink::metrics::Metrics;
 use blink::proto::blink_client::BlinkClient;
 use blink::proto::{Detection, StatusRequest, SubscribeRequest};
 use blink::service::{HistoryBackend, Service};
 use blink::sim::{simulate_alerts, AlertSimConfig};
-use blink::source::kafka::{self, EmbeddedKafka};
+use blink::source::kafka::EmbeddedKafka;
 use tonic::Streaming;
 
+use crate::common::{publish_alerts, service_config, wait_done};
 use crate::notify::{fast, server, slack_rule, temp_dir, wait_for, Answer};
 
 const RULE: &str = "abs_score >= 5 && timescale == \"epoch\"";
@@ -40,21 +38,6 @@ fn wave(wave: usize, n: usize, bright: bool) -> Vec<Alert> {
             a
         })
         .collect()
-}
-
-async fn publish(brokers: &str, topic: &str, alerts: &[Alert]) {
-    let producer = kafka::producer(brokers).unwrap();
-    for a in alerts {
-        kafka::publish(&producer, topic, &a.object_id, &encode_native(std::slice::from_ref(a)).unwrap()).await.unwrap();
-    }
-}
-
-async fn wait_done(service: &Service, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Metrics::get(&service.metrics.messages_done) < n {
-        assert!(Instant::now() < deadline, "messages not all done");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Exactly `n` detections from `s`, then nothing more for a moment.
@@ -90,11 +73,7 @@ async fn detections_reach_subscribers_and_slack_once_even_across_a_restart() {
     };
     let (url, log) = server(answer).await;
     let dir = temp_dir("delivery");
-    let mut cfg = Config::default();
-    cfg.kafka.topics = vec![topic.clone()];
-    cfg.kafka.group_id = "delivery-group".into();
-    cfg.grpc.listen = "127.0.0.1:0".into();
-    cfg.engine.prefer = "cpu".into();
+    let mut cfg = service_config(&topic);
     cfg.history.path = dir.join("history.redb");
     cfg.notify = fast(vec![slack_rule(&url, RULE)]);
     let service = Service::start_with(&cfg, &brokers, HistoryBackend::File).await.unwrap();
@@ -107,8 +86,8 @@ async fn detections_reach_subscribers_and_slack_once_even_across_a_restart() {
     let w1 = wave(1, 10, false);
     let some: Vec<String> = w1.iter().step_by(3).map(|a| a.object_id.clone()).collect();
     let mut objects = client.subscribe(SubscribeRequest { object_ids: some.clone(), ..Default::default() }).await.unwrap().into_inner();
-    publish(&brokers, &topic, &w1).await;
-    wait_done(&service, w1.len() as u64).await;
+    publish_alerts(&brokers, &topic, &w1).await;
+    wait_done(&service.metrics, w1.len() as u64).await;
 
     // What was produced, from the ring; what each filter lets through of it.
     let mut all = client.subscribe(SubscribeRequest { after_sequence: Some(0), ..Default::default() }).await.unwrap().into_inner();
@@ -125,8 +104,8 @@ async fn detections_reach_subscribers_and_slack_once_even_across_a_restart() {
 
     // More alerts while it is away; it reconnects after the last sequence it had.
     let w2 = wave(2, 6, true);
-    publish(&brokers, &topic, &w2).await;
-    wait_done(&service, (w1.len() + w2.len()) as u64).await;
+    publish_alerts(&brokers, &topic, &w2).await;
+    wait_done(&service.metrics, (w1.len() + w2.len()) as u64).await;
     let mut again = client
         .subscribe(SubscribeRequest { after_sequence: Some(first.last().unwrap().sequence), ..bright_req.clone() })
         .await
@@ -165,9 +144,9 @@ async fn detections_reach_subscribers_and_slack_once_even_across_a_restart() {
     // pending in the outbox.
     down.store(true, Ordering::SeqCst);
     let w3 = wave(3, 5, true);
-    publish(&brokers, &topic, &w3).await;
+    publish_alerts(&brokers, &topic, &w3).await;
     let total = (w1.len() + w2.len() + w3.len()) as u64;
-    wait_done(&service, total).await;
+    wait_done(&service.metrics, total).await;
     let mut all3 = client.subscribe(SubscribeRequest { after_sequence: Some(produced2.last().unwrap().sequence), ..Default::default() }).await.unwrap().into_inner();
     let produced3 = take(&mut all3, w3.len(), "third wave").await;
     let mut want3: Vec<String> = produced3.iter().filter(|d| d.score.abs() >= 5.0).map(|d| d.object_id.clone()).collect();

@@ -2,27 +2,20 @@
 //! running server (embedded Kafka → pipeline → store), with PNG thumbnails and raw pixels;
 //! `Detection.new_object` on the alert that created the object.
 
-use std::time::{Duration, Instant};
-
-use blink::config::Config;
-use blink::decode::native::encode_native;
-use blink::metrics::Metrics;
 use blink::proto::blink_client::BlinkClient;
 use blink::proto::{GetObjectRequest, SubscribeRequest};
 use blink::service::{HistoryBackend, Service};
 use blink::sim::{simulate_alerts, AlertSimConfig};
-use blink::source::kafka::{self, EmbeddedKafka};
+use blink::source::kafka::EmbeddedKafka;
+
+use crate::common::{publish_alerts, service_config, wait_done};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_objects_epochs_come_back_with_thumbnails_and_pixels() {
     let topic = "get-object".to_string();
     let embedded = EmbeddedKafka::start(std::slice::from_ref(&topic), 1).unwrap();
     let brokers = embedded.bootstrap_servers();
-    let mut cfg = Config::default();
-    cfg.kafka.topics = vec![topic.clone()];
-    cfg.kafka.group_id = "get-object-group".into();
-    cfg.grpc.listen = "127.0.0.1:0".into();
-    cfg.engine.prefer = "cpu".into();
+    let cfg = service_config(&topic);
     let service = Service::start_with(&cfg, &brokers, HistoryBackend::Memory).await.unwrap();
 
     // Three nights of one object, and one alert of another.
@@ -31,15 +24,8 @@ async fn an_objects_epochs_come_back_with_thumbnails_and_pixels() {
         a.object_id = "obj-repeat".into();
         a.mjd_tai = 61000.0 + i as f64;
     }
-    let producer = kafka::producer(&brokers).unwrap();
-    for a in &sims {
-        kafka::publish(&producer, &topic, &a.object_id, &encode_native(std::slice::from_ref(a)).unwrap()).await.unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (Metrics::get(&service.metrics.messages_done) as usize) < sims.len() {
-        assert!(Instant::now() < deadline, "not all done");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    publish_alerts(&brokers, &topic, &sims).await;
+    wait_done(&service.metrics, sims.len() as u64).await;
     let addr = format!("http://{}", service.grpc_addr);
     let mut client = BlinkClient::connect(addr.clone()).await.unwrap();
 

@@ -21,13 +21,18 @@ use blink::sim::{simulate_alerts, AlertSimConfig};
 use blink::sink::grpc::Hub;
 use blink::sink::kafka_out;
 use blink::sink::Output;
-use blink::source::kafka::{self, EmbeddedKafka};
+use blink::source::kafka::EmbeddedKafka;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message};
 
+use crate::common::{publish_alerts, service_config, wait_done};
+
 /// A registry that answers every `POST /subjects/<subject>/versions` with id 77 and records the
 /// subjects and schemas it was given.
-fn fake_registry() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+/// What the fake registry was asked: (path, body) per request.
+type Requests = Arc<Mutex<Vec<(String, String)>>>;
+
+fn fake_registry() -> (String, Requests) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -38,8 +43,7 @@ fn fake_registry() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
             let mut buf = vec![0u8; 1 << 16];
             let mut n = 0;
             // Headers and the whole body (Content-Length).
-            loop {
-                let Ok(k) = s.read(&mut buf[n..]) else { break };
+            while let Ok(k) = s.read(&mut buf[n..]) {
                 n += k;
                 let text = String::from_utf8_lossy(&buf[..n]).to_string();
                 if let Some(h) = text.find("\r\n\r\n") {
@@ -67,11 +71,7 @@ async fn results_reach_the_output_topic_as_framed_avro_keyed_by_object() {
     let embedded = EmbeddedKafka::start(&[input.clone(), output.clone()], 2).unwrap();
     let brokers = embedded.bootstrap_servers();
     let (registry, seen) = fake_registry();
-    let mut cfg = Config::default();
-    cfg.kafka.topics = vec![input.clone()];
-    cfg.kafka.group_id = "outputs-group".into();
-    cfg.grpc.listen = "127.0.0.1:0".into();
-    cfg.engine.prefer = "cpu".into();
+    let mut cfg = service_config(&input);
     cfg.output.kafka_topic = output.clone();
     cfg.output.only_detected = false;
     cfg.output.schema_registry_url = Some(registry);
@@ -85,15 +85,9 @@ async fn results_reach_the_output_topic_as_framed_avro_keyed_by_object() {
     }
 
     let sims = simulate_alerts(9, 21, &AlertSimConfig::default());
-    let producer = kafka::producer(&brokers).unwrap();
-    for a in &sims {
-        kafka::publish(&producer, &input, &a.object_id, &encode_native(std::slice::from_ref(a)).unwrap()).await.unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (Metrics::get(&service.metrics.messages_done) as usize) < sims.len() {
-        assert!(Instant::now() < deadline, "not all done");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    publish_alerts(&brokers, &input, &sims).await;
+    wait_done(&service.metrics, sims.len() as u64).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
     // Acked only after the output took them: every one is already on the topic.
     // Partitions assigned by hand: no group to join or leave (leaving waits for the session).
     let consumer: BaseConsumer = ClientConfig::new()

@@ -11,13 +11,11 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-use blink::config::Config;
-use blink::metrics::Metrics;
 use blink::service::{HistoryBackend, Service};
 use blink::sim::{simulate_alerts, AlertSimConfig};
-use blink::source::kafka::{self, EmbeddedKafka};
+use blink::source::kafka::EmbeddedKafka;
+
+use crate::common::{publish_alerts, service_config, wait_done};
 
 const TOKEN: &str = "python-example-token";
 
@@ -70,11 +68,7 @@ async fn the_python_example_receives_detections_from_a_live_server() {
     let topic = "python-example".to_string();
     let embedded = EmbeddedKafka::start(std::slice::from_ref(&topic), 1).unwrap();
     let brokers = embedded.bootstrap_servers();
-    let mut cfg = Config::default();
-    cfg.kafka.topics = vec![topic.clone()];
-    cfg.kafka.group_id = "python-example-group".into();
-    cfg.grpc.listen = "127.0.0.1:0".into();
-    cfg.engine.prefer = "cpu".into();
+    let mut cfg = service_config(&topic);
     let tls = repo().join("testdata/tls");
     cfg.grpc.tls_cert = Some(tls.join("server.crt"));
     cfg.grpc.tls_key = Some(tls.join("server.key"));
@@ -83,16 +77,8 @@ async fn the_python_example_receives_detections_from_a_live_server() {
     let addr = format!("localhost:{}", service.grpc_addr.port());
 
     let sims = simulate_alerts(8, 11, &AlertSimConfig::default());
-    let producer = kafka::producer(&brokers).unwrap();
-    for a in &sims {
-        let payload = blink::decode::native::encode_native(std::slice::from_ref(a)).unwrap();
-        kafka::publish(&producer, &topic, &a.object_id, &payload).await.unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (Metrics::get(&service.metrics.results_out) as usize) < sims.len() {
-        assert!(Instant::now() < deadline, "results not all out");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    publish_alerts(&brokers, &topic, &sims).await;
+    wait_done(&service.metrics, sims.len() as u64).await;
 
     // Every result, replayed from the server's ring: in order, once each.
     let (p, a) = (py.clone(), addr.clone());
