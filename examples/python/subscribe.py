@@ -77,7 +77,7 @@ def main():
     p.add_argument("--timescale", action="append", help="only these timescales: epoch, or a stack window such as 3n")
     p.add_argument("--cone", metavar="RA,DEC,RADIUS", help="only detections within this cone, degrees")
     p.add_argument("--object", action="append", help="only these object ids (repeat or comma-separate)")
-    p.add_argument("--after", type=int, metavar="SEQUENCE", help="resume after this sequence number (0: the oldest kept)")
+    p.add_argument("--after", type=int, metavar="SEQUENCE", help="resume after this sequence number (0: everything the server still holds)")
     p.add_argument("--limit", type=int, help="stop after this many detections")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument("--token", default=os.environ.get("BLINK_TOKEN"), help="bearer token, for a server with grpc.tokens (default: $BLINK_TOKEN)")

@@ -87,7 +87,7 @@ pub struct SubscribeArgs {
     #[arg(long = "object", value_delimiter = ',')]
     pub object_ids: Vec<String>,
     /// Resume: first the detections the server still holds after this sequence number (the
-    /// last one you received; 0 = the oldest kept), then the live stream.
+    /// last one you received; 0 = everything it still holds), then the live stream.
     #[arg(long, value_name = "SEQUENCE")]
     pub after: Option<u64>,
     /// Stop after this many results (default: run until the server closes the stream).

@@ -106,7 +106,8 @@ impl Hub {
     }
 
     /// Subscribe live, or resume after sequence `after`: the retained detections with a larger
-    /// sequence, in order, and a receiver of every detection published after them.
+    /// sequence (`Some(0)`: all of them), in order, and a receiver of every detection published
+    /// after them.
     pub fn resume(&self, after: Option<u64>) -> Result<Resumed, ResumeError> {
         let ring = self.lock();
         let rx = self.tx.subscribe();
@@ -115,7 +116,8 @@ impl Hub {
             return Err(ResumeError::Ahead { after, latest: ring.last });
         }
         let oldest = ring.items.front().map_or(ring.last + 1, |d| d.sequence);
-        if after + 1 < oldest {
+        // 0 asks for everything still kept, whatever has been dropped before it.
+        if after != 0 && after + 1 < oldest {
             return Err(ResumeError::TooOld { after, oldest, capacity: ring.capacity });
         }
         // Sequences increase along the ring, with gaps after a restart (numbers the previous
@@ -688,6 +690,8 @@ mod tests {
             svc.hub.publish(&outcome(i, Survey::Ztf, 6.0));
         }
         let asked = |after| svc.subscribe(Request::new(SubscribeRequest { after_sequence: Some(after), ..Default::default() }));
+        let mut everything = open(&svc, SubscribeRequest { after_sequence: Some(0), ..Default::default() }).await;
+        assert_eq!(sequences(&mut everything, 5).await, vec![6, 7, 8, 9, 10], "0: all that is kept");
         let old = asked(2).await.err().expect("refused");
         assert_eq!(old.code(), tonic::Code::OutOfRange);
         assert!(old.message().contains("oldest kept is 6"), "{}", old.message());
