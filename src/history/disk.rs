@@ -336,19 +336,8 @@ impl HistoryStore for RedbHistory {
     }
 
     fn put_many(&self, epochs: &[Epoch]) -> Result<Vec<PutOutcome>, HistoryError> {
-        let txn = self.db.begin_write().map_err(self.storage())?;
-        let out = {
-            let t = T::ALL
-                .iter()
-                .map(|t| txn.open_table(def(*t)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(self.storage())?;
-            let mut tables = WriteTables { path: &self.path, t };
-            core::put_batch(&mut tables, &self.rules, epochs)?
-        };
-        // Dropping an uncommitted transaction (the `?` above) aborts it: all or nothing.
-        txn.commit().map_err(self.storage())?;
-        Ok(out)
+        // An error inside drops the uncommitted transaction, which aborts it: all or nothing.
+        self.write(|t| core::put_batch(t, &self.rules, epochs))
     }
 
     fn find(&self, survey: Survey, object_id: &str, ra: f64, dec: f64) -> Result<Option<String>, HistoryError> {
@@ -368,17 +357,6 @@ impl HistoryStore for RedbHistory {
     }
 
     fn record_announcements(&self, list: &[(String, Announcement)]) -> Result<(), HistoryError> {
-        let txn = self.db.begin_write().map_err(self.storage())?;
-        {
-            let t = T::ALL
-                .iter()
-                .map(|t| txn.open_table(def(*t)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(self.storage())?;
-            let mut tables = WriteTables { path: &self.path, t };
-            core::record_announcements(&mut tables, list)?;
-        }
-        txn.commit().map_err(self.storage())?;
-        Ok(())
+        self.write(|t| core::record_announcements(t, list))
     }
 }
