@@ -225,7 +225,11 @@ fn check_results(g: &[SubtractionResult], c: &[SubtractionResult]) {
         assert!((gr.flux_scale - cr.flux_scale).abs() <= ta, "stamp {s}: gpu {gr:?} cpu {cr:?}");
         let ts = 4e-3 * (1.0 + cr.score.abs());
         assert!((gr.score - cr.score).abs() <= ts, "stamp {s}: score gpu {gr:?} cpu {cr:?}");
-        let tf = 4e-3 * cr.flux_err + 2e-4 * cr.flux.abs();
+        // The score's tolerance in flux units (flux = score · flux_err): the fitted scale and
+        // background differ a little between f32 and f64 and move both alike; a stricter flux
+        // tolerance failed about one random batch in ten (stamp flux 99.7 against 100.1 at
+        // flux_err 44, scale 1.857, background −461).
+        let tf = ts * cr.flux_err + 2e-4 * cr.flux.abs();
         assert!((gr.flux - cr.flux).abs() <= tf, "stamp {s}: flux gpu {gr:?} cpu {cr:?}");
     }
 }
