@@ -578,7 +578,7 @@ pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::alert::Survey;
     use crate::engine::SubtractionResult;
@@ -586,7 +586,8 @@ mod tests {
     use crate::proto::Cone;
     use futures::StreamExt;
 
-    fn outcome(i: usize, survey: Survey, score: f32) -> Outcome {
+    /// Alert `i`'s result (object `o<i>`, offset `i`) with `score`; the sink tests share it.
+    pub(crate) fn outcome(i: usize, survey: Survey, score: f32) -> Outcome {
         Outcome {
             token: AckToken { topic: "t".into(), partition: 0, offset: i as i64 },
             meta: AlertMeta {

@@ -80,27 +80,9 @@ impl Output for ReplayOutput {
 mod tests {
     use super::*;
     use crate::history::{HistoryConfig, HistoryStore, MemoryHistory};
-    use crate::pipeline::{AckToken, AlertMeta, Outcome};
 
-    fn outcome(i: usize) -> Outcome {
-        Outcome {
-            token: AckToken { topic: "t".into(), partition: 0, offset: i as i64 },
-            meta: AlertMeta {
-                survey: crate::alert::Survey::Native,
-                alert_id: format!("a{i}"),
-                object_id: format!("o{i}"),
-                ra: 1.0,
-                dec: 2.0,
-                mjd_tai: 61000.0,
-                band: "r".into(),
-                survey_snr: None,
-                stamp_x: 10.0,
-                stamp_y: 10.0,
-            },
-            result: crate::engine::SubtractionResult { flux_scale: 1.0, background: 0.0, flux: 1.0, flux_err: 1.0, score: 6.0 },
-            detected: true,
-            new_object: false,
-        }
+    fn outcome(i: usize) -> crate::pipeline::Outcome {
+        crate::sink::grpc::tests::outcome(i, crate::alert::Survey::Native, 6.0)
     }
 
     #[tokio::test]
