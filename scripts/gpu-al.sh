@@ -3,7 +3,9 @@
 # simulated 1024² and 4096² pairs through `blink subtract --engine gpu` (stage times from the
 # debug log), the AL kernels alone (criterion `al`, kernel half-width 18 as the default basis
 # makes), cutout batches of 63×63 (criterion `engine`, 8192 stamps a batch), and the whole-frame
-# kernels on 1024² and 4096² pairs resident on the device and end to end (criterion `frame_gpu`).
+# kernels on 1024² and 4096² pairs resident on the device and end to end (criterion `frame_gpu`);
+# issue 5's streaming stacking cost on the GPU engine (criterion `stacking`, 64 and 1024 stamps a
+# batch); and the WGSL-against-CPU-twin parity tests (`tests/integration/*_parity.rs`) on the card.
 # Two steps:
 #
 #   scripts/gpu-al.sh prepare   # here: loader debs into .gl/, binary and benches packed into .gpu/
@@ -16,18 +18,23 @@ prepare() {
     loader_prepare
     cargo build --release
     cp target/release/blink .gpu/blink
-    for b in al engine frame_gpu; do
+    for b in al engine frame_gpu stacking; do
         # The bench target's own artifact (the last executable can be the blink binary).
         exe=$(cargo bench --bench "$b" --no-run --message-format=json 2>/dev/null \
             | grep "\"kind\":\[\"bench\"\]" | grep "\"name\":\"$b\"" \
             | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
         cp "$exe" ".gpu/bench-$b"
     done
+    # The integration tests, for the parity tests on the card.
+    exe=$(cargo test --release --test integration --no-run --message-format=json 2>/dev/null \
+        | grep '"name":"integration"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+    cp "$exe" .gpu/tests-integration
     # Stripped and packed: the carry to the device holds 64 MiB at most.
-    # (the binaries only: a bundle.tgz left by an earlier run is not an ELF file)
-    strip .gpu/blink .gpu/bench-al .gpu/bench-engine .gpu/bench-frame_gpu
-    tar czf .gpu/bundle.tgz -C .gpu blink bench-al bench-engine bench-frame_gpu
-    rm .gpu/blink .gpu/bench-al .gpu/bench-engine .gpu/bench-frame_gpu
+    # (the binaries only: a bundle left by an earlier run is not an ELF file)
+    bins="blink bench-al bench-engine bench-frame_gpu bench-stacking tests-integration"
+    # xz, not gzip: with the tracked tree the gzip bundle passed 64 MiB.
+    rm -f .gpu/bundle.tgz
+    (cd .gpu && strip $bins && tar cf - $bins | xz -6 -T2 > bundle.tar.xz && rm $bins)
     ls -la .gpu
 }
 
@@ -45,16 +52,22 @@ subtract() { # SIZE REPEATS
 }
 
 run() {
-    tar xzf .gpu/bundle.tgz -C .gpu
+    # The device may lack the xz tool; Python's tarfile reads xz on its own.
+    python3 -c 'import tarfile; tarfile.open(".gpu/bundle.tar.xz").extractall(".gpu")' || tar xJf .gpu/bundle.tar.xz -C .gpu
     loader_unpack
     out=${OUT:-/tmp/blink-gpu}
     mkdir -p "$out"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
-    subtract 1024 3
-    subtract 4096 3
+    subtract 1024 2
+    subtract 4096 2
     BLINK_BENCH_AL_HALF=18 timeout 40 .gpu/bench-al --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/al.txt" | grep -E 'time:|thrpt:|adapter|^AL' || true
     BLINK_BENCH_BATCH=8192 timeout 45 .gpu/bench-engine --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/engine.txt" | grep -E 'time:|thrpt:|adapter|GPU phases|pairs/s' || true
     BLINK_BENCH_FRAME_SIZES=4096,1024 timeout 60 .gpu/bench-frame_gpu --bench --warm-up-time 1 --measurement-time 1 2>&1 | tee "$out/frame_gpu.txt" | grep -E 'time:|adapter|skipped' || true
+    for n in 64 1024; do
+        BLINK_BENCH_BATCH=$n timeout 60 .gpu/bench-stacking --bench --warm-up-time 1 --measurement-time 2 2>&1 | tee "$out/stacking$n.txt" | grep -E 'time:|stacking bench' || true
+    done
+    # Parity on the card (the tests pick the GPU adapter; a run on llvmpipe would say so).
+    timeout 150 .gpu/tests-integration parity --test-threads 4 --nocapture 2>&1 | tee "$out/parity.txt" | tail -5 || true
     echo
     echo "=== blink AL on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') ==="
     for n in 1024 4096; do
@@ -68,6 +81,9 @@ run() {
     grep -h -E 'GPU phases|stage|upload|compute|readback' "$out/engine.txt" | head -12 || true
     grep -h -E 'adapter' "$out/frame_gpu.txt" || true
     grep -h -E 'time:' -B1 "$out/frame_gpu.txt" | grep -v '^--' || true
+    grep -h -E 'stacking bench \[' "$out"/stacking*.txt || true
+    grep -h -o -E 'adapter [^;]*' "$out/parity.txt" | sort | uniq -c | head -3 || true
+    grep -h -E '^test result|FAILED|panicked' "$out/parity.txt" | head -8 || true
 }
 
 case "${1:-}" in
