@@ -3,7 +3,8 @@
 //! window whose score reaches the threshold is announced once (again only when it grows by
 //! [`ANNOUNCE_GROWTH`]). `docs/stacking.md`, "Streaming", says what and why.
 //!
-//! The stacks are made on the CPU (`stack::windows`) in the sink stage, off the engine thread.
+//! The stacks are made on the CPU (`stack::windows`) in the sink stage, off the engine thread,
+//! the objects of a batch spread over the cores.
 
 use std::collections::BTreeMap;
 
@@ -91,9 +92,39 @@ pub fn evaluate(
             *e = t;
         }
     }
+    // Objects are independent: they are spread over the cores in contiguous runs (the results
+    // keep the objects' order). On a GPU node the subtraction of a batch is microseconds an
+    // alert and the stacks are what the sink waits for; one thread each for small batches.
+    let objects: Vec<&Touched> = latest.into_values().collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(objects.len() / MIN_OBJECTS_PER_THREAD).max(1);
+    let per_thread = objects.len().div_ceil(threads).max(1);
+    let runs: Vec<Result<Evaluation, HistoryError>> = if threads == 1 {
+        vec![evaluate_objects(history, &objects, threshold)]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = objects.chunks(per_thread).map(|run| scope.spawn(move || evaluate_objects(history, run, threshold))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        })
+    };
     let mut hits = Vec::new();
     let mut record = Vec::new();
-    for t in latest.into_values() {
+    for run in runs {
+        let (h, r) = run?;
+        hits.extend(h);
+        record.extend(r);
+    }
+    Ok((hits, record))
+}
+
+/// Objects per thread below which [`evaluate`] does not start another thread (a thread costs
+/// tens of microseconds; an object's stacks about a hundred).
+const MIN_OBJECTS_PER_THREAD: usize = 4;
+
+/// [`evaluate`]'s work on a run of objects (each the latest alert of its object and band).
+fn evaluate_objects(history: &dyn HistoryStore, objects: &[&Touched], threshold: f64) -> Result<Evaluation, HistoryError> {
+    let mut hits = Vec::new();
+    let mut record = Vec::new();
+    for &t in objects {
         let Some(object) = history.object(&t.object)? else { continue };
         let Some(band) = object.bands.get(&t.band) else { continue };
         let Some(windows) = window_measurements(band, t, true) else { continue };
@@ -358,5 +389,42 @@ mod tests {
         }
         assert!(cropped >= 6, "seed {seed}: only {cropped} cases were cut smaller");
         assert!(measured >= 20, "seed {seed}: only {measured} windows measured");
+    }
+    #[test]
+    fn objects_spread_over_threads_give_what_one_thread_gives() {
+        let seed: u64 = rand::random();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let store = crate::history::MemoryHistory::new(&crate::history::HistoryConfig::default()).expect("store");
+        let mut touched = Vec::new();
+        // Enough objects for several threads wherever there are two cores or more.
+        for k in 0..6 * MIN_OBJECTS_PER_THREAD {
+            let (x, y) = (31.0 + rng.gen_range(-2.0..2.0), 31.0 + rng.gen_range(-2.0..2.0));
+            let n = rng.gen_range(3..9);
+            let mut band = history(&mut rng, n, (x, y));
+            for (i, e) in band.iter_mut().enumerate() {
+                e.object_id = format!("obj{k}");
+                e.alert_id = format!("a{k}-{i}");
+                // A source bright enough that some windows reach the threshold.
+                e.measurement.score = 1.0;
+            }
+            let object = match store.put_many(&band).expect("put").swap_remove(0) {
+                crate::history::PutOutcome::Added { object, .. } => object,
+                o => panic!("seed {seed}: {o:?}"),
+            };
+            let last = band.iter().map(|e| e.mjd).fold(f64::MIN, f64::max);
+            touched.push(Touched { index: k, object, band: "r".into(), mjd: last, x, y, width: 63, height: 63 });
+        }
+        let threshold = 3.0;
+        let (hits, record) = evaluate(&store, &touched, threshold).expect("evaluate");
+        let mut objects: Vec<&Touched> = touched.iter().collect();
+        objects.sort_by(|a, b| (a.object.as_str(), a.band.as_str()).cmp(&(b.object.as_str(), b.band.as_str())));
+        let (one_hits, one_record) = evaluate_objects(&store, &objects, threshold).expect("one thread");
+        assert!(hits.len() >= 4, "seed {seed}: only {} hits", hits.len());
+        let key = |h: &StackHit| (h.index, h.object.clone(), h.band.clone(), h.nights.to_bits(), h.epochs, h.measurement.score.to_bits(), h.measurement.flux.to_bits());
+        assert_eq!(hits.iter().map(key).collect::<Vec<_>>(), one_hits.iter().map(key).collect::<Vec<_>>(), "seed {seed}");
+        assert_eq!(record.len(), one_record.len(), "seed {seed}");
+        for ((a, x), (b, y)) in record.iter().zip(&one_record) {
+            assert_eq!((a, &x.band, x.nights.to_bits(), x.score.to_bits()), (b, &y.band, y.nights.to_bits(), y.score.to_bits()), "seed {seed}");
+        }
     }
 }
