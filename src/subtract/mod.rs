@@ -180,12 +180,40 @@ pub fn spatial_order_for(wanted: usize, stamps: usize) -> usize {
 /// [`fit_kernel`] with the stamps' convolutions and Gram sums from `grams` (a `GpuEngine`).
 pub fn fit_kernel_with(pair: &Pair, sigma_science: f64, sigma_template: f64, opts: &Options, grams: &mut dyn solve::StampGrams) -> Result<KernelSolution, SubtractError> {
     pair.check()?;
-    let basis = Basis::from_seeing(sigma_template, sigma_science, &opts.basis)?;
+    let mut basis = Basis::from_seeing(sigma_template, sigma_science, &opts.basis)?;
+    if wants_wide(pair, basis.half, sigma_science, opts) {
+        basis = Basis::from_seeing_wide(sigma_template, sigma_science, &opts.basis)?;
+    }
     let stamps = select_stamps(pair, basis.half, &opts.stamps);
     let mut fit = opts.fit.clone();
     fit.spatial_order = spatial_order_for(fit.spatial_order, stamps.len());
     solve::fit_with(pair, &basis, &stamps, &fit, grams)
 }
+
+/// Whether the kernel needs the wide Gaussian ([`BasisOptions::wide_factor`]): the broad image's
+/// light in the annulus from `half` (the three-Gaussian kernel's half-width) to `half + 8` px,
+/// less the sharp image's, would leave a ring of S/N ≥ [`BasisOptions::wide_min_ring_snr`]
+/// around the brightest star ([`stamps::wings`], on the stars isolated over that annulus).
+///
+/// Why per pair: where the broad image's Moffat wings reach past the kernel (harness pairs
+/// with a β = 2.5 template and a β = 3 science frame, stars of 10⁶ e⁻) the wide Gaussian takes
+/// a ring of −5 to −7σ away, but on every pair it was measured to cost the simulated night
+/// (`BasisOptions::sigma_factors`), whose stars are too faint for a ring: the test measured at
+/// most 0.43 there, 2.9 on the harness pair with the ring, 1.1–1.3 on the pairs next to it.
+fn wants_wide(pair: &Pair, half: usize, sigma_broad: f64, opts: &Options) -> bool {
+    if !opts.basis.wide_min_ring_snr.is_finite() {
+        return false;
+    }
+    let (r_in, r_out) = (half as f64, half as f64 + WING_ANNULUS);
+    let stars = select_stamps(pair, (r_out as usize).saturating_sub(opts.stamps.margin).max(1), &opts.stamps);
+    let wings = stamps::wings(pair, &stars, r_in, r_out, sigma_broad);
+    let wide = wings.is_some_and(|g| g.ring_snr >= opts.basis.wide_min_ring_snr);
+    tracing::debug!(?wings, half, wide, "AL: wing test");
+    wide
+}
+
+/// Width of the annulus beyond the kernel's half-width where [`wants_wide`] looks for wings, px.
+const WING_ANNULUS: f64 = 8.0;
 
 /// Tests: `(weight, σ, dx, dy)` Gaussians, each of unit sum on the grid, weighted and added.
 #[cfg(test)]
@@ -202,6 +230,86 @@ pub(crate) fn test_gaussians(h: usize, parts: &[(f64, f64, f64, f64)]) -> Vec<f6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+
+    /// A pair of 400² images with the same 36 stars (a 6 × 6 grid, jittered, fluxes 2·10⁵ to
+    /// 4·10⁶) drawn with `broad` and `sharp` (profile at radius r, unnormalised), sky variance
+    /// 400 plus the star light, noise added: (broad, sharp, broad variance, sharp variance).
+    fn wing_pair(seed: u64, broad: impl Fn(f64) -> f64, sharp: impl Fn(f64) -> f64) -> [Vec<f32>; 4] {
+        let (w, h) = (400usize, 400usize);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n01 = Normal::new(0.0, 1.0).unwrap();
+        let mut out: [Vec<f32>; 4] = [vec![0.0; w * h], vec![0.0; w * h], vec![400.0; w * h], vec![400.0; w * h]];
+        let norm = |p: &dyn Fn(f64) -> f64| (-40i32..=40).flat_map(|y| (-40i32..=40).map(move |x| (x as f64).hypot(y as f64))).map(p).sum::<f64>();
+        let (nb, ns) = (norm(&broad), norm(&sharp));
+        for k in 0..36 {
+            let (cx, cy) = (50.0 + 60.0 * (k % 6) as f64 + rand::Rng::gen_range(&mut rng, -0.5..0.5), 50.0 + 60.0 * (k / 6) as f64 + rand::Rng::gen_range(&mut rng, -0.5..0.5));
+            let flux = 2e5 * 20f64.powf(k as f64 / 35.0);
+            for y in (cy as usize - 40)..=(cy as usize + 40) {
+                for x in (cx as usize - 40)..=(cx as usize + 40) {
+                    let r = (x as f64 - cx).hypot(y as f64 - cy);
+                    out[0][y * w + x] += (flux * broad(r) / nb) as f32;
+                    out[1][y * w + x] += (flux * sharp(r) / ns) as f32;
+                }
+            }
+        }
+        for i in 0..w * h {
+            for (img, var) in [(0, 2), (1, 3)] {
+                let v = out[var][i] + out[img][i].max(0.0);
+                out[var][i] = v;
+                out[img][i] += (n01.sample(&mut rng) * (v as f64).sqrt()) as f32;
+            }
+        }
+        out
+    }
+
+    fn moffat(fwhm: f64, beta: f64) -> impl Fn(f64) -> f64 {
+        let alpha = fwhm / (2.0 * (2f64.powf(1.0 / beta) - 1.0).sqrt());
+        move |r: f64| (1.0 + (r / alpha).powi(2)).powf(-beta)
+    }
+
+    #[test]
+    fn the_wide_gaussian_only_where_the_broad_image_has_wings_the_sharp_one_lacks() {
+        let sigma = |fwhm: f64| fwhm / 2.3548;
+        let gauss = |s: f64| move |r: f64| (-0.5 * r * r / (s * s)).exp();
+        let seed = rand::random();
+        // Moffat β = 2.5 (FWHM 3.6) against β = 3 (FWHM 2.7), the harness's hard pairs.
+        let [b, s, vb, vs] = wing_pair(seed, moffat(3.6, 2.5), moffat(2.7, 3.0));
+        let pair = Pair { width: 400, height: 400, science: &b, template: &s, science_variance: &vb, template_variance: Some(&vs) };
+        let sol = fit_kernel(&pair, sigma(3.6), sigma(2.7), &Options::default()).unwrap();
+        assert_eq!(sol.basis.sigmas.len(), 4, "seed {seed}: wings beyond the kernel, the wide Gaussian added");
+        assert_eq!(sol.basis.half, 18, "seed {seed}");
+        // Gaussians of the same FWHMs: nothing beyond the kernel, three Gaussians.
+        let [b, s, vb, vs] = wing_pair(seed, gauss(sigma(3.6)), gauss(sigma(2.7)));
+        let pair = Pair { width: 400, height: 400, science: &b, template: &s, science_variance: &vb, template_variance: Some(&vs) };
+        let sol = fit_kernel(&pair, sigma(3.6), sigma(2.7), &Options::default()).unwrap();
+        assert_eq!(sol.basis.sigmas.len(), 3, "seed {seed}: no wings, no wide Gaussian");
+        // Switched off.
+        let [b, s, vb, vs] = wing_pair(seed, moffat(3.6, 2.5), moffat(2.7, 3.0));
+        let pair = Pair { width: 400, height: 400, science: &b, template: &s, science_variance: &vb, template_variance: Some(&vs) };
+        let mut off = Options::default();
+        off.basis.wide_min_ring_snr = f64::INFINITY;
+        assert_eq!(fit_kernel(&pair, sigma(3.6), sigma(2.7), &off).unwrap().basis.sigmas.len(), 3, "seed {seed}");
+    }
+
+    #[test]
+    fn wings_measure_the_broad_images_extra_light_in_the_annulus() {
+        let seed = rand::random();
+        let [b, s, vb, vs] = wing_pair(seed, moffat(3.6, 2.5), moffat(2.7, 3.0));
+        let pair = Pair { width: 400, height: 400, science: &b, template: &s, science_variance: &vb, template_variance: Some(&vs) };
+        let stars = select_stamps(&pair, 18, &StampOptions::default());
+        let g = stamps::wings(&pair, &stars, 13.0, 21.0, 3.6 / 2.3548).unwrap();
+        // The Moffats' light in 13 ≤ r < 21 over that within 13: 0.0096 and 0.0014.
+        assert!(g.stars >= 30, "seed {seed}: {g:?}");
+        assert!((g.excess - 0.0082).abs() < 0.002, "seed {seed}: {g:?}");
+        assert!(g.ring_snr > 1.0, "seed {seed}: {g:?}");
+        // Same profile in both: no excess.
+        let [b, s, vb, vs] = wing_pair(seed, moffat(3.6, 2.5), moffat(3.6, 2.5));
+        let pair = Pair { width: 400, height: 400, science: &b, template: &s, science_variance: &vb, template_variance: Some(&vs) };
+        let g = stamps::wings(&pair, &stars, 13.0, 21.0, 3.6 / 2.3548).unwrap();
+        assert!(g.excess.abs() < 0.002 && g.ring_snr.abs() < 1.0, "seed {seed}: {g:?}");
+    }
 
     #[test]
     fn spatial_order_drops_with_few_stamps() {

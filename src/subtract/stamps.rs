@@ -120,6 +120,84 @@ pub fn select_stamps(pair: &Pair, kernel_half: usize, opts: &StampOptions) -> Ve
     out
 }
 
+/// The broad image's light beyond the kernel, against the sharp image's, measured on stars:
+/// what [`wings`] returns.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Wings {
+    /// Stars measured.
+    pub stars: usize,
+    /// The broad image's light in the annulus, less the sharp image's scaled to the same core
+    /// flux, as a fraction of the broad image's core flux: the median over the stars, each
+    /// weighted by its `q²` (see `ring_snr`).
+    pub excess: f64,
+    /// `excess` × the largest `q` of the stars, `q = F_core / √(V · A · ΣP²)` (`V` the
+    /// annulus's summed variance, `A` its pixels, `ΣP² = 1/(4π σ_broad²)`): the S/N the
+    /// matched filter gives the ring that excess leaves around the brightest star when the
+    /// kernel does not carry it.
+    pub ring_snr: f64,
+}
+
+/// [`Wings`] of `pair` (`science` the broad image, `template` the sharp one) on `stamps`: per
+/// star the light within `r_in` (the core) and in the annulus `r_in ≤ r < r_out` of both
+/// images, sky already subtracted. `None` without a star whose core is positive in both.
+pub fn wings(pair: &Pair, stamps: &[Stamp], r_in: f64, r_out: f64, sigma_broad: f64) -> Option<Wings> {
+    let (w, h) = (pair.width, pair.height);
+    if pair.check().is_err() || !(r_in > 0.0 && r_out > r_in && sigma_broad > 0.0) {
+        return None;
+    }
+    let sum_p2 = 1.0 / (4.0 * std::f64::consts::PI * sigma_broad * sigma_broad);
+    let reach = r_out.ceil() as usize;
+    let mut per: Vec<(f64, f64)> = Vec::new();
+    for st in stamps {
+        if st.x < reach || st.y < reach || st.x + reach >= w || st.y + reach >= h {
+            continue;
+        }
+        let (mut fb, mut fs, mut eb, mut es, mut vb, mut vs, mut area) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64, 0usize);
+        for y in st.y - reach..=st.y + reach {
+            for x in st.x - reach..=st.x + reach {
+                let d = ((x as f64 - st.x as f64).powi(2) + (y as f64 - st.y as f64).powi(2)).sqrt();
+                let i = y * w + x;
+                let (b, s) = (pair.science[i] as f64, pair.template[i] as f64);
+                if d < r_in {
+                    fb += b;
+                    fs += s;
+                } else if d < r_out {
+                    eb += b;
+                    es += s;
+                    vb += pair.science_variance[i] as f64;
+                    vs += pair.template_variance.map_or(0.0, |v| v[i] as f64);
+                    area += 1;
+                }
+            }
+        }
+        if !(fb > 0.0 && fs > 0.0 && vb > 0.0 && area > 0) {
+            continue;
+        }
+        let a = fb / fs;
+        let e = eb - a * es;
+        let q = fb / (((vb + a * a * vs) * area as f64 * sum_p2).sqrt());
+        if e.is_finite() && q.is_finite() {
+            per.push((e / fb, q));
+        }
+    }
+    if per.is_empty() {
+        return None;
+    }
+    let qmax = per.iter().map(|p| p.1).fold(0.0, f64::max);
+    per.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total: f64 = per.iter().map(|p| p.1 * p.1).sum();
+    let mut acc = 0.0;
+    let mut excess = per[per.len() / 2].0;
+    for (e, q) in &per {
+        acc += q * q;
+        if acc >= 0.5 * total {
+            excess = *e;
+            break;
+        }
+    }
+    Some(Wings { stars: per.len(), excess, ring_snr: excess * qmax })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
