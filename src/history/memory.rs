@@ -2,7 +2,7 @@
 //! `blink demo`. Nothing survives the process.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::alert::Survey;
 
@@ -13,7 +13,8 @@ use super::{Announcement, Epoch, HistoryConfig, HistoryError, HistoryStats, Hist
 /// The history store in memory. `config.path` and `rebuild_corrupt` are ignored.
 pub struct MemoryHistory {
     rules: Rules,
-    tables: Mutex<Tables>,
+    // Readers (the stacks of a batch's objects, spread over threads) share it; writers wait.
+    tables: RwLock<Tables>,
 }
 
 #[derive(Default)]
@@ -53,12 +54,16 @@ impl Kv for Tables {
 
 impl MemoryHistory {
     pub fn new(config: &HistoryConfig) -> Result<MemoryHistory, HistoryError> {
-        Ok(MemoryHistory { rules: Rules::new(config)?, tables: Mutex::new(Tables::default()) })
+        Ok(MemoryHistory { rules: Rules::new(config)?, tables: RwLock::new(Tables::default()) })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Tables> {
-        // Only a bug panics under the lock; the tables are still the best there is.
-        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    // Only a bug panics under the lock; the tables are still the best there is.
+    fn read(&self) -> RwLockReadGuard<'_, Tables> {
+        self.tables.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Tables> {
+        self.tables.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -66,45 +71,45 @@ impl Outbox for MemoryHistory {
     fn queue_notifications(&self, items: &[NewNotification]) -> Result<Vec<Queued>, HistoryError> {
         // As `put_many`: only a bad rule name stops a call half-way, and the notifier checks
         // names at start-up.
-        outbox::queue(&mut *self.lock(), items)
+        outbox::queue(&mut *self.write(), items)
     }
 
     fn due_notifications(&self, now_ms: u64, limit: usize) -> Result<Vec<PendingNotification>, HistoryError> {
-        outbox::due(&*self.lock(), now_ms, limit)
+        outbox::due(&*self.read(), now_ms, limit)
     }
 
     fn next_due_after(&self, after_ms: u64) -> Result<Option<u64>, HistoryError> {
-        outbox::next_due_after(&*self.lock(), after_ms)
+        outbox::next_due_after(&*self.read(), after_ms)
     }
 
     fn settle_notifications(&self, list: &[(PendingNotification, Settle)]) -> Result<(), HistoryError> {
-        outbox::settle(&mut *self.lock(), list)
+        outbox::settle(&mut *self.write(), list)
     }
 
     fn outbox_stats(&self) -> Result<OutboxStats, HistoryError> {
-        outbox::stats(&*self.lock())
+        outbox::stats(&*self.read())
     }
 
     fn forget_notified_before(&self, before_ms: u64, limit: usize) -> Result<u64, HistoryError> {
-        outbox::forget_before(&mut *self.lock(), before_ms, limit)
+        outbox::forget_before(&mut *self.write(), before_ms, limit)
     }
 }
 
 impl super::ReplayLog for MemoryHistory {
     fn append_detections(&self, items: &[(u64, Vec<u8>)], keep: usize) -> Result<(), HistoryError> {
-        super::replay::append(&mut *self.lock(), items, keep)
+        super::replay::append(&mut *self.write(), items, keep)
     }
 
     fn recent_detections(&self, n: usize) -> Result<Vec<(u64, Vec<u8>)>, HistoryError> {
-        super::replay::recent(&*self.lock(), n)
+        super::replay::recent(&*self.read(), n)
     }
 
     fn reserved_sequence(&self) -> Result<u64, HistoryError> {
-        super::replay::reserved(&*self.lock())
+        super::replay::reserved(&*self.read())
     }
 
     fn reserve_sequence(&self, upto: u64) -> Result<(), HistoryError> {
-        super::replay::reserve(&mut *self.lock(), upto)
+        super::replay::reserve(&mut *self.write(), upto)
     }
 }
 
@@ -120,26 +125,26 @@ impl HistoryStore for MemoryHistory {
     fn put_many(&self, epochs: &[Epoch]) -> Result<Vec<PutOutcome>, HistoryError> {
         // The maps never fail and hold only records this process wrote, so a batch cannot stop
         // half-way (no copy-on-write needed for atomicity).
-        core::put_batch(&mut *self.lock(), &self.rules, epochs)
+        core::put_batch(&mut *self.write(), &self.rules, epochs)
     }
 
     fn find(&self, survey: Survey, object_id: &str, ra: f64, dec: f64) -> Result<Option<String>, HistoryError> {
-        core::find(&*self.lock(), &self.rules, survey, object_id, ra, dec)
+        core::find(&*self.read(), &self.rules, survey, object_id, ra, dec)
     }
 
     fn object(&self, key: &str) -> Result<Option<ObjectHistory>, HistoryError> {
-        core::object(&*self.lock(), key)
+        core::object(&*self.read(), key)
     }
 
     fn stats(&self) -> Result<HistoryStats, HistoryError> {
-        core::stats(&*self.lock())
+        core::stats(&*self.read())
     }
 
     fn announcements(&self, object: &str) -> Result<Vec<Announcement>, HistoryError> {
-        core::announcements(&*self.lock(), object)
+        core::announcements(&*self.read(), object)
     }
 
     fn record_announcements(&self, list: &[(String, Announcement)]) -> Result<(), HistoryError> {
-        core::record_announcements(&mut *self.lock(), list)
+        core::record_announcements(&mut *self.write(), list)
     }
 }
