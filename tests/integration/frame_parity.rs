@@ -77,7 +77,11 @@ fn compare_score(what: &str, gpu: &blink::detect::frame::ScoreImage, cpu: &blink
         let ds = (gpu.score[i] - cpu.score[i]).abs();
         worst = worst.max(ds / tol(cpu.score[i]));
         assert!(ds <= tol(cpu.score[i]), "{what}: score at {i}: gpu {} cpu {}", gpu.score[i], cpu.score[i]);
-        assert!((gpu.flux[i] - cpu.flux[i]).abs() <= tol(cpu.flux[i]), "{what}: flux at {i}: gpu {} cpu {}", gpu.flux[i], cpu.flux[i]);
+        // The flux's tolerance is the score's in flux units (flux = score · flux_err): f32 sums
+        // round on the noise's scale too, and a flux of 2.9 at flux_err 3 missed a tolerance
+        // relative to the flux alone by 4% (seed 1795772037418909104).
+        let flux_tol = if cpu.flux_err[i].is_finite() { tol(cpu.score[i]) * cpu.flux_err[i] } else { tol(cpu.flux[i]) };
+        assert!((gpu.flux[i] - cpu.flux[i]).abs() <= flux_tol, "{what}: flux at {i}: gpu {} cpu {} (err {})", gpu.flux[i], cpu.flux[i], cpu.flux_err[i]);
         if cpu.flux_err[i].is_finite() {
             assert!((gpu.flux_err[i] / cpu.flux_err[i] - 1.0).abs() <= 1e-4, "{what}: err at {i}: gpu {} cpu {}", gpu.flux_err[i], cpu.flux_err[i]);
         }
