@@ -180,14 +180,28 @@ pub fn spatial_order_for(wanted: usize, stamps: usize) -> usize {
 /// [`fit_kernel`] with the stamps' convolutions and Gram sums from `grams` (a `GpuEngine`).
 pub fn fit_kernel_with(pair: &Pair, sigma_science: f64, sigma_template: f64, opts: &Options, grams: &mut dyn solve::StampGrams) -> Result<KernelSolution, SubtractError> {
     pair.check()?;
-    let mut basis = Basis::from_seeing(sigma_template, sigma_science, &opts.basis)?;
+    let basis = Basis::from_seeing(sigma_template, sigma_science, &opts.basis)?;
     if wants_wide(pair, basis.half, sigma_science, opts) {
-        basis = Basis::from_seeing_wide(sigma_template, sigma_science, &opts.basis)?;
+        // The wide kernel needs stars isolated over a larger box; where too few are, the
+        // three-Gaussian kernel is fitted as without the wings (a frame with a handful of
+        // stars failed the fit outright otherwise).
+        let wide = Basis::from_seeing_wide(sigma_template, sigma_science, &opts.basis)?;
+        match fit_on(pair, &wide, opts, grams) {
+            Err(SubtractError::TooFewStamps { found, needed, .. }) => {
+                tracing::debug!(found, needed, "AL: too few stamps for the wide kernel; three Gaussians");
+            }
+            done => return done,
+        }
     }
+    fit_on(pair, &basis, opts, grams)
+}
+
+/// The fit of `basis` on the stamps selected for its half-width.
+fn fit_on(pair: &Pair, basis: &Basis, opts: &Options, grams: &mut dyn solve::StampGrams) -> Result<KernelSolution, SubtractError> {
     let stamps = select_stamps(pair, basis.half, &opts.stamps);
     let mut fit = opts.fit.clone();
     fit.spatial_order = spatial_order_for(fit.spatial_order, stamps.len());
-    solve::fit_with(pair, &basis, &stamps, &fit, grams)
+    solve::fit_with(pair, basis, &stamps, &fit, grams)
 }
 
 /// Whether the kernel needs the wide Gaussian ([`BasisOptions::wide_factor`]): the broad image's
