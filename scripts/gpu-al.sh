@@ -10,15 +10,26 @@
 #
 #   scripts/gpu-al.sh prepare   # here: loader debs into .gl/, binary and benches packed into .gpu/
 #   scripts/gpu-al.sh run       # on the device, carrying .gl and .gpu; a table last
+#
+# Or the short check of issue 5's streaming cost and of the parity tests under concurrency:
+#
+#   scripts/gpu-al.sh prepare stacking   # the stacking bench and the integration tests only
+#   scripts/gpu-al.sh stacking           # the bench at 64 and 1024 stamps, the parity tests
+#                                        # three times with 4 threads (a hang names its tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/gpu-common.sh
 
 prepare() {
     loader_prepare
-    cargo build --release
-    cp target/release/blink .gpu/blink
-    for b in al engine frame_gpu stacking; do
+    local benches="al engine frame_gpu stacking" bins="blink bench-al bench-engine bench-frame_gpu bench-stacking tests-integration"
+    if [ "${1:-}" = stacking ]; then
+        benches=stacking bins="bench-stacking tests-integration"
+    else
+        cargo build --release
+        cp target/release/blink .gpu/blink
+    fi
+    for b in $benches; do
         # The bench target's own artifact (the last executable can be the blink binary).
         exe=$(cargo bench --bench "$b" --no-run --message-format=json 2>/dev/null \
             | grep "\"kind\":\[\"bench\"\]" | grep "\"name\":\"$b\"" \
@@ -31,7 +42,6 @@ prepare() {
     cp "$exe" .gpu/tests-integration
     # Stripped and packed: the carry to the device holds 64 MiB at most.
     # (the binaries only: a bundle left by an earlier run is not an ELF file)
-    bins="blink bench-al bench-engine bench-frame_gpu bench-stacking tests-integration"
     # xz, not gzip: with the tracked tree the gzip bundle passed 64 MiB.
     rm -f .gpu/bundle.tgz
     (cd .gpu && strip $bins && tar cf - $bins | xz -6 -T2 > bundle.tar.xz && rm $bins)
@@ -51,13 +61,37 @@ subtract() { # SIZE REPEATS
     done
 }
 
-run() {
+unpack() {
     # The device may lack the xz tool; Python's tarfile reads xz on its own.
     python3 -c 'import tarfile; tarfile.open(".gpu/bundle.tar.xz").extractall(".gpu")' || tar xJf .gpu/bundle.tar.xz -C .gpu
     loader_unpack
     out=${OUT:-/tmp/blink-gpu}
     mkdir -p "$out"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+}
+
+stacking() {
+    unpack
+    for n in 64 1024; do
+        BLINK_BENCH_BATCH=$n timeout 90 .gpu/bench-stacking --bench --warm-up-time 1 --measurement-time 2 2>&1 | tee "$out/stacking$n.txt" | grep -E 'time:|stacking bench' || true
+    done
+    # Three runs with 4 threads: the harness names a test running over 60 s.
+    for r in 1 2 3; do
+        local t0=$SECONDS
+        timeout 75 .gpu/tests-integration parity --test-threads 4 > "$out/parity$r.txt" 2>&1
+        echo "parity run $r: rc $? in $((SECONDS - t0)) s"
+    done
+    echo
+    echo "=== blink stacking on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') ==="
+    grep -h -E 'stacking bench \[' "$out"/stacking*.txt || true
+    for r in 1 2 3; do
+        printf 'parity %s: ' "$r"; grep -h -E '^test result' "$out/parity$r.txt" || echo 'no result (hung or killed)'
+        grep -h -E 'running for over|FAILED|panicked' "$out/parity$r.txt" | head -5 || true
+    done
+}
+
+run() {
+    unpack
     subtract 1024 2
     subtract 4096 2
     BLINK_BENCH_AL_HALF=18 timeout 40 .gpu/bench-al --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/al.txt" | grep -E 'time:|thrpt:|adapter|^AL' || true
@@ -87,7 +121,8 @@ run() {
 }
 
 case "${1:-}" in
-    prepare) prepare ;;
+    prepare) prepare "${2:-}" ;;
     run) run ;;
-    *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+    stacking) stacking ;;
+    *) echo "usage: $0 prepare [stacking] | run | stacking" >&2; exit 2 ;;
 esac

@@ -29,7 +29,7 @@ use crate::alert::{Alert, Survey};
 use crate::config::Config;
 use crate::decode::{DecodeError, Decoder};
 use crate::engine::{self, Engine, PrepareConfig, PreparedStamp, SubtractionResult};
-use crate::history::{Epoch, EpochStamps, HistoryStore, Measurement, PutOutcome};
+use crate::history::{Epoch, HistoryStore, Measurement, PutOutcome};
 use crate::metrics::Metrics;
 use crate::sink::grpc::Hub;
 use crate::sink::Output;
@@ -380,7 +380,7 @@ async fn batch_stage(
 }
 
 /// One alert's engine output: the result and, when a history store is on, its planes.
-type Processed = Result<(SubtractionResult, Option<EpochStamps>), String>;
+type Processed = Result<(SubtractionResult, Option<stacking::StoredStamps>), String>;
 type Outcomes = Vec<((AckToken, AlertMeta), Processed)>;
 
 /// Runs on its own thread: assemble each batch, run the engine, pass results on. With
@@ -441,7 +441,7 @@ async fn sink_stage(
 ) {
     while let Some(batch) = outcomes.recv().await {
         Metrics::inc(&metrics.batches);
-        let mut good: Vec<(Outcome, Option<EpochStamps>)> = Vec::with_capacity(batch.len());
+        let mut good: Vec<(Outcome, Option<stacking::StoredStamps>)> = Vec::with_capacity(batch.len());
         for ((token, meta), result) in batch {
             match result {
                 Ok((result, stamps)) if result.score.is_finite() => {
@@ -549,13 +549,13 @@ async fn deliver(out: &dyn Output, published: &[Arc<crate::proto::Detection>], m
 /// their object.
 async fn store(
     h: Arc<dyn HistoryStore>,
-    good: &[(Outcome, Option<EpochStamps>)],
+    good: &[(Outcome, Option<stacking::StoredStamps>)],
     metrics: &Metrics,
 ) -> Result<(Vec<stacking::Touched>, Vec<usize>), String> {
     let mut epochs = Vec::with_capacity(good.len());
     let mut index = Vec::with_capacity(good.len());
-    for (i, (o, stamps)) in good.iter().enumerate() {
-        let Some(stamps) = stamps else { continue };
+    for (i, (o, stored)) in good.iter().enumerate() {
+        let Some(stored) = stored else { continue };
         let m = &o.meta;
         epochs.push(Epoch {
             survey: m.survey,
@@ -565,14 +565,16 @@ async fn store(
             mjd: m.mjd_tai,
             ra: m.ra,
             dec: m.dec,
-            stamp_x: m.stamp_x,
-            stamp_y: m.stamp_y,
-            stamps: stamps.clone(),
+            // On the stored square, not the alert's stamp.
+            stamp_x: stored.x,
+            stamp_y: stored.y,
+            stamps: stored.stamps.clone(),
             measurement: Measurement::from(&o.result),
         });
         index.push(i);
     }
-    let shapes: Vec<(usize, usize)> = epochs.iter().map(|e| e.stamps.difference.shape()).collect();
+    let shapes: Vec<(usize, usize, f64, f64)> =
+        epochs.iter().map(|e| (e.stamps.difference.width, e.stamps.difference.height, e.stamp_x, e.stamp_y)).collect();
     // redb commits with an fsync: off the async workers.
     let outcomes = tokio::task::spawn_blocking(move || h.put_many(&epochs))
         .await
@@ -580,7 +582,7 @@ async fn store(
         .map_err(|e| e.to_string())?;
     let mut touched = Vec::new();
     let mut created = Vec::new();
-    for ((i, out), (width, height)) in index.into_iter().zip(outcomes).zip(shapes) {
+    for ((i, out), (width, height, x, y)) in index.into_iter().zip(outcomes).zip(shapes) {
         let Some((o, _)) = good.get(i) else { continue };
         let object = match out {
             PutOutcome::Added { object, new_object } => {
@@ -608,8 +610,8 @@ async fn store(
             object,
             band: o.meta.band.clone(),
             mjd: o.meta.mjd_tai,
-            x: o.meta.stamp_x,
-            y: o.meta.stamp_y,
+            x,
+            y,
             width,
             height,
         });
@@ -622,7 +624,7 @@ async fn store(
 async fn announce_stacks(
     h: Arc<dyn HistoryStore>,
     touched: Vec<stacking::Touched>,
-    good: &[(Outcome, Option<EpochStamps>)],
+    good: &[(Outcome, Option<stacking::StoredStamps>)],
     hub: &Hub,
     metrics: &Metrics,
     threshold: f64,
