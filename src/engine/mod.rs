@@ -210,10 +210,25 @@ impl StampPlanes {
     pub fn from_images(batch: &StampBatch, images: SubtractionImages, conv_tv: &[f32]) -> StampPlanes {
         let npix = batch.npix();
         let SubtractionImages { results, mut difference, mut variance } = images;
-        let mut template_variance = vec![f32::NAN; difference.len()];
+        let n = difference.len();
+        let mut template_variance = vec![f32::NAN; n];
+        let whole = variance.len() == n && conv_tv.len() >= n && batch.weight.len() >= n;
         for (s, r) in results.iter().enumerate() {
             let a2 = f64::from(r.flux_scale).powi(2);
-            for i in s * npix..((s + 1) * npix).min(difference.len()) {
+            let (lo, hi) = ((s * npix).min(n), ((s + 1) * npix).min(n));
+            if whole {
+                // The same rule as below on slices, without branches (the loop the GPU
+                // engine's host runs over every stamp's pixels before they are stored).
+                let pix = difference[lo..hi].iter_mut().zip(&mut variance[lo..hi]).zip(&mut template_variance[lo..hi]);
+                for (((d, v), t), (w, tv)) in pix.zip(batch.weight[lo..hi].iter().zip(&conv_tv[lo..hi])) {
+                    let used = *w > 0.0;
+                    *t = if used { (a2 * f64::from(*tv)) as f32 } else { f32::NAN };
+                    *d = if used { *d } else { f32::NAN };
+                    *v = if used { *v } else { f32::NAN };
+                }
+                continue;
+            }
+            for i in lo..hi {
                 let used = batch.weight.get(i).is_some_and(|w| *w > 0.0);
                 match (used, conv_tv.get(i)) {
                     (true, Some(tv)) => template_variance[i] = (a2 * f64::from(*tv)) as f32,

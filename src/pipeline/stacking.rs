@@ -64,11 +64,22 @@ pub fn epoch_stamps(planes: &StampPlanes, s: usize, width: usize, height: usize,
             difference: Image::new(n, n, crop.cut(d, width, height)),
             variance: Image::new(n, n, crop.cut(v, width, height)),
             template_variance: Image::new(n, n, crop.cut(t, width, height)),
-            psf: crate::sim::gaussian_image(side, side, half as f64, half as f64, sigma),
+            psf: gaussian_psf(half, sigma),
         },
         x: cx - crop.x0 as f64,
         y: cy - crop.y0 as f64,
     })
+}
+
+/// A unit-sum Gaussian of width `sigma` centred on a square of side `2·half + 1`, as a product
+/// of two rows of weights (`sim::gaussian_image` up to rounding, with `2·side` exponentials
+/// instead of `side²`: it is made for every alert stored).
+fn gaussian_psf(half: usize, sigma: f64) -> Image {
+    let side = 2 * half + 1;
+    let g: Vec<f64> = (0..side).map(|i| (-0.5 * (i as f64 - half as f64).powi(2) / (sigma * sigma)).exp()).collect();
+    let sum: f64 = g.iter().sum::<f64>().powi(2);
+    let data = g.iter().flat_map(|gy| g.iter().map(move |gx| (gy * gx / sum) as f32)).collect();
+    Image::new(side, side, data)
 }
 
 /// One stored (or already stored) alert whose object's stacks are to be measured.
@@ -481,6 +492,10 @@ mod tests {
                 }
             }
             assert_eq!(inside + outside, 3 * side * side, "{ctx}");
+            let psf = &s.stamps.psf;
+            let want = crate::sim::gaussian_image(psf.width, psf.height, (psf.width / 2) as f64, (psf.height / 2) as f64, 1.7);
+            assert_eq!((psf.width, psf.height), (15, 15), "{ctx}: 2·ceil(4σ) + 1 for σ 1.7");
+            assert!(psf.data.iter().zip(&want.data).all(|(a, b)| (a - b).abs() <= 1e-7), "{ctx}: PSF");
         }
         let nan = StampParams::new(0.0, f32::NAN, 3.0);
         let planes = StampPlanes { results: Vec::new(), difference: vec![0.0; 81], variance: vec![1.0; 81], template_variance: vec![0.1; 81] };
