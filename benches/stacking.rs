@@ -3,11 +3,12 @@
 //! `BLINK_BENCH_BATCH=N`) whose objects have 10 epochs of history each.
 //!
 //! - `subtract`: `Engine::subtract` (what the pipeline runs without a history store).
-//! - `subtract+stacking`: `Engine::subtract_planes`, the epochs' planes and PSFs, `put_many`
+//! - `subtract+stacking`: `Engine::subtract_squares` (each stamp's planes cut to the square the
+//!   history keeps; on the GPU on the device), the epochs' squares and PSFs, `put_many`
 //!   into a `MemoryHistory` holding the 10 earlier epochs per object (rebuilt outside the timed
 //!   part), then `pipeline::stacking::evaluate`: each object's history read, its window stacks
 //!   (`stack::windows`, CPU, on the pixels the measurement reads) and `stack::measure` at the
-//!   candidate. A second plain timing splits it: subtraction with planes, storing, stacks.
+//!   candidate. A second plain timing splits it: subtraction with squares, storing, stacks.
 //!
 //! The engine is `select_engine(auto)`: the GPU where there is one (its adapter is printed and
 //! in the group name), else (no adapter, or llvmpipe) the CPU engine. The target is that stacking adds at most
@@ -56,16 +57,16 @@ fn batch(n: usize, seed: u64) -> StampBatch {
 
 /// The epochs of one batch at `mjd`, alert ids `a<tag>-<k>`, objects `obj-<k>`.
 fn epochs(engine: &mut dyn Engine, b: &StampBatch, mjd: f64, tag: &str) -> Vec<Epoch> {
-    let planes = engine.subtract_planes(b).expect("planes");
-    epochs_of(&planes, b, mjd, tag)
+    let squares = engine.subtract_squares(b, stacking::STORED_HALF).expect("squares");
+    epochs_of(&squares, b, mjd, tag)
 }
 
-/// [`epochs`] from the engine's planes: each stamp cut to the stored square, its PSF.
-fn epochs_of(planes: &blink::engine::StampPlanes, b: &StampBatch, mjd: f64, tag: &str) -> Vec<Epoch> {
+/// [`epochs`] from the engine's squares: each stamp's stored square and its PSF.
+fn epochs_of(squares: &blink::engine::StampSquares, b: &StampBatch, mjd: f64, tag: &str) -> Vec<Epoch> {
     (0..b.n)
         .map(|k| {
             let p = &b.params[k];
-            let stored = stacking::epoch_stamps(planes, k, b.width, b.height, p).expect("stamp");
+            let stored = stacking::epoch_stamps(squares, k, p).expect("stamp");
             Epoch {
                 survey: Survey::Native,
                 alert_id: format!("a{tag}-{k}"),
@@ -77,7 +78,7 @@ fn epochs_of(planes: &blink::engine::StampPlanes, b: &StampBatch, mjd: f64, tag:
                 stamp_x: stored.x,
                 stamp_y: stored.y,
                 stamps: stored.stamps,
-                measurement: Measurement::from(&planes.results[k]),
+                measurement: Measurement::from(&squares.results[k]),
             }
         })
         .collect()
@@ -161,9 +162,9 @@ fn bench(c: &mut Criterion) {
     for _ in 0..reps {
         let store = fresh();
         let t = Instant::now();
-        let planes = engine.subtract_planes(&b).expect("planes");
+        let squares = engine.subtract_squares(&b, stacking::STORED_HALF).expect("squares");
         t_engine += t.elapsed().as_secs_f64();
-        let new = epochs_of(&planes, &b, 61000.0 + HISTORY as f64, "now");
+        let new = epochs_of(&squares, &b, 61000.0 + HISTORY as f64, "now");
         t_planes += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let outcomes = store.put_many(&new).expect("put");
@@ -175,7 +176,7 @@ fn bench(c: &mut Criterion) {
     }
     let per = |s: f64| s / (reps * n) as f64 * 1e6;
     eprintln!(
-        "stacking bench [{adapter}]: per alert, subtract with planes {:.1} us (the engine's call {:.1}, the stored squares {:.1}), store {:.1} us, stacks and measure {:.1} us",
+        "stacking bench [{adapter}]: per alert, subtract with squares {:.1} us (the engine's call {:.1}, the epochs' stamps {:.1}), store {:.1} us, stacks and measure {:.1} us",
         per(t_planes),
         per(t_engine),
         per(t_planes - t_engine),
@@ -189,7 +190,7 @@ fn bench(c: &mut Criterion) {
         both / sub,
         (both / sub - 1.0) * 100.0
     );
-    // The pipeline runs the engine (subtraction with planes) on its own thread while the sink
+    // The pipeline runs the engine (subtraction with squares) on its own thread while the sink
     // stores and stacks the batch before: per alert its throughput is set by the slower stage.
     let stage = per(t_planes).max(per(t_put) + per(t_eval));
     eprintln!(

@@ -294,4 +294,84 @@ pub trait Engine: Send {
         let conv = crate::cpu::convolve::convolve(batch);
         Ok(StampPlanes::from_images(batch, images, &conv.template_var))
     }
+    /// Like [`Engine::subtract_planes`], with each stamp's planes cut to the square of side
+    /// `2·half + 1` around its candidate ([`StampSquares`]): what the history store keeps. The
+    /// default cuts [`Engine::subtract_planes`]'s planes on the host; the GPU engine cuts them
+    /// on the device and reads back only the squares.
+    fn subtract_squares(&mut self, batch: &StampBatch, half: usize) -> Result<StampSquares, EngineError> {
+        let planes = self.subtract_planes(batch)?;
+        Ok(StampSquares::from_planes(batch, &planes, half))
+    }
+}
+
+/// Half the side of the square the history store keeps of each stamp, centred on the
+/// candidate's pixel: 31×31 of a 63×63 ZTF cutout (`pipeline::stacking`, `docs/history.md`).
+pub const STORED_HALF: usize = 15;
+
+/// The stamp pixel of the square's pixel (0, 0) for a candidate at `(cx, cy)`: the square is
+/// centred on pixel `floor(c + 0.5)` (the GPU kernel's rule, whatever the rounding mode);
+/// `None` for a non-finite or absurd position.
+pub fn square_origin(cx: f32, cy: f32, half: usize) -> Option<(i64, i64)> {
+    let ok = |c: f32| c.is_finite() && c.abs() < 1e7;
+    (ok(cx) && ok(cy)).then(|| ((cx + 0.5).floor() as i64 - half as i64, (cy + 0.5).floor() as i64 - half as i64))
+}
+
+/// Each stamp's [`StampPlanes`] cut to the square of side `side` around its candidate
+/// ([`square_origin`]), NaN where masked or off the stamp; stamp after stamp, `side²` floats
+/// each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StampSquares {
+    pub results: Vec<SubtractionResult>,
+    pub side: usize,
+    /// Per stamp, the stamp pixel of its square's pixel (0, 0); `None` (and a NaN square) for
+    /// a candidate with no square.
+    pub origins: Vec<Option<(i64, i64)>>,
+    pub difference: Vec<f32>,
+    pub variance: Vec<f32>,
+    pub template_variance: Vec<f32>,
+}
+
+impl StampSquares {
+    /// The squares cut from whole planes on the host (the CPU twin of `shaders/squares.wgsl`).
+    pub fn from_planes(batch: &StampBatch, planes: &StampPlanes, half: usize) -> StampSquares {
+        let side = 2 * half + 1;
+        let (w, h, npix) = (batch.width, batch.height, batch.npix());
+        let area = side * side;
+        let n = batch.params.len();
+        let mut out = StampSquares {
+            results: planes.results.clone(),
+            side,
+            origins: Vec::with_capacity(n),
+            difference: vec![f32::NAN; n * area],
+            variance: vec![f32::NAN; n * area],
+            template_variance: vec![f32::NAN; n * area],
+        };
+        for s in 0..n {
+            let origin = square_origin(batch.params[s].cand_x, batch.params[s].cand_y, half);
+            out.origins.push(origin);
+            let (Some((x0, y0)), Some((d, v, t))) = (origin, planes.stamp(s, npix)) else { continue };
+            for r in 0..side {
+                let y = y0 + r as i64;
+                let (xa, xb) = (x0.max(0), (x0 + side as i64).min(w as i64));
+                if y < 0 || y >= h as i64 || xa >= xb {
+                    continue;
+                }
+                let src = y as usize * w + xa as usize..y as usize * w + xb as usize;
+                let dst = s * area + r * side + (xa - x0) as usize;
+                let dst = dst..dst + src.len();
+                out.difference[dst.clone()].copy_from_slice(&d[src.clone()]);
+                out.variance[dst.clone()].copy_from_slice(&v[src.clone()]);
+                out.template_variance[dst].copy_from_slice(&t[src]);
+            }
+        }
+        out
+    }
+
+    /// Stamp `s`'s three squares and its origin, when it has one.
+    pub fn square(&self, s: usize) -> Option<((&[f32], &[f32], &[f32]), (i64, i64))> {
+        let area = self.side * self.side;
+        let px = s.checked_mul(area)?..(s + 1).checked_mul(area)?;
+        let origin = (*self.origins.get(s)?)?;
+        Some(((self.difference.get(px.clone())?, self.variance.get(px.clone())?, self.template_variance.get(px)?), origin))
+    }
 }

@@ -1,7 +1,7 @@
 //! The wgpu context: instance, adapter, device, queue, and the engine's bind-group layout,
 //! pipeline layout and pipelines, all built once.
 
-use super::kernels::{convolve, difference_score, fit, shader_source, WORKGROUP_SIZE};
+use super::kernels::{convolve, difference_score, fit, shader_source, squares, WORKGROUP_SIZE};
 use crate::engine::EngineError;
 
 /// The compute pipelines, one per entry point.
@@ -11,6 +11,7 @@ pub struct Pipelines {
     pub convolve_cols: wgpu::ComputePipeline,
     pub fit: wgpu::ComputePipeline,
     pub difference_score: wgpu::ComputePipeline,
+    pub squares: wgpu::ComputePipeline,
 }
 
 #[derive(Debug)]
@@ -184,11 +185,13 @@ fn build_pipelines(device: &wgpu::Device) -> (wgpu::BindGroupLayout, Pipelines) 
     let m_conv = module("convolve");
     let m_fit = module("fit");
     let m_diff = module("difference_score");
+    let m_squares = module("squares");
     let pipelines = Pipelines {
         convolve_rows: pipeline(&m_conv, convolve::ENTRY_ROWS),
         convolve_cols: pipeline(&m_conv, convolve::ENTRY_COLS),
         fit: pipeline(&m_fit, fit::ENTRY),
         difference_score: pipeline(&m_diff, difference_score::ENTRY),
+        squares: pipeline(&m_squares, squares::ENTRY),
     };
     (layout, pipelines)
 }

@@ -17,11 +17,14 @@ pub mod pool;
 
 use crate::cpu::convolve::Convolved;
 use crate::engine::{
-    Engine, EngineError, Fit, FitStatus, StampBatch, StampPlanes, SubtractionImages, SubtractionResult,
+    Engine, EngineError, Fit, FitStatus, StampBatch, StampPlanes, StampSquares, SubtractionImages, SubtractionResult,
 };
 use context::GpuContext;
 use kernels::{BatchParams, Pix, StampGpu, Work, PIX_PLANES, RESULT_STRIDE, WORK_PLANES};
 use pool::BufferPool;
+
+/// Pixels of one history square as `shaders/squares.wgsl` cuts it.
+const SQUARE_AREA: usize = (2 * kernels::squares::SQUARE_HALF + 1) * (2 * kernels::squares::SQUARE_HALF + 1);
 
 /// Which kernels a run records, and what it preloads instead of computing.
 #[derive(Clone, Copy)]
@@ -35,6 +38,8 @@ struct Plan<'a> {
     fits: Option<&'a [Fit]>,
     /// Work planes to read back.
     read: &'a [Work],
+    /// Cut the history's squares (`kernels::squares`) and read back those instead of `read`.
+    squares: bool,
 }
 
 /// The engine on a wgpu adapter (a real GPU, or llvmpipe/lavapipe where there is none: see
@@ -68,7 +73,7 @@ impl GpuEngine {
 
     /// Every kernel, with the difference and variance images read back.
     pub fn subtract_images(&mut self, batch: &StampBatch) -> Result<SubtractionImages, EngineError> {
-        let plan = Plan { convolve: true, fit: true, score: true, conv: None, fits: None, read: &[Work::Diff, Work::Var] };
+        let plan = Plan { convolve: true, fit: true, score: true, conv: None, fits: None, read: &[Work::Diff, Work::Var], squares: false };
         let (res, mut planes) = self.run(batch, plan)?;
         let variance = planes.pop().unwrap_or_default();
         let difference = planes.pop().unwrap_or_default();
@@ -85,6 +90,7 @@ impl GpuEngine {
             conv: None,
             fits: None,
             read: &[Work::Diff, Work::Var, Work::ConvV],
+            squares: false,
         };
         let (res, mut planes) = self.run(batch, plan)?;
         let conv_tv = planes.pop().unwrap_or_default();
@@ -93,9 +99,28 @@ impl GpuEngine {
         Ok(StampPlanes::from_images(batch, SubtractionImages { results: to_results(&res), difference, variance }, &conv_tv))
     }
 
+    /// Every kernel, then the history's squares cut on the device (`shaders/squares.wgsl`):
+    /// only `3·side²` floats a stamp come back instead of three whole planes. Squares of
+    /// another size, or larger than a stamp, are cut on the host from
+    /// [`GpuEngine::subtract_planes`].
+    pub fn subtract_squares(&mut self, batch: &StampBatch, half: usize) -> Result<StampSquares, EngineError> {
+        let side = 2 * half + 1;
+        let origins: Vec<Option<(i64, i64)>> = batch.params.iter().map(|p| crate::engine::square_origin(p.cand_x, p.cand_y, half)).collect();
+        if half != kernels::squares::SQUARE_HALF || side * side > batch.npix() || origins.iter().any(Option::is_none) {
+            let planes = self.subtract_planes(batch)?;
+            return Ok(StampSquares::from_planes(batch, &planes, half));
+        }
+        let plan = Plan { convolve: true, fit: true, score: true, conv: None, fits: None, read: &[], squares: true };
+        let (res, mut planes) = self.run(batch, plan)?;
+        let template_variance = planes.pop().unwrap_or_default();
+        let variance = planes.pop().unwrap_or_default();
+        let difference = planes.pop().unwrap_or_default();
+        Ok(StampSquares { results: to_results(&res), side, origins, difference, variance, template_variance })
+    }
+
     /// The `convolve` kernel alone.
     pub fn convolve(&mut self, batch: &StampBatch) -> Result<Convolved, EngineError> {
-        let plan = Plan { convolve: true, fit: false, score: false, conv: None, fits: None, read: &[Work::ConvT, Work::ConvV] };
+        let plan = Plan { convolve: true, fit: false, score: false, conv: None, fits: None, read: &[Work::ConvT, Work::ConvV], squares: false };
         let (_, mut planes) = self.run(batch, plan)?;
         let template_var = planes.pop().unwrap_or_default();
         let template = planes.pop().unwrap_or_default();
@@ -105,7 +130,7 @@ impl GpuEngine {
     /// The `fit` kernel alone, on a given convolved template and variance.
     pub fn fit(&mut self, batch: &StampBatch, conv_t: &[f32], conv_tv: &[f32]) -> Result<Vec<Fit>, EngineError> {
         check_len(batch, conv_t, conv_tv)?;
-        let plan = Plan { convolve: false, fit: true, score: false, conv: Some((conv_t, conv_tv)), fits: None, read: &[] };
+        let plan = Plan { convolve: false, fit: true, score: false, conv: Some((conv_t, conv_tv)), fits: None, read: &[], squares: false };
         let (res, _) = self.run(batch, plan)?;
         Ok(to_fits(&res))
     }
@@ -129,6 +154,7 @@ impl GpuEngine {
             conv: Some((conv_t, conv_tv)),
             fits: Some(fits),
             read: &[Work::Diff, Work::Var],
+            squares: false,
         };
         let (res, mut planes) = self.run(batch, plan)?;
         let variance = planes.pop().unwrap_or_default();
@@ -160,7 +186,7 @@ impl GpuEngine {
     /// (the per-stamp results copied, mapped and read). Each phase is submitted and waited for
     /// on its own, so their sum exceeds [`Engine::subtract`]'s time, which overlaps them.
     pub fn profile(&mut self, batch: &StampBatch) -> Result<Phases, EngineError> {
-        let plan = Plan { convolve: true, fit: true, score: true, conv: None, fits: None, read: &[] };
+        let plan = Plan { convolve: true, fit: true, score: true, conv: None, fits: None, read: &[], squares: false };
         let mut phases = Phases::default();
         self.run_with(batch, plan, Some(&mut phases))?;
         Ok(phases)
@@ -181,7 +207,8 @@ impl GpuEngine {
         batch.validate()?;
         let npix = batch.npix();
         let mut results = Vec::with_capacity(batch.n * RESULT_STRIDE);
-        let mut planes: Vec<Vec<f32>> = plan.read.iter().map(|_| Vec::with_capacity(batch.n * npix)).collect();
+        let (reads, per_stamp) = if plan.squares { (3, SQUARE_AREA) } else { (plan.read.len(), npix) };
+        let mut planes: Vec<Vec<f32>> = (0..reads).map(|_| Vec::with_capacity(batch.n * per_stamp)).collect();
         if batch.n == 0 || npix == 0 {
             return Ok((results, planes));
         }
@@ -263,7 +290,9 @@ impl GpuEngine {
         // Planes in the upload buffer start on 256-byte boundaries, so that each can be mapped
         // (and filled by its own thread) separately.
         let stage_stride = plane_bytes.next_multiple_of(256);
-        let read_bytes = res_bytes + plan.read.len() as u64 * plane_bytes;
+        // What comes back per plane: the whole planes, or the squares (`kernels::squares`).
+        let (reads, read_len) = if plan.squares { (3, n * SQUARE_AREA) } else { (plan.read.len(), plane_len) };
+        let read_bytes = res_bytes + (reads * read_len) as u64 * f;
         let dev = &self.ctx.device;
         let b_uniform = self.pool.acquire(dev, "blink.batch", 16, U::UNIFORM | U::COPY_DST);
         let b_up = self.pool.acquire(dev, "blink.upload", PIX_PLANES as u64 * stage_stride, U::MAP_WRITE | U::COPY_SRC);
@@ -275,8 +304,8 @@ impl GpuEngine {
         let b_read = self.pool.acquire(dev, "blink.readback", read_bytes, U::MAP_READ | U::COPY_DST);
         let flight = InFlight {
             n,
-            plane_len,
-            reads: plan.read.len(),
+            plane_len: read_len,
+            reads,
             read_bytes,
             submission: None,
             mapped: None,
@@ -359,10 +388,17 @@ impl GpuEngine {
             if plan.score {
                 kernels::difference_score::record(&self.ctx, &mut pass, dims.n);
             }
+            if plan.squares {
+                kernels::squares::record(&self.ctx, &mut pass, dims.n);
+            }
         }
         lap(&mut enc, phases.as_deref_mut().map(|p| &mut p.compute), &mut t);
         enc.copy_buffer_to_buffer(b_res, 0, b_read, 0, res_bytes);
-        for (k, w) in plan.read.iter().enumerate() {
+        if plan.squares {
+            // The kernel wrote the three squares' planes one after another from offset 0.
+            enc.copy_buffer_to_buffer(b_work, 0, b_read, res_bytes, (reads * read_len) as u64 * f);
+        }
+        for (k, w) in plan.read.iter().enumerate().filter(|_| !plan.squares) {
             enc.copy_buffer_to_buffer(b_work, *w as u64 * plane_bytes, b_read, res_bytes + k as u64 * plane_bytes, plane_bytes);
         }
         let submission = q.submit([enc.finish()]);
@@ -578,7 +614,7 @@ impl Engine for GpuEngine {
     }
 
     fn subtract(&mut self, batch: &StampBatch) -> Result<Vec<SubtractionResult>, EngineError> {
-        let plan = Plan { convolve: true, fit: true, score: true, conv: None, fits: None, read: &[] };
+        let plan = Plan { convolve: true, fit: true, score: true, conv: None, fits: None, read: &[], squares: false };
         let (res, _) = self.run(batch, plan)?;
         Ok(to_results(&res))
     }
@@ -589,5 +625,8 @@ impl Engine for GpuEngine {
 
     fn subtract_planes(&mut self, batch: &StampBatch) -> Result<StampPlanes, EngineError> {
         GpuEngine::subtract_planes(self, batch)
+    }
+    fn subtract_squares(&mut self, batch: &StampBatch, half: usize) -> Result<StampSquares, EngineError> {
+        GpuEngine::subtract_squares(self, batch, half)
     }
 }

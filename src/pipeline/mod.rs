@@ -396,14 +396,14 @@ fn engine_stage(
             items.into_iter().map(|i| ((i.token, i.meta), i.stamp)).unzip();
         let batch = engine::assemble(&stamps);
         let run = if planes {
-            engine.subtract_planes(&batch).map(|p| {
+            engine.subtract_squares(&batch, stacking::STORED_HALF).map(|sq| {
                 let stamps = (0..batch.n)
                     .map(|s| {
                         let params = batch.params.get(s)?;
-                        stacking::epoch_stamps(&p, s, batch.width, batch.height, params)
+                        stacking::epoch_stamps(&sq, s, params)
                     })
                     .collect::<Vec<_>>();
-                p.results.iter().copied().zip(stamps).collect::<Vec<_>>()
+                sq.results.iter().copied().zip(stamps).collect::<Vec<_>>()
             })
         } else {
             engine.subtract(&batch).map(|r| r.into_iter().map(|r| (r, None)).collect())

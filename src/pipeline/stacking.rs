@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::alert::Image;
-use crate::engine::{StampParams, StampPlanes};
+use crate::engine::{StampParams, StampSquares};
 use crate::history::{Announcement, EpochStamps, HistoryError, HistoryStore};
 use crate::stack::{self, StackEpoch, StackMeasurement, DEFAULT_WINDOWS};
 use crate::subtract::decorr::PsfImage;
@@ -33,8 +33,9 @@ pub fn timescale(nights: f64) -> String {
 /// for PSFs up to σ ≈ 3 px (a 4σ footprint of 12 px, plus 2 px of shift and taps) nothing
 /// outside it is read, and a broader PSF loses only its outermost ring. Keeping a quarter of
 /// the pixels makes every stored record, copy and read four times smaller, and gives stamps of
-/// every size one shape, so Rubin cutouts of different sizes stack together.
-pub const STORED_HALF: usize = 15;
+/// every size one shape, so Rubin cutouts of different sizes stack together. The engine cuts
+/// the squares (`Engine::subtract_squares`; on the GPU, on the device).
+pub use crate::engine::STORED_HALF;
 
 /// What the history keeps of one stamp: its planes cut to the stored square
 /// ([`STORED_HALF`]) around the candidate, NaN (masked) where the square leaves the stamp, and
@@ -46,28 +47,26 @@ pub struct StoredStamps {
     pub y: f64,
 }
 
-/// Stamp `s` of a batch as the history store keeps it: the engine's planes cut to the stored
-/// square around the candidate and, as the PSF, a unit-sum Gaussian of the broader of the two
-/// images' widths (the difference's PSF when the sharper image is matched to the broader), on
-/// an odd square of `2·ceil(4σ) + 1` pixels.
-pub fn epoch_stamps(planes: &StampPlanes, s: usize, width: usize, height: usize, params: &StampParams) -> Option<StoredStamps> {
-    let (d, v, t) = planes.stamp(s, width * height)?;
-    let (cx, cy) = (f64::from(params.cand_x), f64::from(params.cand_y));
-    let crop = Crop::stored(cx, cy)?;
+/// Stamp `s` of a batch as the history store keeps it: the engine's square around the
+/// candidate ([`Engine::subtract_squares`](crate::engine::Engine::subtract_squares) with
+/// [`STORED_HALF`]) and, as the PSF, a unit-sum Gaussian of the broader of the two images'
+/// widths (the difference's PSF when the sharper image is matched to the broader), on an odd
+/// square of `2·ceil(4σ) + 1` pixels. `None` when the stamp has no square.
+pub fn epoch_stamps(squares: &StampSquares, s: usize, params: &StampParams) -> Option<StoredStamps> {
+    let ((d, v, t), (x0, y0)) = squares.square(s)?;
     let sigma = f64::from(params.science_sigma.max(params.template_sigma));
     let sigma = if sigma.is_finite() && sigma > 0.0 { sigma } else { FALLBACK_SIGMA };
     let half = (4.0 * sigma).ceil().clamp(1.0, 127.0) as usize;
-    let side = 2 * half + 1;
-    let n = crop.side;
+    let n = squares.side;
     Some(StoredStamps {
         stamps: EpochStamps {
-            difference: Image::new(n, n, crop.cut(d, width, height)),
-            variance: Image::new(n, n, crop.cut(v, width, height)),
-            template_variance: Image::new(n, n, crop.cut(t, width, height)),
+            difference: Image::new(n, n, d.to_vec()),
+            variance: Image::new(n, n, v.to_vec()),
+            template_variance: Image::new(n, n, t.to_vec()),
             psf: gaussian_psf(half, sigma),
         },
-        x: cx - crop.x0 as f64,
-        y: cy - crop.y0 as f64,
+        x: f64::from(params.cand_x) - x0 as f64,
+        y: f64::from(params.cand_y) - y0 as f64,
     })
 }
 
@@ -239,16 +238,6 @@ impl Crop {
     /// No cut: the whole stamp.
     const WHOLE: Crop = Crop { x0: 0, y0: 0, side: 0 };
 
-    /// The square the history keeps of a stamp whose candidate is at `(cx, cy)`
-    /// ([`STORED_HALF`]); `None` for a non-finite position.
-    fn stored(cx: f64, cy: f64) -> Option<Crop> {
-        if !(cx.is_finite() && cy.is_finite() && cx.abs() < 1e6 && cy.abs() < 1e6) {
-            return None;
-        }
-        let h = STORED_HALF as i64;
-        Some(Crop { x0: cx.round() as i64 - h, y0: cy.round() as i64 - h, side: 2 * STORED_HALF + 1 })
-    }
-
     /// The crop for `t`'s stack measurement over `epochs` (those of its shape), or the whole
     /// stamp when the crop would not be smaller.
     fn for_touched(t: &Touched, epochs: &[&crate::history::Epoch]) -> Crop {
@@ -349,6 +338,7 @@ fn stack_epoch(e: &crate::history::Epoch, t: &Touched, crop: &Crop) -> Option<St
 mod tests {
     use super::*;
     use crate::alert::Survey;
+    use crate::engine::StampPlanes;
     use crate::history::{Epoch, Measurement};
     use rand::{rngs::StdRng, Rng, SeedableRng};
     use rand_distr::{Distribution, StandardNormal};
@@ -438,6 +428,12 @@ mod tests {
         assert!(cropped >= 6, "seed {seed}: only {cropped} cases were cut smaller");
         assert!(measured >= 20, "seed {seed}: only {measured} windows measured");
     }
+    /// One stamp's planes cut to the history's square, as the CPU engine does.
+    fn squares_of(planes: &StampPlanes, w: usize, h: usize, params: &StampParams) -> StampSquares {
+        let batch = crate::engine::StampBatch { n: 1, params: vec![params.clone()], ..crate::engine::StampBatch::empty(w, h) };
+        StampSquares::from_planes(&batch, planes, STORED_HALF)
+    }
+
     /// `e` as the history keeps it: its planes through [`epoch_stamps`] (the stored square
     /// around its candidate), with the candidate moved onto that square.
     fn stored(e: &Epoch) -> Epoch {
@@ -450,7 +446,7 @@ mod tests {
         };
         let sigma = ((e.stamps.psf.width / 2) as f32 / 4.0).max(0.3);
         let params = StampParams { science_sigma: sigma, template_sigma: sigma, ..StampParams::new(0.0, e.stamp_x as f32, e.stamp_y as f32) };
-        let s = epoch_stamps(&planes, 0, d.width, d.height, &params).expect("stored stamps");
+        let s = epoch_stamps(&squares_of(&planes, d.width, d.height, &params), 0, &params).expect("stored stamps");
         Epoch { stamp_x: s.x, stamp_y: s.y, stamps: EpochStamps { psf: e.stamps.psf.clone(), ..s.stamps }, ..e.clone() }
     }
 
@@ -466,7 +462,7 @@ mod tests {
             let plane = |rng: &mut StdRng| (0..w * h).map(|_| rng.gen_range(-5.0f32..5.0)).collect::<Vec<_>>();
             let planes = StampPlanes { results: Vec::new(), difference: plane(&mut rng), variance: plane(&mut rng), template_variance: plane(&mut rng) };
             let params = StampParams { science_sigma: 1.7, template_sigma: 1.2, ..StampParams::new(0.0, cx as f32, cy as f32) };
-            let s = epoch_stamps(&planes, 0, w, h, &params).expect("stored");
+            let s = epoch_stamps(&squares_of(&planes, w, h, &params), 0, &params).expect("stored");
             let ctx = format!("seed {seed}, case {case}: {w}x{h}, candidate ({cx:.2}, {cy:.2})");
             for im in [&s.stamps.difference, &s.stamps.variance, &s.stamps.template_variance] {
                 assert_eq!(im.shape(), (side, side), "{ctx}");
@@ -499,7 +495,7 @@ mod tests {
         }
         let nan = StampParams::new(0.0, f32::NAN, 3.0);
         let planes = StampPlanes { results: Vec::new(), difference: vec![0.0; 81], variance: vec![1.0; 81], template_variance: vec![0.1; 81] };
-        assert!(epoch_stamps(&planes, 0, 9, 9, &nan).is_none(), "a non-finite candidate has no square");
+        assert!(epoch_stamps(&squares_of(&planes, 9, 9, &nan), 0, &nan).is_none(), "a non-finite candidate has no square");
     }
 
     /// The stored square holds what a stack's measurement reads: stacks of the stored stamps

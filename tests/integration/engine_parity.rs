@@ -473,3 +473,41 @@ fn subtract_planes_match_cpu() {
         eprintln!("planes {w}x{h} x{n}: ok");
     }
 }
+
+/// `shaders/squares.wgsl` against its twin: the history's squares cut on the device equal the
+/// squares cut on the host from the same engine's whole planes (`StampSquares::from_planes`):
+/// the difference and variance bit for bit (NaN where masked or off the stamp), the template
+/// share a²·ConvV to f32 rounding (the kernel multiplies in f32, the host in f64). Candidates
+/// anywhere on the stamp, so squares leave it on every side; stamps smaller than the square
+/// take the host path; one batch in chunks of 4 stamps.
+#[test]
+fn subtract_squares_match_their_twin() {
+    let mut rng = seeded("subtract_squares_match_their_twin");
+    let Some(mut g) = gpu("subtract_squares_match_their_twin") else { return };
+    let half = blink::engine::STORED_HALF;
+    let side = 2 * half + 1;
+    let mut off_stamp = 0;
+    for (k, (w, h, n)) in SHAPES.into_iter().chain([(63, 63, 11)]).enumerate() {
+        let b = random_batch(&mut rng, w, h, n);
+        g.set_chunk_stamps((k == SHAPES.len()).then_some(4));
+        let got = g.subtract_squares(&b, half).unwrap();
+        let planes = g.subtract_planes(&b).unwrap();
+        let want = blink::engine::StampSquares::from_planes(&b, &planes, half);
+        assert_eq!(got.results, want.results, "{w}x{h}: results");
+        assert_eq!((got.side, &got.origins), (side, &want.origins), "{w}x{h}");
+        assert_eq!(got.difference.len(), n * side * side, "{w}x{h}");
+        for i in 0..n * side * side {
+            let (s, p) = (i / (side * side), i % (side * side));
+            let at = format!("{w}x{h} stamp {s} square pixel ({}, {})", p % side, p / side);
+            assert_eq!(got.difference[i].to_bits(), want.difference[i].to_bits(), "{at}: difference");
+            assert_eq!(got.variance[i].to_bits(), want.variance[i].to_bits(), "{at}: variance");
+            let (gt, wt) = (got.template_variance[i], want.template_variance[i]);
+            assert_eq!(gt.is_nan(), wt.is_nan(), "{at}: template share {gt} against {wt}");
+            assert!(gt.is_nan() || (gt - wt).abs() <= 4e-7 * wt.abs(), "{at}: template share {gt} against {wt}");
+            off_stamp += usize::from(gt.is_nan());
+        }
+        eprintln!("squares {w}x{h} x{n}: ok");
+    }
+    g.set_chunk_stamps(None);
+    assert!(off_stamp > 0, "no square left its stamp");
+}

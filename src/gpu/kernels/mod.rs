@@ -11,6 +11,7 @@ pub mod convolve;
 pub mod difference_score;
 pub mod fit;
 pub mod frame;
+pub mod squares;
 pub mod stack;
 
 use crate::engine::{EngineError, StampParams};
@@ -149,10 +150,11 @@ pub fn shader_source(kernel: &str) -> Option<String> {
 }
 
 /// The WGSL sources of the kernels (without the shared declarations), by kernel name.
-pub const SHADERS: [(&str, &str); 3] = [
+pub const SHADERS: [(&str, &str); 4] = [
     ("convolve", include_str!("../../../shaders/convolve.wgsl")),
     ("fit", include_str!("../../../shaders/fit.wgsl")),
     ("difference_score", include_str!("../../../shaders/difference_score.wgsl")),
+    ("squares", include_str!("../../../shaders/squares.wgsl")),
 ];
 
 #[cfg(test)]
@@ -175,6 +177,10 @@ mod tests {
                 assert!(src.contains(&format!("const {name}: u32 = {v}u;")), "{kernel}: {name}");
             }
         }
+        let side = 2 * squares::SQUARE_HALF + 1;
+        assert!(shader_source("squares").unwrap().contains(&format!("const SQUARE_SIDE: u32 = {side}u;")), "squares: SQUARE_SIDE");
+        // The history's square is the one the kernel cuts (else the engine cuts on the host).
+        assert_eq!(squares::SQUARE_HALF, crate::engine::STORED_HALF);
         assert_eq!(PIX_PLANES, Pix::Profile as usize + 1);
         assert_eq!(WORK_PLANES, Work::Var as usize + 1);
     }
