@@ -78,8 +78,9 @@ stacking() {
     # Three runs with 4 threads: the harness names a test running over 60 s.
     for r in 1 2 3; do
         local t0=$SECONDS
-        timeout 75 .gpu/tests-integration parity --test-threads 4 > "$out/parity$r.txt" 2>&1
-        echo "parity run $r: rc $? in $((SECONDS - t0)) s"
+        local rc=0
+        timeout 75 .gpu/tests-integration parity --test-threads 4 > "$out/parity$r.txt" 2>&1 || rc=$?
+        echo "parity run $r: rc $rc in $((SECONDS - t0)) s"
     done
     echo
     echo "=== blink stacking on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') ==="

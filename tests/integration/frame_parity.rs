@@ -290,9 +290,12 @@ fn subtract_al_on_the_gpu_matches_the_cpu() {
     let mut rng = seeded(test);
     let side = 256;
     // On a jittered 8 × 8 grid, 30 px apart: uniform positions left fewer than three isolated
-    // stars for the kernel fit in about one run in twenty (seed 1795772376468205136).
+    // stars for the kernel fit in about one run in twenty (seed 1795772376468205136). Fluxes
+    // 3 000–30 000 (S/N 30–300): with 300 / U(0.01, 1) only ~6 of the 64 stars were bright
+    // enough for a stamp, and too few were left in about one run in forty (seed
+    // 1795776977207589195, on the H200).
     let stars: Vec<(f64, f64, f64)> = (0..64)
-        .map(|k| (16.0 + 30.0 * (k % 8) as f64 + rng.gen_range(-3.0..3.0), 16.0 + 30.0 * (k / 8) as f64 + rng.gen_range(-3.0..3.0), 300.0 / rng.gen_range(0.01..1.0)))
+        .map(|k| (16.0 + 30.0 * (k % 8) as f64 + rng.gen_range(-3.0..3.0), 16.0 + 30.0 * (k / 8) as f64 + rng.gen_range(-3.0..3.0), 3000.0 / rng.gen_range(0.1..1.0)))
         .collect();
     let mut science = star_image(side, 3.0, &mut rng, &stars);
     let template = star_image(side, 2.4, &mut rng, &stars);
@@ -331,9 +334,12 @@ fn score_image_gpu_matches_score_image() {
     let mut rng = seeded(test);
     let side = 256;
     // On a jittered 8 × 8 grid, 30 px apart: uniform positions left fewer than three isolated
-    // stars for the kernel fit in about one run in twenty (seed 1795772376468205136).
+    // stars for the kernel fit in about one run in twenty (seed 1795772376468205136). Fluxes
+    // 3 000–30 000 (S/N 30–300): with 300 / U(0.01, 1) only ~6 of the 64 stars were bright
+    // enough for a stamp, and too few were left in about one run in forty (seed
+    // 1795776977207589195, on the H200).
     let stars: Vec<(f64, f64, f64)> = (0..64)
-        .map(|k| (16.0 + 30.0 * (k % 8) as f64 + rng.gen_range(-3.0..3.0), 16.0 + 30.0 * (k / 8) as f64 + rng.gen_range(-3.0..3.0), 300.0 / rng.gen_range(0.01..1.0)))
+        .map(|k| (16.0 + 30.0 * (k % 8) as f64 + rng.gen_range(-3.0..3.0), 16.0 + 30.0 * (k / 8) as f64 + rng.gen_range(-3.0..3.0), 3000.0 / rng.gen_range(0.1..1.0)))
         .collect();
     let science = star_image(side, 3.0, &mut rng, &stars);
     let template = star_image(side, 2.4, &mut rng, &stars);
