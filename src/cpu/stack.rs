@@ -207,27 +207,26 @@ pub fn shift_pixel(planes: [&[f32]; 3], w: usize, h: usize, t: &ShiftTaps, x: us
 pub fn shift_psf(p: &PsfImage, t: &ShiftTaps) -> PsfImage {
     let s = p.side;
     let si = s as i64;
-    let px = |x: i64, y: usize| -> f64 {
-        if x < 0 || x >= si {
-            return 0.0;
-        }
-        let v = p.pixels.get(y * s + x as usize).copied().unwrap_or(0.0);
-        if v.is_finite() {
-            v
-        } else {
-            0.0
-        }
-    };
-    // Rows: every source row shifted along x.
+    // Rows: every source row, non-finite values as zero, in a line padded with zeros wide
+    // enough for every tap (`x + ix − 2 ..= x + ix + 3`), then shifted along x: the same sums
+    // in the same order as tap by tap with bounds checks (a zero tap adds 0), several times
+    // faster on the streaming path.
+    let pad = TAPS + t.ix.unsigned_abs().min(si as u64 + TAPS as u64) as usize;
+    let mut line = vec![0.0f64; s + 2 * pad];
     let mut rows = vec![0.0f64; s * s];
     for y in 0..s {
+        for (x, l) in line[pad..pad + s].iter_mut().enumerate() {
+            let v = p.pixels.get(y * s + x).copied().unwrap_or(0.0);
+            *l = if v.is_finite() { v } else { 0.0 };
+        }
         for x in 0..si {
-            let mut acc = 0.0;
-            for (i, &kx) in t.kx.iter().enumerate() {
-                if kx != 0.0 {
-                    acc += kx * px(x + t.ix + i as i64 - 2, y);
-                }
-            }
+            // Within the line: pad + x + ix − 2 ≥ pad − |ix| − 2 > 0, and its last tap at most
+            // pad + s − 1 + |ix| + 3 < s + 2·pad; a shift past the image reads only padding.
+            let start = pad as i64 + x + t.ix - 2;
+            let acc = match usize::try_from(start).ok().and_then(|a| line.get(a..a + TAPS)) {
+                Some(w) => w.iter().zip(&t.kx).fold(0.0, |acc, (v, k)| acc + k * v),
+                None => 0.0,
+            };
             rows[y * s + x as usize] = acc;
         }
     }
