@@ -16,6 +16,7 @@
 #   scripts/gpu-al.sh prepare stacking   # the stacking bench and the integration tests only
 #   scripts/gpu-al.sh stacking           # the bench at 64 and 1024 stamps, the parity tests
 #                                        # three times with 4 threads (a hang names its tests)
+#   scripts/gpu-al.sh parity [RUNS]      # the parity tests alone, RUNS (5) times with 4 threads
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/gpu-common.sh
@@ -70,25 +71,40 @@ unpack() {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 }
 
+# The parity tests RUNS times with 4 threads: the harness names a test running over 60 s.
+parity_runs() {
+    for r in $(seq "$1"); do
+        local t0=$SECONDS rc=0
+        timeout 75 .gpu/tests-integration parity --test-threads 4 > "$out/parity$r.txt" 2>&1 || rc=$?
+        echo "parity run $r: rc $rc in $((SECONDS - t0)) s"
+    done
+}
+
+parity_table() {
+    for f in "$out"/parity*.txt; do
+        printf '%s: ' "$(basename "$f" .txt)"; grep -h -E '^test result' "$f" || echo 'no result (hung or killed)'
+        grep -h -E 'running for over|FAILED|panicked' "$f" | head -5 || true
+    done
+}
+
 stacking() {
     unpack
     for n in 64 1024; do
         BLINK_BENCH_BATCH=$n timeout 90 .gpu/bench-stacking --bench --warm-up-time 1 --measurement-time 2 2>&1 | tee "$out/stacking$n.txt" | grep -E 'time:|stacking bench' || true
     done
-    # Three runs with 4 threads: the harness names a test running over 60 s.
-    for r in 1 2 3; do
-        local t0=$SECONDS
-        local rc=0
-        timeout 75 .gpu/tests-integration parity --test-threads 4 > "$out/parity$r.txt" 2>&1 || rc=$?
-        echo "parity run $r: rc $rc in $((SECONDS - t0)) s"
-    done
+    parity_runs 3
     echo
     echo "=== blink stacking on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') ==="
     grep -h -E 'stacking bench \[' "$out"/stacking*.txt || true
-    for r in 1 2 3; do
-        printf 'parity %s: ' "$r"; grep -h -E '^test result' "$out/parity$r.txt" || echo 'no result (hung or killed)'
-        grep -h -E 'running for over|FAILED|panicked' "$out/parity$r.txt" | head -5 || true
-    done
+    parity_table
+}
+
+parity() {
+    unpack
+    parity_runs "${1:-5}"
+    echo
+    echo "=== blink parity tests, 4 threads, on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') ==="
+    parity_table
 }
 
 run() {
@@ -125,5 +141,6 @@ case "${1:-}" in
     prepare) prepare "${2:-}" ;;
     run) run ;;
     stacking) stacking ;;
-    *) echo "usage: $0 prepare [stacking] | run | stacking" >&2; exit 2 ;;
+    parity) parity "${2:-5}" ;;
+    *) echo "usage: $0 prepare [stacking] | run | stacking | parity [RUNS]" >&2; exit 2 ;;
 esac
