@@ -316,6 +316,27 @@ pub fn square_origin(cx: f32, cy: f32, half: usize) -> Option<(i64, i64)> {
     (ok(cx) && ok(cy)).then(|| ((cx + 0.5).floor() as i64 - half as i64, (cy + 0.5).floor() as i64 - half as i64))
 }
 
+/// Copy the part of the `side × side` square whose pixel (0, 0) is the plane's pixel
+/// `(x0, y0)` that lies on the `w × h` plane into `out` (row-major, `side²`); the rest of `out`
+/// is left as it is (NaN, as the callers fill it: masked).
+pub fn cut_square(plane: &[f32], w: usize, h: usize, (x0, y0): (i64, i64), side: usize, out: &mut [f32]) {
+    let (xa, xb) = (x0.max(0), (x0 + side as i64).min(w as i64));
+    if xa >= xb {
+        return;
+    }
+    for r in 0..side {
+        let y = y0 + r as i64;
+        if y < 0 || y >= h as i64 {
+            continue;
+        }
+        let src = y as usize * w + xa as usize..y as usize * w + xb as usize;
+        let dst = r * side + (xa - x0) as usize;
+        if let (Some(from), Some(to)) = (plane.get(src.clone()), out.get_mut(dst..dst + src.len())) {
+            to.copy_from_slice(from);
+        }
+    }
+}
+
 /// Each stamp's [`StampPlanes`] cut to the square of side `side` around its candidate
 /// ([`square_origin`]), NaN where masked or off the stamp; stamp after stamp, `side²` floats
 /// each.
@@ -349,20 +370,11 @@ impl StampSquares {
         for s in 0..n {
             let origin = square_origin(batch.params[s].cand_x, batch.params[s].cand_y, half);
             out.origins.push(origin);
-            let (Some((x0, y0)), Some((d, v, t))) = (origin, planes.stamp(s, npix)) else { continue };
-            for r in 0..side {
-                let y = y0 + r as i64;
-                let (xa, xb) = (x0.max(0), (x0 + side as i64).min(w as i64));
-                if y < 0 || y >= h as i64 || xa >= xb {
-                    continue;
-                }
-                let src = y as usize * w + xa as usize..y as usize * w + xb as usize;
-                let dst = s * area + r * side + (xa - x0) as usize;
-                let dst = dst..dst + src.len();
-                out.difference[dst.clone()].copy_from_slice(&d[src.clone()]);
-                out.variance[dst.clone()].copy_from_slice(&v[src.clone()]);
-                out.template_variance[dst].copy_from_slice(&t[src]);
-            }
+            let (Some(origin), Some((d, v, t))) = (origin, planes.stamp(s, npix)) else { continue };
+            let px = s * area..(s + 1) * area;
+            cut_square(d, w, h, origin, side, &mut out.difference[px.clone()]);
+            cut_square(v, w, h, origin, side, &mut out.variance[px.clone()]);
+            cut_square(t, w, h, origin, side, &mut out.template_variance[px]);
         }
         out
     }

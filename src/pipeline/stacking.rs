@@ -265,18 +265,7 @@ impl Crop {
             return plane.to_vec();
         }
         let mut out = vec![f32::NAN; self.side * self.side];
-        for (r, row) in out.chunks_exact_mut(self.side).enumerate() {
-            let y = self.y0 + r as i64;
-            if y < 0 || y >= h as i64 {
-                continue;
-            }
-            let (xa, xb) = (self.x0.max(0), (self.x0 + self.side as i64).min(w as i64));
-            if xa >= xb {
-                continue;
-            }
-            let src = &plane[y as usize * w + xa as usize..y as usize * w + xb as usize];
-            row[(xa - self.x0) as usize..(xb - self.x0) as usize].copy_from_slice(src);
-        }
+        crate::engine::cut_square(plane, w, h, (self.x0, self.y0), self.side, &mut out);
         out
     }
 
