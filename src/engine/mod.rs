@@ -337,6 +337,9 @@ pub fn cut_square(plane: &[f32], w: usize, h: usize, (x0, y0): (i64, i64), side:
     }
 }
 
+/// Three planes of one stamp: difference, variance, template share.
+pub type Planes3<'a> = (&'a [f32], &'a [f32], &'a [f32]);
+
 /// Each stamp's [`StampPlanes`] cut to the square of side `side` around its candidate
 /// ([`square_origin`]), NaN where masked or off the stamp; stamp after stamp, `side²` floats
 /// each.
@@ -379,8 +382,9 @@ impl StampSquares {
         out
     }
 
-    /// Stamp `s`'s three squares and its origin, when it has one.
-    pub fn square(&self, s: usize) -> Option<((&[f32], &[f32], &[f32]), (i64, i64))> {
+    /// Stamp `s`'s three squares (difference, variance, template share) and its origin, when
+    /// it has one.
+    pub fn square(&self, s: usize) -> Option<(Planes3<'_>, (i64, i64))> {
         let area = self.side * self.side;
         let px = s.checked_mul(area)?..(s + 1).checked_mul(area)?;
         let origin = (*self.origins.get(s)?)?;
