@@ -290,20 +290,32 @@ pub fn shift(b: &StackBatch) -> Shifted {
 ///
 /// Returns `(S, Var, VarT, epochs used)`; NaN, NaN, NaN, 0 where none is usable.
 pub fn coadd_pixel(epochs: impl IntoIterator<Item = (f32, f32, f32, f64)>) -> (f32, f32, f32, u32) {
-    let (mut wsum, mut sd, mut a, mut b, mut n) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0u32);
-    for (d, v, vt, c) in epochs {
-        if !usable(d, v, vt) {
-            continue;
+    let (mut sums, mut n) = ([0.0f64; 4], 0u32);
+    for t in epochs.into_iter().filter_map(|(d, v, vt, c)| coadd_terms(d, v, vt, c)) {
+        for (s, t) in sums.iter_mut().zip(t) {
+            *s += t;
         }
-        let ve = v as f64 / c;
-        let vte = (vt as f64 / c).min(ve);
-        let w = 1.0 / ve;
-        wsum += w;
-        sd += w * d as f64;
-        a += w * w * (ve - vte);
-        b += w * vte.sqrt();
         n += 1;
     }
+    coadd_finish(sums, n)
+}
+
+/// What one epoch adds to a stack pixel's sums in [`coadd_pixel`]: `(w, w·D', w²(Ve − VTe),
+/// w·√VTe)`, or `None` where it is not [`usable`]. Made once per epoch and pixel for all the
+/// stacks that share the epoch ([`coadd_shifted`]: an object's windows are nested), the same
+/// numbers summed in the same order.
+fn coadd_terms(d: f32, v: f32, vt: f32, c: f64) -> Option<[f64; 4]> {
+    if !usable(d, v, vt) {
+        return None;
+    }
+    let ve = v as f64 / c;
+    let vte = (vt as f64 / c).min(ve);
+    let w = 1.0 / ve;
+    Some([w, w * d as f64, w * w * (ve - vte), w * vte.sqrt()])
+}
+
+/// `(S, Var, VarT, n)` from the sums of [`coadd_terms`] over `n` usable epochs.
+fn coadd_finish([wsum, sd, a, b]: [f64; 4], n: u32) -> (f32, f32, f32, u32) {
     if n == 0 {
         return (f32::NAN, f32::NAN, f32::NAN, 0);
     }
@@ -325,6 +337,9 @@ pub fn coadd_shifted(b: &StackBatch, sh: &Shifted) -> Vec<Stack> {
     let npix = b.npix();
     let corr: Vec<f64> = b.shifts.iter().map(|&(dx, dy)| corr_product(&ShiftTaps::new(dx, dy))).collect();
     let psfs = EpochPsfs::new(b, 0..b.epochs());
+    // Each epoch's terms once, for every stack that holds it.
+    let terms: Vec<Option<[f64; 4]>> =
+        (0..b.epochs() * npix).map(|p| coadd_terms(sh.diff[p], sh.var[p], sh.var_template[p], corr[p / npix.max(1)])).collect();
     b.stacks
         .iter()
         .map(|r| {
@@ -334,10 +349,14 @@ pub fn coadd_shifted(b: &StackBatch, sh: &Shifted) -> Vec<Stack> {
             }
             st.epochs = r.len();
             for i in 0..npix {
-                let (s, v, vt, n) = coadd_pixel(r.clone().map(|e| {
-                    let p = e * npix + i;
-                    (sh.diff[p], sh.var[p], sh.var_template[p], corr[e])
-                }));
+                let (mut sums, mut n) = ([0.0f64; 4], 0u32);
+                for t in r.clone().filter_map(|e| terms[e * npix + i]) {
+                    for (s, t) in sums.iter_mut().zip(t) {
+                        *s += t;
+                    }
+                    n += 1;
+                }
+                let (s, v, vt, n) = coadd_finish(sums, n);
                 st.image[i] = s;
                 st.var[i] = v;
                 st.var_template[i] = vt;

@@ -196,7 +196,8 @@ fn evaluate_objects(history: &dyn HistoryStore, objects: &[&Touched], threshold:
 }
 
 /// The window stacks of one object's epochs in `t`'s band (those of `t`'s stamp shape) on the
-/// common grid of `t`, each with its measurement at the candidate; cut to the measurement's
+/// common grid of `t`, each with its measurement at the candidate (`None` for a window
+/// repeating a shorter one or of one epoch, which are never announced); cut to the measurement's
 /// [`Crop`] when `crop` is set (the stacks are then of the crop). `None` with fewer than two
 /// epochs to stack, or when stacking fails (logged).
 fn window_measurements(band: &[crate::history::Epoch], t: &Touched, crop: bool) -> Option<Vec<(stack::WindowStack, Option<StackMeasurement>)>> {
@@ -208,7 +209,9 @@ fn window_measurements(band: &[crate::history::Epoch], t: &Touched, crop: bool) 
     }
     match stack::windows(&epochs, t.mjd, &DEFAULT_WINDOWS) {
         Ok(ws) => Some(ws.into_iter().map(|w| {
-            let m = crop.measure(&w.stack, t.x, t.y);
+            // A window that repeats a shorter one, or holds one epoch (the epoch itself), is
+            // never announced: not measured.
+            let m = if w.same_as.is_some() || w.epochs.len() < 2 { None } else { crop.measure(&w.stack, t.x, t.y) };
             (w, m)
         }).collect()),
         Err(e) => {
@@ -415,7 +418,7 @@ mod tests {
             }
         }
         assert!(cropped >= 6, "seed {seed}: only {cropped} cases were cut smaller");
-        assert!(measured >= 20, "seed {seed}: only {measured} windows measured");
+        assert!(measured >= 10, "seed {seed}: only {measured} windows measured");
     }
     /// One stamp's planes cut to the history's square, as the CPU engine does.
     fn squares_of(planes: &StampPlanes, w: usize, h: usize, params: &StampParams) -> StampSquares {
