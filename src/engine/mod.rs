@@ -285,8 +285,8 @@ pub trait Engine: Send {
     /// Like [`Engine::subtract`], also returning the difference and variance images (full
     /// frames cut into tiles use these; alerts need only the results).
     fn subtract_images(&mut self, batch: &StampBatch) -> Result<SubtractionImages, EngineError>;
-    /// Like [`Engine::subtract`], also returning the per-stamp planes the history store keeps
-    /// ([`StampPlanes`]). The pipeline asks for them only when stacking is on. The default runs
+    /// Like [`Engine::subtract`], also returning each stamp's whole planes ([`StampPlanes`]),
+    /// which [`Engine::subtract_squares`] cuts to what the history keeps. The default runs
     /// [`Engine::subtract_images`] and convolves the template variance again on the CPU; both
     /// engines override it to keep the plane they already have.
     fn subtract_planes(&mut self, batch: &StampBatch) -> Result<StampPlanes, EngineError> {

@@ -10,7 +10,8 @@
 //! [`ack::AckTracker`]; the source commits an offset only when all earlier units are delivered.
 //!
 //! With a history store ([`Pipeline::start_with_history`]) the engine also returns each
-//! stamp's planes, and the sink stores the batch's epochs in one durable commit before it acks
+//! stamp's planes cut to the square the history keeps (`Engine::subtract_squares`), and the
+//! sink stores the batch's epochs in one durable commit before it acks
 //! them, then measures the touched objects' window stacks ([`stacking`]).
 
 pub mod ack;
@@ -379,12 +380,12 @@ async fn batch_stage(
     }
 }
 
-/// One alert's engine output: the result and, when a history store is on, its planes.
+/// One alert's engine output: the result and, when a history store is on, its stored square.
 type Processed = Result<(SubtractionResult, Option<stacking::StoredStamps>), String>;
 type Outcomes = Vec<((AckToken, AlertMeta), Processed)>;
 
 /// Runs on its own thread: assemble each batch, run the engine, pass results on. With
-/// `planes`, the engine also returns each stamp's planes for the history store.
+/// `planes`, the engine also returns each stamp's square for the history store.
 fn engine_stage(
     mut engine: Box<dyn Engine>,
     mut batches: mpsc::Receiver<Vec<Item>>,
