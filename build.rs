@@ -12,6 +12,8 @@ fn main() {
     // (`shaders/frame/shared/`).
     validate_shaders(Path::new("shaders/frame"));
     validate_shaders(Path::new("shaders/stack"));
+    // The resident stacks (`gpu::kernels::ring`) declare everything themselves.
+    validate_shaders(Path::new("shaders/ring"));
     compile_protos();
 }
 

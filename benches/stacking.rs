@@ -5,10 +5,12 @@
 //! - `subtract`: `Engine::subtract` (what the pipeline runs without a history store).
 //! - `subtract+stacking`: `Engine::subtract_squares` (each stamp's planes cut to the square the
 //!   history keeps; on the GPU on the device), the epochs' squares and PSFs, `put_many`
-//!   into a `MemoryHistory` holding the 10 earlier epochs per object (rebuilt outside the timed
-//!   part), then `pipeline::stacking::evaluate`: each object's history read, its window stacks
-//!   (`stack::windows`, CPU, on the pixels the measurement reads) and `stack::measure` at the
-//!   candidate. A second plain timing splits it: subtraction with squares, storing, stacks.
+//!   into a `MemoryHistory` holding the 10 earlier epochs per object, the new squares into the
+//!   resident ring that holds those epochs too (both rebuilt outside the timed part), then
+//!   `pipeline::stacking::evaluate`: every object's window stacks made and measured from its
+//!   resident squares in one dispatch (`gpu::kernels::ring`; with the CPU engine the twin,
+//!   `cpu::ring`, over the cores), and the announcement rule. A second plain timing splits it:
+//!   subtraction with squares, storing, squares into the ring, stacks.
 //!
 //! The engine is `select_engine(auto)`: the GPU where there is one (its adapter is printed and
 //! in the group name), else (no adapter, or llvmpipe) the CPU engine. The issue's target is that stacking adds at most
@@ -19,7 +21,9 @@ use std::time::Instant;
 use blink::alert::Survey;
 use blink::engine::{select_engine, Engine, EnginePreference, StampBatch, StampParams};
 use blink::history::{Epoch, HistoryConfig, HistoryStore, Measurement, MemoryHistory};
+use blink::pipeline::ring::{self, SquareRing};
 use blink::pipeline::stacking::{self, Touched};
+use std::cell::RefCell;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 const SIDE: usize = 63;
@@ -85,13 +89,33 @@ fn epochs_of(squares: &blink::engine::StampSquares, b: &StampBatch, mjd: f64, ta
 }
 
 /// The stacking path on one batch, as the pipeline's sink runs it.
-fn subtract_and_stack(engine: &mut dyn Engine, b: &StampBatch, store: &MemoryHistory) -> usize {
+fn subtract_and_stack(engine: &mut dyn Engine, b: &StampBatch, store: &MemoryHistory, ring: &mut SquareRing) -> usize {
     let now = 61000.0 + HISTORY as f64;
     let new = epochs(engine, b, now, "now");
     let outcomes = store.put_many(&new).expect("put");
+    add_to_ring(ring, &new, &outcomes);
     let touched = touched_of(&new, outcomes);
-    let (hits, _) = stacking::evaluate(store, &touched, 5.0).expect("evaluate");
+    let (hits, _) = stacking::evaluate(store, ring, &touched, 5.0).expect("evaluate");
     hits.len()
+}
+
+/// The added epochs' squares into the ring, as the pipeline's sink puts them.
+fn add_to_ring(ring: &mut SquareRing, new: &[Epoch], outcomes: &[blink::history::PutOutcome]) {
+    for (e, o) in new.iter().zip(outcomes) {
+        if let blink::history::PutOutcome::Added { object, new_object } = o {
+            let s = &e.stamps;
+            let sq = ring::NewSquare {
+                alert_id: &e.alert_id,
+                mjd: e.mjd,
+                x: e.stamp_x,
+                y: e.stamp_y,
+                sigma: ring::psf_sigma(&s.psf).expect("a Gaussian PSF"),
+                half: (s.psf.width / 2) as u32,
+                planes: [&s.difference.data, &s.variance.data, &s.template_variance.data],
+            };
+            ring.add(object, &e.band, &sq, *new_object);
+        }
+    }
 }
 
 /// The stored alerts of `new` as the sink hands them to `evaluate`.
@@ -133,13 +157,29 @@ fn bench(c: &mut Criterion) {
             epochs(engine.as_mut(), &bd, 61000.0 + d as f64, &d.to_string())
         })
         .collect();
+    // The resident squares, next to the engine, as the pipeline makes them.
+    let ring = RefCell::new(SquareRing::new(ring::Backend::for_engine(engine.as_mut(), HistoryConfig::default().resident_mb << 20)));
+    eprintln!("stacking bench: resident squares {} ({} cells)", if matches!(ring.borrow().backend(), ring::Backend::Gpu(_)) { "on the device" } else { "on the host" }, ring.borrow().backend().capacity());
+    let now = 61000.0 + HISTORY as f64;
+    // A store holding the history, and the ring holding it too (as after a night of running).
     let fresh = || {
         let s = MemoryHistory::new(&HistoryConfig::default()).expect("store");
-        s.put_many(&past).expect("history");
+        let outcomes = s.put_many(&past).expect("history");
+        let mut by: std::collections::BTreeMap<String, Vec<Epoch>> = Default::default();
+        for (e, o) in past.iter().zip(outcomes) {
+            if let blink::history::PutOutcome::Added { object, .. } = o {
+                by.entry(object).or_default().push(e.clone());
+            }
+        }
+        let mut r = ring.borrow_mut();
+        r.clear();
+        for (object, es) in &by {
+            assert!(r.fill(object, "r", es, now), "the history fits in the ring");
+        }
         s
     };
     // Checked once before timing: every object gets its stacks measured.
-    let hits = subtract_and_stack(engine.as_mut(), &b, &fresh());
+    let hits = subtract_and_stack(engine.as_mut(), &b, &fresh(), &mut ring.borrow_mut());
     eprintln!("stacking bench: {hits} stack detections in one batch (a faint source in every stamp)");
 
     // The ratio, by plain timing (criterion's figures below are the detailed ones).
@@ -152,15 +192,17 @@ fn bench(c: &mut Criterion) {
     let mut total = 0.0;
     for _ in 0..reps {
         let store = fresh();
+        let mut r = ring.borrow_mut();
         let t = Instant::now();
-        subtract_and_stack(engine.as_mut(), &b, &store);
+        subtract_and_stack(engine.as_mut(), &b, &store, &mut r);
         total += t.elapsed().as_secs_f64();
     }
     let both = total / (reps * n) as f64;
     // Where the stacking path's time goes, per alert.
-    let (mut t_planes, mut t_engine, mut t_put, mut t_eval) = (0.0, 0.0, 0.0, 0.0);
+    let (mut t_planes, mut t_engine, mut t_put, mut t_add, mut t_eval) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for _ in 0..reps {
         let store = fresh();
+        let mut r = ring.borrow_mut();
         let t = Instant::now();
         let squares = engine.subtract_squares(&b, stacking::STORED_HALF).expect("squares");
         t_engine += t.elapsed().as_secs_f64();
@@ -169,18 +211,23 @@ fn bench(c: &mut Criterion) {
         let t = Instant::now();
         let outcomes = store.put_many(&new).expect("put");
         t_put += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        add_to_ring(&mut r, &new, &outcomes);
+        t_add += t.elapsed().as_secs_f64();
         let touched = touched_of(&new, outcomes);
         let t = Instant::now();
-        stacking::evaluate(&store, &touched, 5.0).expect("evaluate");
+        stacking::evaluate(&store, &mut r, &touched, 5.0).expect("evaluate");
         t_eval += t.elapsed().as_secs_f64();
+        assert_eq!(r.stats().fills as usize, n, "every object served from the ring");
     }
     let per = |s: f64| s / (reps * n) as f64 * 1e6;
     eprintln!(
-        "stacking bench [{adapter}]: per alert, subtract with squares {:.1} us (the engine's call {:.1}, the epochs' stamps {:.1}), store {:.1} us, stacks and measure {:.1} us",
+        "stacking bench [{adapter}]: per alert, subtract with squares {:.1} us (the engine's call {:.1}, the epochs' stamps {:.1}), store {:.1} us, squares into the ring {:.1} us, stacks and measure {:.1} us",
         per(t_planes),
         per(t_engine),
         per(t_planes - t_engine),
         per(t_put),
+        per(t_add),
         per(t_eval)
     );
     eprintln!(
@@ -192,12 +239,13 @@ fn bench(c: &mut Criterion) {
     );
     // The pipeline runs the engine (subtraction with squares) on its own thread while the sink
     // stores and stacks the batch before: per alert its throughput is set by the slower stage.
-    let stage = per(t_planes).max(per(t_put) + per(t_eval));
+    let sink = per(t_put) + per(t_add) + per(t_eval);
+    let stage = per(t_planes).max(sink);
     eprintln!(
         "stacking bench [{adapter}]: pipelined, slower stage {:.1} us/alert (engine {:.1}, sink {:.1}): ratio {:.2}",
         stage,
         per(t_planes),
-        per(t_put) + per(t_eval),
+        sink,
         stage / (sub * 1e6)
     );
 
@@ -206,7 +254,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n as u64));
     g.bench_function("subtract", |bch| bch.iter(|| engine.subtract(&b).expect("subtract")));
     g.bench_function("subtract+stacking", |bch| {
-        bch.iter_batched(fresh, |store| subtract_and_stack(engine.as_mut(), &b, &store), BatchSize::PerIteration)
+        bch.iter_batched(fresh, |store| subtract_and_stack(engine.as_mut(), &b, &store, &mut ring.borrow_mut()), BatchSize::PerIteration)
     });
     g.finish();
 }

@@ -7,6 +7,7 @@ pub mod convolve;
 pub mod difference_score;
 pub mod fit;
 pub mod frame;
+pub mod ring;
 pub mod stack;
 
 use crate::engine::{Engine, EngineError, StampBatch, StampPlanes, SubtractionImages, SubtractionResult};

@@ -24,6 +24,12 @@ pub struct HistoryConfig {
     /// When the file at start-up is not a readable history store: `false` fails with an error
     /// naming it; `true` moves it aside as `<path>.corrupt-<unix time>` and starts empty.
     pub rebuild_corrupt: bool,
+    /// Memory for the squares of recent epochs kept where the stacks are made, MiB: on the GPU
+    /// with the GPU engine (capped by the adapter's largest storage binding), in host memory
+    /// with the CPU engine. One epoch takes 11.3 KiB, so the default 256 holds ~23,000 epochs
+    /// (~2,000 objects with 11 epochs each in 30 nights). Objects beyond it are read from this
+    /// store when their stacks are made, which is slower but gives the same detections.
+    pub resident_mb: u64,
 }
 
 impl Default for HistoryConfig {
@@ -34,6 +40,7 @@ impl Default for HistoryConfig {
             max_bytes: 2 << 30,
             match_radius_arcsec: 1.0,
             rebuild_corrupt: false,
+            resident_mb: 256,
         }
     }
 }
@@ -57,6 +64,9 @@ impl HistoryConfig {
         }
         if !(self.match_radius_arcsec > 0.0 && self.match_radius_arcsec <= 3600.0) {
             return bad(format!("history.match_radius_arcsec = {}: wants (0, 3600]", self.match_radius_arcsec));
+        }
+        if self.resident_mb > 1 << 20 {
+            return bad(format!("history.resident_mb = {}: wants at most 1048576 (1 TiB)", self.resident_mb));
         }
         Ok(())
     }

@@ -16,6 +16,7 @@
 
 pub mod ack;
 pub mod deadletter;
+pub mod ring;
 pub mod stacking;
 
 use std::collections::HashMap;
@@ -188,12 +189,18 @@ impl Pipeline {
     pub fn start_with_outputs(
         cfg: &Config,
         decoder: Arc<Decoder>,
-        engine: Box<dyn Engine>,
+        mut engine: Box<dyn Engine>,
         hub: Hub,
         metrics: Arc<Metrics>,
         history: Option<Arc<dyn HistoryStore>>,
         outputs: Vec<Arc<dyn Output>>,
     ) -> std::io::Result<Pipeline> {
+        // The squares the stacks are made from, next to the engine (`pipeline::ring`).
+        let ring = history.as_ref().map(|_| {
+            let backend = ring::Backend::for_engine(engine.as_mut(), cfg.history.resident_mb << 20);
+            tracing::info!(cells = backend.capacity(), gpu = matches!(backend, ring::Backend::Gpu(_)), "resident squares for the stacks");
+            Arc::new(Mutex::new(ring::SquareRing::new(backend)))
+        });
         let cap = cfg.batch.channel_capacity;
         let (input, envelopes) = mpsc::channel::<Envelope>(cap);
         let (items_tx, items_rx) = mpsc::channel::<Item>(cap);
@@ -234,7 +241,7 @@ impl Pipeline {
             dead,
             metrics,
             cfg.detect.threshold,
-            history,
+            history.zip(ring),
             outputs,
         ));
         Ok(Pipeline { input, commits, tasks: vec![decode, batcher, sink], engine_thread })
@@ -437,7 +444,7 @@ async fn sink_stage(
     dead: Arc<DeadLetterSink>,
     metrics: Arc<Metrics>,
     threshold: f64,
-    history: Option<Arc<dyn HistoryStore>>,
+    history: Option<(Arc<dyn HistoryStore>, Arc<Mutex<ring::SquareRing>>)>,
     outputs: Vec<Arc<dyn Output>>,
 ) {
     while let Some(batch) = outcomes.recv().await {
@@ -464,8 +471,8 @@ async fn sink_stage(
             }
         }
         let mut touched = Vec::new();
-        if let Some(h) = history.as_ref().filter(|_| !good.is_empty()) {
-            match store(h.clone(), &good, &metrics).await {
+        if let Some((h, r)) = history.as_ref().filter(|_| !good.is_empty()) {
+            match store(h.clone(), r, &good, &metrics).await {
                 Ok((t, created)) => {
                     touched = t;
                     for i in created {
@@ -494,8 +501,8 @@ async fn sink_stage(
                 Metrics::inc(&metrics.detected);
             }
         }
-        if let Some(h) = history.as_ref().filter(|_| !touched.is_empty()) {
-            published.extend(announce_stacks(h.clone(), touched, &good, &hub, &metrics, threshold).await);
+        if let Some((h, r)) = history.as_ref().filter(|_| !touched.is_empty()) {
+            published.extend(announce_stacks(h.clone(), r.clone(), touched, &good, &hub, &metrics, threshold).await);
         }
         let mut delivered = true;
         for out in &outputs {
@@ -545,11 +552,12 @@ async fn deliver(out: &dyn Output, published: &[Arc<crate::proto::Detection>], m
     false
 }
 
-/// Store the epochs of `good` in one commit; the objects they went to (added, or already
-/// there) are returned for stacking, with the indices in `good` of the alerts that created
-/// their object.
+/// Store the epochs of `good` in one commit and put the added ones' squares into the ring; the
+/// objects they went to (added, or already there) are returned for stacking, with the indices
+/// in `good` of the alerts that created their object.
 async fn store(
     h: Arc<dyn HistoryStore>,
+    ring: &Mutex<ring::SquareRing>,
     good: &[(Outcome, Option<stacking::StoredStamps>)],
     metrics: &Metrics,
 ) -> Result<(Vec<stacking::Touched>, Vec<usize>), String> {
@@ -583,13 +591,27 @@ async fn store(
         .map_err(|e| e.to_string())?;
     let mut touched = Vec::new();
     let mut created = Vec::new();
+    let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
     for ((i, out), (width, height, x, y)) in index.into_iter().zip(outcomes).zip(shapes) {
-        let Some((o, _)) = good.get(i) else { continue };
+        let Some((o, stored)) = good.get(i) else { continue };
         let object = match out {
             PutOutcome::Added { object, new_object } => {
                 Metrics::inc(&metrics.epochs_stored);
                 if new_object {
                     created.push(i);
+                }
+                if let Some(st) = stored {
+                    let s = &st.stamps;
+                    let sq = ring::NewSquare {
+                        alert_id: &o.meta.alert_id,
+                        mjd: o.meta.mjd_tai,
+                        x,
+                        y,
+                        sigma: st.sigma,
+                        half: (s.psf.width / 2) as u32,
+                        planes: [&s.difference.data, &s.variance.data, &s.template_variance.data],
+                    };
+                    ring.add(&object, &o.meta.band, &sq, new_object);
                 }
                 object
             }
@@ -624,6 +646,7 @@ async fn store(
 /// detections published.
 async fn announce_stacks(
     h: Arc<dyn HistoryStore>,
+    ring: Arc<Mutex<ring::SquareRing>>,
     touched: Vec<stacking::Touched>,
     good: &[(Outcome, Option<stacking::StoredStamps>)],
     hub: &Hub,
@@ -631,7 +654,11 @@ async fn announce_stacks(
     threshold: f64,
 ) -> Vec<Arc<crate::proto::Detection>> {
     let store = h.clone();
-    let run = tokio::task::spawn_blocking(move || stacking::evaluate(&*store, &touched, threshold)).await;
+    let run = tokio::task::spawn_blocking(move || {
+        let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
+        stacking::evaluate(&*store, &mut ring, &touched, threshold)
+    })
+    .await;
     let (hits, record) = match run {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

@@ -3,16 +3,25 @@
 //! window whose score reaches the threshold is announced once (again only when it grows by
 //! [`ANNOUNCE_GROWTH`]). `docs/stacking.md`, "Streaming", says what and why.
 //!
-//! The stacks are made on the CPU (`stack::windows`) in the sink stage, off the engine thread,
-//! the objects of a batch spread over the cores.
+//! The stacks are made in the sink stage, off the engine thread, from the squares of recent
+//! epochs kept resident where the engine runs ([`SquareRing`]: on the GPU with the GPU engine,
+//! in host memory with the CPU engine): one dispatch per batch for all touched objects, a few
+//! numbers per object and window back.
 
 use std::collections::BTreeMap;
 
 use crate::alert::Image;
 use crate::engine::{StampParams, StampSquares};
 use crate::history::{Announcement, EpochStamps, HistoryError, HistoryStore};
+#[cfg(test)]
 use crate::stack::{self, StackEpoch, StackMeasurement, DEFAULT_WINDOWS};
+#[cfg(not(test))]
+use crate::stack::StackMeasurement;
+#[cfg(test)]
 use crate::subtract::decorr::PsfImage;
+
+use super::ring::{self, SquareRing};
+use crate::cpu::ring::{RingJob, WindowSums};
 
 /// A window already announced is announced again when its |score| reaches this many times the
 /// last announced one.
@@ -45,6 +54,8 @@ pub struct StoredStamps {
     pub stamps: EpochStamps,
     pub x: f64,
     pub y: f64,
+    /// The width of the Gaussian stored as the PSF, pixels.
+    pub sigma: f64,
 }
 
 /// Stamp `s` of a batch as the history store keeps it: the engine's square around the
@@ -67,6 +78,7 @@ pub fn epoch_stamps(squares: &StampSquares, s: usize, params: &StampParams) -> O
         },
         x: f64::from(params.cand_x) - x0 as f64,
         y: f64::from(params.cand_y) - y0 as f64,
+        sigma,
     })
 }
 
@@ -114,11 +126,15 @@ pub struct StackHit {
 pub type Evaluation = (Vec<StackHit>, Vec<(String, Announcement)>);
 
 /// Measure the touched objects' window stacks and decide what to announce. Per object and band
-/// only the latest alert of the list counts (the others' windows end earlier). Windows with
-/// `same_as` set (a shorter window has the same epochs) and windows of one epoch (the epoch
-/// itself, published as `epoch`) are skipped. Returns the hits and the announcements to record.
+/// only the latest alert of the list counts (the others' windows end earlier). The stacks are
+/// made from the squares resident in `ring` (one dispatch for all objects); an object whose
+/// slot does not serve its windows is read from the store once and fills it (or, when its
+/// epochs do not fit, is measured by the CPU twin on its own). Windows that repeat a shorter
+/// one, and windows of one epoch (the epoch itself, published as `epoch`), are not measured.
+/// Returns the hits and the announcements to record.
 pub fn evaluate(
     history: &dyn HistoryStore,
+    ring: &mut SquareRing,
     touched: &[Touched],
     threshold: f64,
 ) -> Result<Evaluation, HistoryError> {
@@ -129,77 +145,71 @@ pub fn evaluate(
             *e = t;
         }
     }
-    // Objects are independent: they are spread over the cores in contiguous runs (the results
-    // keep the objects' order). On a GPU node the subtraction of a batch is microseconds an
-    // alert and the stacks are what the sink waits for; one thread each for small batches.
-    let objects: Vec<&Touched> = latest.into_values().collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(objects.len() / MIN_OBJECTS_PER_THREAD).max(1);
-    let per_thread = objects.len().div_ceil(threads).max(1);
-    let runs: Vec<Result<Evaluation, HistoryError>> = if threads == 1 {
-        vec![evaluate_objects(history, &objects, threshold)]
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = objects.chunks(per_thread).map(|run| scope.spawn(move || evaluate_objects(history, run, threshold))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-        })
-    };
-    let mut hits = Vec::new();
-    let mut record = Vec::new();
-    for run in runs {
-        let (h, r) = run?;
-        hits.extend(h);
-        record.extend(r);
-    }
-    Ok((hits, record))
-}
-
-/// Objects per thread below which [`evaluate`] does not start another thread (a thread costs
-/// tens of microseconds; an object's stacks about a hundred).
-const MIN_OBJECTS_PER_THREAD: usize = 4;
-
-/// [`evaluate`]'s work on a run of objects (each the latest alert of its object and band).
-fn evaluate_objects(history: &dyn HistoryStore, objects: &[&Touched], threshold: f64) -> Result<Evaluation, HistoryError> {
-    let mut hits = Vec::new();
-    let mut record = Vec::new();
-    for &t in objects {
-        let Some(object) = history.object(&t.object)? else { continue };
-        let Some(band) = object.bands.get(&t.band) else { continue };
-        let Some(windows) = window_measurements(band, t, true) else { continue };
-        let announced = history.announcements(&t.object)?;
-        for (w, m) in windows {
-            if w.same_as.is_some() || w.epochs.len() < 2 {
+    // Per object: its windows (nights, epochs) and their sums, from the ring or on its own.
+    let mut measured: Vec<(&Touched, Vec<(f64, usize)>, Vec<WindowSums>, RingJob)> = Vec::new();
+    let mut jobs: Vec<(&Touched, RingJob, Vec<(f64, usize)>)> = Vec::new();
+    for t in latest.into_values() {
+        if !ring.serves(&t.object, &t.band, t.mjd) {
+            let Some(object) = history.object(&t.object)? else { continue };
+            let epochs: Vec<crate::history::Epoch> = object.bands.get(&t.band).cloned().unwrap_or_default();
+            if !ring.fill(&t.object, &t.band, &epochs, t.mjd) {
+                if let Some((cells, job, windows)) = ring::standalone_job(&epochs, &t.band, t.mjd, t.x, t.y) {
+                    let sums = crate::cpu::ring::measure(&cells, &job);
+                    measured.push((t, windows, sums, job));
+                }
                 continue;
             }
-            let Some(m) = m else { continue };
+        }
+        if let Some((job, windows)) = ring.job(&t.object, &t.band, t.mjd, t.x, t.y) {
+            jobs.push((t, job, windows));
+        }
+    }
+    let batch: Vec<RingJob> = jobs.iter().map(|(_, j, _)| j.clone()).collect();
+    match ring.measure(&batch) {
+        Ok(sums) => measured.extend(jobs.into_iter().zip(sums).map(|((t, job, windows), s)| (t, windows, s, job))),
+        Err(e) => {
+            // The device failed: these objects are measured from the store by the twin.
+            tracing::error!(error = %e, objects = jobs.len(), "resident stacks failed; measured from the store");
+            for (t, _, _) in jobs {
+                let Some(object) = history.object(&t.object)? else { continue };
+                let epochs = object.bands.get(&t.band).cloned().unwrap_or_default();
+                if let Some((cells, job, windows)) = ring::standalone_job(&epochs, &t.band, t.mjd, t.x, t.y) {
+                    let sums = crate::cpu::ring::measure(&cells, &job);
+                    measured.push((t, windows, sums, job));
+                }
+            }
+        }
+    }
+    let mut hits = Vec::new();
+    let mut record = Vec::new();
+    for (t, windows, sums, job) in measured {
+        let announced = history.announcements(&t.object)?;
+        for ((nights, epochs), s) in windows.into_iter().zip(sums) {
+            let Some(m) = s.measurement(&job) else { continue };
             if !(m.score.is_finite() && m.score.abs() >= threshold) {
                 continue;
             }
-            let prev = announced.iter().find(|a| a.band == w.band && a.nights == w.nights);
+            let prev = announced.iter().find(|a| a.band == t.band && a.nights == nights);
             if prev.is_some_and(|p| m.score.abs() < ANNOUNCE_GROWTH * p.score.abs()) {
                 continue;
             }
-            record.push((
-                t.object.clone(),
-                Announcement { band: w.band.clone(), nights: w.nights, score: m.score, mjd: t.mjd },
-            ));
-            hits.push(StackHit {
-                index: t.index,
-                object: t.object.clone(),
-                band: w.band,
-                nights: w.nights,
-                epochs: w.epochs.len(),
-                measurement: m,
-            });
+            record.push((t.object.clone(), Announcement { band: t.band.clone(), nights, score: m.score, mjd: t.mjd }));
+            hits.push(StackHit { index: t.index, object: t.object.clone(), band: t.band.clone(), nights, epochs, measurement: m });
         }
     }
+    // In the touched objects' order, as before the ring.
+    let order: BTreeMap<(&str, &str), usize> = touched.iter().enumerate().map(|(k, t)| ((t.object.as_str(), t.band.as_str()), k)).collect();
+    hits.sort_by_key(|h| (order.get(&(h.object.as_str(), h.band.as_str())).copied(), h.nights.to_bits()));
     Ok((hits, record))
 }
 
-/// The window stacks of one object's epochs in `t`'s band (those of `t`'s stamp shape) on the
+/// The reference the resident stacks (`cpu::ring`, `gpu::kernels::ring`) are checked against:
+/// the window stacks of one object's epochs in `t`'s band (those of `t`'s stamp shape) on the
 /// common grid of `t`, each with its measurement at the candidate (`None` for a window
 /// repeating a shorter one or of one epoch, which are never announced); cut to the measurement's
 /// [`Crop`] when `crop` is set (the stacks are then of the crop). `None` with fewer than two
 /// epochs to stack, or when stacking fails (logged).
+#[cfg(test)]
 fn window_measurements(band: &[crate::history::Epoch], t: &Touched, crop: bool) -> Option<Vec<(stack::WindowStack, Option<StackMeasurement>)>> {
     let same: Vec<&crate::history::Epoch> = band.iter().filter(|e| e.stamps.difference.shape() == (t.width, t.height)).collect();
     let crop = if crop { Crop::for_touched(t, &same) } else { Crop::WHOLE };
@@ -229,6 +239,7 @@ fn window_measurements(band: &[crate::history::Epoch], t: &Touched, crop: bool) 
 /// way, so stacks of the crop equal the full stamps' stacks there, bit for bit
 /// (`a_stack_of_the_crop_measures_what_the_whole_stamps_do`). On 63×63 stamps with the
 /// candidate near the centre it is ~27×27: a fifth of the pixels to shift and add.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Crop {
     /// Stamp pixel of the crop's pixel (0, 0); may be negative (padding).
@@ -237,6 +248,7 @@ struct Crop {
     side: usize,
 }
 
+#[cfg(test)]
 impl Crop {
     /// No cut: the whole stamp.
     const WHOLE: Crop = Crop { x0: 0, y0: 0, side: 0 };
@@ -295,6 +307,7 @@ impl Crop {
 /// the candidates' stamp positions, and the stored (centred) PSF is moved by it first, so that
 /// after alignment it is centred again on the common grid (`stack::measure` moves it to the
 /// candidate's phase). `None` for an epoch that cannot be stacked (logged).
+#[cfg(test)]
 fn stack_epoch(e: &crate::history::Epoch, t: &Touched, crop: &Crop) -> Option<StackEpoch> {
     let (dx, dy) = (e.stamp_x - t.x, e.stamp_y - t.y);
     let p = &e.stamps.psf;
@@ -547,41 +560,186 @@ mod tests {
         assert!(compared >= 15, "seed {seed}: only {compared} windows compared");
     }
 
+    /// One object's stored squares (31×31, as the pipeline keeps them) with the newest epoch,
+    /// the common grid, at the end; and the newest epoch's `Touched`.
+    fn stored_history(rng: &mut StdRng, n: usize) -> (Vec<Epoch>, Touched) {
+        let (x, y) = (31.0 + rng.gen_range(-0.45..0.45), 31.0 + rng.gen_range(-0.45..0.45));
+        let mut band = history(rng, n, (x, y));
+        let mut now = history(rng, 1, (x - 1.95, y - 1.95)).remove(0);
+        now.mjd = band.iter().map(|e| e.mjd).fold(f64::MIN, f64::max) + 0.5;
+        now.alert_id = "now".into();
+        band.push(now);
+        let kept: Vec<Epoch> = band.iter().map(stored).collect();
+        let last = kept.last().expect("newest");
+        let side = 2 * STORED_HALF + 1;
+        let t = Touched { index: 0, object: "obj".into(), band: "r".into(), mjd: last.mjd, x: last.stamp_x, y: last.stamp_y, width: side, height: side };
+        (kept, t)
+    }
+
+    /// The resident stacks (`cpu::ring`) measure what the host's stacks of the same squares do
+    /// (`stack::windows` then `stack::measure`), up to the effective PSF: the ring evaluates
+    /// each epoch's Gaussian at the candidate's phase, the host moves the sampled one with
+    /// Lanczos-3 three times.
     #[test]
-    fn objects_spread_over_threads_give_what_one_thread_gives() {
+    fn resident_stacks_measure_what_the_host_stacks_do() {
+        let seed: u64 = rand::random();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (mut compared, mut worst, mut worst_err) = (0, 0.0f64, 0.0f64);
+        for case in 0..12 {
+            let n = rng.gen_range(2..12);
+            let (kept, t) = stored_history(&mut rng, n);
+            let mut ring = SquareRing::new(ring::Backend::host(64 << 20));
+            assert!(ring.fill(&t.object, &t.band, &kept, t.mjd), "seed {seed}, case {case}: fill");
+            let (job, windows) = ring.job(&t.object, &t.band, t.mjd, t.x, t.y).expect("a job");
+            let sums = ring.measure(std::slice::from_ref(&job)).expect("measure").remove(0);
+            let host: Vec<_> = window_measurements(&kept, &t, false).expect("host stacks").into_iter().filter(|(w, _)| w.same_as.is_none() && w.epochs.len() >= 2).collect();
+            assert_eq!(windows.len(), host.len(), "seed {seed}, case {case}: windows measured");
+            for ((nights, count), ((w, m), s)) in windows.iter().zip(host.iter().zip(&sums)) {
+                assert_eq!((*nights, *count), (w.nights, w.epochs.len()), "seed {seed}, case {case}");
+                let (Some(m), Some(r)) = (m, s.measurement(&job)) else {
+                    // Both masked at the centre, or neither.
+                    assert_eq!(m.is_some(), s.measurement(&job).is_some(), "seed {seed}, case {case}: {m:?} against {s:?}");
+                    continue;
+                };
+                let d = (r.score - m.score).abs();
+                worst = worst.max(d);
+                worst_err = worst_err.max((r.flux_err / m.flux_err - 1.0).abs());
+                let ctx = format!("seed {seed}, case {case}, {nights}-night window of {count}: ring {r:?}, host {m:?}");
+                assert!(d <= 0.02 + 0.01 * m.score.abs(), "{ctx}");
+                assert!((r.flux_err / m.flux_err - 1.0).abs() < 0.02, "{ctx}");
+                assert_eq!((r.x, r.y), (m.x, m.y), "{ctx}");
+                compared += 1;
+            }
+        }
+        eprintln!("resident vs host stacks: {compared} windows, largest score difference {worst:.4}, flux error ratio off by {worst_err:.4}");
+        assert!(compared >= 12, "seed {seed}: only {compared} windows compared");
+    }
+
+    /// The order epochs arrive in, a duplicate delivery, and where their cells are do not
+    /// change a single bit of the sums.
+    #[test]
+    fn resident_stacks_do_not_depend_on_arrival_order_duplicates_or_cells() {
+        let seed: u64 = rand::random();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (kept, t) = stored_history(&mut rng, 9);
+        let add = |ring: &mut SquareRing, e: &Epoch, first: bool| {
+            let s = &e.stamps;
+            let sq = ring::NewSquare {
+                alert_id: &e.alert_id,
+                mjd: e.mjd,
+                x: e.stamp_x,
+                y: e.stamp_y,
+                sigma: ring::psf_sigma(&s.psf).expect("Gaussian PSF"),
+                half: (s.psf.width / 2) as u32,
+                planes: [&s.difference.data, &s.variance.data, &s.template_variance.data],
+            };
+            ring.add("obj", "r", &sq, first);
+        };
+        let sums = |ring: &mut SquareRing| {
+            let (job, _) = ring.job("obj", "r", t.mjd, t.x, t.y).expect("a job");
+            ring.measure(std::slice::from_ref(&job)).expect("measure").remove(0)
+        };
+        let mut a = SquareRing::new(ring::Backend::host(16 << 20));
+        for (k, e) in kept.iter().enumerate() {
+            add(&mut a, e, k == 0);
+        }
+        let want = sums(&mut a);
+        assert!(!want.is_empty() && want.iter().all(|s| s.den > 0.0), "seed {seed}: every window measured");
+        let mut order: Vec<usize> = (0..kept.len()).collect();
+        for trial in 0..4 {
+            use rand::seq::SliceRandom;
+            order.shuffle(&mut rng);
+            let mut b = SquareRing::new(ring::Backend::host(16 << 20));
+            // Another object first, so the cells differ.
+            add(&mut b, &Epoch { object_id: "other".into(), ..kept[0].clone() }, true);
+            for (k, &i) in order.iter().enumerate() {
+                add(&mut b, &kept[i], k == 0);
+                if k == 2 {
+                    add(&mut b, &kept[order[0]], false);
+                }
+            }
+            assert_eq!(sums(&mut b), want, "seed {seed}, trial {trial}: order {order:?}");
+        }
+        let (cells, job, _) = ring::standalone_job(&kept, "r", t.mjd, t.x, t.y).expect("standalone");
+        assert_eq!(crate::cpu::ring::measure(&cells, &job), want, "seed {seed}: standalone cells");
+    }
+
+    /// Slots give up their cells least recently used first; an object without a slot, or with
+    /// windows reaching past its horizon, is not served and fills again from the store.
+    #[test]
+    fn slots_are_given_up_least_recently_used_and_filled_again() {
+        let seed: u64 = rand::random();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let objects: Vec<(Vec<Epoch>, Touched)> = (0..3).map(|_| stored_history(&mut rng, 4)).collect();
+        // Room for two objects of five epochs.
+        let mut ring = SquareRing::new(ring::Backend::host((10 * crate::cpu::ring::CELL * 4) as u64));
+        let name = |k: usize| format!("obj{k}");
+        for (k, (kept, t)) in objects.iter().enumerate().take(2) {
+            assert!(ring.fill(&name(k), "r", kept, t.mjd), "seed {seed}");
+        }
+        assert!(ring.serves("obj0", "r", objects[0].1.mjd) && ring.serves("obj1", "r", objects[1].1.mjd));
+        // obj0 used last: obj1 gives up its cells for obj2.
+        assert!(ring.job("obj0", "r", objects[0].1.mjd, objects[0].1.x, objects[0].1.y).is_some());
+        assert!(ring.fill("obj2", "r", &objects[2].0, objects[2].1.mjd), "seed {seed}");
+        assert_eq!(ring.stats().evictions, 1);
+        assert!(ring.serves("obj0", "r", objects[0].1.mjd) && !ring.serves("obj1", "r", objects[1].1.mjd) && ring.serves("obj2", "r", objects[2].1.mjd));
+        // What a slot measures is what the same epochs measure on their own.
+        for k in [0, 2] {
+            let (kept, t) = &objects[k];
+            let (job, _) = ring.job(&name(k), "r", t.mjd, t.x, t.y).expect("job");
+            let (cells, alone, _) = ring::standalone_job(kept, "r", t.mjd, t.x, t.y).expect("standalone");
+            assert_eq!(ring.measure(&[job]).expect("measure").remove(0), crate::cpu::ring::measure(&cells, &alone), "seed {seed}, object {k}");
+        }
+        // An object of more epochs than the pool holds gets no slot.
+        let (many, t) = stored_history(&mut rng, 11);
+        assert!(!ring.fill("big", "r", &many, t.mjd) && !ring.serves("big", "r", t.mjd));
+        // Horizon: a slot holds what windows from its newest epoch (less a night) reach.
+        let (mut old, t) = stored_history(&mut rng, 3);
+        for (k, e) in old.iter_mut().enumerate() {
+            e.mjd = t.mjd - 10.0 * (k as f64 + 1.0);
+        }
+        let mut ring = SquareRing::new(ring::Backend::host(16 << 20));
+        assert!(ring.fill("obj", "r", &old, t.mjd));
+        assert!(ring.serves("obj", "r", t.mjd) && ring.serves("obj", "r", t.mjd - 0.9) && !ring.serves("obj", "r", t.mjd - 1.5), "seed {seed}");
+        assert!(ring.serves("obj", "r", t.mjd + 40.0), "later windows reach no further back");
+    }
+
+    /// `evaluate` announces the same from resident squares as from the store's copies (a pool
+    /// of one cell: every object measured on its own), whatever the threads.
+    #[test]
+    fn evaluate_announces_the_same_from_the_ring_and_from_the_store() {
         let seed: u64 = rand::random();
         let mut rng = StdRng::seed_from_u64(seed);
         let store = crate::history::MemoryHistory::new(&crate::history::HistoryConfig::default()).expect("store");
         let mut touched = Vec::new();
-        // Enough objects for several threads wherever there are two cores or more.
-        for k in 0..6 * MIN_OBJECTS_PER_THREAD {
-            let (x, y) = (31.0 + rng.gen_range(-2.0..2.0), 31.0 + rng.gen_range(-2.0..2.0));
+        for k in 0..24 {
             let n = rng.gen_range(3..9);
-            let mut band = history(&mut rng, n, (x, y));
-            for (i, e) in band.iter_mut().enumerate() {
+            let (mut kept, mut t) = stored_history(&mut rng, n);
+            for (i, e) in kept.iter_mut().enumerate() {
                 e.object_id = format!("obj{k}");
                 e.alert_id = format!("a{k}-{i}");
-                // A source bright enough that some windows reach the threshold.
-                e.measurement.score = 1.0;
             }
-            let object = match store.put_many(&band).expect("put").swap_remove(0) {
+            t.object = match store.put_many(&kept).expect("put").swap_remove(0) {
                 crate::history::PutOutcome::Added { object, .. } => object,
                 o => panic!("seed {seed}: {o:?}"),
             };
-            let last = band.iter().map(|e| e.mjd).fold(f64::MIN, f64::max);
-            touched.push(Touched { index: k, object, band: "r".into(), mjd: last, x, y, width: 63, height: 63 });
+            t.index = k;
+            touched.push(t);
         }
         let threshold = 3.0;
-        let (hits, record) = evaluate(&store, &touched, threshold).expect("evaluate");
-        let mut objects: Vec<&Touched> = touched.iter().collect();
-        objects.sort_by(|a, b| (a.object.as_str(), a.band.as_str()).cmp(&(b.object.as_str(), b.band.as_str())));
-        let (one_hits, one_record) = evaluate_objects(&store, &objects, threshold).expect("one thread");
+        let mut big = SquareRing::new(ring::Backend::host(64 << 20));
+        let (hits, record) = evaluate(&store, &mut big, &touched, threshold).expect("evaluate");
+        assert_eq!(big.stats().fills, 24, "seed {seed}: every object filled its slot");
+        // Again from the slots now resident: the same.
+        let (again, _) = evaluate(&store, &mut big, &touched, threshold).expect("evaluate");
+        assert_eq!(big.stats().fills, 24, "seed {seed}: served from the slots");
+        let mut tiny = SquareRing::new(ring::Backend::host(1));
+        let (alone, alone_record) = evaluate(&store, &mut tiny, &touched, threshold).expect("evaluate");
         assert!(hits.len() >= 4, "seed {seed}: only {} hits", hits.len());
         let key = |h: &StackHit| (h.index, h.object.clone(), h.band.clone(), h.nights.to_bits(), h.epochs, h.measurement.score.to_bits(), h.measurement.flux.to_bits());
-        assert_eq!(hits.iter().map(key).collect::<Vec<_>>(), one_hits.iter().map(key).collect::<Vec<_>>(), "seed {seed}");
-        assert_eq!(record.len(), one_record.len(), "seed {seed}");
-        for ((a, x), (b, y)) in record.iter().zip(&one_record) {
-            assert_eq!((a, &x.band, x.nights.to_bits(), x.score.to_bits()), (b, &y.band, y.nights.to_bits(), y.score.to_bits()), "seed {seed}");
-        }
+        let want: Vec<_> = hits.iter().map(key).collect();
+        assert_eq!(again.iter().map(key).collect::<Vec<_>>(), want, "seed {seed}");
+        assert_eq!(alone.iter().map(key).collect::<Vec<_>>(), want, "seed {seed}");
+        assert_eq!(record.len(), alone_record.len(), "seed {seed}");
     }
 }

@@ -182,3 +182,83 @@ fn stack_windows_on_the_gpu_match_the_cpu() {
         compare_stacks(&format!("object {o}"), &gs, &cs);
     }
 }
+
+/// The resident stacks (`shaders/ring/ring.wgsl`) against their twin (`cpu::ring::measure`):
+/// random squares in random cells (noise, a source, NaN pixels, zero and NaN variances, a
+/// masked row now and then), jobs of 1 to 20 epochs with sub-pixel, whole and larger offsets,
+/// PSF widths 0.6–3.2 px, 1 to 4 nested windows, candidates near the centre and off it, many
+/// objects in one dispatch. Sums relative 2e-4 of the window's scale; centre flags the same.
+#[test]
+fn resident_stacks_match_their_twin() {
+    use blink::cpu::ring::{self as twin_ring, RingEntry, RingJob, CELL, NPIX, SIDE};
+    use blink::gpu::kernels::ring::GpuRing;
+    let mut rng = seeded("resident_stacks_match_their_twin");
+    let Some(engine) = gpu("resident_stacks_match_their_twin") else { return };
+    let capacity = 300;
+    let ring = GpuRing::new(&engine, capacity).expect("ring");
+    assert_eq!(ring.capacity(), capacity);
+    let mut cells = vec![0.0f32; capacity * CELL];
+    for c in 0..capacity {
+        let sq = &mut cells[c * CELL..(c + 1) * CELL];
+        let (d, rest) = sq.split_at_mut(NPIX);
+        let (v, vt) = rest.split_at_mut(NPIX);
+        let (sx, sy) = (15.0 + rng.gen_range(-1.5f32..1.5), 15.0 + rng.gen_range(-1.5f32..1.5));
+        for i in 0..NPIX {
+            let (x, y) = ((i % SIDE) as f32 - sx, (i / SIDE) as f32 - sy);
+            d[i] = rng.gen_range(-3.0f32..3.0) + 6.0 * (-(x * x + y * y) / 5.0).exp();
+            v[i] = rng.gen_range(0.5f32..4.0);
+            vt[i] = v[i] * rng.gen_range(0.0f32..0.5);
+            match rng.gen_range(0..100) {
+                0 => d[i] = f32::NAN,
+                1 => v[i] = 0.0,
+                2 => vt[i] = f32::NAN,
+                _ => {}
+            }
+        }
+        if rng.gen_bool(0.15) {
+            let y = rng.gen_range(0..SIDE);
+            d[y * SIDE..(y + 1) * SIDE].fill(f32::NAN);
+        }
+        ring.write(c as u32, sq);
+    }
+    let jobs: Vec<RingJob> = (0..150)
+        .map(|k| {
+            let n = rng.gen_range(1..=20);
+            let entries = (0..n)
+                .map(|_| {
+                    let (dx, dy) = match rng.gen_range(0..4) {
+                        0 => (0.0, 0.0),
+                        1 => (rng.gen_range(-1..2) as f64, rng.gen_range(-1..2) as f64),
+                        2 => (rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0)),
+                        _ => (rng.gen_range(-3.5..3.5), rng.gen_range(-3.5..3.5)),
+                    };
+                    let sigma: f64 = rng.gen_range(0.6..3.2);
+                    RingEntry { cell: rng.gen_range(0..capacity as u32), dx, dy, sigma, half: (4.0 * sigma).ceil() as u32 }
+                })
+                .collect();
+            let mut counts: Vec<usize> = (1..=n).filter(|_| rng.gen_bool(0.3)).collect();
+            counts.truncate(3);
+            counts.push(n);
+            counts.dedup();
+            let (x, y) = if k % 10 == 9 { (rng.gen_range(1.0..29.0), rng.gen_range(1.0..29.0)) } else { (15.0 + rng.gen_range(-0.5..0.5), 15.0 + rng.gen_range(-0.5..0.5)) };
+            RingJob { entries, counts, x, y }
+        })
+        .collect();
+    let got = ring.measure(&jobs).expect("measure");
+    let (mut compared, mut centres_masked) = (0, 0);
+    for (k, (job, g)) in jobs.iter().zip(&got).enumerate() {
+        let want = twin_ring::measure(&cells, job);
+        assert_eq!(g.len(), want.len(), "job {k}");
+        for (w, (a, b)) in g.iter().zip(&want).enumerate() {
+            let ctx = format!("job {k}, window {w} ({} epochs): gpu {a:?}, cpu {b:?}", job.counts[w]);
+            assert_eq!(a.centre, b.centre, "{ctx}");
+            assert!((a.den - b.den).abs() <= 2e-4 * b.den.abs(), "{ctx}");
+            let scale = (b.num.abs()).max(b.den.sqrt() * 1.0);
+            assert!((a.num - b.num).abs() <= 2e-4 * scale, "{ctx}");
+            compared += 1;
+            centres_masked += usize::from(!b.centre);
+        }
+    }
+    eprintln!("resident stacks: {compared} windows of {} jobs compared, {centres_masked} with the centre masked", jobs.len());
+    assert!(compared > 150 && centres_masked < compared / 2);
+}

@@ -11,6 +11,7 @@ pub mod convolve;
 pub mod difference_score;
 pub mod fit;
 pub mod frame;
+pub mod ring;
 pub mod squares;
 pub mod stack;
 

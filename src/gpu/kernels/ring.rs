@@ -1,0 +1,227 @@
+//! Dispatcher for `shaders/ring/ring.wgsl` (CPU twin `cpu::ring`): the squares of recent
+//! epochs kept on the device in one buffer of cells, and a batch of objects' window stacks
+//! made and measured from them in one dispatch (one workgroup per object). What comes back is
+//! three floats per object and window.
+//!
+//! [`GpuRing`] holds clones of the engine's device and queue (they are shared handles), so the
+//! sink stage uses it on its own thread while the engine thread subtracts the next batch.
+
+use std::num::NonZeroU64;
+
+use wgpu::util::DeviceExt;
+
+use crate::cpu::ring::{pack, RingJob, WindowSums, CELL, JOB_STRIDE, OUT_STRIDE};
+use crate::engine::EngineError;
+use crate::gpu::GpuEngine;
+
+/// `shaders/ring/ring.wgsl`.
+pub const RING_WGSL: &str = include_str!("../../../shaders/ring/ring.wgsl");
+/// Invocations per workgroup (keep in sync with `WG` in `ring.wgsl`).
+pub const WG: u32 = 64;
+
+/// Parameters of one dispatch (keep in sync with `struct RingParams` in `ring.wgsl`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RingParams {
+    pub jobs: u32,
+    pub first: u32,
+    pub pad0: u32,
+    pub pad1: u32,
+}
+
+/// The resident cells and the ring pipeline ([`GpuRing::new`]).
+#[derive(Debug)]
+pub struct GpuRing {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    adapter: String,
+    layout: wgpu::BindGroupLayout,
+    pipeline: wgpu::ComputePipeline,
+    cells: wgpu::Buffer,
+    capacity: usize,
+    max_groups: u32,
+}
+
+impl GpuRing {
+    /// Room for up to `cells` squares (fewer where one binding of the adapter holds fewer; at
+    /// least one), and the pipeline.
+    pub fn new(engine: &GpuEngine, cells: usize) -> Result<GpuRing, EngineError> {
+        let ctx = engine.context();
+        let l = &ctx.limits;
+        let adapter = ctx.adapter_name();
+        let err = |what: String| EngineError::Gpu(format!("{adapter}: {what}"));
+        if l.max_compute_invocations_per_workgroup < WG || l.max_compute_workgroup_size_x < WG || l.max_storage_buffers_per_shader_stage < 5 {
+            return Err(err(format!(
+                "the resident stacks need {WG} invocations per workgroup and 5 storage buffers per stage, the adapter has {} and {}",
+                l.max_compute_invocations_per_workgroup, l.max_storage_buffers_per_shader_stage
+            )));
+        }
+        let cell_bytes = (CELL * 4) as u64;
+        let most = l.max_storage_buffer_binding_size.min(l.max_buffer_size) / cell_bytes;
+        let capacity = cells.min(most as usize).max(1);
+        let device = ctx.device.clone();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer { ty, has_dynamic_offset: false, min_binding_size: None },
+            count: None,
+        };
+        let ro = wgpu::BufferBindingType::Storage { read_only: true };
+        let rw = wgpu::BufferBindingType::Storage { read_only: false };
+        let entries = [entry(0, wgpu::BufferBindingType::Uniform), entry(1, ro), entry(2, ro), entry(3, ro), entry(4, rw), entry(5, rw)];
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some("blink.ring"), entries: &entries });
+        let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: Some("blink.ring"), bind_group_layouts: &[Some(&layout)], immediate_size: 0 });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("blink.ring"), source: wgpu::ShaderSource::Wgsl(RING_WGSL.into()) });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("blink.ring"),
+            layout: Some(&pl),
+            module: &module,
+            entry_point: Some("ring"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let buf = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("blink.ring.cells"),
+            size: capacity as u64 * cell_bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let oom_err = pollster::block_on(oom.pop());
+        if let Some(e) = pollster::block_on(scope.pop()).or(oom_err) {
+            return Err(err(format!("building the resident stacks ({capacity} cells): {e}")));
+        }
+        let max_groups = l.max_compute_workgroups_per_dimension.max(1);
+        Ok(GpuRing { device, queue: ctx.queue.clone(), adapter, layout, pipeline, cells: buf, capacity, max_groups })
+    }
+
+    /// Cells the buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Put one square (its D, V and VT planes, [`CELL`] floats) into cell `cell`; it reaches
+    /// the device with the next submission, before any measurement of it.
+    pub fn write(&self, cell: u32, square: &[f32]) {
+        if (cell as usize) < self.capacity && square.len() == CELL {
+            self.queue.write_buffer(&self.cells, cell as u64 * (CELL * 4) as u64, bytemuck::cast_slice(square));
+        }
+    }
+
+    /// Every job's window sums (twin: `cpu::ring::measure`), in one submission. Jobs must be
+    /// valid for this ring's capacity ([`RingJob::validate`]).
+    pub fn measure(&self, jobs: &[RingJob]) -> Result<Vec<Vec<WindowSums>>, EngineError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some((k, e)) = jobs.iter().enumerate().find_map(|(k, j)| j.validate(self.capacity).err().map(|e| (k, e))) {
+            return Err(EngineError::BadStamp(format!("resident stack job {k}: {e}")));
+        }
+        use wgpu::BufferUsages as U;
+        let err = |what: String| EngineError::Gpu(format!("{}: {what}", self.adapter));
+        let dev = &self.device;
+        let (js, es) = pack(jobs);
+        let n_entries = es.len() / crate::cpu::ring::ENTRY_STRIDE;
+        debug_assert_eq!(js.len(), jobs.len() * JOB_STRIDE);
+        let out_floats = jobs.len() * OUT_STRIDE;
+        let out_bytes = (out_floats * 4) as u64;
+        let val = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let init = |label: &str, contents: &[u8], usage: U| dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage });
+        let u_jobs = init("blink.ring.jobs", bytemuck::cast_slice(&js), U::STORAGE);
+        let u_entries = init("blink.ring.entries", bytemuck::cast_slice(&es), U::STORAGE);
+        let plain = |label: &str, size: u64, usage: U| dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: size.max(4), usage, mapped_at_creation: false });
+        let weights = plain("blink.ring.weights", (2 * n_entries * 4) as u64, U::STORAGE);
+        let out = plain("blink.ring.out", out_bytes, U::STORAGE | U::COPY_SRC);
+        let read = plain("blink.ring.readback", out_bytes, U::MAP_READ | U::COPY_DST);
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("blink.ring") });
+        let mut params = Vec::new();
+        let mut first = 0usize;
+        while first < jobs.len() {
+            let n = (jobs.len() - first).min(self.max_groups as usize);
+            let prm = RingParams { jobs: n as u32, first: first as u32, ..Default::default() };
+            let u_prm = init("blink.ring.params", bytemuck::bytes_of(&prm), U::UNIFORM);
+            let group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("blink.ring"),
+                layout: &self.layout,
+                entries: &[
+                    wgpu::BindGroupEntry { binding: 0, resource: u_prm.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 1, resource: whole(&self.cells) },
+                    wgpu::BindGroupEntry { binding: 2, resource: whole(&u_jobs) },
+                    wgpu::BindGroupEntry { binding: 3, resource: whole(&u_entries) },
+                    wgpu::BindGroupEntry { binding: 4, resource: whole(&weights) },
+                    wgpu::BindGroupEntry { binding: 5, resource: whole(&out) },
+                ],
+            });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("blink.ring"), timestamp_writes: None });
+                pass.set_pipeline(&self.pipeline);
+                pass.set_bind_group(0, &group, &[]);
+                pass.dispatch_workgroups(n as u32, 1, 1);
+            }
+            params.push((u_prm, group));
+            first += n;
+        }
+        enc.copy_buffer_to_buffer(&out, 0, &read, 0, out_bytes);
+        self.queue.submit([enc.finish()]);
+        let oom_err = pollster::block_on(oom.pop());
+        if let Some(e) = pollster::block_on(val.pop()).or(oom_err) {
+            return Err(err(e.to_string()));
+        }
+        let slice = read.slice(0..out_bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        dev.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| err(format!("poll: {e}")))?;
+        rx.recv().map_err(|e| err(format!("map callback: {e}")))?.map_err(|e| err(format!("map: {e}")))?;
+        let mut floats = vec![0.0f32; out_floats];
+        {
+            let view = slice.get_mapped_range().map_err(|e| err(format!("mapped range: {e}")))?;
+            bytemuck::cast_slice_mut::<f32, u8>(&mut floats).copy_from_slice(&view);
+        }
+        read.unmap();
+        Ok(jobs
+            .iter()
+            .zip(floats.chunks_exact(OUT_STRIDE))
+            .map(|(j, o)| (0..j.counts.len()).map(|w| WindowSums { num: f64::from(o[3 * w]), den: f64::from(o[3 * w + 1]), centre: o[3 * w + 2] > 0.5 }).collect())
+            .collect())
+    }
+}
+
+/// All of `b` as a binding.
+fn whole(b: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: b, offset: 0, size: NonZeroU64::new(b.size()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::ring::{ENTRY_STRIDE, MAX_WINDOWS, NPIX, SIDE};
+    use crate::gpu::kernels::wgsl_fields;
+
+    #[test]
+    fn wgsl_params_and_constants_match_rust() {
+        let want = ["jobs", "first", "pad0", "pad1"];
+        assert_eq!(wgsl_fields(RING_WGSL, "RingParams"), want);
+        assert_eq!(4 * want.len(), std::mem::size_of::<RingParams>());
+        let consts = [
+            ("WG", WG as usize),
+            ("SIDE", SIDE),
+            ("NPIX", NPIX),
+            ("CELL", CELL),
+            ("TAPS", crate::cpu::stack::TAPS),
+            ("MAX_WINDOWS", MAX_WINDOWS),
+            ("JOB_STRIDE", JOB_STRIDE),
+            ("ENTRY_STRIDE", ENTRY_STRIDE),
+            ("OUT_STRIDE", OUT_STRIDE),
+        ];
+        for (c, v) in consts {
+            assert!(RING_WGSL.contains(&format!("const {c}: u32 = {v}u;")), "{c} = {v}");
+        }
+        assert!(RING_WGSL.contains(&format!("const CORE_RADIUS: i32 = {};", crate::cpu::stack::CORE_RADIUS)));
+        assert!(RING_WGSL.contains(&format!("@workgroup_size({WG}, 1, 1)")));
+        assert!(RING_WGSL.contains(&format!("array<f32, {}>", WG as usize * MAX_WINDOWS)));
+    }
+}
