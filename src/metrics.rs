@@ -32,6 +32,10 @@ pub struct Metrics {
     /// Failed deliveries to an output (`sink::Output`: the Kafka topic, the notifiers'
     /// outbox); a batch still failing after its retries stays unacknowledged.
     pub output_errors: AtomicU64,
+    /// Objects whose stacks needed their epochs read from the store (not resident), and
+    /// resident slots given up for room (`pipeline::ring`).
+    pub stacks_from_store: AtomicU64,
+    pub resident_evictions: AtomicU64,
     /// Consumer lag per assigned partition (`topic/partition` → messages behind the high
     /// watermark), from librdkafka's statistics.
     lag: Mutex<BTreeMap<String, i64>>,

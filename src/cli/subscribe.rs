@@ -250,6 +250,8 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         "stack_detections": s.stack_detections,
         "history_errors": s.history_errors,
         "output_errors": s.output_errors,
+        "stacks_from_store": s.stacks_from_store,
+        "resident_evictions": s.resident_evictions,
         "lag": s.lag,
         "notify": s.notify.map(|n| serde_json::json!({
             "queued": n.queued,

@@ -656,9 +656,16 @@ async fn announce_stacks(
     let store = h.clone();
     let run = tokio::task::spawn_blocking(move || {
         let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
-        stacking::evaluate(&*store, &mut ring, &touched, threshold)
+        let r = stacking::evaluate(&*store, &mut ring, &touched, threshold);
+        (r, ring.stats())
     })
-    .await;
+    .await
+    .map(|(r, stats)| {
+        use std::sync::atomic::Ordering::Relaxed;
+        metrics.stacks_from_store.store(stats.fills, Relaxed);
+        metrics.resident_evictions.store(stats.evictions, Relaxed);
+        r
+    });
     let (hits, record) = match run {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

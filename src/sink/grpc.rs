@@ -427,6 +427,8 @@ impl Blink for BlinkService {
             stack_detections: Metrics::get(&m.stack_detections),
             history_errors: Metrics::get(&m.history_errors),
             output_errors: Metrics::get(&m.output_errors),
+            stacks_from_store: Metrics::get(&m.stacks_from_store),
+            resident_evictions: Metrics::get(&m.resident_evictions),
             lag: m.lag().into_iter().collect(),
             notify: m.notify_stats().map(|n| crate::proto::NotifyStatus {
                 queued: n.queued,
