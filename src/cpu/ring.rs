@@ -172,7 +172,8 @@ pub fn measure(cells: &[f32], job: &RingJob) -> Vec<WindowSums> {
     let c = (SIDE / 2) as i64;
     let r = CORE_RADIUS as i64;
     let box_cells = ((2 * r + 1) * (2 * r + 1)) as f64;
-    let parts: Vec<(f64, f64)> = job
+    // Per epoch: (weight, 1/Z, the Gaussian's rows along x and y at the phase).
+    let parts: Vec<(f64, f64, Vec<f64>, Vec<f64>)> = job
         .entries
         .iter()
         .zip(&taps)
@@ -187,9 +188,10 @@ pub fn measure(cells: &[f32], job: &RingJob) -> Vec<WindowSums> {
                 }
             }
             let h = e.half as i64;
-            let zx: f64 = (-h..=h).map(|u| gauss(u as f64, fx, e.sigma)).sum();
-            let zy: f64 = (-h..=h).map(|u| gauss(u as f64, fy, e.sigma)).sum();
-            (wsum / box_cells, 1.0 / (zx * zy))
+            let gx: Vec<f64> = (-h..=h).map(|u| gauss(u as f64, fx, e.sigma)).collect();
+            let gy: Vec<f64> = (-h..=h).map(|u| gauss(u as f64, fy, e.sigma)).collect();
+            let (zx, zy): (f64, f64) = (gx.iter().sum(), gy.iter().sum());
+            (wsum / box_cells, 1.0 / (zx * zy), gx, gy)
         })
         .collect();
     // Phase 2: every pixel of the footprint, epoch after epoch, each window at its last epoch.
@@ -203,7 +205,8 @@ pub fn measure(cells: &[f32], job: &RingJob) -> Vec<WindowSums> {
             let (mut sums, mut used) = ([0.0f64; 4], 0u32);
             let (mut wtot, mut pw, mut pe, mut hrun) = (0.0f64, 0.0f64, 0.0f64, 0i64);
             let mut w = 0;
-            for (k, ((e, t), &(wk, inv_z))) in job.entries.iter().zip(&taps).zip(&parts).enumerate() {
+            for (k, ((e, t), (wk, inv_z, gx, gy))) in job.entries.iter().zip(&taps).zip(&parts).enumerate() {
+                let wk = *wk;
                 if let Some(s) = shifted(cells, e.cell, t, x, y) {
                     let corr = corr_product(t);
                     let ve = s[1] / corr;
@@ -218,7 +221,7 @@ pub fn measure(cells: &[f32], job: &RingJob) -> Vec<WindowSums> {
                 hrun = hrun.max(h);
                 wtot += wk;
                 if u.abs() <= h && v.abs() <= h {
-                    let g = gauss(u as f64, fx, e.sigma) * gauss(v as f64, fy, e.sigma) * inv_z;
+                    let g = gx[(u + h) as usize] * gy[(v + h) as usize] * inv_z;
                     pw += wk * g;
                     pe += g;
                 }

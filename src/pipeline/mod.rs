@@ -387,6 +387,9 @@ async fn batch_stage(
     }
 }
 
+/// The resident squares, shared by the sink's store and stacking steps.
+type SharedRing = Arc<Mutex<ring::SquareRing>>;
+
 /// One alert's engine output: the result and, when a history store is on, its stored square.
 type Processed = Result<(SubtractionResult, Option<stacking::StoredStamps>), String>;
 type Outcomes = Vec<((AckToken, AlertMeta), Processed)>;
@@ -444,7 +447,7 @@ async fn sink_stage(
     dead: Arc<DeadLetterSink>,
     metrics: Arc<Metrics>,
     threshold: f64,
-    history: Option<(Arc<dyn HistoryStore>, Arc<Mutex<ring::SquareRing>>)>,
+    history: Option<(Arc<dyn HistoryStore>, SharedRing)>,
     outputs: Vec<Arc<dyn Output>>,
 ) {
     while let Some(batch) = outcomes.recv().await {

@@ -28,8 +28,9 @@ const SLACK_NIGHTS: f64 = 1.0;
 /// Where the cells live.
 #[derive(Debug)]
 pub enum Backend {
-    /// In host memory; measured by the CPU twin over the cores.
-    Host(Vec<f32>),
+    /// In host memory, grown as cells are first used up to `capacity` cells; measured by the
+    /// CPU twin over the cores.
+    Host { cells: Vec<f32>, capacity: usize },
     /// On the device (`gpu::kernels::ring`).
     Gpu(crate::gpu::kernels::ring::GpuRing),
 }
@@ -37,8 +38,7 @@ pub enum Backend {
 impl Backend {
     /// Cells on the host for up to `bytes` of them (at least one).
     pub fn host(bytes: u64) -> Backend {
-        let cells = ((bytes / (CELL * 4) as u64) as usize).max(1);
-        Backend::Host(vec![f32::NAN; cells * CELL])
+        Backend::Host { cells: Vec::new(), capacity: ((bytes / (CELL * 4) as u64) as usize).max(1) }
     }
 
     /// The engine's device when it has one, else the host; `bytes` of cells either way.
@@ -55,17 +55,23 @@ impl Backend {
 
     pub fn capacity(&self) -> usize {
         match self {
-            Backend::Host(c) => c.len() / CELL,
+            Backend::Host { capacity, .. } => *capacity,
             Backend::Gpu(g) => g.capacity(),
         }
     }
 
     fn write(&mut self, cell: u32, square: &[f32]) {
         match self {
-            Backend::Host(c) => {
-                if let Some(dst) = c.get_mut(cell as usize * CELL..(cell as usize + 1) * CELL) {
-                    dst.copy_from_slice(square);
+            Backend::Host { cells, capacity } => {
+                let end = (cell as usize + 1) * CELL;
+                if cell as usize >= *capacity || square.len() != CELL {
+                    return;
                 }
+                if cells.len() < end {
+                    // Cells are handed out from 0 up: grow in steps, not to the whole pool.
+                    cells.resize(end.max(2 * cells.len()).min(*capacity * CELL), f32::NAN);
+                }
+                cells[end - CELL..end].copy_from_slice(square);
             }
             Backend::Gpu(g) => g.write(cell, square),
         }
@@ -76,7 +82,7 @@ impl Backend {
     pub fn measure(&self, jobs: &[RingJob]) -> Result<Vec<Vec<WindowSums>>, EngineError> {
         match self {
             Backend::Gpu(g) => g.measure(jobs),
-            Backend::Host(cells) => Ok(measure_host(cells, jobs)),
+            Backend::Host { cells, .. } => Ok(measure_host(cells, jobs)),
         }
     }
 }
@@ -135,16 +141,19 @@ pub struct RingStats {
     pub evictions: u64,
 }
 
+/// The windows to measure: each one's length in nights and its epoch count.
+pub type Windows = Vec<(f64, usize)>;
+
 /// The windows an object's stacks are measured over, made from the epochs' MJDs: the order
 /// they are summed in (latest first, then by alert id, so that the order they came in does not
 /// matter) and, per window to measure, its length in nights and its epoch count. Windows that
 /// repeat a shorter one or hold a single epoch are not measured (never announced).
-pub fn plan(epochs: &[(f64, &str)], now: f64) -> (Vec<usize>, Vec<(f64, usize)>) {
+pub fn plan(epochs: &[(f64, &str)], now: f64) -> (Vec<usize>, Windows) {
     let tol = WINDOW_TOLERANCE;
     let longest = DEFAULT_WINDOWS.iter().copied().fold(0.0, f64::max);
     let mut order: Vec<usize> = (0..epochs.len()).filter(|&i| epochs[i].0 <= now + tol && now - epochs[i].0 < longest + tol).collect();
     order.sort_by(|&a, &b| epochs[b].0.total_cmp(&epochs[a].0).then_with(|| epochs[a].1.cmp(epochs[b].1)));
-    let mut windows: Vec<(f64, usize)> = Vec::new();
+    let mut windows: Windows = Vec::new();
     let mut prev = 0;
     for &w in &DEFAULT_WINDOWS {
         let n = order.iter().take_while(|&&i| now - epochs[i].0 < w + tol).count();
@@ -344,7 +353,7 @@ impl SquareRing {
     /// The job measuring `(object, band)`'s windows at `now` with its candidate at `(x, y)` on
     /// its square, from its slot, with the windows' lengths (nights) and epoch counts. `None`
     /// when the slot does not serve it ([`SquareRing::serves`]) or no window holds two epochs.
-    pub fn job(&mut self, object: &str, band: &str, now: f64, x: f64, y: f64) -> Option<(RingJob, Vec<(f64, usize)>)> {
+    pub fn job(&mut self, object: &str, band: &str, now: f64, x: f64, y: f64) -> Option<(RingJob, Windows)> {
         if !self.serves(object, band, now) {
             return None;
         }
@@ -374,7 +383,7 @@ impl SquareRing {
 /// The job for `epochs` (the store's, as [`SquareRing::fill`] takes them) measured on cells of
 /// their own: for an object whose epochs do not fit in the pool. The cells and the job, with
 /// the windows' lengths and counts; `None` when no window holds two epochs.
-pub fn standalone_job(epochs: &[Epoch], band: &str, now: f64, x: f64, y: f64) -> Option<(Vec<f32>, RingJob, Vec<(f64, usize)>)> {
+pub fn standalone_job(epochs: &[Epoch], band: &str, now: f64, x: f64, y: f64) -> Option<(Vec<f32>, RingJob, Windows)> {
     let mine: Vec<(&Epoch, f64)> = epochs
         .iter()
         .filter(|e| e.band == band && e.stamps.difference.shape() == (SIDE, SIDE))

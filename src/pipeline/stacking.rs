@@ -20,7 +20,7 @@ use crate::stack::StackMeasurement;
 #[cfg(test)]
 use crate::subtract::decorr::PsfImage;
 
-use super::ring::{self, SquareRing};
+use super::ring::{self, SquareRing, Windows};
 use crate::cpu::ring::{RingJob, WindowSums};
 
 /// A window already announced is announced again when its |score| reaches this many times the
@@ -145,9 +145,9 @@ pub fn evaluate(
             *e = t;
         }
     }
-    // Per object: its windows (nights, epochs) and their sums, from the ring or on its own.
-    let mut measured: Vec<(&Touched, Vec<(f64, usize)>, Vec<WindowSums>, RingJob)> = Vec::new();
-    let mut jobs: Vec<(&Touched, RingJob, Vec<(f64, usize)>)> = Vec::new();
+    // Per object: its windows and their sums, from the ring or on its own.
+    let mut measured: Vec<(&Touched, Windows, Vec<WindowSums>, RingJob)> = Vec::new();
+    let mut jobs: Vec<(&Touched, RingJob, Windows)> = Vec::new();
     for t in latest.into_values() {
         if !ring.serves(&t.object, &t.band, t.mjd) {
             let Some(object) = history.object(&t.object)? else { continue };

@@ -56,6 +56,11 @@ struct Run {
 
 impl Run {
     fn start(history: Arc<dyn HistoryStore>) -> Run {
+        Run::start_with(history, Box::new(CpuEngine::new()))
+    }
+
+    /// [`Run::start`] on `engine`.
+    fn start_with(history: Arc<dyn HistoryStore>, engine: Box<dyn blink::engine::Engine>) -> Run {
         let mut cfg = Config::default();
         cfg.batch.max_wait_ms = 5;
         cfg.detect.threshold = THRESHOLD;
@@ -66,7 +71,7 @@ impl Run {
         let pipeline = Pipeline::start_with_history(
             &cfg,
             decoder,
-            Box::new(CpuEngine::new()),
+            engine,
             hub,
             metrics.clone(),
             Some(history),
@@ -181,6 +186,36 @@ async fn faint_source_is_announced_once_from_its_stack_and_redelivery_changes_no
         assert!(again.iter().all(|d| d.timescale == "epoch"), "announced again after a restart: {again:?}");
     }
     run.pipeline.finish().await;
+}
+
+/// With the GPU engine the squares stay on the device and the stacks are made there
+/// (`shaders/ring/ring.wgsl`); with the CPU engine in host memory by the twin. The same faint
+/// source gives the same stack detections both ways: the same windows announced at the same
+/// epochs, scores within 0.01σ. FAILS without an adapter unless BLINK_ALLOW_NO_GPU=1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gpu_engine_stacks_on_the_device_what_the_cpu_engine_stacks_on_the_host() {
+    let Some(gpu) = crate::common::gpu("the_gpu_engine_stacks_on_the_device_what_the_cpu_engine_stacks_on_the_host") else { return };
+    let alerts = faint_object(14, 11);
+    let mut runs: Vec<Vec<(usize, String, f64)>> = Vec::new();
+    let engines: [Box<dyn blink::engine::Engine>; 2] = [Box::new(CpuEngine::new()), Box::new(gpu)];
+    for engine in engines {
+        let mut run = Run::start_with(Arc::new(MemoryHistory::new(&HistoryConfig::default()).unwrap()), engine);
+        let mut stacks = Vec::new();
+        for (i, a) in alerts.iter().enumerate() {
+            stacks.extend(run.send(a).await.into_iter().filter(|d| d.timescale != "epoch").map(|d| (i, d.timescale, d.score)));
+        }
+        assert_eq!(Metrics::get(&run.metrics.stacks_from_store), 0, "every object's squares were resident");
+        run.pipeline.finish().await;
+        runs.push(stacks);
+    }
+    let (cpu, gpu) = (&runs[0], &runs[1]);
+    eprintln!("stack detections, CPU engine: {cpu:?}");
+    eprintln!("stack detections, GPU engine: {gpu:?}");
+    assert!(cpu.len() >= 3, "the faint source rose in too few stacks: {cpu:?}");
+    assert_eq!(cpu.iter().map(|(i, t, _)| (i, t)).collect::<Vec<_>>(), gpu.iter().map(|(i, t, _)| (i, t)).collect::<Vec<_>>());
+    for ((_, t, a), (_, _, b)) in cpu.iter().zip(gpu) {
+        assert!((a - b).abs() <= 0.01, "{t}: {a} on the host, {b} on the device");
+    }
 }
 
 /// A store whose next `put_many` fails when armed.
