@@ -32,7 +32,7 @@ pub enum Backend {
     /// CPU twin over the cores.
     Host { cells: Vec<f32>, capacity: usize },
     /// On the device (`gpu::kernels::ring`).
-    Gpu(crate::gpu::kernels::ring::GpuRing),
+    Gpu(Box<crate::gpu::kernels::ring::GpuRing>),
 }
 
 impl Backend {
@@ -46,7 +46,7 @@ impl Backend {
         let cells = ((bytes / (CELL * 4) as u64) as usize).max(1);
         if let Some(gpu) = engine.gpu() {
             match crate::gpu::kernels::ring::GpuRing::new(gpu, cells) {
-                Ok(r) => return Backend::Gpu(r),
+                Ok(r) => return Backend::Gpu(Box::new(r)),
                 Err(e) => tracing::warn!(error = %e, "resident stacks on the host instead of the device"),
             }
         }
@@ -79,7 +79,7 @@ impl Backend {
 
     /// Every job's window sums: one dispatch on the device, or the twin with the jobs spread
     /// over the cores.
-    pub fn measure(&self, jobs: &[RingJob]) -> Result<Vec<Vec<WindowSums>>, EngineError> {
+    pub fn measure(&mut self, jobs: &[RingJob]) -> Result<Vec<Vec<WindowSums>>, EngineError> {
         match self {
             Backend::Gpu(g) => g.measure(jobs),
             Backend::Host { cells, .. } => Ok(measure_host(cells, jobs)),
@@ -375,7 +375,7 @@ impl SquareRing {
     }
 
     /// Measure `jobs` on the backend.
-    pub fn measure(&self, jobs: &[RingJob]) -> Result<Vec<Vec<WindowSums>>, EngineError> {
+    pub fn measure(&mut self, jobs: &[RingJob]) -> Result<Vec<Vec<WindowSums>>, EngineError> {
         self.backend.measure(jobs)
     }
 }

@@ -195,7 +195,7 @@ fn resident_stacks_match_their_twin() {
     let mut rng = seeded("resident_stacks_match_their_twin");
     let Some(engine) = gpu("resident_stacks_match_their_twin") else { return };
     let capacity = 300;
-    let ring = GpuRing::new(&engine, capacity).expect("ring");
+    let mut ring = GpuRing::new(&engine, capacity).expect("ring");
     assert_eq!(ring.capacity(), capacity);
     let mut cells = vec![0.0f32; capacity * CELL];
     for c in 0..capacity {
@@ -245,6 +245,10 @@ fn resident_stacks_match_their_twin() {
         })
         .collect();
     let got = ring.measure(&jobs).expect("measure");
+    // The scratch buffers kept from the first call: a smaller batch, then a larger one.
+    assert_eq!(ring.measure(&jobs[..7]).expect("measure"), got[..7]);
+    let twice: Vec<RingJob> = jobs.iter().chain(&jobs).cloned().collect();
+    assert_eq!(ring.measure(&twice).expect("measure")[jobs.len()..], got[..]);
     let (mut compared, mut centres_masked) = (0, 0);
     for (k, (job, g)) in jobs.iter().zip(&got).enumerate() {
         let want = twin_ring::measure(&cells, job);

@@ -40,6 +40,21 @@ pub struct GpuRing {
     cells: wgpu::Buffer,
     capacity: usize,
     max_groups: u32,
+    /// The per-batch buffers and their bind group, kept for the next batch while big enough.
+    scratch: Option<Scratch>,
+}
+
+/// The buffers of one [`GpuRing::measure`] call, reused by the next while they are big
+/// enough: a batch then costs three writes, one dispatch and one read-back, no allocation.
+#[derive(Debug)]
+struct Scratch {
+    params: wgpu::Buffer,
+    jobs: wgpu::Buffer,
+    entries: wgpu::Buffer,
+    weights: wgpu::Buffer,
+    out: wgpu::Buffer,
+    read: wgpu::Buffer,
+    group: wgpu::BindGroup,
 }
 
 impl GpuRing {
@@ -93,7 +108,7 @@ impl GpuRing {
             return Err(err(format!("building the resident stacks ({capacity} cells): {e}")));
         }
         let max_groups = l.max_compute_workgroups_per_dimension.max(1);
-        Ok(GpuRing { device, queue: ctx.queue.clone(), adapter, layout, pipeline, cells: buf, capacity, max_groups })
+        Ok(GpuRing { device, queue: ctx.queue.clone(), adapter, layout, pipeline, cells: buf, capacity, max_groups, scratch: None })
     }
 
     /// Cells the buffer holds.
@@ -111,65 +126,63 @@ impl GpuRing {
 
     /// Every job's window sums (twin: `cpu::ring::measure`), in one submission. Jobs must be
     /// valid for this ring's capacity ([`RingJob::validate`]).
-    pub fn measure(&self, jobs: &[RingJob]) -> Result<Vec<Vec<WindowSums>>, EngineError> {
+    pub fn measure(&mut self, jobs: &[RingJob]) -> Result<Vec<Vec<WindowSums>>, EngineError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         if let Some((k, e)) = jobs.iter().enumerate().find_map(|(k, j)| j.validate(self.capacity).err().map(|e| (k, e))) {
             return Err(EngineError::BadStamp(format!("resident stack job {k}: {e}")));
         }
-        use wgpu::BufferUsages as U;
         let err = |what: String| EngineError::Gpu(format!("{}: {what}", self.adapter));
-        let dev = &self.device;
         let (js, es) = pack(jobs);
-        let n_entries = es.len() / crate::cpu::ring::ENTRY_STRIDE;
         debug_assert_eq!(js.len(), jobs.len() * JOB_STRIDE);
+        let n_entries = es.len() / crate::cpu::ring::ENTRY_STRIDE;
         let out_floats = jobs.len() * OUT_STRIDE;
         let out_bytes = (out_floats * 4) as u64;
+        let need = [(js.len() * 4) as u64, (es.len() * 4) as u64, (2 * n_entries * 4) as u64, out_bytes];
+        let dev = self.device.clone();
         let val = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let init = |label: &str, contents: &[u8], usage: U| dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage });
-        let u_jobs = init("blink.ring.jobs", bytemuck::cast_slice(&js), U::STORAGE);
-        let u_entries = init("blink.ring.entries", bytemuck::cast_slice(&es), U::STORAGE);
-        let plain = |label: &str, size: u64, usage: U| dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: size.max(4), usage, mapped_at_creation: false });
-        let weights = plain("blink.ring.weights", (2 * n_entries * 4) as u64, U::STORAGE);
-        let out = plain("blink.ring.out", out_bytes, U::STORAGE | U::COPY_SRC);
-        let read = plain("blink.ring.readback", out_bytes, U::MAP_READ | U::COPY_DST);
+        let fits = self.scratch.as_ref().is_some_and(|s| [&s.jobs, &s.entries, &s.weights, &s.out].iter().zip(need).all(|(b, n)| b.size() >= n.max(4)));
+        if !fits {
+            self.scratch = Some(self.scratch_for(need));
+        }
+        let Some(sc) = self.scratch.as_ref() else { return Err(err("no scratch buffers".into())) };
+        let q = &self.queue;
+        q.write_buffer(&sc.jobs, 0, bytemuck::cast_slice(&js));
+        q.write_buffer(&sc.entries, 0, bytemuck::cast_slice(&es));
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("blink.ring") });
-        let mut params = Vec::new();
+        // More jobs than one dispatch takes (max_compute_workgroups_per_dimension): a uniform and
+        // a bind group per further chunk (a batch of over 65,535 objects).
+        let mut extra = Vec::new();
         let mut first = 0usize;
         while first < jobs.len() {
             let n = (jobs.len() - first).min(self.max_groups as usize);
             let prm = RingParams { jobs: n as u32, first: first as u32, ..Default::default() };
-            let u_prm = init("blink.ring.params", bytemuck::bytes_of(&prm), U::UNIFORM);
-            let group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("blink.ring"),
-                layout: &self.layout,
-                entries: &[
-                    wgpu::BindGroupEntry { binding: 0, resource: u_prm.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: 1, resource: whole(&self.cells) },
-                    wgpu::BindGroupEntry { binding: 2, resource: whole(&u_jobs) },
-                    wgpu::BindGroupEntry { binding: 3, resource: whole(&u_entries) },
-                    wgpu::BindGroupEntry { binding: 4, resource: whole(&weights) },
-                    wgpu::BindGroupEntry { binding: 5, resource: whole(&out) },
-                ],
-            });
+            let group = if first == 0 {
+                q.write_buffer(&sc.params, 0, bytemuck::bytes_of(&prm));
+                &sc.group
+            } else {
+                let u = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("blink.ring.params"), contents: bytemuck::bytes_of(&prm), usage: wgpu::BufferUsages::UNIFORM });
+                extra.push(self.group(&u, sc));
+                extra.last().unwrap_or(&sc.group)
+            };
             {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("blink.ring"), timestamp_writes: None });
                 pass.set_pipeline(&self.pipeline);
-                pass.set_bind_group(0, &group, &[]);
+                pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(n as u32, 1, 1);
             }
-            params.push((u_prm, group));
             first += n;
         }
-        enc.copy_buffer_to_buffer(&out, 0, &read, 0, out_bytes);
-        self.queue.submit([enc.finish()]);
+        enc.copy_buffer_to_buffer(&sc.out, 0, &sc.read, 0, out_bytes);
+        q.submit([enc.finish()]);
         let oom_err = pollster::block_on(oom.pop());
         if let Some(e) = pollster::block_on(val.pop()).or(oom_err) {
+            self.scratch = None;
             return Err(err(e.to_string()));
         }
-        let slice = read.slice(0..out_bytes);
+        let slice = sc.read.slice(0..out_bytes);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -181,12 +194,48 @@ impl GpuRing {
             let view = slice.get_mapped_range().map_err(|e| err(format!("mapped range: {e}")))?;
             bytemuck::cast_slice_mut::<f32, u8>(&mut floats).copy_from_slice(&view);
         }
-        read.unmap();
+        sc.read.unmap();
         Ok(jobs
             .iter()
             .zip(floats.chunks_exact(OUT_STRIDE))
             .map(|(j, o)| (0..j.counts.len()).map(|w| WindowSums { num: f64::from(o[3 * w]), den: f64::from(o[3 * w + 1]), centre: o[3 * w + 2] > 0.5 }).collect())
             .collect())
+    }
+
+    /// Scratch buffers for `need` bytes of jobs, entries, weights and sums (each rounded up to
+    /// a power of two, so that a growing batch reallocates rarely).
+    fn scratch_for(&self, need: [u64; 4]) -> Scratch {
+        use wgpu::BufferUsages as U;
+        let dev = &self.device;
+        let make = |label: &str, size: u64, usage: U| dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: size.max(16).next_power_of_two(), usage, mapped_at_creation: false });
+        let params = make("blink.ring.params", std::mem::size_of::<RingParams>() as u64, U::UNIFORM | U::COPY_DST);
+        let jobs = make("blink.ring.jobs", need[0], U::STORAGE | U::COPY_DST);
+        let entries = make("blink.ring.entries", need[1], U::STORAGE | U::COPY_DST);
+        let weights = make("blink.ring.weights", need[2], U::STORAGE);
+        let out = make("blink.ring.out", need[3], U::STORAGE | U::COPY_SRC);
+        let read = make("blink.ring.readback", need[3], U::MAP_READ | U::COPY_DST);
+        let group = self.group_of(&params, &jobs, &entries, &weights, &out);
+        Scratch { params, jobs, entries, weights, out, read, group }
+    }
+
+    /// The bind group of `params` with `sc`'s buffers.
+    fn group(&self, params: &wgpu::Buffer, sc: &Scratch) -> wgpu::BindGroup {
+        self.group_of(params, &sc.jobs, &sc.entries, &sc.weights, &sc.out)
+    }
+
+    fn group_of(&self, params: &wgpu::Buffer, jobs: &wgpu::Buffer, entries: &wgpu::Buffer, weights: &wgpu::Buffer, out: &wgpu::Buffer) -> wgpu::BindGroup {
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("blink.ring"),
+            layout: &self.layout,
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: whole(&self.cells) },
+                wgpu::BindGroupEntry { binding: 2, resource: whole(jobs) },
+                wgpu::BindGroupEntry { binding: 3, resource: whole(entries) },
+                wgpu::BindGroupEntry { binding: 4, resource: whole(weights) },
+                wgpu::BindGroupEntry { binding: 5, resource: whole(out) },
+            ],
+        })
     }
 }
 
