@@ -22,6 +22,11 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     pub layout: wgpu::BindGroupLayout,
     pub pipelines: Pipelines,
+    /// Held by each user of this device through a submission and its read-back: the engine's
+    /// batches, and the resident stacks (`kernels::ring`) on the sink's thread. Concurrent
+    /// waits on one NVIDIA device from several threads have deadlocked in the driver
+    /// (docs/engine.md, "Known issue"), so they take turns.
+    pub turns: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// "Backend | name | device type", e.g. "Gl | llvmpipe (LLVM 15.0.7, 256 bits) | Cpu": the
@@ -113,7 +118,7 @@ impl GpuContext {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(EngineError::Gpu(format!("{name}: building pipelines: {e}")));
         }
-        Ok(GpuContext { adapter_info: info, limits, device, queue, layout, pipelines })
+        Ok(GpuContext { adapter_info: info, limits, device, queue, layout, pipelines, turns: Default::default() })
     }
 
     pub fn adapter_name(&self) -> String {

@@ -205,6 +205,8 @@ impl GpuEngine {
         mut phases: Option<&mut Phases>,
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>), EngineError> {
         batch.validate()?;
+        let turns = self.ctx.turns.clone();
+        let _turn = turns.lock().unwrap_or_else(|p| p.into_inner());
         let npix = batch.npix();
         let mut results = Vec::with_capacity(batch.n * RESULT_STRIDE);
         let (reads, per_stamp) = if plan.squares { (3, SQUARE_AREA) } else { (plan.read.len(), npix) };

@@ -42,6 +42,8 @@ pub struct GpuRing {
     max_groups: u32,
     /// The per-batch buffers and their bind group, kept for the next batch while big enough.
     scratch: Option<Scratch>,
+    /// The device's turns (`GpuContext::turns`): a measurement waits for the engine's batch.
+    turns: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// The buffers of one [`GpuRing::measure`] call, reused by the next while they are big
@@ -108,7 +110,7 @@ impl GpuRing {
             return Err(err(format!("building the resident stacks ({capacity} cells): {e}")));
         }
         let max_groups = l.max_compute_workgroups_per_dimension.max(1);
-        Ok(GpuRing { device, queue: ctx.queue.clone(), adapter, layout, pipeline, cells: buf, capacity, max_groups, scratch: None })
+        Ok(GpuRing { device, queue: ctx.queue.clone(), adapter, layout, pipeline, cells: buf, capacity, max_groups, scratch: None, turns: ctx.turns.clone() })
     }
 
     /// Cells the buffer holds.
@@ -141,6 +143,8 @@ impl GpuRing {
         let out_bytes = (out_floats * 4) as u64;
         let need = [(js.len() * 4) as u64, (es.len() * 4) as u64, (2 * n_entries * 4) as u64, out_bytes];
         let dev = self.device.clone();
+        let turns = self.turns.clone();
+        let _turn = turns.lock().unwrap_or_else(|p| p.into_inner());
         let val = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let fits = self.scratch.as_ref().is_some_and(|s| [&s.jobs, &s.entries, &s.weights, &s.out].iter().zip(need).all(|(b, n)| b.size() >= n.max(4)));
