@@ -273,6 +273,7 @@ impl SquareRing {
         let key = (object.to_string(), band.to_string());
         if !self.slots.contains_key(&key) {
             if !new_object {
+                tracing::debug!(object, band, alert_id = sq.alert_id, "no slot: filled from the store when stacked");
                 return;
             }
             self.slots.insert(key.clone(), Slot { epochs: Vec::new(), horizon: f64::NEG_INFINITY, used: 0 });

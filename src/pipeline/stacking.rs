@@ -160,8 +160,9 @@ pub fn evaluate(
                 continue;
             }
         }
-        if let Some((job, windows)) = ring.job(&t.object, &t.band, t.mjd, t.x, t.y) {
-            jobs.push((t, job, windows));
+        match ring.job(&t.object, &t.band, t.mjd, t.x, t.y) {
+            Some((job, windows)) => jobs.push((t, job, windows)),
+            None => tracing::debug!(object = %t.object, band = %t.band, mjd = t.mjd, "no window of two epochs"),
         }
     }
     let batch: Vec<RingJob> = jobs.iter().map(|(_, j, _)| j.clone()).collect();
@@ -185,6 +186,7 @@ pub fn evaluate(
     for (t, windows, sums, job) in measured {
         let announced = history.announcements(&t.object)?;
         for ((nights, epochs), s) in windows.into_iter().zip(sums) {
+            tracing::debug!(object = %t.object, band = %t.band, nights, epochs, num = s.num, den = s.den, centre = s.centre, "stack measured");
             let Some(m) = s.measurement(&job) else { continue };
             if !(m.score.is_finite() && m.score.abs() >= threshold) {
                 continue;
