@@ -153,6 +153,73 @@ fn shifted(cells: &[f32], cell: u32, t: &ShiftTaps, x: i64, y: i64) -> Option<[f
     crate::cpu::stack::shift_pixel([d, v, vt], SIDE, SIDE, t, x as usize, y as usize)
 }
 
+/// Cell `cell` shifted by `t` at every pixel of the box `(x0, y0)..=(x1, y1)` (on the square),
+/// row by row: `(D', V', VT')`, `None` where a tap of non-zero weight leaves the square or is
+/// not usable ([`crate::cpu::stack::shift_planes`]'s rule and sums, on the box alone).
+fn shift_box(cells: &[f32], cell: u32, t: &ShiftTaps, (x0, y0): (i64, i64), (x1, y1): (i64, i64)) -> Vec<Option<[f64; 3]>> {
+    let (bw, bh) = ((x1 - x0 + 1) as usize, (y1 - y0 + 1) as usize);
+    let base = cell as usize * CELL;
+    let Some(planes) = cells.get(base..base + CELL) else { return vec![None; bw * bh] };
+    let (d, rest) = planes.split_at(NPIX);
+    let (v, vt) = rest.split_at(NPIX);
+    let side = SIDE as i64;
+    // Source rows the columns' taps reach: y + iy − 2 ..= y + iy + 3.
+    let (r0, r1) = (y0 + t.iy - 2, y1 + t.iy + 3);
+    let rows: Vec<Option<[f64; 3]>> = (r0..=r1)
+        .flat_map(|sy| {
+            (x0..=x1).map(move |x| {
+                if sy < 0 || sy >= side {
+                    return None;
+                }
+                let mut s = [0.0f64; 3];
+                for (i, &k) in t.kx.iter().enumerate() {
+                    if k == 0.0 {
+                        continue;
+                    }
+                    let sx = x + t.ix + i as i64 - 2;
+                    if sx < 0 || sx >= side {
+                        return None;
+                    }
+                    let p = (sy * side + sx) as usize;
+                    if !crate::cpu::stack::usable(d[p], v[p], vt[p]) {
+                        return None;
+                    }
+                    s[0] += k * d[p] as f64;
+                    s[1] += k * k * v[p] as f64;
+                    s[2] += k * k * vt[p] as f64;
+                }
+                Some(s)
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(bw * bh);
+    for y in y0..=y1 {
+        for x in 0..bw {
+            let mut s = [0.0f64; 3];
+            let mut ok = true;
+            for (j, &k) in t.ky.iter().enumerate() {
+                if k == 0.0 {
+                    continue;
+                }
+                // Row y + iy + j − 2 of the source is row j + (y − y0) of `rows`.
+                match rows[(y - y0) as usize * bw + j * bw + x] {
+                    Some(r) => {
+                        s[0] += k * r[0];
+                        s[1] += k * k * r[1];
+                        s[2] += k * k * r[2];
+                    }
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            out.push(ok.then_some(s));
+        }
+    }
+    out
+}
+
 /// `exp(−(x − f)² / 2σ²)`.
 fn gauss(x: f64, f: f64, sigma: f64) -> f64 {
     let u = (x - f) / sigma;
@@ -196,6 +263,12 @@ pub fn measure(cells: &[f32], job: &RingJob) -> Vec<WindowSums> {
         .collect();
     // Phase 2: every pixel of the footprint, epoch after epoch, each window at its last epoch.
     let hmax = job.entries.iter().map(|e| e.half).max().unwrap_or(0).min(SIDE as u32) as i64;
+    // Each epoch shifted over the footprint's box once, separably (rows, then columns: 12 taps
+    // a pixel instead of 36; the kernel's direct 6×6 sum up to rounding, the same mask).
+    let (bx0, by0) = ((px as i64 - hmax).max(0), (py as i64 - hmax).max(0));
+    let (bx1, by1) = ((px as i64 + hmax).min(SIDE as i64 - 1), (py as i64 + hmax).min(SIDE as i64 - 1));
+    let bw = (bx1 - bx0 + 1) as usize;
+    let shifted_boxes: Vec<Vec<Option<[f64; 3]>>> = job.entries.iter().zip(&taps).map(|(e, t)| shift_box(cells, e.cell, t, (bx0, by0), (bx1, by1))).collect();
     for v in -hmax..=hmax {
         for u in -hmax..=hmax {
             let (x, y) = (px as i64 + u, py as i64 + v);
@@ -207,7 +280,7 @@ pub fn measure(cells: &[f32], job: &RingJob) -> Vec<WindowSums> {
             let mut w = 0;
             for (k, ((e, t), (wk, inv_z, gx, gy))) in job.entries.iter().zip(&taps).zip(&parts).enumerate() {
                 let wk = *wk;
-                if let Some(s) = shifted(cells, e.cell, t, x, y) {
+                if let Some(s) = shifted_boxes[k][((y - by0) as usize) * bw + (x - bx0) as usize] {
                     let corr = corr_product(t);
                     let ve = s[1] / corr;
                     let vte = (s[2] / corr).min(ve);
