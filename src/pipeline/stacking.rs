@@ -152,7 +152,10 @@ pub fn evaluate(
         if !ring.serves(&t.object, &t.band, t.mjd) {
             let Some(object) = history.object(&t.object)? else { continue };
             let epochs: Vec<crate::history::Epoch> = object.bands.get(&t.band).cloned().unwrap_or_default();
-            if !ring.fill(&t.object, &t.band, &epochs, t.mjd) {
+            // Filled, the slot serves the alert unless the alert is over a night older than
+            // the object's newest epoch (its windows reach past what a slot keeps): then, as
+            // when the epochs do not fit, it is measured on its own.
+            if !ring.fill(&t.object, &t.band, &epochs, t.mjd) || !ring.serves(&t.object, &t.band, t.mjd) {
                 if let Some((cells, job, windows)) = ring::standalone_job(&epochs, &t.band, t.mjd, t.x, t.y) {
                     let sums = crate::cpu::ring::measure(&cells, &job);
                     measured.push((t, windows, sums, job));
@@ -704,6 +707,41 @@ mod tests {
         assert!(ring.fill("obj", "r", &old, t.mjd));
         assert!(ring.serves("obj", "r", t.mjd) && ring.serves("obj", "r", t.mjd - 0.9) && !ring.serves("obj", "r", t.mjd - 1.5), "seed {seed}");
         assert!(ring.serves("obj", "r", t.mjd + 40.0), "later windows reach no further back");
+    }
+
+    /// An alert more than a night older than its object's newest epoch is measured at its own
+    /// time, from the store's copies (a slot keeps less than its windows reach).
+    #[test]
+    fn a_late_alert_is_measured_at_its_own_time() {
+        let seed: u64 = rand::random();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (mut kept, _) = stored_history(&mut rng, 8);
+        for (i, e) in kept.iter_mut().enumerate() {
+            // Five nights apart: the slot keeps 31.1 nights before its newest (night 40).
+            e.mjd = 61000.0 + 5.0 * i as f64;
+            e.alert_id = format!("a{i}");
+        }
+        let store = crate::history::MemoryHistory::new(&crate::history::HistoryConfig::default()).expect("store");
+        let object = match store.put_many(&kept).expect("put").swap_remove(0) {
+            crate::history::PutOutcome::Added { object, .. } => object,
+            o => panic!("seed {seed}: {o:?}"),
+        };
+        let late = &kept[5];
+        let side = 2 * STORED_HALF + 1;
+        let t = Touched { index: 0, object, band: "r".into(), mjd: late.mjd, x: late.stamp_x, y: late.stamp_y, width: side, height: side };
+        // Every measured window is a hit at threshold 0.
+        let mut big = SquareRing::new(ring::Backend::host(64 << 20));
+        let (hits, _) = evaluate(&store, &mut big, std::slice::from_ref(&t), 0.0).expect("evaluate");
+        let mut tiny = SquareRing::new(ring::Backend::host(1));
+        let (alone, _) = evaluate(&store, &mut tiny, std::slice::from_ref(&t), 0.0).expect("evaluate");
+        let key = |h: &StackHit| (h.nights.to_bits(), h.epochs, h.measurement.score.to_bits());
+        assert_eq!(hits.iter().map(key).collect::<Vec<_>>(), alone.iter().map(key).collect::<Vec<_>>(), "seed {seed}");
+        // The windows at night 25: 10 nights hold nights 15, 20 and 25, 30 nights all six from
+        // night 0, which the slot no longer has (a window whose stack is masked at the candidate
+        // is not measured).
+        let windows: Vec<(f64, usize)> = hits.iter().map(|h| (h.nights, h.epochs)).collect();
+        assert!(!windows.is_empty() && windows.iter().all(|w| [(10.0, 3), (30.0, 6)].contains(w)), "seed {seed}: {windows:?}");
+        assert_eq!(big.stats().hits, 0, "seed {seed}: not served from the slot");
     }
 
     /// `evaluate` announces the same from resident squares as from the store's copies (a pool
