@@ -103,16 +103,7 @@ fn subtract_and_stack(engine: &mut dyn Engine, b: &StampBatch, store: &MemoryHis
 fn add_to_ring(ring: &mut SquareRing, new: &[Epoch], outcomes: &[blink::history::PutOutcome]) {
     for (e, o) in new.iter().zip(outcomes) {
         if let blink::history::PutOutcome::Added { object, new_object } = o {
-            let s = &e.stamps;
-            let sq = ring::NewSquare {
-                alert_id: &e.alert_id,
-                mjd: e.mjd,
-                x: e.stamp_x,
-                y: e.stamp_y,
-                sigma: ring::psf_sigma(&s.psf).expect("a Gaussian PSF"),
-                half: (s.psf.width / 2) as u32,
-                planes: [&s.difference.data, &s.variance.data, &s.template_variance.data],
-            };
+            let sq = ring::NewSquare::of(e, ring::psf_sigma(&e.stamps.psf).expect("a Gaussian PSF"));
             ring.add(object, &e.band, &sq, *new_object);
         }
     }

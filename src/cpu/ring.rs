@@ -84,15 +84,9 @@ impl RingJob {
 /// The kernel's `entries` values of one epoch: `kx[6]`, `ky[6]`, `ix`, `iy`, `c`, `sigma`,
 /// `half`, the cell's bits.
 pub fn entry_values(e: &RingEntry) -> [f32; ENTRY_STRIDE] {
-    let t = ShiftTaps::new(e.dx, e.dy);
     let mut v = [0.0f32; ENTRY_STRIDE];
-    for k in 0..TAPS {
-        v[k] = t.kx[k] as f32;
-        v[TAPS + k] = t.ky[k] as f32;
-    }
-    v[2 * TAPS] = t.ix as f32;
-    v[2 * TAPS + 1] = t.iy as f32;
-    v[2 * TAPS + 2] = corr_product(&t) as f32;
+    let taps = crate::cpu::stack::tap_values(&ShiftTaps::new(e.dx, e.dy));
+    v[..taps.len()].copy_from_slice(&taps);
     v[2 * TAPS + 3] = e.sigma as f32;
     v[2 * TAPS + 4] = e.half as f32;
     v[2 * TAPS + 5] = f32::from_bits(e.cell);

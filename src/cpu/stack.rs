@@ -96,6 +96,21 @@ impl ShiftTaps {
     }
 }
 
+/// What the kernels read of a shift: `kx[6]`, `ky[6]`, the whole-pixel parts `ix`, `iy` and
+/// the correlation factor `cx · cy`, as f32 (`eps` of `shaders/stack/`, `entries` of
+/// `shaders/ring/ring.wgsl`).
+pub fn tap_values(t: &ShiftTaps) -> [f32; 2 * TAPS + 3] {
+    let mut v = [0.0f32; 2 * TAPS + 3];
+    for k in 0..TAPS {
+        v[k] = t.kx[k] as f32;
+        v[TAPS + k] = t.ky[k] as f32;
+    }
+    v[2 * TAPS] = t.ix as f32;
+    v[2 * TAPS + 1] = t.iy as f32;
+    v[2 * TAPS + 2] = corr_product(t) as f32;
+    v
+}
+
 /// A pixel the kernels may use: finite difference, finite positive variance, finite
 /// non-negative template variance (`usable` in `shaders/stack/shared/stack_params.wgsl`).
 pub fn usable(d: f32, v: f32, vt: f32) -> bool {

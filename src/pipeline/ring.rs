@@ -113,6 +113,22 @@ pub struct NewSquare<'a> {
     pub planes: [&'a [f32]; 3],
 }
 
+impl<'a> NewSquare<'a> {
+    /// A stored epoch's square (its PSF a Gaussian of width `sigma`).
+    pub fn of(e: &'a Epoch, sigma: f64) -> NewSquare<'a> {
+        let s = &e.stamps;
+        NewSquare {
+            alert_id: &e.alert_id,
+            mjd: e.mjd,
+            x: e.stamp_x,
+            y: e.stamp_y,
+            sigma,
+            half: (s.psf.width / 2) as u32,
+            planes: [&s.difference.data, &s.variance.data, &s.template_variance.data],
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Resident {
     cell: u32,
@@ -329,17 +345,7 @@ impl SquareRing {
         self.slots.insert(key.clone(), Slot { epochs: Vec::new(), horizon: cut, used: 0 });
         self.touch(&key);
         for (e, sigma) in mine {
-            let s = &e.stamps;
-            let sq = NewSquare {
-                alert_id: &e.alert_id,
-                mjd: e.mjd,
-                x: e.stamp_x,
-                y: e.stamp_y,
-                sigma,
-                half: (s.psf.width / 2) as u32,
-                planes: [&s.difference.data, &s.variance.data, &s.template_variance.data],
-            };
-            self.add(object, band, &sq, false);
+            self.add(object, band, &NewSquare::of(e, sigma), false);
             if !self.slots.contains_key(&key) {
                 return false;
             }

@@ -610,8 +610,10 @@ mod tests {
                 worst = worst.max(d);
                 worst_err = worst_err.max((r.flux_err / m.flux_err - 1.0).abs());
                 let ctx = format!("seed {seed}, case {case}, {nights}-night window of {count}: ring {r:?}, host {m:?}");
-                assert!(d <= 0.02 + 0.01 * m.score.abs(), "{ctx}");
-                assert!((r.flux_err / m.flux_err - 1.0).abs() < 0.02, "{ctx}");
+                // The PSFs differ (the host's is smoothed by three Lanczos moves): a few
+                // hundredths of a sigma, about a per cent of the error.
+                assert!(d <= 0.04 + 0.01 * m.score.abs(), "{ctx}");
+                assert!((r.flux_err / m.flux_err - 1.0).abs() < 0.025, "{ctx}");
                 assert_eq!((r.x, r.y), (m.x, m.y), "{ctx}");
                 compared += 1;
             }
@@ -628,17 +630,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(seed);
         let (kept, t) = stored_history(&mut rng, 9);
         let add = |ring: &mut SquareRing, e: &Epoch, first: bool| {
-            let s = &e.stamps;
-            let sq = ring::NewSquare {
-                alert_id: &e.alert_id,
-                mjd: e.mjd,
-                x: e.stamp_x,
-                y: e.stamp_y,
-                sigma: ring::psf_sigma(&s.psf).expect("Gaussian PSF"),
-                half: (s.psf.width / 2) as u32,
-                planes: [&s.difference.data, &s.variance.data, &s.template_variance.data],
-            };
-            ring.add("obj", "r", &sq, first);
+            ring.add("obj", "r", &ring::NewSquare::of(e, ring::psf_sigma(&e.stamps.psf).expect("Gaussian PSF")), first);
         };
         let sums = |ring: &mut SquareRing| {
             let (job, _) = ring.job("obj", "r", t.mjd, t.x, t.y).expect("a job");

@@ -32,6 +32,31 @@ pub(crate) fn check_limits(ctx: &GpuContext, kernels: &str, need: &[(&str, u32, 
     }
 }
 
+/// A compute pipeline of `source`'s `entry_point` and its bind-group layout: binding 0 a
+/// uniform, then one storage buffer per entry of `read_only` (bindings 1, 2, …).
+pub(crate) fn compute_pipeline(dev: &wgpu::Device, label: &str, source: String, entry_point: &str, read_only: &[bool]) -> (wgpu::BindGroupLayout, wgpu::ComputePipeline) {
+    let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer { ty, has_dynamic_offset: false, min_binding_size: None },
+        count: None,
+    };
+    let mut entries = vec![entry(0, wgpu::BufferBindingType::Uniform)];
+    entries.extend(read_only.iter().enumerate().map(|(k, &ro)| entry(k as u32 + 1, wgpu::BufferBindingType::Storage { read_only: ro })));
+    let layout = dev.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(label), entries: &entries });
+    let pl = dev.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: Some(label), bind_group_layouts: &[Some(&layout)], immediate_size: 0 });
+    let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) });
+    let pipe = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: Some(&pl),
+        module: &module,
+        entry_point: Some(entry_point),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    (layout, pipe)
+}
+
 /// Read back `floats` f32 from a mappable buffer.
 pub(crate) fn read_floats(ctx: &GpuContext, buf: &wgpu::Buffer, floats: usize) -> Result<Vec<f32>, EngineError> {
     let mut out = vec![0.0f32; floats];

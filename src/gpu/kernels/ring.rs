@@ -79,26 +79,7 @@ impl GpuRing {
         let device = ctx.device.clone();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer { ty, has_dynamic_offset: false, min_binding_size: None },
-            count: None,
-        };
-        let ro = wgpu::BufferBindingType::Storage { read_only: true };
-        let rw = wgpu::BufferBindingType::Storage { read_only: false };
-        let entries = [entry(0, wgpu::BufferBindingType::Uniform), entry(1, ro), entry(2, ro), entry(3, ro), entry(4, rw), entry(5, rw)];
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some("blink.ring"), entries: &entries });
-        let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: Some("blink.ring"), bind_group_layouts: &[Some(&layout)], immediate_size: 0 });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("blink.ring"), source: wgpu::ShaderSource::Wgsl(RING_WGSL.into()) });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("blink.ring"),
-            layout: Some(&pl),
-            module: &module,
-            entry_point: Some("ring"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let (layout, pipeline) = super::compute_pipeline(&device, "blink.ring", RING_WGSL.into(), "ring", &[true, true, true, false, false]);
         let buf = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("blink.ring.cells"),
             size: capacity as u64 * cell_bytes,

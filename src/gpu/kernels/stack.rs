@@ -20,8 +20,8 @@ use std::ops::Range;
 
 use wgpu::util::DeviceExt;
 
-use crate::cpu::stack::{corr_product, EpochPsfs, ShiftTaps, Shifted, TAPS};
-use super::{check_limits, gpu_err, read_floats};
+use crate::cpu::stack::{EpochPsfs, ShiftTaps, Shifted, TAPS};
+use super::{check_limits, compute_pipeline, gpu_err, read_floats};
 use crate::engine::EngineError;
 use crate::gpu::GpuEngine;
 use crate::stack::{Stack, StackBatch};
@@ -79,15 +79,9 @@ fn bad(what: impl Into<String>) -> EngineError {
 
 /// The `eps` values of one epoch.
 fn epoch_values(dx: f64, dy: f64) -> [f32; EPOCH_STRIDE] {
-    let t = ShiftTaps::new(dx, dy);
     let mut v = [0.0f32; EPOCH_STRIDE];
-    for k in 0..TAPS {
-        v[k] = t.kx[k] as f32;
-        v[TAPS + k] = t.ky[k] as f32;
-    }
-    v[2 * TAPS] = t.ix as f32;
-    v[2 * TAPS + 1] = t.iy as f32;
-    v[2 * TAPS + 2] = corr_product(&t) as f32;
+    let taps = crate::cpu::stack::tap_values(&ShiftTaps::new(dx, dy));
+    v[..taps.len()].copy_from_slice(&taps);
     v
 }
 
@@ -131,34 +125,9 @@ impl GpuStack {
         check_limits(ctx, "the stacking kernels", &need)?;
         let dev = &ctx.device;
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
-        let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer { ty, has_dynamic_offset: false, min_binding_size: None },
-            count: None,
-        };
-        let ro = wgpu::BufferBindingType::Storage { read_only: true };
-        let rw = wgpu::BufferBindingType::Storage { read_only: false };
-        let uniform = wgpu::BufferBindingType::Uniform;
-        let build = |name: &str, src: &str, storage: &[wgpu::BufferBindingType]| {
-            let label = format!("blink.stack.{name}");
-            let mut entries = vec![entry(0, uniform)];
-            entries.extend(storage.iter().enumerate().map(|(k, ty)| entry(k as u32 + 1, *ty)));
-            let layout = dev.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&label), entries: &entries });
-            let pl = dev.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: Some(&label), bind_group_layouts: &[Some(&layout)], immediate_size: 0 });
-            let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(&label), source: wgpu::ShaderSource::Wgsl(format!("{PARAMS_WGSL}\n{src}").into()) });
-            let pipe = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&label),
-                layout: Some(&pl),
-                module: &module,
-                entry_point: Some(name),
-                compilation_options: Default::default(),
-                cache: None,
-            });
-            (layout, pipe)
-        };
-        let (shift_layout, shift) = build("shift", SHIFT_WGSL, &[ro, ro, rw]);
-        let (coadd_layout, coadd) = build("coadd", COADD_WGSL, &[ro, ro, ro, rw]);
+        let build = |name: &str, src: &str, read_only: &[bool]| compute_pipeline(dev, &format!("blink.stack.{name}"), format!("{PARAMS_WGSL}\n{src}"), name, read_only);
+        let (shift_layout, shift) = build("shift", SHIFT_WGSL, &[true, true, false]);
+        let (coadd_layout, coadd) = build("coadd", COADD_WGSL, &[true, true, true, false]);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(gpu_err(ctx, format!("building the stacking pipelines: {e}")));
         }
