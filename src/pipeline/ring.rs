@@ -229,11 +229,6 @@ impl SquareRing {
         self.stats = RingStats::default();
     }
 
-    /// Objects (and bands) with a slot.
-    pub fn resident_objects(&self) -> usize {
-        self.slots.len()
-    }
-
     fn touch(&mut self, key: &(String, String)) {
         self.tick += 1;
         let tick = self.tick;
