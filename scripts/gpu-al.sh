@@ -16,6 +16,9 @@
 #   scripts/gpu-al.sh prepare stacking   # the stacking bench and the integration tests only
 #   scripts/gpu-al.sh stacking           # the bench at 64 and 1024 stamps, the parity tests
 #                                        # three times with 4 threads (a hang names its tests)
+#                                        # Issue 5's target is the line "the stacks' own work
+#                                        # ... % of the subtraction alone" (resident squares
+#                                        # on the device, `gpu::kernels::ring`): ≤ 10%.
 #   scripts/gpu-al.sh parity [RUNS]      # the parity tests alone, RUNS (5) times with 4 threads
 set -euo pipefail
 cd "$(dirname "$0")/.."
