@@ -44,6 +44,8 @@ pub struct GpuRing {
     scratch: Option<Scratch>,
     /// The device's turns (`GpuContext::turns`): a measurement waits for the engine's batch.
     turns: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Squares written since the last measurement, not yet on the device.
+    pending: Vec<(u32, Vec<f32>)>,
 }
 
 /// The buffers of one [`GpuRing::measure`] call, reused by the next while they are big
@@ -91,7 +93,7 @@ impl GpuRing {
             return Err(err(format!("building the resident stacks ({capacity} cells): {e}")));
         }
         let max_groups = l.max_compute_workgroups_per_dimension.max(1);
-        Ok(GpuRing { device, queue: ctx.queue.clone(), adapter, layout, pipeline, cells: buf, capacity, max_groups, scratch: None, turns: ctx.turns.clone() })
+        Ok(GpuRing { device, queue: ctx.queue.clone(), adapter, layout, pipeline, cells: buf, capacity, max_groups, scratch: None, turns: ctx.turns.clone(), pending: Vec::new() })
     }
 
     /// Cells the buffer holds.
@@ -99,11 +101,12 @@ impl GpuRing {
         self.capacity
     }
 
-    /// Put one square (its D, V and VT planes, [`CELL`] floats) into cell `cell`; it reaches
-    /// the device with the next submission, before any measurement of it.
-    pub fn write(&self, cell: u32, square: &[f32]) {
+    /// Put one square (its D, V and VT planes, [`CELL`] floats) into cell `cell`. It is held
+    /// on the host and reaches the device at the next [`GpuRing::measure`], in its turn on the
+    /// device (`GpuContext::turns`): the sink's thread touches the device only there.
+    pub fn write(&mut self, cell: u32, square: &[f32]) {
         if (cell as usize) < self.capacity && square.len() == CELL {
-            self.queue.write_buffer(&self.cells, cell as u64 * (CELL * 4) as u64, bytemuck::cast_slice(square));
+            self.pending.push((cell, square.to_vec()));
         }
     }
 
@@ -126,6 +129,11 @@ impl GpuRing {
         let dev = self.device.clone();
         let turns = self.turns.clone();
         let _turn = turns.lock().unwrap_or_else(|p| p.into_inner());
+        // The squares written since the last batch, in the order written (a cell written
+        // twice keeps the later square).
+        for (cell, square) in self.pending.drain(..) {
+            self.queue.write_buffer(&self.cells, cell as u64 * (CELL * 4) as u64, bytemuck::cast_slice(&square));
+        }
         let val = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let fits = self.scratch.as_ref().is_some_and(|s| [&s.jobs, &s.entries, &s.weights, &s.out].iter().zip(need).all(|(b, n)| b.size() >= n.max(4)));
