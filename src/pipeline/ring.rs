@@ -25,6 +25,23 @@ use crate::stack::{DEFAULT_WINDOWS, WINDOW_TOLERANCE};
 /// that alerts arriving up to a night out of order are still served from the slot.
 const SLACK_NIGHTS: f64 = 1.0;
 
+/// The MJD the windows ending at `now` reach back to (exclusive): an epoch is in the longest
+/// window when `mjd > reach(now)` ([`WINDOW_TOLERANCE`] included).
+fn reach(now: f64) -> f64 {
+    now - longest() - WINDOW_TOLERANCE
+}
+
+/// The longest of the windows, nights.
+fn longest() -> f64 {
+    DEFAULT_WINDOWS.iter().copied().fold(0.0, f64::max)
+}
+
+/// The store's epochs the ring can hold: those of `band` on the ring's square with a Gaussian
+/// PSF, each with its width.
+fn ring_epochs<'a>(epochs: &'a [Epoch], band: &'a str) -> impl Iterator<Item = (&'a Epoch, f64)> + 'a {
+    epochs.iter().filter(move |e| e.band == band && e.stamps.difference.shape() == (SIDE, SIDE)).filter_map(|e| Some((e, psf_sigma(&e.stamps.psf)?)))
+}
+
 /// Where the cells live.
 #[derive(Debug)]
 pub enum Backend {
@@ -166,8 +183,7 @@ pub type Windows = Vec<(f64, usize)>;
 /// repeat a shorter one or hold a single epoch are not measured (never announced).
 pub fn plan(epochs: &[(f64, &str)], now: f64) -> (Vec<usize>, Windows) {
     let tol = WINDOW_TOLERANCE;
-    let longest = DEFAULT_WINDOWS.iter().copied().fold(0.0, f64::max);
-    let mut order: Vec<usize> = (0..epochs.len()).filter(|&i| epochs[i].0 <= now + tol && now - epochs[i].0 < longest + tol).collect();
+    let mut order: Vec<usize> = (0..epochs.len()).filter(|&i| epochs[i].0 <= now + tol && now - epochs[i].0 < longest() + tol).collect();
     order.sort_by(|&a, &b| epochs[b].0.total_cmp(&epochs[a].0).then_with(|| epochs[a].1.cmp(epochs[b].1)));
     let mut windows: Windows = Vec::new();
     let mut prev = 0;
@@ -261,10 +277,9 @@ impl SquareRing {
     /// Drop a slot's epochs that no window will reach again (older than the longest window
     /// plus [`SLACK_NIGHTS`] before its newest), raising its horizon.
     fn trim(&mut self, key: &(String, String)) {
-        let longest = DEFAULT_WINDOWS.iter().copied().fold(0.0, f64::max);
         let Some(s) = self.slots.get_mut(key) else { return };
         let newest = s.epochs.iter().map(|e| e.mjd).fold(f64::NEG_INFINITY, f64::max);
-        let cut = newest - longest - WINDOW_TOLERANCE - SLACK_NIGHTS;
+        let cut = reach(newest) - SLACK_NIGHTS;
         if !cut.is_finite() {
             return;
         }
@@ -315,8 +330,7 @@ impl SquareRing {
 
     /// Whether `(object, band)`'s windows at `now` can be made from its slot.
     pub fn serves(&self, object: &str, band: &str, now: f64) -> bool {
-        let longest = DEFAULT_WINDOWS.iter().copied().fold(0.0, f64::max);
-        self.slots.get(&(object.to_string(), band.to_string())).is_some_and(|s| now - longest - WINDOW_TOLERANCE >= s.horizon)
+        self.slots.get(&(object.to_string(), band.to_string())).is_some_and(|s| reach(now) >= s.horizon)
     }
 
     /// Replace `(object, band)`'s slot with `epochs` (the store's epochs of that object, any
@@ -326,14 +340,8 @@ impl SquareRing {
         let key = (object.to_string(), band.to_string());
         self.drop_slot(&key);
         self.stats.fills += 1;
-        let longest = DEFAULT_WINDOWS.iter().copied().fold(0.0, f64::max);
-        let newest = epochs.iter().filter(|e| e.band == band).map(|e| e.mjd).fold(now, f64::max);
-        let cut = now.min(newest) - longest - WINDOW_TOLERANCE - SLACK_NIGHTS;
-        let mine: Vec<(&Epoch, f64)> = epochs
-            .iter()
-            .filter(|e| e.band == band && e.mjd > cut && e.stamps.difference.shape() == (SIDE, SIDE))
-            .filter_map(|e| Some((e, psf_sigma(&e.stamps.psf)?)))
-            .collect();
+        let cut = reach(now) - SLACK_NIGHTS;
+        let mine: Vec<(&Epoch, f64)> = ring_epochs(epochs, band).filter(|(e, _)| e.mjd > cut).collect();
         if mine.len() > self.backend.capacity() {
             return false;
         }
@@ -386,11 +394,7 @@ impl SquareRing {
 /// their own: for an object whose epochs do not fit in the pool. The cells and the job, with
 /// the windows' lengths and counts; `None` when no window holds two epochs.
 pub fn standalone_job(epochs: &[Epoch], band: &str, now: f64, x: f64, y: f64) -> Option<(Vec<f32>, RingJob, Windows)> {
-    let mine: Vec<(&Epoch, f64)> = epochs
-        .iter()
-        .filter(|e| e.band == band && e.stamps.difference.shape() == (SIDE, SIDE))
-        .filter_map(|e| Some((e, psf_sigma(&e.stamps.psf)?)))
-        .collect();
+    let mine: Vec<(&Epoch, f64)> = ring_epochs(epochs, band).collect();
     let meta: Vec<(f64, &str)> = mine.iter().map(|(e, _)| (e.mjd, e.alert_id.as_str())).collect();
     let (order, windows) = plan(&meta, now);
     let n = windows.last()?.1;
