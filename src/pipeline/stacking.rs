@@ -146,20 +146,17 @@ pub fn evaluate(
         }
     }
     // Per object: its windows and their sums, from the ring or on its own.
-    let mut measured: Vec<(&Touched, Windows, Vec<WindowSums>, RingJob)> = Vec::new();
+    let mut measured: Vec<Measured<'_>> = Vec::new();
     let mut jobs: Vec<(&Touched, RingJob, Windows)> = Vec::new();
     for t in latest.into_values() {
         if !ring.serves(&t.object, &t.band, t.mjd) {
             let Some(object) = history.object(&t.object)? else { continue };
-            let epochs: Vec<crate::history::Epoch> = object.bands.get(&t.band).cloned().unwrap_or_default();
+            let epochs = object.bands.get(&t.band).map_or(&[][..], Vec::as_slice);
             // Filled, the slot serves the alert unless the alert is over a night older than
             // the object's newest epoch (its windows reach past what a slot keeps): then, as
             // when the epochs do not fit, it is measured on its own.
-            if !ring.fill(&t.object, &t.band, &epochs, t.mjd) || !ring.serves(&t.object, &t.band, t.mjd) {
-                if let Some((cells, job, windows)) = ring::standalone_job(&epochs, &t.band, t.mjd, t.x, t.y) {
-                    let sums = crate::cpu::ring::measure(&cells, &job);
-                    measured.push((t, windows, sums, job));
-                }
+            if !ring.fill(&t.object, &t.band, epochs, t.mjd) || !ring.serves(&t.object, &t.band, t.mjd) {
+                measured.extend(alone(epochs, t));
                 continue;
             }
         }
@@ -176,11 +173,7 @@ pub fn evaluate(
             tracing::error!(error = %e, objects = jobs.len(), "resident stacks failed; measured from the store");
             for (t, _, _) in jobs {
                 let Some(object) = history.object(&t.object)? else { continue };
-                let epochs = object.bands.get(&t.band).cloned().unwrap_or_default();
-                if let Some((cells, job, windows)) = ring::standalone_job(&epochs, &t.band, t.mjd, t.x, t.y) {
-                    let sums = crate::cpu::ring::measure(&cells, &job);
-                    measured.push((t, windows, sums, job));
-                }
+                measured.extend(alone(object.bands.get(&t.band).map_or(&[][..], Vec::as_slice), t));
             }
         }
     }
@@ -206,6 +199,17 @@ pub fn evaluate(
     let order: BTreeMap<(&str, &str), usize> = touched.iter().enumerate().map(|(k, t)| ((t.object.as_str(), t.band.as_str()), k)).collect();
     hits.sort_by_key(|h| (order.get(&(h.object.as_str(), h.band.as_str())).copied(), h.nights.to_bits()));
     Ok((hits, record))
+}
+
+/// One object's windows, their sums and the job that made them.
+type Measured<'a> = (&'a Touched, Windows, Vec<WindowSums>, RingJob);
+
+/// `t`'s windows measured by the twin on cells of their own, from the store's `epochs` of its
+/// band (not resident: they do not fit in the pool, the alert is late, or the device failed).
+fn alone<'a>(epochs: &[crate::history::Epoch], t: &'a Touched) -> Option<Measured<'a>> {
+    let (cells, job, windows) = ring::standalone_job(epochs, &t.band, t.mjd, t.x, t.y)?;
+    let sums = crate::cpu::ring::measure(&cells, &job);
+    Some((t, windows, sums, job))
 }
 
 /// The reference the resident stacks (`cpu::ring`, `gpu::kernels::ring`) are checked against:
