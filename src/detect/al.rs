@@ -356,8 +356,7 @@ const MAX_MODEL_ERROR: f64 = 0.05;
 /// measured well), floored at 0. A median, so one variable star the clipping let through
 /// cannot set ε for the frame (a pooled ratio of sums did, and hid variables of SNR 50–80).
 fn model_error(sol: &crate::subtract::KernelSolution, d: &[f32], model: &[f32], var: &[f32], kvar: &[f32], w: usize) -> f64 {
-    let mut per: Vec<(f64, f64)> = Vec::new();
-    for sf in sol.stamps.iter().filter(|s| s.rejected_after.is_none()) {
+    let per = sol.stamps.iter().filter(|s| s.rejected_after.is_none()).map(|sf| {
         let st = sf.stamp;
         let (mut rr, mut vv, mut mm) = (0.0f64, 0.0f64, 0.0f64);
         for y in st.y.saturating_sub(st.half)..=st.y + st.half {
@@ -372,20 +371,9 @@ fn model_error(sol: &crate::subtract::KernelSolution, d: &[f32], model: &[f32], 
                 mm += m * m;
             }
         }
-        if mm > 0.0 && vv > 0.0 && rr.is_finite() && vv.is_finite() {
-            per.push(((rr - vv) / mm, mm / vv));
-        }
-    }
-    per.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total: f64 = per.iter().map(|p| p.1).sum();
-    let mut acc = 0.0;
-    for (e, wt) in &per {
-        acc += wt;
-        if acc >= 0.5 * total {
-            return e.max(0.0);
-        }
-    }
-    0.0
+        (rr, vv, mm)
+    });
+    crate::subtract::solve::weighted_excess(per)
 }
 
 /// `mask` grown by `r` pixels (a square of side `2r + 1` around each masked pixel): separable,
