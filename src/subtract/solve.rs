@@ -1148,6 +1148,12 @@ mod tests {
         Synth { w, h, science, template, var_s, var_t, kh, ka, kb, scale, stars }
     }
 
+    /// The index of `s`'s star nearest to stamp `st`.
+    fn star_of(s: &Synth, st: &Stamp) -> usize {
+        let d = |i: usize| (s.stars[i].0 - st.x as f64).powi(2) + (s.stars[i].1 - st.y as f64).powi(2);
+        (0..s.stars.len()).min_by(|&a, &b| d(a).total_cmp(&d(b))).unwrap_or(0)
+    }
+
     fn pair(s: &Synth) -> Pair<'_> {
         Pair { width: s.w, height: s.h, science: &s.science, template: &s.template, science_variance: &s.var_s, template_variance: Some(&s.var_t) }
     }
@@ -1344,12 +1350,7 @@ mod tests {
         assert!(stamps.len() > 20, "seed {seed}: {} stamps", stamps.len());
         // The star of a stamp in the middle of the list doubles in the science frame.
         let st = stamps[stamps.len() / 2];
-        let nearest = (0..s0.stars.len())
-            .min_by(|&a, &b| {
-                let d = |i: usize| (s0.stars[i].0 - st.x as f64).powi(2) + (s0.stars[i].1 - st.y as f64).powi(2);
-                d(a).total_cmp(&d(b))
-            })
-            .unwrap();
+        let nearest = star_of(&s0, &st);
         let s = synth(seed, 400, 400, 120, kh, k.clone(), k, Some((nearest, 2.0)));
         for opts in [FitOptions::default(), FitOptions { clip_kernel_error: true, ..FitOptions::default() }] {
             let sol = fit(&pair(&s), &basis, &stamps, &opts).unwrap();
@@ -1375,12 +1376,7 @@ mod tests {
         let s0 = synth(seed, 400, 400, 120, kh, k.clone(), k.clone(), None);
         let stamps0 = select_stamps(&pair(&s0), kh, &StampOptions { grid: 8, ..Default::default() });
         let st = stamps0[stamps0.len() / 3];
-        let nearest = (0..s0.stars.len())
-            .min_by(|&a, &b| {
-                let d = |i: usize| (s0.stars[i].0 - st.x as f64).powi(2) + (s0.stars[i].1 - st.y as f64).powi(2);
-                d(a).total_cmp(&d(b))
-            })
-            .unwrap();
+        let nearest = star_of(&s0, &st);
         // That star 500 times brighter in both images: not a variable, only bright.
         let s = synth_with(seed, 400, 400, 120, kh, k.clone(), k, None, Some((nearest, 500.0)));
         let stamps = select_stamps(&pair(&s), kh, &StampOptions { grid: 8, ..Default::default() });
