@@ -44,7 +44,7 @@ pub struct FitOptions {
     /// stamp's χ² does (both were measured on the detection tests and the harness).
     pub clip_core: bool,
     /// Clip stamps on their whole χ² with the kernel's fractional error ε in the noise,
-    /// `Σ w r² / (pixels + ε² Σ w m²)` (ε² from [`weighted_excess`]), instead of on χ²/px
+    /// `Σ w r² / (pixels + ε² Σ w m²)` (ε² from `weighted_excess`), instead of on χ²/px
     /// alone. Why it exists: the Gaussian basis makes a Moffat-to-Moffat kernel only to a
     /// fraction of a per cent, a residual that grows with the flux, so on χ²/px alone the two
     /// or three brightest stars of a frame are clipped as if variable (on the harness's hard
