@@ -11,15 +11,18 @@
 //! - `e2e/*`: from host images to host results, transfers included: both images prepared on
 //!   the GPU (`detect::al::prepare_gpu`), and the whole Alard–Lupton subtraction
 //!   (`prepare_gpu` ×2, `subtract_al` with the GPU, `score_image_gpu` with the measured PSF,
-//!   read back; the PSF measurement itself is outside the loop); at 1024² also the CPU path.
+//!   read back; the PSF measurement itself is outside the loop), the same with the prepared
+//!   planes kept on the device (`resident`: only the two images go up, as `blink subtract`
+//!   runs it); at 1024² also the CPU path.
+//! - `transfer/*`: one plane up, one plane back (bytes per second).
 //!
 //! Prints the adapter (and says so when it is a software rasteriser: llvmpipe numbers are not
 //! GPU figures; frames above 1024² are skipped there unless `BLINK_BENCH_FORCE=1`).
 //! `BLINK_BENCH_FRAME_SIZES=1024,4096` sets the sides.
 
 use blink::cpu::frame::Profile;
-use blink::detect::al::{prepare_gpu, subtract_al};
-use blink::detect::frame::{score_image, score_image_gpu, FrameOptions, Prepared};
+use blink::detect::al::{prepare_gpu, prepare_gpu_resident, subtract_al, subtract_al_resident};
+use blink::detect::frame::{score_image, score_image_gpu, score_image_gpu_resident, FrameOptions, Prepared};
 use blink::engine::{Engine, GpuEngine};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 
@@ -152,6 +155,34 @@ fn bench(c: &mut Criterion) {
                 s.score.len()
             })
         });
+        // The same chain with the prepared planes kept on the device (`blink subtract`'s path):
+        // the two images go up, nothing else does.
+        group.bench_function(format!("e2e/subtract+score resident{tag}"), |b| {
+            b.iter(|| {
+                let (a, ra) = prepare_gpu_resident(&mut gpu, &science, &opts).expect("prepare");
+                let (t, rt) = prepare_gpu_resident(&mut gpu, &template, &opts).expect("prepare");
+                let (dd, planes) = subtract_al_resident(&science, &a, &ra, &template, &t, &rt, &opts, &mut gpu).expect("subtract");
+                let planes = planes.expect("the subtraction stayed on the GPU");
+                let s = score_image_gpu_resident(&dd, psf.as_ref(), &mut gpu, &planes).expect("score");
+                for r in [ra, rt] {
+                    r.release(&mut gpu);
+                }
+                planes.release(&mut gpu);
+                s.score.len()
+            })
+        });
+        // One plane each way: what every whole-plane transfer above costs.
+        let plane_bytes = (side * side * 4) as u64;
+        group.throughput(Throughput::Bytes(plane_bytes));
+        group.bench_function(format!("transfer/upload{tag}"), |b| {
+            b.iter(|| {
+                let p = gpu.frame_upload(&science.data, side, side).expect("upload");
+                gpu.frame_wait().expect("wait");
+                gpu.frame_release(p);
+            })
+        });
+        group.bench_function(format!("transfer/read-back{tag}"), |b| b.iter(|| gpu.frame_read(&d).expect("read").len()));
+        group.throughput(Throughput::Elements((side * side) as u64));
         if side <= 1024 {
             group.bench_function("e2e/subtract+score cpu", |b| {
                 b.iter(|| {

@@ -116,7 +116,7 @@ run() {
     subtract 4096 2
     BLINK_BENCH_AL_HALF=18 timeout 40 .gpu/bench-al --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/al.txt" | grep -E 'time:|thrpt:|adapter|^AL' || true
     BLINK_BENCH_BATCH=8192 timeout 45 .gpu/bench-engine --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/engine.txt" | grep -E 'time:|thrpt:|adapter|GPU phases|pairs/s' || true
-    BLINK_BENCH_FRAME_SIZES=4096,1024 timeout 60 .gpu/bench-frame_gpu --bench --warm-up-time 1 --measurement-time 1 2>&1 | tee "$out/frame_gpu.txt" | grep -E 'time:|adapter|skipped' || true
+    BLINK_BENCH_FRAME_SIZES=4096,1024 timeout 100 .gpu/bench-frame_gpu --bench --warm-up-time 1 --measurement-time 1 2>&1 | tee "$out/frame_gpu.txt" | grep -E 'time:|adapter|skipped' || true
     for n in 64 1024; do
         BLINK_BENCH_BATCH=$n timeout 60 .gpu/bench-stacking --bench --warm-up-time 1 --measurement-time 2 2>&1 | tee "$out/stacking$n.txt" | grep -E 'time:|stacking bench' || true
     done
@@ -127,7 +127,7 @@ run() {
     for n in 1024 4096; do
         for f in "$out"/subtract$n.*.txt; do
             printf '%s² ' "$n"
-            grep -o -E 'prepare_s=[0-9.]+|fit_s=[0-9.]+|convolve_s=[0-9.]+| s=[0-9.]+|score_s=[0-9.]+' "$f" | tr '\n' ' '
+            grep -o -E 'prepare_s=[0-9.]+|fit_s=[0-9.]+|convolve_s=[0-9.]+| s=[0-9.]+|score_s=[0-9.]+|planes=[0-9.]+' "$f" | tr '\n' ' '
             grep -o -E '[0-9.]+ s \([0-9.]+ s reading\); .*' "$f" || echo
         done
     done

@@ -12,6 +12,9 @@
 // - `al_variance`: s3 = (f2 · s0 + f3 · s1 + f1 · s2²) · f0 where s0 > 0, else 0: s0 the guarding
 //   variance, s1 the convolved variance, s2 the model (f1 = ε², f0 = the swap's m²; f2 = f3 =
 //   1, or Σφ² and its convolved twin after decorrelation).
+// - `bad_mask`: s1 (u32) = 1 where an image's own pixel cannot be used: the sky-subtracted image
+//   s0 or the variance s2 not finite, the variance not > 0, or the saturation mask s3 (a u32
+//   mask, read through its f32 bits) set; else 0. Twin `cpu::frame::bad_mask`.
 // FrameParams `prm`, WG_X/WG_Y/MAX_TAPS and the uniform `taps` come from
 // shaders/frame/shared/frame_params.wgsl, prepended.
 // `taps` here: the background polynomial of `al_difference`.
@@ -26,6 +29,11 @@ fn normalised(p: u32, n: u32) -> f32 {
         return 0.0;
     }
     return 2.0 * f32(p) / f32(n - 1u) - 1.0;
+}
+
+// Not NaN and not ±∞, by the exponent bits (a compiler may assume comparisons see no NaN).
+fn finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
 }
 
 fn tap(j: u32) -> f32 {
@@ -85,4 +93,15 @@ fn al_variance(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     let m = s2[i];
     s3[i] = (prm.f2 * v + prm.f3 * bitcast<f32>(s1[i]) + prm.f1 * m * m) * prm.f0;
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn bad_mask(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= prm.width || id.y >= prm.height) {
+        return;
+    }
+    let i = id.y * prm.width + id.x;
+    let v = s2[i];
+    let bad = bitcast<u32>(s3[i]) != 0u || !finite(s0[i]) || !finite(v) || !(v > 0.0);
+    s1[i] = select(0u, 1u, bad);
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::detect::al::{prepare_on, subtract_al};
+use crate::detect::al::{prepare_on_resident, subtract_al, subtract_al_resident};
 use crate::subtract::decorr::PsfImage;
 use crate::detect::frame::{score_image, subtract, subtract_prepared, FrameOptions, Prepared, FWHM_PER_SIGMA};
 use crate::detect::image::{read_image, robust_stats, write_image, Image};
@@ -148,10 +148,26 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let read = t0.elapsed();
     let t1 = Instant::now();
     let al_on = if a.method == "al" && engine.frame_gpu().is_some() { format!("Alard–Lupton on {}", engine.adapter()) } else if a.method == "al" { "Alard–Lupton on the CPU".to_string() } else { format!("Gaussian kernel on {}", engine.adapter()) };
+    // On a real GPU the prepared planes stay there through the subtraction and the score
+    // (`subtract_al_resident`): only what the fit and the outputs need crosses the bus.
+    let mut resident = None;
     let diff = if a.method == "al" {
-        let (ps, pt) = (prepare_on(engine.frame_gpu(), &science, &opts)?, prepare_on(engine.frame_gpu(), &template, &opts)?);
+        let (ps, rs) = prepare_on_resident(engine.frame_gpu(), &science, &opts)?;
+        let (pt, rt) = prepare_on_resident(engine.frame_gpu(), &template, &opts)?;
         tracing::debug!(prepare_s = t1.elapsed().as_secs_f64(), "sky, variance, seeing of both images");
-        match subtract_al(&science, &ps, &template, &pt, &opts, engine.frame_gpu()) {
+        let done = match (engine.frame_gpu(), &rs, &rt) {
+            (Some(g), Some(rs), Some(rt)) => subtract_al_resident(&science, &ps, rs, &template, &pt, rt, &opts, g).map(|(d, planes)| {
+                resident = planes;
+                d
+            }),
+            (g, _, _) => subtract_al(&science, &ps, &template, &pt, &opts, g),
+        };
+        if let Some(g) = engine.frame_gpu() {
+            for r in [rs, rt].into_iter().flatten() {
+                r.release(g);
+            }
+        }
+        match done {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!("{e}; falling back to a Gaussian kernel");
@@ -171,7 +187,11 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     };
     tracing::debug!(measured = broad_psf.is_none(), side = psf.as_ref().map(|p| p.side), "PSF of the difference");
     // On a real GPU the score's correlations run there (the same routes, `score_image_gpu`).
-    let sc = match engine.frame_gpu().map(|g| crate::detect::frame::score_image_gpu(&diff, psf.as_ref(), g)) {
+    let on_gpu = engine.frame_gpu().map(|g| match &resident {
+        Some(r) => crate::detect::frame::score_image_gpu_resident(&diff, psf.as_ref(), g, r),
+        None => crate::detect::frame::score_image_gpu(&diff, psf.as_ref(), g),
+    });
+    let sc = match on_gpu {
         Some(Ok(sc)) => sc,
         Some(Err(e)) => {
             tracing::warn!("the score image on the GPU failed ({e}); on the CPU");
@@ -179,6 +199,13 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         }
         None => score_image(&diff, psf.as_ref()),
     };
+    if let Some(g) = engine.frame_gpu() {
+        if let Some(r) = resident.take() {
+            r.release(g);
+        }
+        let t = g.frame_traffic();
+        tracing::debug!(uploaded_mb = t.uploaded as f64 / 1e6, read_back_mb = t.read_back as f64 / 1e6, planes = (t.uploaded + t.read_back) as f64 / (diff.width * diff.height * 4) as f64, "whole planes moved between the host and the GPU");
+    }
     tracing::debug!(score_s = ts.elapsed().as_secs_f64(), "score image");
     let work = t1.elapsed();
     let (w, h) = (diff.width, diff.height);

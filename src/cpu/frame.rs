@@ -10,7 +10,8 @@
 //!   [`saturation`]);
 //! - `frame_grow`: a mask grown by a square ([`grow`], separable in O(N) whatever the radius);
 //! - `frame_assemble`: an Alard–Lupton difference and variance per pixel ([`al_difference`],
-//!   [`al_variance`], as `detect::al::subtract_al`'s loops).
+//!   [`al_variance`], as `detect::al::subtract_al`'s loops), and the pixels an image cannot
+//!   use ([`bad_mask`]).
 //!
 //! f64 accumulation where the CPU code they mirror has it; the parity tests
 //! (`tests/integration/frame_parity.rs`) compare each with its kernel.
@@ -190,6 +191,13 @@ pub fn saturation(data: &[f32], level: Option<f32>) -> Vec<bool> {
         Some(l) => data.iter().map(|&v| v >= l).collect(),
         None => vec![false; data.len()],
     }
+}
+
+/// The pixels of a prepared image that cannot be used: saturated, not finite (the image or its
+/// variance), or with a variance that is not positive (`detect::al::subtract_al`'s masks; twin
+/// of `bad_mask` in `shaders/frame/frame_assemble.wgsl`).
+pub fn bad_mask(image: &[f32], variance: &[f32], saturated: &[bool]) -> Vec<bool> {
+    image.iter().zip(variance).zip(saturated).map(|((x, v), s)| *s || !x.is_finite() || !v.is_finite() || !(*v > 0.0)).collect()
 }
 
 /// `mask` grown by `r` pixels (a square of side `2r + 1` around each set pixel), as a running

@@ -6,10 +6,11 @@
 
 use std::time::Instant;
 
-use super::frame::{Decorrelated, check_same_size, median_variance, subtract_residual_background, Difference, FrameOptions, NoiseModel, Prepared, ScaleSource, PsfRoles};
+use super::frame::{Decorrelated, check_same_size, median_variance, subtract_residual_background, Difference, FrameOptions, NoiseModel, Prepared, ResidentDifference, ScaleSource, PsfRoles};
 use super::image::Image;
 use super::DetectError;
 use crate::subtract::decorr::{apply as decorrelate, decorrelation_kernel};
+use crate::gpu::kernels::frame::GpuPlane;
 use crate::gpu::GpuEngine;
 use crate::subtract::{fit_kernel, Options, Pair};
 
@@ -27,6 +28,40 @@ pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepar
 /// stage uploading and reading back its planes), which the parity tests compare it with.
 #[doc(hidden)]
 pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, mut gpu: Option<&mut GpuEngine>, resident: bool) -> Result<Difference, DetectError> {
+    let mode = if resident { AfterFit::Host } else { AfterFit::Stages };
+    let (diff, planes) = subtract_al_on(science, ps, template, pt, opts, gpu.as_deref_mut(), mode)?;
+    if let (Some(p), Some(g)) = (planes, gpu) {
+        p.release(g);
+    }
+    Ok(diff)
+}
+
+/// [`subtract_al`] on a GPU from the two images' planes already there
+/// ([`prepare_gpu_resident`]: `rs` the science's, `rt` the template's): after the fit, nothing
+/// is uploaded (the masks and cleaned planes are made on the device), and the difference's
+/// planes stay there for [`score_image_gpu_resident`](super::frame::score_image_gpu_resident),
+/// which then uploads nothing either. The fit still reads the prepared planes on the host
+/// (`ps`, `pt`). Same numbers as [`subtract_al`] with the GPU, bit for bit
+/// (`frame_parity::resident_subtraction_moves_fewer_planes`). The planes are `None` where the
+/// GPU failed and the CPU finished the subtraction (with a warning); release them with
+/// [`ResidentDifference::release`].
+#[allow(clippy::too_many_arguments)]
+pub fn subtract_al_resident(science: &Image, ps: &Prepared, rs: &ResidentPrepared, template: &Image, pt: &Prepared, rt: &ResidentPrepared, opts: &FrameOptions, gpu: &mut GpuEngine) -> Result<(Difference, Option<ResidentDifference>), DetectError> {
+    subtract_al_on(science, ps, template, pt, opts, Some(gpu), AfterFit::Prepared(rs, rt))
+}
+
+/// How [`subtract_al_on`] runs what follows the fit when it has a GPU.
+enum AfterFit<'a> {
+    /// Stage by stage, each uploading and reading back its planes (the path the parity tests
+    /// compare the others with).
+    Stages,
+    /// On the device from planes uploaded once ([`post_fit_gpu`]).
+    Host,
+    /// On the device from the science's and the template's resident prepared planes.
+    Prepared(&'a ResidentPrepared, &'a ResidentPrepared),
+}
+
+fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, mut gpu: Option<&mut GpuEngine>, mode: AfterFit) -> Result<(Difference, Option<ResidentDifference>), DetectError> {
     let t0 = Instant::now();
     check_same_size(science, template)?;
     let (w, h) = (science.width, science.height);
@@ -36,14 +71,15 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
     // masked again below. Only what is masked in the *convolved* image spreads through the
     // kernel; what is masked in the other image stays where it is (a bad column in the science
     // frame costs its own pixels, not a band 30 px wide), so the two masks are kept apart.
-    let own_bad = |p: &Prepared, i: usize| p.saturated[i] || !p.sky_subtracted[i].is_finite() || !(p.variance[i] > 0.0);
-    let bad_u: Vec<bool> = (0..w * h).map(|i| own_bad(broad, i)).collect();
-    let bad_c: Vec<bool> = (0..w * h).map(|i| own_bad(sharp, i)).collect();
+    // (`cpu::frame::bad_mask`; on resident planes its twin `frame_bad_mask` makes them again.)
+    let own_bad = |p: &Prepared| crate::cpu::frame::bad_mask(&p.sky_subtracted, &p.variance, &p.saturated);
+    let (bad_u, bad_c) = (own_bad(broad), own_bad(sharp));
     let bad: Vec<bool> = bad_u.iter().zip(&bad_c).map(|(a, b)| *a || *b).collect();
     let clean_with = |v: &[f32], m: &[bool]| -> Vec<f32> { v.iter().zip(m).map(|(x, b)| if *b { 0.0 } else { *x }).collect() };
-    // The fit sees both masks; the convolution the convolved image's own.
+    // The fit sees both masks; the convolution the convolved image's own (made only where the
+    // host needs it: not when the resident planes are convolved).
     let (b_img, b_var) = (clean_with(&broad.sky_subtracted, &bad), clean_with(&broad.variance, &bad));
-    let (s_img, s_var) = (clean_with(&sharp.sky_subtracted, &bad_c), clean_with(&sharp.variance, &bad_c));
+    let sharp_cleaned = || (clean_with(&sharp.sky_subtracted, &bad_c), clean_with(&sharp.variance, &bad_c));
     let (s_fit, s_fit_var) = (clean_with(&sharp.sky_subtracted, &bad), clean_with(&sharp.variance, &bad));
     let mut o = Options::default();
     let sat = |img: &Image| img.header.saturate.map(|s| s as f32 * 0.999);
@@ -98,20 +134,34 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
     // With a GPU, everything after the fit runs on planes resident there (`post_fit_gpu`),
     // unless the model-error term is asked for (it needs the model on the host). A failure
     // falls back on the path below.
-    if let (Some(g), false, true) = (gpu.as_deref_mut(), opts.model_error, resident) {
+    let mut host_sharp = None;
+    if let (Some(g), false) = (gpu.as_deref_mut(), opts.model_error) {
         let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
         let (kc, scale_c) = (sol.kernel_at(cx, cy), sol.scale_at(cx, cy));
         let (m, m2) = if convolved_template || scale_c.is_nan() || scale_c.abs() <= 1e-12 { (1.0, 1.0) } else { (-1.0 / scale_c, 1.0 / (scale_c * scale_c)) };
-        let (var_u, var_c) = (median_variance(&b_var), median_variance(&s_var));
-        let planes = PostFitInput { broad: &b_img, sharp: &s_img, broad_var: &b_var, sharp_var: &s_var, bad_u: &bad_u, bad_c: &bad_c, w, h };
-        match post_fit_gpu(g, &sol, &kc, &planes, (m, m2), (var_u, var_c), opts) {
-            Ok((difference, variance, decorrelated)) => {
-                tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolution, difference, background and decorrelation on the GPU");
-                return Ok(finish(difference, variance, decorrelated, kc, (var_u, var_c), sol, scale_c));
+        let (var_u, var_c) = (median_variance(&b_var), median_variance_unmasked(&sharp.variance, &bad_c));
+        let src = match mode {
+            AfterFit::Stages => None,
+            AfterFit::Host => {
+                let (s_img, s_var) = host_sharp.insert(sharp_cleaned());
+                Some(PostFitSource::Host(PostFitInput { broad: &b_img, sharp: s_img, broad_var: &b_var, sharp_var: s_var, bad_u: &bad_u, bad_c: &bad_c, w, h }))
             }
-            Err(e) => tracing::warn!("the subtraction after the fit on the GPU failed ({e}); on the CPU"),
+            AfterFit::Prepared(rs, rt) => Some(if convolved_template { PostFitSource::Resident(rs, rt) } else { PostFitSource::Resident(rt, rs) }),
+        };
+        if let Some(src) = src {
+            match post_fit_gpu(g, &sol, &kc, &src, (m, m2), (var_u, var_c), opts) {
+                Ok((difference, variance, decorrelated, planes)) => {
+                    tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolution, difference, background and decorrelation on the GPU");
+                    return Ok((finish(difference, variance, decorrelated, kc, (var_u, var_c), sol, scale_c), Some(planes)));
+                }
+                Err(e) => tracing::warn!("the subtraction after the fit on the GPU failed ({e}); on the CPU"),
+            }
         }
     }
+    let (s_img, s_var) = match host_sharp {
+        Some(p) => p,
+        None => sharp_cleaned(),
+    };
     let model = sol.convolve_on(gpu.as_deref_mut(), &s_img, w, h).map_err(engine_err)?;
     let bg = crate::subtract::polynomial_image(&sol.background, sol.background_order, w, h);
     let d: Vec<f32> = b_img.iter().zip(&model).zip(&bg).map(|((b, m), g)| b - m - *g as f32).collect();
@@ -204,7 +254,15 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
     } else {
         None
     };
-    Ok(finish(difference, variance, decorrelated, kc, (var_u, var_c), sol, scale_c))
+    Ok((finish(difference, variance, decorrelated, kc, (var_u, var_c), sol, scale_c), None))
+}
+
+/// The median variance of `v` where `mask` is clear: [`median_variance`] of `v` with the masked
+/// pixels zeroed, without making that plane.
+fn median_variance_unmasked(v: &[f32], mask: &[bool]) -> f64 {
+    let kept: Vec<f32> = v.iter().zip(mask).step_by(7).map(|(x, m)| if *m { 0.0 } else { *x }).collect();
+    // `median_variance` samples every 7th pixel; `kept` is that sample already.
+    super::frame::median_of_variances(kept)
 }
 
 /// The host planes [`post_fit_gpu`] starts from (those of [`subtract_al`] after the fit).
@@ -220,8 +278,16 @@ struct PostFitInput<'a> {
     h: usize,
 }
 
-/// What [`post_fit_gpu`] reads back: the difference, its variance, and the decorrelated pair.
-type PostFit = (Vec<f32>, Vec<f32>, Option<Decorrelated>);
+/// Where [`post_fit_gpu`]'s planes come from: uploaded from the host, or derived on the device
+/// from the two images' resident prepared planes (broad, sharp), so nothing is uploaded.
+enum PostFitSource<'a> {
+    Host(PostFitInput<'a>),
+    Resident(&'a ResidentPrepared, &'a ResidentPrepared),
+}
+
+/// What [`post_fit_gpu`] reads back: the difference, its variance, and the decorrelated pair;
+/// and the same planes, still on the device, for the score.
+type PostFit = (Vec<f32>, Vec<f32>, Option<Decorrelated>, ResidentDifference);
 
 /// The decorrelation filter from the kernel at the centre: the smallest box half-width whose
 /// truncation loses under 1e-6 of the energy (as [`subtract_al`] chooses it).
@@ -257,14 +323,13 @@ fn post_fit_gpu(
     g: &mut GpuEngine,
     sol: &crate::subtract::KernelSolution,
     kc: &[f64],
-    p: &PostFitInput,
+    src: &PostFitSource,
     (m, m2): (f64, f64),
     (var_u, var_c): (f64, f64),
     opts: &FrameOptions,
 ) -> Result<PostFit, crate::engine::EngineError> {
     use crate::cpu::al::{term_kernels, variance_kernels};
     use crate::engine::EngineError;
-    let (w, h) = (p.w, p.h);
     let dk = if opts.decorrelate && var_u > 0.0 && var_c > 0.0 { Some(decorrelation_filter(kc, sol, var_u, var_c).map_err(|e| EngineError::Gpu(e.to_string()))?) } else { None };
     let mut arena = Vec::new();
     let result = (|| {
@@ -273,13 +338,38 @@ fn post_fit_gpu(
             arena.push(q);
             arena.len() - 1
         };
-        let b = keep(g.frame_upload(p.broad, w, h)?);
-        let s = keep(g.frame_upload(p.sharp, w, h)?);
-        let bv = keep(g.frame_upload(p.broad_var, w, h)?);
-        let sv = keep(g.frame_upload(p.sharp_var, w, h)?);
-        let mu = keep(g.frame_upload_mask(p.bad_u, w, h)?);
-        let mc = keep(g.frame_upload_mask(p.bad_c, w, h)?);
+        // The two images cleaned (0 where masked: the broad image where either is, the sharp
+        // one where it is itself) and the two masks, as `subtract_al` makes them on the host.
+        let (b, s, bv, sv, mu, mc) = match src {
+            PostFitSource::Host(p) => {
+                let (w, h) = (p.w, p.h);
+                (
+                    keep(g.frame_upload(p.broad, w, h)?),
+                    keep(g.frame_upload(p.sharp, w, h)?),
+                    keep(g.frame_upload(p.broad_var, w, h)?),
+                    keep(g.frame_upload(p.sharp_var, w, h)?),
+                    keep(g.frame_upload_mask(p.bad_u, w, h)?),
+                    keep(g.frame_upload_mask(p.bad_c, w, h)?),
+                )
+            }
+            PostFitSource::Resident(broad, sharp) => {
+                let mu = keep(g.frame_bad_mask(&broad.sky_subtracted, &broad.variance, &broad.saturated)?);
+                let mc = keep(g.frame_bad_mask(&sharp.sky_subtracted, &sharp.variance, &sharp.saturated)?);
+                let b = keep(g.frame_copy(&broad.sky_subtracted)?);
+                let bv = keep(g.frame_copy(&broad.variance)?);
+                let s = keep(g.frame_copy(&sharp.sky_subtracted)?);
+                let sv = keep(g.frame_copy(&sharp.variance)?);
+                (b, s, bv, sv, mu, mc)
+            }
+        };
         let _ = keep;
+        if let PostFitSource::Resident(..) = src {
+            for (plane, masks) in [(b, &[mu, mc][..]), (bv, &[mu, mc][..]), (s, &[mc][..]), (sv, &[mc][..])] {
+                for &q in masks {
+                    g.frame_mask_zero(&arena[plane], &arena[q])?;
+                }
+            }
+        }
         let model = g.frame_al_convolve(&term_kernels(sol), sol.half(), sol.spatial_order, &arena[s])?;
         arena.push(model);
         let model = arena.len() - 1;
@@ -305,7 +395,7 @@ fn post_fit_gpu(
         g.frame_subtract_residual_background(&arena[diff], &arena[var], opts.background_mesh)?;
         let Some(dk) = dk else {
             let mut out = g.frame_read_all(&[&arena[diff], &arena[var]])?.into_iter();
-            return Ok((out.next().unwrap_or_default(), out.next().unwrap_or_default(), None));
+            return Ok(((out.next().unwrap_or_default(), out.next().unwrap_or_default(), None), [diff, var, usize::MAX, usize::MAX]));
         };
         let dd = g.frame_al_convolve(std::slice::from_ref(&dk.kernel), dk.half, 0, &arena[diff])?;
         arena.push(dd);
@@ -329,12 +419,29 @@ fn post_fit_gpu(
         let dv = arena.len() - 1;
         let mut out = g.frame_read_all(&[&arena[diff], &arena[var], &arena[dd], &arena[dv]])?.into_iter();
         let (d, v, ddv, dvv) = (out.next().unwrap_or_default(), out.next().unwrap_or_default(), out.next().unwrap_or_default(), out.next().unwrap_or_default());
-        Ok((d, v, Some(Decorrelated { difference: ddv, variance: dvv, kernel: dk })))
+        Ok(((d, v, Some(Decorrelated { difference: ddv, variance: dvv, kernel: dk })), [diff, var, dd, dv]))
     })();
-    for q in arena {
-        g.frame_release(q);
+    // The four result planes stay on the device (in `kept`'s order); the rest go back.
+    let wanted = result.as_ref().map(|(_, k)| *k).unwrap_or([usize::MAX; 4]);
+    let mut kept: [Option<crate::gpu::kernels::frame::GpuPlane>; 4] = [None, None, None, None];
+    for (i, q) in arena.into_iter().enumerate() {
+        match wanted.iter().position(|&k| k == i) {
+            Some(slot) => kept[slot] = Some(q),
+            None => g.frame_release(q),
+        }
     }
-    result
+    let ((d, v, dc), _) = result?;
+    let [Some(pd), Some(pv), pdd, pdv] = kept else { return Err(EngineError::Gpu("the difference planes went missing".into())) };
+    let decorrelated = match (pdd, pdv) {
+        (Some(a), Some(b)) => Some((a, b)),
+        (a, b) => {
+            for q in [a, b].into_iter().flatten() {
+                g.frame_release(q);
+            }
+            None
+        }
+    };
+    Ok((d, v, dc, ResidentDifference { difference: pd, variance: pv, decorrelated }))
 }
 
 /// The most the kernel model's fractional error enters the variance with: above it the fit is
@@ -394,12 +501,51 @@ pub fn prepare_on(gpu: Option<&mut GpuEngine>, img: &Image, opts: &FrameOptions)
     Prepared::new(img, opts)
 }
 
+/// [`prepare_on`], keeping the planes on the GPU where it prepared them there
+/// ([`prepare_gpu_resident`]); `None` on the CPU.
+pub fn prepare_on_resident(gpu: Option<&mut GpuEngine>, img: &Image, opts: &FrameOptions) -> Result<(Prepared, Option<ResidentPrepared>), DetectError> {
+    if let Some(g) = gpu {
+        match prepare_gpu_resident(g, img, opts) {
+            Ok((p, r)) => return Ok((p, Some(r))),
+            Err(e) => tracing::warn!(file = %img.path.display(), "preparing the image on the GPU failed ({e}); on the CPU"),
+        }
+    }
+    Ok((Prepared::new(img, opts)?, None))
+}
+
 /// [`Prepared::new`] with its per-pixel work on `gpu` (`gpu::kernels::frame`): the smoothed
 /// variance, the saturation mask and the sky mesh taken off, uploaded once and read back once
 /// (the fit needs the planes on the host). The seeing and the gain estimate stay on the CPU.
 /// Equal to the CPU's within f32 round-off (`tests/integration/frame_parity.rs`); a GPU error
 /// is returned for the caller to fall back on [`Prepared::new`].
 pub fn prepare_gpu(gpu: &mut GpuEngine, img: &Image, opts: &FrameOptions) -> Result<Prepared, DetectError> {
+    let (p, planes) = prepare_gpu_resident(gpu, img, opts)?;
+    planes.release(gpu);
+    Ok(p)
+}
+
+/// A [`Prepared`] image's planes kept on the GPU ([`prepare_gpu_resident`]), for
+/// [`subtract_al_resident`]. Give them back with [`ResidentPrepared::release`] (dropped, their
+/// memory is freed instead of pooled).
+#[derive(Debug)]
+pub struct ResidentPrepared {
+    pub sky_subtracted: GpuPlane,
+    pub variance: GpuPlane,
+    /// Saturated pixels (a mask plane).
+    pub saturated: GpuPlane,
+}
+
+impl ResidentPrepared {
+    pub fn release(self, gpu: &mut GpuEngine) {
+        for p in [self.sky_subtracted, self.variance, self.saturated] {
+            gpu.frame_release(p);
+        }
+    }
+}
+
+/// [`prepare_gpu`], keeping the planes on the device as well: one upload, the three planes read
+/// back once for the fit, and the same three left on the device.
+pub fn prepare_gpu_resident(gpu: &mut GpuEngine, img: &Image, opts: &FrameOptions) -> Result<(Prepared, ResidentPrepared), DetectError> {
     let fwhm = img.fwhm()?;
     let (w, h) = (img.width, img.height);
     let g = img.gain_or_estimate();
@@ -415,24 +561,38 @@ pub fn prepare_gpu(gpu: &mut GpuEngine, img: &Image, opts: &FrameOptions) -> Res
             return Err(engine_err(e));
         }
     };
-    let sky = if opts.background_mesh > 0 { gpu.frame_sky_subtract(&raw, &sat, opts.background_mesh).map(Some) } else { Ok(None) };
-    let read = match &sky {
-        Ok(Some(s)) => gpu.frame_read_all(&[s, &var, &sat]),
-        Ok(None) => gpu.frame_read_all(&[&raw, &var, &sat]),
-        Err(_) => Ok(Vec::new()),
+    // Without a mesh the image itself is the sky-subtracted plane.
+    let sky = if opts.background_mesh > 0 {
+        match gpu.frame_sky_subtract(&raw, &sat, opts.background_mesh) {
+            Ok(s) => {
+                gpu.frame_release(raw);
+                s
+            }
+            Err(e) => {
+                for p in [raw, var, sat] {
+                    gpu.frame_release(p);
+                }
+                return Err(engine_err(e));
+            }
+        }
+    } else {
+        raw
     };
-    for p in [raw, var, sat] {
-        gpu.frame_release(p);
-    }
-    if let Some(s) = sky.map_err(engine_err)? {
-        gpu.frame_release(s);
-    }
-    let mut planes = read.map_err(engine_err)?.into_iter();
-    let (Some(sky_subtracted), Some(variance), Some(sat)) = (planes.next(), planes.next(), planes.next()) else {
+    let planes = ResidentPrepared { sky_subtracted: sky, variance: var, saturated: sat };
+    let read = gpu.frame_read_all(&[&planes.sky_subtracted, &planes.variance, &planes.saturated]);
+    let mut read = match read {
+        Ok(r) => r.into_iter(),
+        Err(e) => {
+            planes.release(gpu);
+            return Err(engine_err(e));
+        }
+    };
+    let (Some(sky_subtracted), Some(variance), Some(sat)) = (read.next(), read.next(), read.next()) else {
+        planes.release(gpu);
         return Err(engine_err(crate::engine::EngineError::Gpu("frame planes missing".into())));
     };
     let saturated = sat.iter().map(|v| v.to_bits() != 0).collect();
-    Ok(Prepared { fwhm, sky_subtracted, variance, saturated })
+    Ok((Prepared { fwhm, sky_subtracted, variance, saturated }, planes))
 }
 
 /// [`subtract_residual_background`] on `gpu` when there is one (and it works), else on the CPU.

@@ -554,7 +554,13 @@ pub struct NoiseModel {
 
 /// Median of every 7th finite positive value.
 pub fn median_variance(v: &[f32]) -> f64 {
-    median(v.iter().step_by(7).copied().filter(|x| *x > 0.0 && x.is_finite()).collect()).unwrap_or(0.0) as f64
+    median_of_variances(v.iter().step_by(7).copied().collect())
+}
+
+/// The median of the positive finite values of a sample (0 if none): [`median_variance`] of a
+/// sample already taken.
+pub(crate) fn median_of_variances(sample: Vec<f32>) -> f64 {
+    median(sample.into_iter().filter(|x| *x > 0.0 && x.is_finite()).collect()).unwrap_or(0.0) as f64
 }
 
 /// The score image (method step 4). With the difference's PSF measured (`psf`, unit sum,
@@ -616,25 +622,82 @@ pub fn score_image(diff: &Difference, psf: Option<&PsfImage>) -> ScoreImage {
 /// them). Use it only on a real GPU (`Engine::frame_gpu`); an error is for the caller to fall
 /// back on [`score_image`].
 pub fn score_image_gpu(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine) -> Result<ScoreImage, crate::engine::EngineError> {
-    use crate::cpu::frame::Profile;
     let (w, h) = (diff.width, diff.height);
+    let Some(plan) = score_plan(diff, psf) else { return Ok(score_image(diff, psf)) };
+    let (d, v) = match (plan.decorrelated, &diff.decorrelated) {
+        (true, Some(dc)) => (&dc.difference, &dc.variance),
+        _ => (&diff.difference, &diff.variance),
+    };
+    let mut sc = gpu.frame_score_image(d, v, w, h, &plan.profile, plan.inflate)?;
+    sc.psf_peak = plan.peak;
+    Ok(sc)
+}
+
+/// A frame difference's planes still on the GPU after [`crate::detect::al::subtract_al_resident`]:
+/// the difference and its variance, and the decorrelated pair where there is one (the same
+/// numbers as the host planes of the [`Difference`] it came with).
+#[derive(Debug)]
+pub struct ResidentDifference {
+    pub difference: crate::gpu::kernels::frame::GpuPlane,
+    pub variance: crate::gpu::kernels::frame::GpuPlane,
+    pub decorrelated: Option<(crate::gpu::kernels::frame::GpuPlane, crate::gpu::kernels::frame::GpuPlane)>,
+}
+
+impl ResidentDifference {
+    pub fn release(self, gpu: &mut crate::gpu::GpuEngine) {
+        gpu.frame_release(self.difference);
+        gpu.frame_release(self.variance);
+        if let Some((d, v)) = self.decorrelated {
+            gpu.frame_release(d);
+            gpu.frame_release(v);
+        }
+    }
+}
+
+/// [`score_image_gpu`] on the planes `planes` holds on the device (those of `diff`): nothing is
+/// uploaded; the score, flux and error planes are read back.
+pub fn score_image_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine, planes: &ResidentDifference) -> Result<ScoreImage, crate::engine::EngineError> {
+    let Some(plan) = score_plan(diff, psf) else { return Ok(score_image(diff, psf)) };
+    let (d, v) = match (plan.decorrelated, &planes.decorrelated) {
+        (true, Some((d, v))) => (d, v),
+        (true, None) => return Err(crate::engine::EngineError::Gpu("the decorrelated difference is not on the device".into())),
+        (false, _) => (&planes.difference, &planes.variance),
+    };
+    let s = gpu.frame_score(d, v, &plan.profile, plan.inflate)?;
+    let out = gpu.frame_read_score(&s);
+    gpu.frame_release_score(s);
+    let mut sc = out?;
+    sc.psf_peak = plan.peak;
+    Ok(sc)
+}
+
+/// What [`score_image_gpu`] filters, as [`score_image`] chooses it: the decorrelated planes or
+/// the plain ones, the profile, the noise inflation, and the PSF's centre value. `None` where
+/// only the CPU route applies (a decorrelated PSF that cannot be made, a Gaussian too wide).
+struct ScorePlan {
+    decorrelated: bool,
+    profile: crate::cpu::frame::Profile,
+    inflate: f64,
+    peak: f64,
+}
+
+fn score_plan(diff: &Difference, psf: Option<&PsfImage>) -> Option<ScorePlan> {
+    use crate::cpu::frame::Profile;
     let full = |p: &PsfImage| Profile::Full { side: p.side, pixels: p.pixels.clone() };
-    let (d, v, profile, inflate, peak) = match (psf, &diff.decorrelated) {
-        (Some(p), Some(dc)) => match decorrelated_psf(&dc.kernel, &p.pixels, p.side) {
-            Ok(q) => (&dc.difference, &dc.variance, full(&trimmed(&q, 1e-4)), 1.0, p.pixels[p.pixels.len() / 2]),
-            Err(_) => return Ok(score_image(diff, psf)),
-        },
-        (Some(p), None) => (&diff.difference, &diff.variance, full(p), correlated_noise_factor(diff, &p.pixels, p.side), p.pixels[p.pixels.len() / 2]),
+    Some(match (psf, &diff.decorrelated) {
+        (Some(p), Some(dc)) => {
+            let q = decorrelated_psf(&dc.kernel, &p.pixels, p.side).ok()?;
+            ScorePlan { decorrelated: true, profile: full(&trimmed(&q, 1e-4)), inflate: 1.0, peak: p.pixels[p.pixels.len() / 2] }
+        }
+        (Some(p), None) => ScorePlan { decorrelated: false, profile: full(p), inflate: correlated_noise_factor(diff, &p.pixels, p.side), peak: p.pixels[p.pixels.len() / 2] },
         (None, _) => {
-            let Profile::Separable(g) = Profile::gaussian(diff.sigma_difference) else { return Ok(score_image(diff, psf)) };
+            let Profile::Separable(g) = Profile::gaussian(diff.sigma_difference) else { return None };
             let outer: Vec<f64> = g.iter().flat_map(|a| g.iter().map(move |b| a * b)).collect();
             let r = g.len() / 2;
-            (&diff.difference, &diff.variance, Profile::Separable(g.clone()), correlated_noise_factor(diff, &outer, g.len()), g[r] * g[r])
+            let (inflate, peak) = (correlated_noise_factor(diff, &outer, g.len()), g[r] * g[r]);
+            ScorePlan { decorrelated: false, profile: Profile::Separable(g), inflate, peak }
         }
-    };
-    let mut sc = gpu.frame_score_image(d, v, w, h, &profile, inflate)?;
-    sc.psf_peak = peak;
-    Ok(sc)
+    })
 }
 
 /// Where a frame's detections come from and what they are called.

@@ -54,12 +54,14 @@ pub struct GpuEngine {
     frame: Option<kernels::frame::FramePipelines>,
     /// Stamps per submission at most, when set ([`GpuEngine::set_chunk_stamps`]).
     chunk_limit: Option<usize>,
+    /// Whole planes moved by the frame API ([`GpuEngine::frame_traffic`]).
+    traffic: kernels::frame::FrameTraffic,
 }
 
 impl GpuEngine {
     /// Open the best compute-capable adapter (honouring `BLINK_ADAPTER`).
     pub fn new() -> Result<GpuEngine, EngineError> {
-        Ok(GpuEngine { ctx: GpuContext::new()?, pool: BufferPool::new(), al: None, frame: None, chunk_limit: None })
+        Ok(GpuEngine { ctx: GpuContext::new()?, pool: BufferPool::new(), al: None, frame: None, chunk_limit: None, traffic: Default::default() })
     }
 
     pub fn context(&self) -> &GpuContext {

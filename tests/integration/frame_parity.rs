@@ -375,3 +375,106 @@ fn score_image_gpu_matches_score_image() {
         }
     }
 }
+
+#[test]
+fn bad_mask_matches_the_twin() {
+    let test = "bad_mask_matches_the_twin";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    // An image with NaN bands and ±∞; variances positive, zero, negative, NaN or ∞; saturated
+    // pixels, each alone and together.
+    let img: Vec<f32> = frame(&mut rng).into_iter().map(|v| if rng.gen_bool(0.02) { f32::INFINITY } else if rng.gen_bool(0.01) { f32::NEG_INFINITY } else { v }).collect();
+    let var: Vec<f32> = (0..W * H)
+        .map(|_| match rng.gen_range(0..20) {
+            0 => 0.0,
+            1 => -rng.gen_range(0.1f32..10.0),
+            2 => f32::NAN,
+            3 => f32::INFINITY,
+            _ => rng.gen_range(1e-3f32..400.0),
+        })
+        .collect();
+    let sat: Vec<bool> = (0..W * H).map(|_| rng.gen_bool(0.05)).collect();
+    let want = twin::bad_mask(&img, &var, &sat);
+    let (pi, pv, ps) = (g.frame_upload(&img, W, H).unwrap_or_else(|e| panic!("{e}")), g.frame_upload(&var, W, H).unwrap_or_else(|e| panic!("{e}")), g.frame_upload_mask(&sat, W, H).unwrap_or_else(|e| panic!("{e}")));
+    let m = g.frame_bad_mask(&pi, &pv, &ps).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let got = g.frame_read_mask(&m).unwrap_or_else(|e| panic!("{e}"));
+    let set = want.iter().filter(|b| **b).count();
+    assert!(set > W * H / 10 && set < W * H / 2, "{test}: {set} of {} pixels bad: the input does not test the mask", W * H);
+    for i in 0..W * H {
+        assert_eq!(got[i], want[i], "{test}: pixel {i}: image {} variance {} saturated {}: gpu {} cpu {}", img[i], var[i], sat[i], got[i], want[i]);
+    }
+}
+
+/// The resident chain (`prepare_gpu_resident`, `subtract_al_resident`,
+/// `score_image_gpu_resident`) gives what the chain through host planes gives, bit for bit, and
+/// uploads only the two images: the masks and cleaned planes are made on the device.
+#[test]
+fn resident_subtraction_moves_fewer_planes() {
+    use blink::detect::al::{prepare_gpu, prepare_gpu_resident, subtract_al, subtract_al_resident};
+    use blink::detect::frame::{score_image_gpu, score_image_gpu_resident, FrameOptions};
+    let test = "resident_subtraction_moves_fewer_planes";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let side = 256;
+    // As `subtract_al_on_the_gpu_matches_the_cpu`: a jittered grid of stars bright enough to fit.
+    let stars: Vec<(f64, f64, f64)> = (0..64)
+        .map(|k| (16.0 + 30.0 * (k % 8) as f64 + rng.gen_range(-3.0..3.0), 16.0 + 30.0 * (k / 8) as f64 + rng.gen_range(-3.0..3.0), 3000.0 / rng.gen_range(0.1..1.0)))
+        .collect();
+    let mut science = star_image(side, 3.0, &mut rng, &stars);
+    let mut template = star_image(side, 2.4, &mut rng, &stars);
+    for x in 0..side {
+        science.data[100 * side + x] = f32::NAN;
+    }
+    for y in 0..side {
+        template.data[y * side + 70] = f32::NAN;
+    }
+    // The template's brightest stars saturate: peaks reach 500 + flux / 6.5 ADU (up to ~5 100),
+    // so one star in seven is above 2 500 (none of 64: 1 run in 15 000).
+    template.header.saturate = Some(2500.0);
+    let opts = FrameOptions { background_mesh: 64, ..FrameOptions::default() };
+    let (n, c) = (15usize, 7.0);
+    let mut pix: Vec<f64> = (0..n * n).map(|i| (-((i % n) as f64 - c).powi(2) / 3.6 - ((i / n) as f64 - c).powi(2) / 3.0).exp()).collect();
+    let sum: f64 = pix.iter().sum();
+    pix.iter_mut().for_each(|p| *p /= sum);
+    let psf = blink::subtract::decorr::PsfImage { side: n, pixels: pix };
+    let plane = (side * side * 4) as u64;
+    for (what, p) in [("psf, decorrelated", Some(&psf)), ("gaussian", None)] {
+        let t0 = g.frame_traffic();
+        let (ps, pt) = (prepare_gpu(&mut g, &science, &opts).unwrap_or_else(|e| panic!("{e}")), prepare_gpu(&mut g, &template, &opts).unwrap_or_else(|e| panic!("{e}")));
+        assert!(pt.saturated.iter().any(|s| *s), "{test}: no saturated template pixel");
+        let want = subtract_al(&science, &ps, &template, &pt, &opts, Some(&mut g)).unwrap_or_else(|e| panic!("{test}: host planes: {e}"));
+        let want_sc = score_image_gpu(&want, p, &mut g).unwrap_or_else(|e| panic!("{test}: {what}: {e}"));
+        let t1 = g.frame_traffic();
+        let (ps2, rs) = prepare_gpu_resident(&mut g, &science, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let (pt2, rt) = prepare_gpu_resident(&mut g, &template, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let (got, planes) = subtract_al_resident(&science, &ps2, &rs, &template, &pt2, &rt, &opts, &mut g).unwrap_or_else(|e| panic!("{test}: resident: {e}"));
+        let planes = planes.unwrap_or_else(|| panic!("{test}: the resident subtraction fell back on the CPU"));
+        let got_sc = score_image_gpu_resident(&got, p, &mut g, &planes).unwrap_or_else(|e| panic!("{test}: {what}: {e}"));
+        let t2 = g.frame_traffic();
+        planes.release(&mut g);
+        rs.release(&mut g);
+        rt.release(&mut g);
+        let same = |name: &str, a: &[f32], b: &[f32]| {
+            let d = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
+            assert!(a.len() == b.len() && d.is_none(), "{test}: {what}: {name} differs at {d:?}");
+        };
+        same("sky-subtracted science", &ps2.sky_subtracted, &ps.sky_subtracted);
+        same("template variance", &pt2.variance, &pt.variance);
+        assert!(ps2.saturated == ps.saturated && pt2.saturated == pt.saturated, "{test}: saturation masks differ");
+        same("difference", &got.difference, &want.difference);
+        same("variance", &got.variance, &want.variance);
+        let (Some(gd), Some(wd)) = (&got.decorrelated, &want.decorrelated) else { panic!("{test}: no decorrelated difference") };
+        same("decorrelated difference", &gd.difference, &wd.difference);
+        same("decorrelated variance", &gd.variance, &wd.variance);
+        same("score", &got_sc.score, &want_sc.score);
+        same("flux error", &got_sc.flux_err, &want_sc.flux_err);
+        assert_eq!(got_sc.psf_peak, want_sc.psf_peak, "{test}: {what}");
+        // Uploads: the two images only, against ten planes through the host; read-backs: the
+        // same (the fit's six planes, the four of the difference, the score's three).
+        let (host_up, host_read) = (t1.uploaded - t0.uploaded, t1.read_back - t0.read_back);
+        let (res_up, res_read) = (t2.uploaded - t1.uploaded, t2.read_back - t1.read_back);
+        assert_eq!(res_up, 2 * plane, "{test}: {what}: the resident chain uploaded {} planes", res_up as f64 / plane as f64);
+        assert_eq!(res_read, 13 * plane, "{test}: {what}: the resident chain read {} planes back", res_read as f64 / plane as f64);
+        assert!(host_up == 10 * plane && host_read == res_read, "{test}: {what}: through the host {} planes up, {} back", host_up as f64 / plane as f64, host_read as f64 / plane as f64);
+    }
+}

@@ -11,7 +11,8 @@
 //!   ([`GpuEngine::frame_score`]);
 //! - `frame_assemble.wgsl`: an Alard–Lupton difference and its variance from resident planes
 //!   ([`GpuEngine::frame_al_difference`], [`GpuEngine::frame_al_variance`],
-//!   [`GpuEngine::frame_mask_zero`]); the frame convolution itself is `shaders/al/al_convolve.wgsl`
+//!   [`GpuEngine::frame_mask_zero`]), and the pixels a prepared image cannot use
+//!   ([`GpuEngine::frame_bad_mask`]); the frame convolution itself is `shaders/al/al_convolve.wgsl`
 //!   on resident planes ([`GpuEngine::frame_al_convolve`]).
 //!
 //! A frame is uploaded once as a [`GpuPlane`]; each call records its dispatches and submits
@@ -107,6 +108,17 @@ impl GpuPlane {
     }
 }
 
+/// Bytes of whole planes the frame API moved between the host and the device since the engine
+/// was made: [`GpuEngine::frame_upload`] and [`GpuEngine::frame_upload_mask`] one way, the
+/// read-backs ([`GpuEngine::frame_read`] and the like) the other. Small uniforms (parameters,
+/// taps, kernels) are not counted. Transfers, not kernels, are what a 4096² frame costs on a
+/// real GPU (~67 MB a plane), so this is what the resident paths are checked by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameTraffic {
+    pub uploaded: u64,
+    pub read_back: u64,
+}
+
 /// The matched filter's planes on the device ([`GpuEngine::frame_score`]).
 #[derive(Debug)]
 pub struct GpuScore {
@@ -136,6 +148,7 @@ pub struct FramePipelines {
     mask_zero: wgpu::ComputePipeline,
     al_difference: wgpu::ComputePipeline,
     al_variance: wgpu::ComputePipeline,
+    bad_mask: wgpu::ComputePipeline,
     /// `al_convolve` on resident planes (its own layout), built on first use: it needs more
     /// workgroup memory than the rest.
     al: Option<(wgpu::BindGroupLayout, wgpu::ComputePipeline)>,
@@ -214,6 +227,7 @@ impl FramePipelines {
             mask_zero: pipeline(&assemble, "mask_zero"),
             al_difference: pipeline(&assemble, "al_difference"),
             al_variance: pipeline(&assemble, "al_variance"),
+            bad_mask: pipeline(&assemble, "bad_mask"),
             al: None,
             layout,
             dummy,
@@ -337,6 +351,7 @@ impl GpuEngine {
         }
         let p = self.frame_plane("blink.frame.plane", w, h, PlaneKind::Values)?;
         self.ctx.queue.write_buffer(&p.buf, 0, bytemuck::cast_slice(data));
+        self.traffic.uploaded += p.bytes();
         Ok(p)
     }
 
@@ -348,6 +363,7 @@ impl GpuEngine {
         let p = self.frame_plane("blink.frame.mask", w, h, PlaneKind::Mask)?;
         let bits: Vec<u32> = mask.iter().map(|&b| b as u32).collect();
         self.ctx.queue.write_buffer(&p.buf, 0, bytemuck::cast_slice(&bits));
+        self.traffic.uploaded += p.bytes();
         Ok(p)
     }
 
@@ -397,9 +413,15 @@ impl GpuEngine {
             });
         if result.is_ok() {
             read.unmap();
+            self.traffic.read_back += total;
         }
         self.pool.release(read);
         result
+    }
+
+    /// Whole planes moved so far ([`FrameTraffic`]).
+    pub fn frame_traffic(&self) -> FrameTraffic {
+        self.traffic
     }
 
     /// Several planes back on the host in one transfer, as f32 each (a mask's words as the
@@ -683,6 +705,19 @@ impl GpuEngine {
         let (ctx, pl) = self.frame_parts()?;
         let step = Step { pipe: &pl.mask_zero, prm: FrameParams::new(p.width, p.height), taps: &[], bufs: [Some((&p.buf, p.bytes())), Some((&mask.buf, mask.bytes())), None, None], groups: pixel_groups(p.width, p.height) };
         submit(ctx, pl, &[step])
+    }
+
+    /// The pixels of a prepared image that cannot be used (twin `cpu::frame::bad_mask`): a mask,
+    /// set where `saturated` is set or `image` or `variance` is not finite or the variance not
+    /// positive.
+    pub fn frame_bad_mask(&mut self, image: &GpuPlane, variance: &GpuPlane, saturated: &GpuPlane) -> Result<GpuPlane, EngineError> {
+        Self::same_shape(image, &[variance, saturated])?;
+        let (w, h) = (image.width, image.height);
+        let out = self.frame_plane("blink.frame.bad", w, h, PlaneKind::Mask)?;
+        let (ctx, pl) = self.frame_parts()?;
+        let bufs = [Some((&image.buf, image.bytes())), Some((&out.buf, out.bytes())), Some((&variance.buf, variance.bytes())), Some((&saturated.buf, saturated.bytes()))];
+        submit(ctx, pl, &[Step { pipe: &pl.bad_mask, prm: FrameParams::new(w, h), taps: &[], bufs, groups: pixel_groups(w, h) }])?;
+        Ok(out)
     }
 
     /// `(broad − model − bg) · m` where `guard > 0`, else 0 (the difference of
