@@ -14,7 +14,8 @@
 //!   read back; the PSF measurement itself is outside the loop), the same with the prepared
 //!   planes kept on the device (`resident`: only the two images go up, as `blink subtract`
 //!   runs it); at 1024² also the CPU path.
-//! - `transfer/*`: one plane up, one plane back (bytes per second).
+//! - `transfer/*`: one plane up, one plane back into a new `Vec` and into one reused (bytes
+//!   per second; the two read-backs differ by the host's page faults).
 //!
 //! Prints the adapter (and says so when it is a software rasteriser: llvmpipe numbers are not
 //! GPU figures; frames above 1024² are skipped there unless `BLINK_BENCH_FORCE=1`).
@@ -182,6 +183,10 @@ fn bench(c: &mut Criterion) {
             })
         });
         group.bench_function(format!("transfer/read-back{tag}"), |b| b.iter(|| gpu.frame_read(&d).expect("read").len()));
+        // The same into host memory already touched: the difference is the page faults of a
+        // new plane.
+        let mut host = vec![0.0f32; side * side];
+        group.bench_function(format!("transfer/read-back-reused{tag}"), |b| b.iter(|| gpu.frame_read_into(&d, &mut host).expect("read")));
         group.throughput(Throughput::Elements((side * side) as u64));
         if side <= 1024 {
             group.bench_function("e2e/subtract+score cpu", |b| {

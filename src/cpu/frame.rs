@@ -197,7 +197,7 @@ pub fn saturation(data: &[f32], level: Option<f32>) -> Vec<bool> {
 /// variance), or with a variance that is not positive (`detect::al::subtract_al`'s masks; twin
 /// of `bad_mask` in `shaders/frame/frame_assemble.wgsl`).
 pub fn bad_mask(image: &[f32], variance: &[f32], saturated: &[bool]) -> Vec<bool> {
-    image.iter().zip(variance).zip(saturated).map(|((x, v), s)| *s || !x.is_finite() || !v.is_finite() || !(*v > 0.0)).collect()
+    image.iter().zip(variance).zip(saturated).map(|((x, v), s)| *s || !x.is_finite() || !v.is_finite() || *v <= 0.0).collect()
 }
 
 /// `mask` grown by `r` pixels (a square of side `2r + 1` around each set pixel), as a running

@@ -254,6 +254,11 @@ fn frame_al_kernels_match_the_twins() {
     let pi = g.frame_upload(&img, W, H).unwrap_or_else(|e| panic!("{e}"));
     let conv = g.frame_al_convolve(&kernels, half, order, &pi).unwrap_or_else(|e| panic!("{test}: {e}"));
     let got = g.frame_read(&conv).unwrap_or_else(|e| panic!("{e}"));
+    // Read into a buffer the caller keeps: the same words; a buffer of the wrong size is refused.
+    let mut into = vec![f32::NAN; W * H];
+    g.frame_read_into(&conv, &mut into).unwrap_or_else(|e| panic!("{test}: read into: {e}"));
+    assert!(into.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{test}: frame_read_into differs from frame_read");
+    assert!(g.frame_read_into(&conv, &mut into[1..]).is_err(), "{test}: a short buffer was accepted");
     let want = blink::cpu::al::convolve_terms(&kernels, half, order, &img, W, H);
     let scale = img.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     for i in 0..W * H {

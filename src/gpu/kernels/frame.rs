@@ -374,9 +374,30 @@ impl GpuEngine {
 
     /// Read planes back (waits for the device), as raw 32-bit words each.
     fn frame_read_words(&mut self, planes: &[&GpuPlane]) -> Result<Vec<Vec<u32>>, EngineError> {
+        let mut out = Vec::with_capacity(planes.len());
+        self.frame_read_with(planes, |_, words| out.push(words.to_vec()))?;
+        Ok(out)
+    }
+
+    /// A plane of values back into `out` (`width × height` values), which the caller may reuse
+    /// from frame to frame: a new 67 MB `Vec` costs its page faults on top of the copy (on a
+    /// 2-core VM 42–52 ms against 8–12 ms into memory already touched; the `transfer/*` lines
+    /// of `benches/frame_gpu.rs` measure both on a device).
+    pub fn frame_read_into(&mut self, p: &GpuPlane, out: &mut [f32]) -> Result<(), EngineError> {
+        if out.len() != p.width * p.height {
+            return Err(bad(format!("{} values for a {}x{} plane", out.len(), p.width, p.height)));
+        }
+        self.frame_read_with(&[p], |_, words| out.copy_from_slice(bytemuck::cast_slice(words)))
+    }
+
+    /// Copy `planes` into one mapped buffer, wait, and hand each plane's words to `each` in order.
+    fn frame_read_with(&mut self, planes: &[&GpuPlane], mut each: impl FnMut(usize, &[u32])) -> Result<(), EngineError> {
         let total: u64 = planes.iter().map(|p| p.bytes()).sum();
         if total == 0 {
-            return Ok(planes.iter().map(|_| Vec::new()).collect());
+            for (i, _) in planes.iter().enumerate() {
+                each(i, &[]);
+            }
+            return Ok(());
         }
         use wgpu::BufferUsages as U;
         let read = self.pool.acquire(&self.ctx.device, "blink.frame.readback", total, U::MAP_READ | U::COPY_DST);
@@ -402,14 +423,13 @@ impl GpuEngine {
             .and_then(|_| {
                 let view = slice.get_mapped_range().map_err(|e| gpu_err(ctx, format!("mapped range: {e}")))?;
                 let words: &[u32] = bytemuck::cast_slice(&view);
-                let mut out = Vec::with_capacity(planes.len());
                 let mut at = 0;
-                for p in planes {
+                for (i, p) in planes.iter().enumerate() {
                     let n = p.width * p.height;
-                    out.push(words[at..at + n].to_vec());
+                    each(i, &words[at..at + n]);
                     at += n;
                 }
-                Ok(out)
+                Ok(())
             });
         if result.is_ok() {
             read.unmap();
