@@ -38,9 +38,10 @@ pub struct DetectOptionsArgs {
     /// Process only the first N frames of the manifest.
     #[arg(long)]
     pub frames: Option<usize>,
-    /// Matching kernel: `al` (Alard–Lupton fitted on stars, varying across the frame; CPU for
-    /// now; falls back to `gaussian` on frames with too few stars) or `gaussian` (one Gaussian
-    /// from the two seeings, on the GPU or CPU engine).
+    /// Matching kernel: `al` (Alard–Lupton fitted on stars, varying across the frame; the fit
+    /// on the CPU, everything else on a real GPU when there is one; falls back to `gaussian` on
+    /// frames with too few stars) or `gaussian` (one Gaussian from the two seeings, on the GPU
+    /// or CPU engine).
     #[arg(long, value_parser = ["al", "gaussian"], default_value = "al")]
     pub method: String,
     /// Stack each field's and band's differences over these windows of nights and detect on

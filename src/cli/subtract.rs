@@ -63,7 +63,7 @@ pub struct SubtractArgs {
     #[arg(long, default_value_t = 256)]
     pub tile: usize,
     /// Matching kernel: `al` (Alard–Lupton, fitted on bright isolated stars, varying across the
-    /// frame; CPU for now) or `gaussian` (one Gaussian from the two seeings, on the engine).
+    /// frame; fitted on the CPU, everything else on a real GPU when there is one) or `gaussian` (one Gaussian from the two seeings, on the engine).
     /// `al` falls back to `gaussian`, with a warning, when the frame has too few stars.
     ///
     /// `zogy`: the proper image subtraction of Zackay, Ofek & Gal-Yam (2016) in Fourier space,

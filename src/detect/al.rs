@@ -1,6 +1,7 @@
-//! Frame subtraction with the Alard–Lupton kernel of [`crate::subtract`] (CPU for now): the
-//! image with the sharper PSF is convolved with the kernel fitted on stars, so Moffat wings and
-//! ellipticity are matched where a single Gaussian cannot. Same inputs and output as
+//! Frame subtraction with the Alard–Lupton kernel of [`crate::subtract`] (the fit on the CPU,
+//! the rest on a real GPU when there is one): the image with the sharper PSF is convolved with
+//! the kernel fitted on stars, so Moffat wings and ellipticity are matched where a single
+//! Gaussian cannot. Same inputs and output as
 //! [`frame::subtract_prepared`](super::frame::subtract_prepared); the score image, peaks and
 //! flags that follow are shared.
 

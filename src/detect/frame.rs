@@ -82,7 +82,8 @@ pub struct FrameOptions {
 pub enum Method {
     /// One Gaussian from the two seeings, on the engine (GPU or CPU).
     Gaussian,
-    /// Alard–Lupton fitted on stars ([`crate::subtract`], CPU for now); falls back to the
+    /// Alard–Lupton fitted on stars ([`crate::subtract`]; the fit on the CPU, the rest on a
+    /// real GPU when there is one, `detect::al`); falls back to the
     /// Gaussian kernel when the frame has too few stars.
     #[default]
     AlardLupton,

@@ -173,8 +173,10 @@ pub struct Detector {
     pub options: FrameOptions,
     /// Keep the frame's images in [`FrameResult::images`].
     pub keep_images: bool,
-    /// The last template read, with what subtraction needs of it (computed once per template).
+    /// The last template read, with what subtraction needs of it (computed once per template),
+    /// and its prepared planes where they were made on a GPU (kept there for every frame of it).
     template: Option<(Image, frame::Prepared)>,
+    template_resident: Option<al::ResidentPrepared>,
     /// Stacks of the night being detected (`detect_night`), and the stacks its frames ended.
     stacker: Option<stacking::FrameStacker>,
     stacks: Vec<stacking::StackResult>,
@@ -182,7 +184,7 @@ pub struct Detector {
 
 impl Detector {
     pub fn new(engine: Box<dyn Engine>, options: FrameOptions) -> Detector {
-        Detector { engine, options, keep_images: false, template: None, stacker: None, stacks: Vec::new() }
+        Detector { engine, options, keep_images: false, template: None, template_resident: None, stacker: None, stacks: Vec::new() }
     }
 
     pub fn adapter(&self) -> String {
@@ -206,9 +208,13 @@ impl Detector {
                 tracing::warn!(file = %tpath.display(), "{w}");
             }
             let tp = Instant::now();
-            let prepared = al::prepare_on(self.engine.frame_gpu(), &t, &self.options)?;
+            if let (Some(old), Some(g)) = (self.template_resident.take(), self.engine.frame_gpu()) {
+                old.release(g);
+            }
+            let (prepared, resident) = al::prepare_on_resident(self.engine.frame_gpu(), &t, &self.options)?;
             template_prepare = tp.elapsed();
             self.template = Some((t, prepared));
+            self.template_resident = resident;
         }
         for w in &science.warnings {
             tracing::warn!(file = %science.path.display(), "{w}");
@@ -217,18 +223,33 @@ impl Detector {
         let read = t0.elapsed() - template_prepare;
         check_registration(&science, template)?;
         let tp = Instant::now();
-        let sprep = al::prepare_on(self.engine.frame_gpu(), &science, &self.options)?;
+        // On a real GPU the prepared planes stay there through the subtraction and the score
+        // (`al::subtract_al_resident`): only the science frame goes up.
+        let (sprep, sres) = al::prepare_on_resident(self.engine.frame_gpu(), &science, &self.options)?;
         let science_prepare = tp.elapsed();
+        let mut resident = None;
         let al = match self.options.method {
-            frame::Method::AlardLupton => match al::subtract_al(&science, &sprep, template, tprep, &self.options, self.engine.frame_gpu()) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    tracing::warn!("{e}; falling back to a Gaussian kernel");
-                    None
+            frame::Method::AlardLupton => {
+                let done = match (self.engine.frame_gpu(), &sres, &self.template_resident) {
+                    (Some(g), Some(rs), Some(rt)) => al::subtract_al_resident(&science, &sprep, rs, template, tprep, rt, &self.options, g).map(|(d, planes)| {
+                        resident = planes;
+                        d
+                    }),
+                    (g, _, _) => al::subtract_al(&science, &sprep, template, tprep, &self.options, g),
+                };
+                match done {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        tracing::warn!("{e}; falling back to a Gaussian kernel");
+                        None
+                    }
                 }
-            },
+            }
             frame::Method::Gaussian => None,
         };
+        if let (Some(r), Some(g)) = (sres, self.engine.frame_gpu()) {
+            r.release(g);
+        }
         let mut diff = match al {
             Some(d) => d,
             None => frame::subtract_prepared(self.engine.as_mut(), &science, &sprep, template, tprep, &self.options)?,
@@ -240,7 +261,14 @@ impl Detector {
         let psf_image = if diff.convolved_template { &science } else { template };
         let psf = psf::difference_psf(psf_image, diff.sigma_difference);
         // On a real GPU the score's correlations run there (the same routes).
-        let sc = match self.engine.frame_gpu().map(|g| frame::score_image_gpu(&diff, psf.as_ref(), g)) {
+        let on_gpu = self.engine.frame_gpu().map(|g| match &resident {
+            Some(r) => frame::score_image_gpu_resident(&diff, psf.as_ref(), g, r),
+            None => frame::score_image_gpu(&diff, psf.as_ref(), g),
+        });
+        if let (Some(r), Some(g)) = (resident.take(), self.engine.frame_gpu()) {
+            r.release(g);
+        }
+        let sc = match on_gpu {
             Some(Ok(sc)) => sc,
             Some(Err(e)) => {
                 tracing::warn!("the score image on the GPU failed ({e}); on the CPU");
