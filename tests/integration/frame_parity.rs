@@ -286,14 +286,10 @@ fn star_image(side: usize, fwhm: f64, rng: &mut StdRng, stars: &[(f64, f64, f64)
     star_field::render(side, fwhm, stars, || rng.gen_range(0.0..1.0))
 }
 
-#[test]
-fn subtract_al_on_the_gpu_matches_the_cpu() {
-    use blink::detect::al::subtract_al_with;
-    use blink::detect::frame::{FrameOptions, Prepared};
-    let test = "subtract_al_on_the_gpu_matches_the_cpu";
-    let Some(mut g) = gpu(test) else { return };
-    let mut rng = seeded(test);
-    let side = 256;
+/// A science frame (FWHM 3) and its template (FWHM 2.4) of `side`² with the same 64 stars, for
+/// the Alard–Lupton fit; with `nans`, a NaN band in the science frame (row 100) and a NaN column
+/// in the template (column 70).
+fn star_pair(rng: &mut StdRng, side: usize, nans: bool) -> (blink::detect::image::Image, blink::detect::image::Image) {
     // On a jittered 8 × 8 grid, 30 px apart: uniform positions left fewer than three isolated
     // stars for the kernel fit in about one run in twenty (seed 1795772376468205136). Fluxes
     // 3 000–30 000 (S/N 30–300): with 300 / U(0.01, 1) only ~6 of the 64 stars were bright
@@ -302,16 +298,28 @@ fn subtract_al_on_the_gpu_matches_the_cpu() {
     let stars: Vec<(f64, f64, f64)> = (0..64)
         .map(|k| (16.0 + 30.0 * (k % 8) as f64 + rng.gen_range(-3.0..3.0), 16.0 + 30.0 * (k / 8) as f64 + rng.gen_range(-3.0..3.0), 3000.0 / rng.gen_range(0.1..1.0)))
         .collect();
-    let mut science = star_image(side, 3.0, &mut rng, &stars);
-    let template = star_image(side, 2.4, &mut rng, &stars);
-    // A NaN band in the science frame, a NaN column in the template.
-    for x in 0..side {
-        science.data[100 * side + x] = f32::NAN;
+    let mut science = star_image(side, 3.0, rng, &stars);
+    let mut template = star_image(side, 2.4, rng, &stars);
+    if nans {
+        for x in 0..side {
+            science.data[100 * side + x] = f32::NAN;
+        }
+        for y in 0..side {
+            template.data[y * side + 70] = f32::NAN;
+        }
     }
-    let mut template = template;
-    for y in 0..side {
-        template.data[y * side + 70] = f32::NAN;
-    }
+    (science, template)
+}
+
+#[test]
+fn subtract_al_on_the_gpu_matches_the_cpu() {
+    use blink::detect::al::subtract_al_with;
+    use blink::detect::frame::{FrameOptions, Prepared};
+    let test = "subtract_al_on_the_gpu_matches_the_cpu";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let side = 256;
+    let (science, template) = star_pair(&mut rng, side, true);
     let opts = FrameOptions { background_mesh: 64, ..FrameOptions::default() };
     let (ps, pt) = (Prepared::new(&science, &opts).unwrap_or_else(|e| panic!("{e}")), Prepared::new(&template, &opts).unwrap_or_else(|e| panic!("{e}")));
     let a = subtract_al_with(&science, &ps, &template, &pt, &opts, Some(&mut g), true).unwrap_or_else(|e| panic!("{test}: resident: {e}"));
@@ -338,16 +346,7 @@ fn score_image_gpu_matches_score_image() {
     let Some(mut g) = gpu(test) else { return };
     let mut rng = seeded(test);
     let side = 256;
-    // On a jittered 8 × 8 grid, 30 px apart: uniform positions left fewer than three isolated
-    // stars for the kernel fit in about one run in twenty (seed 1795772376468205136). Fluxes
-    // 3 000–30 000 (S/N 30–300): with 300 / U(0.01, 1) only ~6 of the 64 stars were bright
-    // enough for a stamp, and too few were left in about one run in forty (seed
-    // 1795776977207589195, on the H200).
-    let stars: Vec<(f64, f64, f64)> = (0..64)
-        .map(|k| (16.0 + 30.0 * (k % 8) as f64 + rng.gen_range(-3.0..3.0), 16.0 + 30.0 * (k / 8) as f64 + rng.gen_range(-3.0..3.0), 3000.0 / rng.gen_range(0.1..1.0)))
-        .collect();
-    let science = star_image(side, 3.0, &mut rng, &stars);
-    let template = star_image(side, 2.4, &mut rng, &stars);
+    let (science, template) = star_pair(&mut rng, side, false);
     let opts = FrameOptions { background_mesh: 64, ..FrameOptions::default() };
     let (ps, pt) = (Prepared::new(&science, &opts).unwrap_or_else(|e| panic!("{e}")), Prepared::new(&template, &opts).unwrap_or_else(|e| panic!("{e}")));
     let mut diff = subtract_al(&science, &ps, &template, &pt, &opts, None).unwrap_or_else(|e| panic!("{test}: {e}"));
@@ -421,18 +420,7 @@ fn resident_subtraction_moves_fewer_planes() {
     let Some(mut g) = gpu(test) else { return };
     let mut rng = seeded(test);
     let side = 256;
-    // As `subtract_al_on_the_gpu_matches_the_cpu`: a jittered grid of stars bright enough to fit.
-    let stars: Vec<(f64, f64, f64)> = (0..64)
-        .map(|k| (16.0 + 30.0 * (k % 8) as f64 + rng.gen_range(-3.0..3.0), 16.0 + 30.0 * (k / 8) as f64 + rng.gen_range(-3.0..3.0), 3000.0 / rng.gen_range(0.1..1.0)))
-        .collect();
-    let mut science = star_image(side, 3.0, &mut rng, &stars);
-    let mut template = star_image(side, 2.4, &mut rng, &stars);
-    for x in 0..side {
-        science.data[100 * side + x] = f32::NAN;
-    }
-    for y in 0..side {
-        template.data[y * side + 70] = f32::NAN;
-    }
+    let (science, mut template) = star_pair(&mut rng, side, true);
     // The template's brightest stars saturate: peaks reach 500 + flux / 6.5 ADU (up to ~5 100),
     // so one star in seven is above 2 500 (none of 64: 1 run in 15 000).
     template.header.saturate = Some(2500.0);
