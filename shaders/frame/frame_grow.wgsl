@@ -4,6 +4,9 @@
 // src/gpu/kernels/frame.rs. Validated alone by build.rs.
 //
 // Bindings (u32 masks, 1 = set): `grow_rows`: s0 → s1; `grow_cols`: s1 → s2.
+// `pack_mask`: s0 (the w × h mask) → s1, 32 pixels a word: bit b of word k is pixel 32k + b;
+// `count` words, word k computed by invocation (x, y) with k = y · mx + x. CPU twin:
+// `cpu::frame::pack_mask`. A mask comes back to the host in 1/32 of a plane's bytes.
 // FrameParams `prm`, WG_X/WG_Y/MAX_TAPS and the uniform `taps` come from
 // shaders/frame/shared/frame_params.wgsl, prepended.
 @group(0) @binding(2) var<storage, read_write> s0: array<u32>;
@@ -39,4 +42,24 @@ fn grow_cols(@builtin(global_invocation_id) id: vec3<u32>) {
         hit = hit | s1[y * w + id.x];
     }
     s2[id.y * w + id.x] = hit;
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn pack_mask(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= prm.mx) {
+        return;
+    }
+    let k = id.y * prm.mx + id.x;
+    if (k >= prm.count) {
+        return;
+    }
+    let n = prm.width * prm.height;
+    var word = 0u;
+    for (var b = 0u; b < 32u; b++) {
+        let i = 32u * k + b;
+        if (i < n && s0[i] != 0u) {
+            word = word | (1u << b);
+        }
+    }
+    s1[k] = word;
 }

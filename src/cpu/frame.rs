@@ -8,7 +8,8 @@
 //!   `detect::frame::mesh_background` itself);
 //! - `frame_prepare`: smoothed variance and saturation mask ([`variance_smoothed`],
 //!   [`saturation`]);
-//! - `frame_grow`: a mask grown by a square ([`grow`], separable in O(N) whatever the radius);
+//! - `frame_grow`: a mask grown by a square ([`grow`], separable in O(N) whatever the radius),
+//!   and a mask packed 32 pixels a word for the read-back ([`pack_mask`]);
 //! - `frame_assemble`: an Alard–Lupton difference and variance per pixel ([`al_difference`],
 //!   [`al_variance`], as `detect::al::subtract_al`'s loops), and the pixels an image cannot
 //!   use ([`bad_mask`]).
@@ -200,6 +201,17 @@ pub fn bad_mask(image: &[f32], variance: &[f32], saturated: &[bool]) -> Vec<bool
     image.iter().zip(variance).zip(saturated).map(|((x, v), s)| *s || !x.is_finite() || !v.is_finite() || *v <= 0.0).collect()
 }
 
+/// `mask` 32 pixels a word: bit `b` of word `k` is pixel `32k + b` (twin of `pack_mask` in
+/// `shaders/frame/frame_grow.wgsl`).
+pub fn pack_mask(mask: &[bool]) -> Vec<u32> {
+    mask.chunks(32).map(|c| c.iter().enumerate().fold(0u32, |w, (b, &set)| w | ((set as u32) << b))).collect()
+}
+
+/// The first `n` pixels of a mask packed by [`pack_mask`].
+pub fn unpack_mask(words: &[u32], n: usize) -> Vec<bool> {
+    (0..n).map(|i| words.get(i / 32).is_some_and(|w| w >> (i % 32) & 1 == 1)).collect()
+}
+
 /// `mask` grown by `r` pixels (a square of side `2r + 1` around each set pixel), as a running
 /// count along rows then columns: O(N) for any `r` (the direct loop is O(N·r²)).
 pub fn grow(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
@@ -281,6 +293,17 @@ pub fn al_variance(guard: &[f32], kv: &[f32], model: &[f32], wu: f64, wc: f64, e
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_masks_put_pixel_32k_plus_b_in_bit_b_of_word_k() {
+        let mut mask = vec![false; 70];
+        for i in [0, 5, 31, 32, 63, 69] {
+            mask[i] = true;
+        }
+        let words = pack_mask(&mask);
+        assert_eq!(words, vec![1 | 1 << 5 | 1 << 31, 1 | 1 << 31, 1 << 5]);
+        assert_eq!(unpack_mask(&words, 70), mask);
+    }
 
     /// The direct square dilation (what `detect::al` did).
     fn grow_direct(mask: &[bool], w: usize, h: usize, r: i64) -> Vec<bool> {

@@ -545,7 +545,8 @@ impl ResidentPrepared {
 }
 
 /// [`prepare_gpu`], keeping the planes on the device as well: one upload, the three planes read
-/// back once for the fit, and the same three left on the device.
+/// back once for the fit (the saturation mask packed, 1/32 of a plane), and the same three
+/// left on the device.
 pub fn prepare_gpu_resident(gpu: &mut GpuEngine, img: &Image, opts: &FrameOptions) -> Result<(Prepared, ResidentPrepared), DetectError> {
     let fwhm = img.fwhm()?;
     let (w, h) = (img.width, img.height);
@@ -580,19 +581,19 @@ pub fn prepare_gpu_resident(gpu: &mut GpuEngine, img: &Image, opts: &FrameOption
         raw
     };
     let planes = ResidentPrepared { sky_subtracted: sky, variance: var, saturated: sat };
-    let read = gpu.frame_read_all(&[&planes.sky_subtracted, &planes.variance, &planes.saturated]);
-    let mut read = match read {
-        Ok(r) => r.into_iter(),
+    // The saturation mask comes back packed, 32 pixels a word.
+    let read = gpu.frame_read_all(&[&planes.sky_subtracted, &planes.variance]).and_then(|r| Ok((r, gpu.frame_read_mask_packed(&planes.saturated)?)));
+    let (mut read, saturated) = match read {
+        Ok((r, s)) => (r.into_iter(), s),
         Err(e) => {
             planes.release(gpu);
             return Err(engine_err(e));
         }
     };
-    let (Some(sky_subtracted), Some(variance), Some(sat)) = (read.next(), read.next(), read.next()) else {
+    let (Some(sky_subtracted), Some(variance)) = (read.next(), read.next()) else {
         planes.release(gpu);
         return Err(engine_err(crate::engine::EngineError::Gpu("frame planes missing".into())));
     };
-    let saturated = sat.iter().map(|v| v.to_bits() != 0).collect();
     Ok((Prepared { fwhm, sky_subtracted, variance, saturated }, planes))
 }
 

@@ -9,7 +9,8 @@
 //!   exactly the same.
 //! - mesh background: cell medians exact, so |Δ| ≤ 1e-5 · max |background| after the f32
 //!   interpolation; the same for the sky-subtracted image and the residual taken off in place.
-//! - variance: relative 1e-6, NaN on the same pixels; saturation and grown masks: identical.
+//! - variance: relative 1e-6, NaN on the same pixels; saturation, grown, bad and packed masks:
+//!   identical.
 
 #[path = "../../benches/common/star_field.rs"]
 mod star_field;
@@ -463,11 +464,33 @@ fn resident_subtraction_moves_fewer_planes() {
         same("flux error", &got_sc.flux_err, &want_sc.flux_err);
         assert_eq!(got_sc.psf_peak, want_sc.psf_peak, "{test}: {what}");
         // Uploads: the two images only, against ten planes through the host; read-backs: the
-        // same (the fit's six planes, the four of the difference, the score's three).
+        // same (the fit's four planes and two saturation masks packed 32 pixels a word, the
+        // four of the difference, the score's three).
         let (host_up, host_read) = (t1.uploaded - t0.uploaded, t1.read_back - t0.read_back);
         let (res_up, res_read) = (t2.uploaded - t1.uploaded, t2.read_back - t1.read_back);
+        let packed = (side * side).div_ceil(32) as u64 * 4;
         assert_eq!(res_up, 2 * plane, "{test}: {what}: the resident chain uploaded {} planes", res_up as f64 / plane as f64);
-        assert_eq!(res_read, 13 * plane, "{test}: {what}: the resident chain read {} planes back", res_read as f64 / plane as f64);
+        assert_eq!(res_read, 11 * plane + 2 * packed, "{test}: {what}: the resident chain read {} planes back", res_read as f64 / plane as f64);
         assert!(host_up == 10 * plane && host_read == res_read, "{test}: {what}: through the host {} planes up, {} back", host_up as f64 / plane as f64, host_read as f64 / plane as f64);
     }
+}
+
+#[test]
+fn packed_masks_come_back_whole() {
+    let test = "packed_masks_come_back_whole";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    // A side that is no multiple of 32, so the last word is partial; a density that varies.
+    let (w, h): (usize, usize) = (rng.gen_range(33..140), rng.gen_range(20..90));
+    let p = rng.gen_range(0.01..0.6);
+    let mask: Vec<bool> = (0..w * h).map(|_| rng.gen_bool(p)).collect();
+    let words = twin::pack_mask(&mask);
+    assert_eq!(words.len(), (w * h).div_ceil(32));
+    assert_eq!(twin::unpack_mask(&words, w * h), mask, "{test}: the twin's round trip");
+    let up = g.frame_upload_mask(&mask, w, h).unwrap_or_else(|e| panic!("{e}"));
+    let t0 = g.frame_traffic().read_back;
+    let got = g.frame_read_mask_packed(&up).unwrap_or_else(|e| panic!("{test}: {e}"));
+    assert_eq!(g.frame_traffic().read_back - t0, words.len() as u64 * 4, "{test}: bytes read back");
+    let bad = (0..w * h).find(|&i| got[i] != mask[i]);
+    assert!(got.len() == w * h && bad.is_none(), "{test}: {w}x{h}: pixel {bad:?} differs");
 }

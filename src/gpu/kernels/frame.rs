@@ -145,6 +145,7 @@ pub struct FramePipelines {
     prepare: wgpu::ComputePipeline,
     grow_rows: wgpu::ComputePipeline,
     grow_cols: wgpu::ComputePipeline,
+    pack_mask: wgpu::ComputePipeline,
     mask_zero: wgpu::ComputePipeline,
     al_difference: wgpu::ComputePipeline,
     al_variance: wgpu::ComputePipeline,
@@ -224,6 +225,7 @@ impl FramePipelines {
             prepare: pipeline(&prep, "prepare"),
             grow_rows: pipeline(&grow, "grow_rows"),
             grow_cols: pipeline(&grow, "grow_cols"),
+            pack_mask: pipeline(&grow, "pack_mask"),
             mask_zero: pipeline(&assemble, "mask_zero"),
             al_difference: pipeline(&assemble, "al_difference"),
             al_variance: pipeline(&assemble, "al_variance"),
@@ -454,6 +456,27 @@ impl GpuEngine {
     pub fn frame_read(&mut self, p: &GpuPlane) -> Result<Vec<f32>, EngineError> {
         let mut w = self.frame_read_words(&[p])?;
         Ok(w.pop().unwrap_or_default().into_iter().map(f32::from_bits).collect())
+    }
+
+    /// A mask plane back on the host, packed 32 pixels a word on the device first (twin
+    /// `cpu::frame::pack_mask`): 1/32 of [`GpuEngine::frame_read_mask`]'s bytes.
+    pub fn frame_read_mask_packed(&mut self, p: &GpuPlane) -> Result<Vec<bool>, EngineError> {
+        let n = p.width * p.height;
+        let words = n.div_ceil(32);
+        // Words as a grid of `mx` columns, so no dispatch dimension passes the 65 535 limit.
+        let mx = words.min(1024);
+        let rows = words.div_ceil(mx);
+        let packed = GpuPlane { buf: self.frame_buffer("blink.frame.packed", (words * 4) as u64)?, width: words, height: 1, kind: PlaneKind::Mask };
+        let run = (|| {
+            let (ctx, pl) = self.frame_parts()?;
+            let prm = FrameParams { mx: mx as u32, count: words as u32, ..FrameParams::new(p.width, p.height) };
+            let step = Step { pipe: &pl.pack_mask, prm, taps: &[], bufs: [Some((&p.buf, p.bytes())), Some((&packed.buf, packed.bytes())), None, None], groups: pixel_groups(mx, rows) };
+            submit(ctx, pl, &[step])?;
+            let mut w = self.frame_read_words(&[&packed])?;
+            Ok(crate::cpu::frame::unpack_mask(&w.pop().unwrap_or_default(), n))
+        })();
+        self.frame_release(packed);
+        run
     }
 
     /// A mask plane back on the host.
