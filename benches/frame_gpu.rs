@@ -11,9 +11,9 @@
 //! - `e2e/*`: from host images to host results, transfers included: both images prepared on
 //!   the GPU (`detect::al::prepare_gpu`), and the whole Alard–Lupton subtraction
 //!   (`prepare_gpu` ×2, `subtract_al` with the GPU, `score_image_gpu` with the measured PSF,
-//!   read back; the PSF measurement itself is outside the loop), the same with the prepared
-//!   planes kept on the device (`resident`: only the two images go up, as `blink subtract`
-//!   runs it); at 1024² also the CPU path.
+//!   read back; the PSF measurement itself is outside the loop), `blink subtract`'s chain with
+//!   the planes kept on the device (`on device`: the two images up, the fit's planes and the
+//!   two products back); at 1024² also the CPU path.
 //! - `transfer/*`: one plane up, one plane back into a new `Vec` and into one reused (bytes
 //!   per second; the two read-backs differ by the host's page faults).
 //!
@@ -22,8 +22,8 @@
 //! `BLINK_BENCH_FRAME_SIZES=1024,4096` sets the sides.
 
 use blink::cpu::frame::Profile;
-use blink::detect::al::{prepare_gpu, prepare_gpu_resident, subtract_al, subtract_al_resident};
-use blink::detect::frame::{score_image, score_image_gpu, score_image_gpu_resident, FrameOptions, Prepared};
+use blink::detect::al::{prepare_gpu, prepare_gpu_resident, subtract_al, subtract_al_on_device};
+use blink::detect::frame::{products_gpu_resident, score_image, score_image_gpu, FrameOptions, Prepared};
 use blink::engine::{Engine, GpuEngine};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 
@@ -156,20 +156,20 @@ fn bench(c: &mut Criterion) {
                 s.score.len()
             })
         });
-        // The same chain with the prepared planes kept on the device (`blink subtract`'s path):
-        // the two images go up, nothing else does.
-        group.bench_function(format!("e2e/subtract+score resident{tag}"), |b| {
+        // `blink subtract`'s chain: the prepared planes and the difference kept on the device,
+        // the two images up, the fit's planes and the two products (D, Z) back.
+        group.bench_function(format!("e2e/subtract+score on device{tag}"), |b| {
             b.iter(|| {
                 let (a, ra) = prepare_gpu_resident(&mut gpu, &science, &opts).expect("prepare");
                 let (t, rt) = prepare_gpu_resident(&mut gpu, &template, &opts).expect("prepare");
-                let (dd, planes) = subtract_al_resident(&science, &a, &ra, &template, &t, &rt, &opts, &mut gpu).expect("subtract");
+                let (dd, planes) = subtract_al_on_device(&science, &a, &ra, &template, &t, &rt, &opts, &mut gpu).expect("subtract");
                 let planes = planes.expect("the subtraction stayed on the GPU");
-                let s = score_image_gpu_resident(&dd, psf.as_ref(), &mut gpu, &planes).expect("score");
+                let (d, z) = products_gpu_resident(&dd, psf.as_ref(), &mut gpu, &planes).expect("products");
                 for r in [ra, rt] {
                     r.release(&mut gpu);
                 }
                 planes.release(&mut gpu);
-                s.score.len()
+                d.len() + z.len()
             })
         });
         // One plane each way: what every whole-plane transfer above costs.

@@ -12,6 +12,9 @@
 // - `al_variance`: s3 = (f2 · s0 + f3 · s1 + f1 · s2²) · f0 where s0 > 0, else 0: s0 the guarding
 //   variance, s1 the convolved variance, s2 the model (f1 = ε², f0 = the swap's m²; f2 = f3 =
 //   1, or Σφ² and its convolved twin after decorrelation).
+// - `nan_unless`: s0 (f32) = NaN, in place, where the guard s2 is not > 0 (mode 0) or not
+//   finite (mode 1): a product's masked pixels as `blink subtract` writes them. Twin
+//   `cpu::frame::nan_unless`.
 // - `bad_mask`: s1 (u32) = 1 where an image's own pixel cannot be used: the sky-subtracted image
 //   s0 or the variance s2 not finite, the variance not > 0, or the saturation mask s3 (a u32
 //   mask, read through its f32 bits) set; else 0. Twin `cpu::frame::bad_mask`.
@@ -104,4 +107,17 @@ fn bad_mask(@builtin(global_invocation_id) id: vec3<u32>) {
     let v = s2[i];
     let bad = bitcast<u32>(s3[i]) != 0u || !finite(s0[i]) || !finite(v) || !(v > 0.0);
     s1[i] = select(0u, 1u, bad);
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn nan_unless(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= prm.width || id.y >= prm.height) {
+        return;
+    }
+    let i = id.y * prm.width + id.x;
+    let g = s2[i];
+    let keep = select(finite(g) && g > 0.0, finite(g), prm.mode == 1u);
+    if (!keep) {
+        s0[i] = bitcast<f32>(prm.nan_bits);
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::detect::al::{prepare_on_resident, subtract_al, subtract_al_resident};
+use crate::detect::al::{prepare_on_resident, subtract_al, subtract_al_on_device};
 use crate::subtract::decorr::PsfImage;
 use crate::detect::frame::{score_image, subtract, subtract_prepared, FrameOptions, Prepared, FWHM_PER_SIGMA};
 use crate::detect::image::{read_image, robust_stats, write_image, Image};
@@ -151,12 +151,12 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     // On a real GPU the prepared planes stay there through the subtraction and the score
     // (`subtract_al_resident`): only what the fit and the outputs need crosses the bus.
     let mut resident = None;
-    let diff = if a.method == "al" {
+    let mut diff = if a.method == "al" {
         let (ps, rs) = prepare_on_resident(engine.frame_gpu(), &science, &opts)?;
         let (pt, rt) = prepare_on_resident(engine.frame_gpu(), &template, &opts)?;
         tracing::debug!(prepare_s = t1.elapsed().as_secs_f64(), "sky, variance, seeing of both images");
         let done = match (engine.frame_gpu(), &rs, &rt) {
-            (Some(g), Some(rs), Some(rt)) => subtract_al_resident(&science, &ps, rs, &template, &pt, rt, &opts, g).map(|(d, planes)| {
+            (Some(g), Some(rs), Some(rt)) => subtract_al_on_device(&science, &ps, rs, &template, &pt, rt, &opts, g).map(|(d, planes)| {
                 resident = planes;
                 d
             }),
@@ -187,36 +187,54 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     };
     tracing::debug!(measured = broad_psf.is_none(), side = psf.as_ref().map(|p| p.side), "PSF of the difference");
     // On a real GPU the score's correlations run there (the same routes, `score_image_gpu`).
-    let on_gpu = engine.frame_gpu().map(|g| match &resident {
-        Some(r) => crate::detect::frame::score_image_gpu_resident(&diff, psf.as_ref(), g, r),
-        None => crate::detect::frame::score_image_gpu(&diff, psf.as_ref(), g),
-    });
-    let sc = match on_gpu {
-        Some(Ok(sc)) => sc,
-        Some(Err(e)) => {
-            tracing::warn!("the score image on the GPU failed ({e}); on the CPU");
-            score_image(&diff, psf.as_ref())
-        }
-        None => score_image(&diff, psf.as_ref()),
+    // On the device, the two products are made there and only they come back
+    // (`products_gpu_resident`); else (or if that fails) from host planes, as below.
+    let on_device = match (engine.frame_gpu(), &resident) {
+        (Some(g), Some(r)) => match crate::detect::frame::products_gpu_resident(&diff, psf.as_ref(), g, r) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!("the score image on the GPU failed ({e}); on the CPU");
+                r.read_into(g, &mut diff).map_err(|e| anyhow::anyhow!("reading the difference back from the GPU: {e}"))?;
+                None
+            }
+        },
+        _ => None,
     };
     if let Some(g) = engine.frame_gpu() {
         if let Some(r) = resident.take() {
             r.release(g);
         }
+    }
+    let (w, h) = (diff.width, diff.height);
+    let (d, z) = match on_device {
+        Some(p) => p,
+        None => {
+            let sc = match engine.frame_gpu().map(|g| crate::detect::frame::score_image_gpu(&diff, psf.as_ref(), g)) {
+                Some(Ok(sc)) => sc,
+                Some(Err(e)) => {
+                    tracing::warn!("the score image on the GPU failed ({e}); on the CPU");
+                    score_image(&diff, psf.as_ref())
+                }
+                None => score_image(&diff, psf.as_ref()),
+            };
+            let masked = |i: usize| !(diff.variance[i] > 0.0);
+            // The decorrelated difference where there is one (white noise), else the difference.
+            let d: Vec<f32> = match &diff.decorrelated {
+                Some(dc) => (0..w * h).map(|i| if !(dc.variance[i] > 0.0) { f32::NAN } else { dc.difference[i] }).collect(),
+                None => (0..w * h).map(|i| if masked(i) { f32::NAN } else { diff.difference[i] }).collect(),
+            };
+            // NaN where the score was not computed (masked, or within the decorrelation's reach
+            // of a mask).
+            let z: Vec<f32> = (0..w * h).map(|i| if masked(i) || !sc.flux_err[i].is_finite() { f32::NAN } else { sc.score[i] }).collect();
+            (d, z)
+        }
+    };
+    if let Some(g) = engine.frame_gpu() {
         let t = g.frame_traffic();
-        tracing::debug!(uploaded_mb = t.uploaded as f64 / 1e6, read_back_mb = t.read_back as f64 / 1e6, planes = (t.uploaded + t.read_back) as f64 / (diff.width * diff.height * 4) as f64, "whole planes moved between the host and the GPU");
+        tracing::debug!(uploaded_mb = t.uploaded as f64 / 1e6, read_back_mb = t.read_back as f64 / 1e6, planes = (t.uploaded + t.read_back) as f64 / (w * h * 4) as f64, "whole planes moved between the host and the GPU");
     }
     tracing::debug!(score_s = ts.elapsed().as_secs_f64(), "score image");
     let work = t1.elapsed();
-    let (w, h) = (diff.width, diff.height);
-    let masked = |i: usize| !(diff.variance[i] > 0.0);
-    // The decorrelated difference where there is one (white noise), else the difference.
-    let d: Vec<f32> = match &diff.decorrelated {
-        Some(dc) => (0..w * h).map(|i| if !(dc.variance[i] > 0.0) { f32::NAN } else { dc.difference[i] }).collect(),
-        None => (0..w * h).map(|i| if masked(i) { f32::NAN } else { diff.difference[i] }).collect(),
-    };
-    // NaN where the score was not computed (masked, or within the decorrelation's reach of a mask).
-    let z: Vec<f32> = (0..w * h).map(|i| if masked(i) || !sc.flux_err[i].is_finite() { f32::NAN } else { sc.score[i] }).collect();
     let numbers = [
         ("FWHM_SCI", diff.sigma_science * FWHM_PER_SIGMA, "science PSF FWHM used, px"),
         ("FWHM_TPL", diff.sigma_template * FWHM_PER_SIGMA, "template PSF FWHM used, px"),

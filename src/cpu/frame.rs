@@ -11,8 +11,8 @@
 //! - `frame_grow`: a mask grown by a square ([`grow`], separable in O(N) whatever the radius),
 //!   and a mask packed 32 pixels a word for the read-back ([`pack_mask`]);
 //! - `frame_assemble`: an Alard–Lupton difference and variance per pixel ([`al_difference`],
-//!   [`al_variance`], as `detect::al::subtract_al`'s loops), and the pixels an image cannot
-//!   use ([`bad_mask`]).
+//!   [`al_variance`], as `detect::al::subtract_al`'s loops), the pixels an image cannot use
+//!   ([`bad_mask`]), and NaN on a product's masked pixels ([`nan_unless`]).
 //!
 //! f64 accumulation where the CPU code they mirror has it; the parity tests
 //! (`tests/integration/frame_parity.rs`) compare each with its kernel.
@@ -199,6 +199,29 @@ pub fn saturation(data: &[f32], level: Option<f32>) -> Vec<bool> {
 /// of `bad_mask` in `shaders/frame/frame_assemble.wgsl`).
 pub fn bad_mask(image: &[f32], variance: &[f32], saturated: &[bool]) -> Vec<bool> {
     image.iter().zip(variance).zip(saturated).map(|((x, v), s)| *s || !x.is_finite() || !v.is_finite() || *v <= 0.0).collect()
+}
+
+/// What [`nan_unless`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Where the guard is > 0 (a variance).
+    Positive = 0,
+    /// Where the guard is finite (a flux error).
+    Finite = 1,
+}
+
+/// `values` with NaN wherever `guard` fails `keep` (twin of `nan_unless` in
+/// `shaders/frame/frame_assemble.wgsl`): the masked pixels of `blink subtract`'s products.
+pub fn nan_unless(values: &mut [f32], guard: &[f32], keep: Keep) {
+    for (v, g) in values.iter_mut().zip(guard) {
+        let ok = match keep {
+            Keep::Positive => g.is_finite() && *g > 0.0,
+            Keep::Finite => g.is_finite(),
+        };
+        if !ok {
+            *v = f32::NAN;
+        }
+    }
 }
 
 /// `mask` 32 pixels a word: bit `b` of word `k` is pixel `32k + b` (twin of `pack_mask` in

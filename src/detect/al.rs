@@ -48,7 +48,18 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
 /// [`ResidentDifference::release`].
 #[allow(clippy::too_many_arguments)]
 pub fn subtract_al_resident(science: &Image, ps: &Prepared, rs: &ResidentPrepared, template: &Image, pt: &Prepared, rt: &ResidentPrepared, opts: &FrameOptions, gpu: &mut GpuEngine) -> Result<(Difference, Option<ResidentDifference>), DetectError> {
-    subtract_al_on(science, ps, template, pt, opts, Some(gpu), AfterFit::Prepared(rs, rt))
+    subtract_al_on(science, ps, template, pt, opts, Some(gpu), AfterFit::Prepared(rs, rt, true))
+}
+
+/// [`subtract_al_resident`] without reading the difference's planes back: where the planes are
+/// `Some`, the [`Difference`]'s `difference`, `variance` and decorrelated pair are **empty**,
+/// and the planes live on the device only, for
+/// [`products_gpu_resident`](super::frame::products_gpu_resident) (what `blink subtract` writes)
+/// or [`ResidentDifference::read_into`] (the host planes after all). Where they are `None` (the
+/// GPU failed after the fit), the host planes are there as usual.
+#[allow(clippy::too_many_arguments)]
+pub fn subtract_al_on_device(science: &Image, ps: &Prepared, rs: &ResidentPrepared, template: &Image, pt: &Prepared, rt: &ResidentPrepared, opts: &FrameOptions, gpu: &mut GpuEngine) -> Result<(Difference, Option<ResidentDifference>), DetectError> {
+    subtract_al_on(science, ps, template, pt, opts, Some(gpu), AfterFit::Prepared(rs, rt, false))
 }
 
 /// How [`subtract_al_on`] runs what follows the fit when it has a GPU.
@@ -58,8 +69,9 @@ enum AfterFit<'a> {
     Stages,
     /// On the device from planes uploaded once ([`post_fit_gpu`]).
     Host,
-    /// On the device from the science's and the template's resident prepared planes.
-    Prepared(&'a ResidentPrepared, &'a ResidentPrepared),
+    /// On the device from the science's and the template's resident prepared planes; with
+    /// `false`, the difference's planes are not read back.
+    Prepared(&'a ResidentPrepared, &'a ResidentPrepared, bool),
 }
 
 fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, mut gpu: Option<&mut GpuEngine>, mode: AfterFit) -> Result<(Difference, Option<ResidentDifference>), DetectError> {
@@ -147,10 +159,11 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
                 let (s_img, s_var) = host_sharp.insert(sharp_cleaned());
                 Some(PostFitSource::Host(PostFitInput { broad: &b_img, sharp: s_img, broad_var: &b_var, sharp_var: s_var, bad_u: &bad_u, bad_c: &bad_c, w, h }))
             }
-            AfterFit::Prepared(rs, rt) => Some(if convolved_template { PostFitSource::Resident(rs, rt) } else { PostFitSource::Resident(rt, rs) }),
+            AfterFit::Prepared(rs, rt, _) => Some(if convolved_template { PostFitSource::Resident(rs, rt) } else { PostFitSource::Resident(rt, rs) }),
         };
+        let read_back = !matches!(mode, AfterFit::Prepared(_, _, false));
         if let Some(src) = src {
-            match post_fit_gpu(g, &sol, &kc, &src, (m, m2), (var_u, var_c), opts) {
+            match post_fit_gpu(g, &sol, &kc, &src, (m, m2), (var_u, var_c), opts, read_back) {
                 Ok((difference, variance, decorrelated, planes)) => {
                     tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolution, difference, background and decorrelation on the GPU");
                     return Ok((finish(difference, variance, decorrelated, kc, (var_u, var_c), sol, scale_c), Some(planes)));
@@ -320,6 +333,7 @@ fn decorrelation_reach(dk: &crate::subtract::decorr::DecorrelationKernel, r: i64
 /// decorrelation and its variance; uploaded once (four planes, two masks), read back once
 /// (difference, variance, and the decorrelated pair). Same numbers as the CPU path within f32
 /// round-off (`frame_parity::subtract_al_on_the_gpu_matches_the_cpu`).
+#[allow(clippy::too_many_arguments)]
 fn post_fit_gpu(
     g: &mut GpuEngine,
     sol: &crate::subtract::KernelSolution,
@@ -328,6 +342,7 @@ fn post_fit_gpu(
     (m, m2): (f64, f64),
     (var_u, var_c): (f64, f64),
     opts: &FrameOptions,
+    read_back: bool,
 ) -> Result<PostFit, crate::engine::EngineError> {
     use crate::cpu::al::{term_kernels, variance_kernels};
     use crate::engine::EngineError;
@@ -394,8 +409,16 @@ fn post_fit_gpu(
         arena.push(var);
         let var = arena.len() - 1;
         g.frame_subtract_residual_background(&arena[diff], &arena[var], opts.background_mesh)?;
+        // Without the read-back the host planes stay empty (`subtract_al_on_device`).
+        let read = |g: &mut GpuEngine, arena: &[GpuPlane], planes: &[usize]| -> Result<std::vec::IntoIter<Vec<f32>>, EngineError> {
+            if read_back {
+                Ok(g.frame_read_all(&planes.iter().map(|&q| &arena[q]).collect::<Vec<_>>())?.into_iter())
+            } else {
+                Ok(vec![Vec::new(); planes.len()].into_iter())
+            }
+        };
         let Some(dk) = dk else {
-            let mut out = g.frame_read_all(&[&arena[diff], &arena[var]])?.into_iter();
+            let mut out = read(g, &arena, &[diff, var])?;
             return Ok(((out.next().unwrap_or_default(), out.next().unwrap_or_default(), None), [diff, var, usize::MAX, usize::MAX]));
         };
         let dd = g.frame_al_convolve(std::slice::from_ref(&dk.kernel), dk.half, 0, &arena[diff])?;
@@ -418,7 +441,7 @@ fn post_fit_gpu(
         let dv = g.frame_al_variance(&arena[guard2], &arena[kv], &arena[model], dk.weight_unconvolved, wc, 0.0, m2)?;
         arena.push(dv);
         let dv = arena.len() - 1;
-        let mut out = g.frame_read_all(&[&arena[diff], &arena[var], &arena[dd], &arena[dv]])?.into_iter();
+        let mut out = read(g, &arena, &[diff, var, dd, dv])?;
         let (d, v, ddv, dvv) = (out.next().unwrap_or_default(), out.next().unwrap_or_default(), out.next().unwrap_or_default(), out.next().unwrap_or_default());
         Ok(((d, v, Some(Decorrelated { difference: ddv, variance: dvv, kernel: dk })), [diff, var, dd, dv]))
     })();

@@ -645,6 +645,20 @@ pub struct ResidentDifference {
 }
 
 impl ResidentDifference {
+    /// The planes into `diff`'s host planes (those [`crate::detect::al::subtract_al_on_device`]
+    /// left empty).
+    pub fn read_into(&self, gpu: &mut crate::gpu::GpuEngine, diff: &mut Difference) -> Result<(), crate::engine::EngineError> {
+        let mut planes = gpu.frame_read_all(&[&self.difference, &self.variance])?.into_iter();
+        diff.difference = planes.next().unwrap_or_default();
+        diff.variance = planes.next().unwrap_or_default();
+        if let (Some((d, v)), Some(dc)) = (&self.decorrelated, diff.decorrelated.as_mut()) {
+            let mut planes = gpu.frame_read_all(&[d, v])?.into_iter();
+            dc.difference = planes.next().unwrap_or_default();
+            dc.variance = planes.next().unwrap_or_default();
+        }
+        Ok(())
+    }
+
     pub fn release(self, gpu: &mut crate::gpu::GpuEngine) {
         gpu.frame_release(self.difference);
         gpu.frame_release(self.variance);
@@ -670,6 +684,41 @@ pub fn score_image_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: 
     let mut sc = out?;
     sc.psf_peak = plan.peak;
     Ok(sc)
+}
+
+/// `blink subtract`'s two products, made on the device from `planes` (those of `diff`) and only
+/// they read back: the decorrelated difference (the difference where there is none) with NaN
+/// where its variance is not positive, and the score ([`score_image_gpu`]'s) with NaN where the
+/// difference's variance is not positive or the score's error is not finite. The same pixels
+/// as the CLI makes from host planes, bit for bit
+/// (`frame_parity::resident_subtraction_moves_fewer_planes`).
+pub fn products_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine, planes: &ResidentDifference) -> Result<(Vec<f32>, Vec<f32>), crate::engine::EngineError> {
+    use crate::cpu::frame::Keep;
+    use crate::engine::EngineError;
+    let plan = score_plan(diff, psf).ok_or_else(|| EngineError::Gpu("this score has no GPU route".into()))?;
+    let (d, v) = match (plan.decorrelated, &planes.decorrelated) {
+        (true, Some((d, v))) => (d, v),
+        (true, None) => return Err(EngineError::Gpu("the decorrelated difference is not on the device".into())),
+        (false, _) => (&planes.difference, &planes.variance),
+    };
+    let s = gpu.frame_score(d, v, &plan.profile, plan.inflate)?;
+    let (dd, dv) = match &planes.decorrelated {
+        Some((d, v)) => (d, v),
+        None => (&planes.difference, &planes.variance),
+    };
+    let out = gpu.frame_copy(dd).and_then(|dp| {
+        let r = (|| {
+            gpu.frame_nan_unless(&dp, dv, Keep::Positive)?;
+            gpu.frame_nan_unless(&s.score, &planes.variance, Keep::Positive)?;
+            gpu.frame_nan_unless(&s.score, &s.flux_err, Keep::Finite)?;
+            let mut p = gpu.frame_read_all(&[&dp, &s.score])?.into_iter();
+            Ok((p.next().unwrap_or_default(), p.next().unwrap_or_default()))
+        })();
+        gpu.frame_release(dp);
+        r
+    });
+    gpu.frame_release_score(s);
+    out
 }
 
 /// What [`score_image_gpu`] filters, as [`score_image`] chooses it: the decorrelated planes or

@@ -412,11 +412,13 @@ fn bad_mask_matches_the_twin() {
 
 /// The resident chain (`prepare_gpu_resident`, `subtract_al_resident`,
 /// `score_image_gpu_resident`) gives what the chain through host planes gives, bit for bit, and
-/// uploads only the two images: the masks and cleaned planes are made on the device.
+/// uploads only the two images: the masks and cleaned planes are made on the device. So does
+/// `blink subtract`'s (`subtract_al_on_device`, `products_gpu_resident`), which reads back only
+/// the fit's planes and the two products.
 #[test]
 fn resident_subtraction_moves_fewer_planes() {
-    use blink::detect::al::{prepare_gpu, prepare_gpu_resident, subtract_al, subtract_al_resident};
-    use blink::detect::frame::{score_image_gpu, score_image_gpu_resident, FrameOptions};
+    use blink::detect::al::{prepare_gpu, prepare_gpu_resident, subtract_al, subtract_al_on_device, subtract_al_resident};
+    use blink::detect::frame::{products_gpu_resident, score_image_gpu, score_image_gpu_resident, FrameOptions};
     let test = "resident_subtraction_moves_fewer_planes";
     let Some(mut g) = gpu(test) else { return };
     let mut rng = seeded(test);
@@ -466,9 +468,30 @@ fn resident_subtraction_moves_fewer_planes() {
         // Uploads: the two images only, against ten planes through the host; read-backs: the
         // same (the fit's four planes and two saturation masks packed 32 pixels a word, the
         // four of the difference, the score's three).
+        // `blink subtract`'s path: the difference stays on the device and only its two products
+        // come back, the same pixels as made on the host from the planes read back.
+        let t3 = g.frame_traffic();
+        let (ps3, rs3) = prepare_gpu_resident(&mut g, &science, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let (pt3, rt3) = prepare_gpu_resident(&mut g, &template, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let (lean, planes3) = subtract_al_on_device(&science, &ps3, &rs3, &template, &pt3, &rt3, &opts, &mut g).unwrap_or_else(|e| panic!("{test}: on the device: {e}"));
+        let planes3 = planes3.unwrap_or_else(|| panic!("{test}: the subtraction on the device fell back on the CPU"));
+        assert!(lean.difference.is_empty() && lean.variance.is_empty(), "{test}: planes read back");
+        let (d_dev, z_dev) = products_gpu_resident(&lean, p, &mut g, &planes3).unwrap_or_else(|e| panic!("{test}: {what}: products: {e}"));
+        let t4 = g.frame_traffic();
+        for r in [rs3, rt3] {
+            r.release(&mut g);
+        }
+        planes3.release(&mut g);
+        let wd = want.decorrelated.as_ref().unwrap_or_else(|| panic!("{test}: no decorrelated difference"));
+        let d_host: Vec<f32> = (0..side * side).map(|i| if wd.variance[i] > 0.0 { wd.difference[i] } else { f32::NAN }).collect();
+        let z_host: Vec<f32> = (0..side * side).map(|i| if want.variance[i] > 0.0 && want_sc.flux_err[i].is_finite() { want_sc.score[i] } else { f32::NAN }).collect();
+        same("product D", &d_dev, &d_host);
+        same("product Z", &z_dev, &z_host);
+        let packed = (side * side).div_ceil(32) as u64 * 4;
+        assert_eq!(t4.uploaded - t3.uploaded, 2 * plane, "{test}: {what}: products: uploads");
+        assert_eq!(t4.read_back - t3.read_back, 6 * plane + 2 * packed, "{test}: {what}: products: {} planes read back", (t4.read_back - t3.read_back) as f64 / plane as f64);
         let (host_up, host_read) = (t1.uploaded - t0.uploaded, t1.read_back - t0.read_back);
         let (res_up, res_read) = (t2.uploaded - t1.uploaded, t2.read_back - t1.read_back);
-        let packed = (side * side).div_ceil(32) as u64 * 4;
         assert_eq!(res_up, 2 * plane, "{test}: {what}: the resident chain uploaded {} planes", res_up as f64 / plane as f64);
         assert_eq!(res_read, 11 * plane + 2 * packed, "{test}: {what}: the resident chain read {} planes back", res_read as f64 / plane as f64);
         assert!(host_up == 10 * plane && host_read == res_read, "{test}: {what}: through the host {} planes up, {} back", host_up as f64 / plane as f64, host_read as f64 / plane as f64);
@@ -493,4 +516,36 @@ fn packed_masks_come_back_whole() {
     assert_eq!(g.frame_traffic().read_back - t0, words.len() as u64 * 4, "{test}: bytes read back");
     let bad = (0..w * h).find(|&i| got[i] != mask[i]);
     assert!(got.len() == w * h && bad.is_none(), "{test}: {w}x{h}: pixel {bad:?} differs");
+}
+
+#[test]
+fn nan_unless_matches_the_twin() {
+    use blink::cpu::frame::Keep;
+    let test = "nan_unless_matches_the_twin";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let values: Vec<f32> = (0..W * H).map(|_| rng.gen_range(-50.0f32..50.0)).collect();
+    let guard: Vec<f32> = (0..W * H)
+        .map(|_| match rng.gen_range(0..12) {
+            0 => 0.0,
+            1 => -rng.gen_range(0.1f32..10.0),
+            2 => f32::NAN,
+            3 => f32::INFINITY,
+            4 => f32::NEG_INFINITY,
+            _ => rng.gen_range(1e-3f32..400.0),
+        })
+        .collect();
+    let pg = g.frame_upload(&guard, W, H).unwrap_or_else(|e| panic!("{e}"));
+    for keep in [Keep::Positive, Keep::Finite] {
+        let mut want = values.clone();
+        twin::nan_unless(&mut want, &guard, keep);
+        let pv = g.frame_upload(&values, W, H).unwrap_or_else(|e| panic!("{e}"));
+        g.frame_nan_unless(&pv, &pg, keep).unwrap_or_else(|e| panic!("{test}: {e}"));
+        let got = g.frame_read(&pv).unwrap_or_else(|e| panic!("{e}"));
+        let nans = want.iter().filter(|v| v.is_nan()).count();
+        assert!(nans > W * H / 20 && nans < W * H / 2, "{test}: {keep:?}: {nans} NaN: the guard does not test the kernel");
+        for i in 0..W * H {
+            assert!(got[i].to_bits() == want[i].to_bits() || (got[i].is_nan() && want[i].is_nan()), "{test}: {keep:?}: pixel {i}: guard {} gpu {} cpu {}", guard[i], got[i], want[i]);
+        }
+    }
 }

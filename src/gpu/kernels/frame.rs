@@ -11,8 +11,9 @@
 //!   ([`GpuEngine::frame_score`]);
 //! - `frame_assemble.wgsl`: an Alard–Lupton difference and its variance from resident planes
 //!   ([`GpuEngine::frame_al_difference`], [`GpuEngine::frame_al_variance`],
-//!   [`GpuEngine::frame_mask_zero`]), and the pixels a prepared image cannot use
-//!   ([`GpuEngine::frame_bad_mask`]); the frame convolution itself is `shaders/al/al_convolve.wgsl`
+//!   [`GpuEngine::frame_mask_zero`]), the pixels a prepared image cannot use
+//!   ([`GpuEngine::frame_bad_mask`]) and NaN on a product's masked pixels
+//!   ([`GpuEngine::frame_nan_unless`]); the frame convolution itself is `shaders/al/al_convolve.wgsl`
 //!   on resident planes ([`GpuEngine::frame_al_convolve`]).
 //!
 //! A frame is uploaded once as a [`GpuPlane`]; each call records its dispatches and submits
@@ -150,6 +151,7 @@ pub struct FramePipelines {
     al_difference: wgpu::ComputePipeline,
     al_variance: wgpu::ComputePipeline,
     bad_mask: wgpu::ComputePipeline,
+    nan_unless: wgpu::ComputePipeline,
     /// `al_convolve` on resident planes (its own layout), built on first use: it needs more
     /// workgroup memory than the rest.
     al: Option<(wgpu::BindGroupLayout, wgpu::ComputePipeline)>,
@@ -230,6 +232,7 @@ impl FramePipelines {
             al_difference: pipeline(&assemble, "al_difference"),
             al_variance: pipeline(&assemble, "al_variance"),
             bad_mask: pipeline(&assemble, "bad_mask"),
+            nan_unless: pipeline(&assemble, "nan_unless"),
             al: None,
             layout,
             dummy,
@@ -747,6 +750,15 @@ impl GpuEngine {
         Self::same_shape(p, &[mask])?;
         let (ctx, pl) = self.frame_parts()?;
         let step = Step { pipe: &pl.mask_zero, prm: FrameParams::new(p.width, p.height), taps: &[], bufs: [Some((&p.buf, p.bytes())), Some((&mask.buf, mask.bytes())), None, None], groups: pixel_groups(p.width, p.height) };
+        submit(ctx, pl, &[step])
+    }
+
+    /// `p = NaN` wherever `guard` fails `keep`, in place (twin `cpu::frame::nan_unless`).
+    pub fn frame_nan_unless(&mut self, p: &GpuPlane, guard: &GpuPlane, keep: crate::cpu::frame::Keep) -> Result<(), EngineError> {
+        Self::same_shape(p, &[guard])?;
+        let (ctx, pl) = self.frame_parts()?;
+        let prm = FrameParams { mode: keep as u32, ..FrameParams::new(p.width, p.height) };
+        let step = Step { pipe: &pl.nan_unless, prm, taps: &[], bufs: [Some((&p.buf, p.bytes())), None, Some((&guard.buf, guard.bytes())), None], groups: pixel_groups(p.width, p.height) };
         submit(ctx, pl, &[step])
     }
 
