@@ -148,8 +148,8 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let read = t0.elapsed();
     let t1 = Instant::now();
     let al_on = if a.method == "al" && engine.frame_gpu().is_some() { format!("Alard–Lupton on {}", engine.adapter()) } else if a.method == "al" { "Alard–Lupton on the CPU".to_string() } else { format!("Gaussian kernel on {}", engine.adapter()) };
-    // On a real GPU the prepared planes stay there through the subtraction and the score
-    // (`subtract_al_resident`): only what the fit and the outputs need crosses the bus.
+    // On a real GPU the prepared planes and the difference stay there through the score
+    // (`subtract_al_on_device`): only what the fit and the two products need crosses the bus.
     let mut resident = None;
     let mut diff = if a.method == "al" {
         let (ps, rs) = prepare_on_resident(engine.frame_gpu(), &science, &opts)?;
@@ -186,9 +186,9 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         None => crate::detect::psf::difference_psf(broad_img, diff.sigma_difference),
     };
     tracing::debug!(measured = broad_psf.is_none(), side = psf.as_ref().map(|p| p.side), "PSF of the difference");
-    // On a real GPU the score's correlations run there (the same routes, `score_image_gpu`).
-    // On the device, the two products are made there and only they come back
-    // (`products_gpu_resident`); else (or if that fails) from host planes, as below.
+    // With the difference on the device, the score and the two products are made there and only
+    // they come back (`products_gpu_resident`); else (or if that fails) from host planes below,
+    // the score's correlations still on a real GPU (`score_image_gpu`, the same routes).
     let on_device = match (engine.frame_gpu(), &resident) {
         (Some(g), Some(r)) => match crate::detect::frame::products_gpu_resident(&diff, psf.as_ref(), g, r) {
             Ok(p) => Some(p),
