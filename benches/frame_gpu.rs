@@ -164,7 +164,7 @@ fn bench(c: &mut Criterion) {
                 let (t, rt) = prepare_gpu_resident(&mut gpu, &template, &opts).expect("prepare");
                 let (dd, planes) = subtract_al_on_device(&science, &a, &ra, &template, &t, &rt, &opts, &mut gpu).expect("subtract");
                 let planes = planes.expect("the subtraction stayed on the GPU");
-                let (d, z) = products_gpu_resident(&dd, psf.as_ref(), &mut gpu, &planes).expect("products");
+                let (d, z) = products_gpu_resident(&dd, psf.as_ref(), &mut gpu, &planes).expect("products").expect("a GPU route");
                 for r in [ra, rt] {
                     r.release(&mut gpu);
                 }

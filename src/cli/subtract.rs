@@ -190,14 +190,19 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     // they come back (`products_gpu_resident`); else (or if that fails) from host planes below,
     // the score's correlations still on a real GPU (`score_image_gpu`, the same routes).
     let on_device = match (engine.frame_gpu(), &resident) {
-        (Some(g), Some(r)) => match crate::detect::frame::products_gpu_resident(&diff, psf.as_ref(), g, r) {
-            Ok(p) => Some(p),
-            Err(e) => {
+        (Some(g), Some(r)) => {
+            let made = crate::detect::frame::products_gpu_resident(&diff, psf.as_ref(), g, r);
+            if let Err(e) = &made {
                 tracing::warn!("the score image on the GPU failed ({e}); on the CPU");
-                r.read_into(g, &mut diff).map_err(|e| anyhow::anyhow!("reading the difference back from the GPU: {e}"))?;
-                None
             }
-        },
+            match made {
+                Ok(Some(p)) => Some(p),
+                _ => {
+                    r.read_into(g, &mut diff).map_err(|e| anyhow::anyhow!("reading the difference back from the GPU: {e}"))?;
+                    None
+                }
+            }
+        }
         _ => None,
     };
     if let Some(g) = engine.frame_gpu() {

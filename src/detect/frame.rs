@@ -691,11 +691,12 @@ pub fn score_image_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: 
 /// where its variance is not positive, and the score ([`score_image_gpu`]'s) with NaN where the
 /// difference's variance is not positive or the score's error is not finite. The same pixels
 /// as the CLI makes from host planes, bit for bit
-/// (`frame_parity::resident_subtraction_moves_fewer_planes`).
-pub fn products_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine, planes: &ResidentDifference) -> Result<(Vec<f32>, Vec<f32>), crate::engine::EngineError> {
+/// (`frame_parity::resident_subtraction_moves_fewer_planes`). `Ok(None)` where this score has
+/// no GPU route (as [`score_image_gpu`] then scores on the CPU): read the planes back.
+pub fn products_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine, planes: &ResidentDifference) -> Result<Option<(Vec<f32>, Vec<f32>)>, crate::engine::EngineError> {
     use crate::cpu::frame::Keep;
     use crate::engine::EngineError;
-    let plan = score_plan(diff, psf).ok_or_else(|| EngineError::Gpu("this score has no GPU route".into()))?;
+    let Some(plan) = score_plan(diff, psf) else { return Ok(None) };
     let (d, v) = match (plan.decorrelated, &planes.decorrelated) {
         (true, Some((d, v))) => (d, v),
         (true, None) => return Err(EngineError::Gpu("the decorrelated difference is not on the device".into())),
@@ -718,7 +719,7 @@ pub fn products_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: &mu
         r
     });
     gpu.frame_release_score(s);
-    out
+    out.map(Some)
 }
 
 /// What [`score_image_gpu`] filters, as [`score_image`] chooses it: the decorrelated planes or

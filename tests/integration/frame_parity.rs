@@ -476,7 +476,7 @@ fn resident_subtraction_moves_fewer_planes() {
         let (lean, planes3) = subtract_al_on_device(&science, &ps3, &rs3, &template, &pt3, &rt3, &opts, &mut g).unwrap_or_else(|e| panic!("{test}: on the device: {e}"));
         let planes3 = planes3.unwrap_or_else(|| panic!("{test}: the subtraction on the device fell back on the CPU"));
         assert!(lean.difference.is_empty() && lean.variance.is_empty(), "{test}: planes read back");
-        let (d_dev, z_dev) = products_gpu_resident(&lean, p, &mut g, &planes3).unwrap_or_else(|e| panic!("{test}: {what}: products: {e}"));
+        let (d_dev, z_dev) = products_gpu_resident(&lean, p, &mut g, &planes3).unwrap_or_else(|e| panic!("{test}: {what}: products: {e}")).unwrap_or_else(|| panic!("{test}: {what}: no GPU route"));
         let t4 = g.frame_traffic();
         for r in [rs3, rt3] {
             r.release(&mut g);
