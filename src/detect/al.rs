@@ -515,14 +515,12 @@ fn grow(mask: &[bool], w: usize, h: usize, r: i64) -> Vec<bool> {
 
 /// [`prepare_gpu`] where `gpu` is given (a real GPU: `Engine::frame_gpu`), falling back on
 /// [`Prepared::new`] with a warning if it fails; [`Prepared::new`] without one.
-pub fn prepare_on(gpu: Option<&mut GpuEngine>, img: &Image, opts: &FrameOptions) -> Result<Prepared, DetectError> {
-    if let Some(g) = gpu {
-        match prepare_gpu(g, img, opts) {
-            Ok(p) => return Ok(p),
-            Err(e) => tracing::warn!(file = %img.path.display(), "preparing the image on the GPU failed ({e}); on the CPU"),
-        }
+pub fn prepare_on(mut gpu: Option<&mut GpuEngine>, img: &Image, opts: &FrameOptions) -> Result<Prepared, DetectError> {
+    let (p, planes) = prepare_on_resident(gpu.as_deref_mut(), img, opts)?;
+    if let (Some(r), Some(g)) = (planes, gpu) {
+        r.release(g);
     }
-    Prepared::new(img, opts)
+    Ok(p)
 }
 
 /// [`prepare_on`], keeping the planes on the GPU where it prepared them there

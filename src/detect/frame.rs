@@ -659,6 +659,16 @@ impl ResidentDifference {
         Ok(())
     }
 
+    /// The matched filter of the planes `plan` names, on the device.
+    fn score(&self, gpu: &mut crate::gpu::GpuEngine, plan: &ScorePlan) -> Result<crate::gpu::kernels::frame::GpuScore, crate::engine::EngineError> {
+        let (d, v) = match (plan.decorrelated, &self.decorrelated) {
+            (true, Some((d, v))) => (d, v),
+            (true, None) => return Err(crate::engine::EngineError::Gpu("the decorrelated difference is not on the device".into())),
+            (false, _) => (&self.difference, &self.variance),
+        };
+        gpu.frame_score(d, v, &plan.profile, plan.inflate)
+    }
+
     pub fn release(self, gpu: &mut crate::gpu::GpuEngine) {
         gpu.frame_release(self.difference);
         gpu.frame_release(self.variance);
@@ -673,12 +683,7 @@ impl ResidentDifference {
 /// uploaded; the score, flux and error planes are read back.
 pub fn score_image_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine, planes: &ResidentDifference) -> Result<ScoreImage, crate::engine::EngineError> {
     let Some(plan) = score_plan(diff, psf) else { return Ok(score_image(diff, psf)) };
-    let (d, v) = match (plan.decorrelated, &planes.decorrelated) {
-        (true, Some((d, v))) => (d, v),
-        (true, None) => return Err(crate::engine::EngineError::Gpu("the decorrelated difference is not on the device".into())),
-        (false, _) => (&planes.difference, &planes.variance),
-    };
-    let s = gpu.frame_score(d, v, &plan.profile, plan.inflate)?;
+    let s = planes.score(gpu, &plan)?;
     let out = gpu.frame_read_score(&s);
     gpu.frame_release_score(s);
     let mut sc = out?;
@@ -695,14 +700,8 @@ pub fn score_image_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: 
 /// no GPU route (as [`score_image_gpu`] then scores on the CPU): read the planes back.
 pub fn products_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine, planes: &ResidentDifference) -> Result<Option<(Vec<f32>, Vec<f32>)>, crate::engine::EngineError> {
     use crate::cpu::frame::Keep;
-    use crate::engine::EngineError;
     let Some(plan) = score_plan(diff, psf) else { return Ok(None) };
-    let (d, v) = match (plan.decorrelated, &planes.decorrelated) {
-        (true, Some((d, v))) => (d, v),
-        (true, None) => return Err(EngineError::Gpu("the decorrelated difference is not on the device".into())),
-        (false, _) => (&planes.difference, &planes.variance),
-    };
-    let s = gpu.frame_score(d, v, &plan.profile, plan.inflate)?;
+    let s = planes.score(gpu, &plan)?;
     let (dd, dv) = match &planes.decorrelated {
         Some((d, v)) => (d, v),
         None => (&planes.difference, &planes.variance),
