@@ -691,6 +691,9 @@ pub fn score_image_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: 
     Ok(sc)
 }
 
+/// `blink subtract`'s two products: the difference D and the score Z, NaN where masked.
+pub type Products = (Vec<f32>, Vec<f32>);
+
 /// `blink subtract`'s two products, made on the device from `planes` (those of `diff`) and only
 /// they read back: the decorrelated difference (the difference where there is none) with NaN
 /// where its variance is not positive, and the score ([`score_image_gpu`]'s) with NaN where the
@@ -698,7 +701,7 @@ pub fn score_image_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: 
 /// as the CLI makes from host planes, bit for bit
 /// (`frame_parity::resident_subtraction_moves_fewer_planes`). `Ok(None)` where this score has
 /// no GPU route (as [`score_image_gpu`] then scores on the CPU): read the planes back.
-pub fn products_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine, planes: &ResidentDifference) -> Result<Option<(Vec<f32>, Vec<f32>)>, crate::engine::EngineError> {
+pub fn products_gpu_resident(diff: &Difference, psf: Option<&PsfImage>, gpu: &mut crate::gpu::GpuEngine, planes: &ResidentDifference) -> Result<Option<Products>, crate::engine::EngineError> {
     use crate::cpu::frame::Keep;
     let Some(plan) = score_plan(diff, psf) else { return Ok(None) };
     let s = planes.score(gpu, &plan)?;
