@@ -41,7 +41,7 @@ pub mod zogy;
 
 pub use basis::{Basis, BasisOptions};
 pub use solve::{fit, fit_with, CpuGrams, FitOptions, GramInput, KernelSolution, StampFit, StampGram, StampGrams};
-pub use stamps::{select_stamps, Stamp, StampOptions};
+pub use stamps::{select_stamps, Plane, Planes, Squares, Stamp, StampOptions, StampSource};
 
 /// What can stop the fit. None of these is a panic: bad input is reported with its numbers.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -180,28 +180,37 @@ pub fn spatial_order_for(wanted: usize, stamps: usize) -> usize {
 /// [`fit_kernel`] with the stamps' convolutions and Gram sums from `grams` (a `GpuEngine`).
 pub fn fit_kernel_with(pair: &Pair, sigma_science: f64, sigma_template: f64, opts: &Options, grams: &mut dyn solve::StampGrams) -> Result<KernelSolution, SubtractError> {
     pair.check()?;
+    fit_kernel_from(&mut { *pair }, sigma_science, sigma_template, opts, grams)
+}
+
+/// [`fit_kernel_with`] on the stars of `src`: a [`Pair`]'s, or those a GPU finds on planes it
+/// keeps (`detect::al`), which then sends back only their squares. The same stars and pixels
+/// give the same kernel, bit for bit.
+pub fn fit_kernel_from(src: &mut dyn StampSource, sigma_science: f64, sigma_template: f64, opts: &Options, grams: &mut dyn solve::StampGrams) -> Result<KernelSolution, SubtractError> {
     let basis = Basis::from_seeing(sigma_template, sigma_science, &opts.basis)?;
-    if wants_wide(pair, basis.half, sigma_science, opts) {
+    if wants_wide(src, basis.half, sigma_science, opts)? {
         // The wide kernel needs stars isolated over a larger box; where too few are, the
         // three-Gaussian kernel is fitted as without the wings (a frame with a handful of
         // stars failed the fit outright otherwise).
         let wide = Basis::from_seeing_wide(sigma_template, sigma_science, &opts.basis)?;
-        match fit_on(pair, &wide, opts, grams) {
+        match fit_on(src, &wide, opts, grams) {
             Err(SubtractError::TooFewStamps { found, needed, .. }) => {
                 tracing::debug!(found, needed, "AL: too few stamps for the wide kernel; three Gaussians");
             }
             done => return done,
         }
     }
-    fit_on(pair, &basis, opts, grams)
+    fit_on(src, &basis, opts, grams)
 }
 
 /// The fit of `basis` on the stamps selected for its half-width.
-fn fit_on(pair: &Pair, basis: &Basis, opts: &Options, grams: &mut dyn solve::StampGrams) -> Result<KernelSolution, SubtractError> {
-    let stamps = select_stamps(pair, basis.half, &opts.stamps);
+fn fit_on(src: &mut dyn StampSource, basis: &Basis, opts: &Options, grams: &mut dyn solve::StampGrams) -> Result<KernelSolution, SubtractError> {
+    let stamps = src.select(basis.half, &opts.stamps)?;
     let mut fit = opts.fit.clone();
     fit.spatial_order = spatial_order_for(fit.spatial_order, stamps.len());
-    solve::fit_with(pair, basis, &stamps, &fit, grams)
+    let reach = basis.half + opts.stamps.margin + basis.half;
+    let planes = src.around(&stamps, reach)?;
+    solve::fit_with(&*planes, basis, &stamps, &fit, grams)
 }
 
 /// Whether the kernel needs the wide Gaussian ([`BasisOptions::wide_factor`]): the broad image's
@@ -214,16 +223,17 @@ fn fit_on(pair: &Pair, basis: &Basis, opts: &Options, grams: &mut dyn solve::Sta
 /// a ring of −5 to −7σ away, but on every pair it was measured to cost the simulated night
 /// (`BasisOptions::sigma_factors`), whose stars are too faint for a ring: the test measured at
 /// most 0.43 there, 2.9 on the harness pair with the ring, 1.1–1.3 on the pairs next to it.
-fn wants_wide(pair: &Pair, half: usize, sigma_broad: f64, opts: &Options) -> bool {
+fn wants_wide(src: &mut dyn StampSource, half: usize, sigma_broad: f64, opts: &Options) -> Result<bool, SubtractError> {
     if !opts.basis.wide_min_ring_snr.is_finite() {
-        return false;
+        return Ok(false);
     }
     let (r_in, r_out) = (half as f64, half as f64 + WING_ANNULUS);
-    let stars = select_stamps(pair, (r_out as usize).saturating_sub(opts.stamps.margin).max(1), &opts.stamps);
-    let wings = stamps::wings(pair, &stars, r_in, r_out, sigma_broad);
+    let stars = src.select((r_out as usize).saturating_sub(opts.stamps.margin).max(1), &opts.stamps)?;
+    let planes = src.around(&stars, r_out.ceil() as usize)?;
+    let wings = stamps::wings(&*planes, &stars, r_in, r_out, sigma_broad);
     let wide = wings.is_some_and(|g| g.ring_snr >= opts.basis.wide_min_ring_snr);
     tracing::debug!(?wings, half, wide, "AL: wing test");
-    wide
+    Ok(wide)
 }
 
 /// Width of the annulus beyond the kernel's half-width where [`wants_wide`] looks for wings, px.

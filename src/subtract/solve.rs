@@ -19,8 +19,8 @@
 //! noise, so a set of equally good stamps loses none to a tiny MAD).
 
 use super::basis::{pad_clamped, Basis, Scratch};
-use super::stamps::Stamp;
-use super::{monomials, normalised, spatial_terms, Pair, SubtractError};
+use super::stamps::{Plane, Planes, Stamp};
+use super::{monomials, normalised, spatial_terms, SubtractError};
 
 /// How the kernel is fitted.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,8 +147,8 @@ struct StampData {
 
 impl StampData {
     /// `None` when anything the stamp uses is missing, non-finite or off the frame.
-    fn new(pair: &Pair, basis: &Basis, stamp: &Stamp, background_order: usize) -> Option<StampData> {
-        let (w, hgt, kh, r) = (pair.width, pair.height, basis.half, stamp.half);
+    fn new(pair: &dyn Planes, basis: &Basis, stamp: &Stamp, background_order: usize) -> Option<StampData> {
+        let ((w, hgt), kh, r) = (pair.size(), basis.half, stamp.half);
         let reach = r + kh;
         if stamp.x < reach || stamp.y < reach || stamp.x + reach >= w || stamp.y + reach >= hgt {
             return None;
@@ -158,19 +158,23 @@ impl StampData {
         let (x0, y0) = (stamp.x - reach, stamp.y - reach);
         let mut cut = Vec::with_capacity(cside * cside);
         for yy in y0..y0 + cside {
-            cut.extend_from_slice(&pair.template[yy * w + x0..yy * w + x0 + cside]);
+            cut.extend_from_slice(pair.row(Plane::Template, x0, yy, cside)?);
         }
         if cut.iter().any(|v| !v.is_finite()) {
             return None;
         }
         let npix = side * side;
         let (sx0, sy0) = (stamp.x - r, stamp.y - r);
-        let grab = |img: &[f32]| -> Vec<f64> {
-            (sy0..sy0 + side).flat_map(|yy| img[yy * w + sx0..yy * w + sx0 + side].iter().map(|&v| v as f64)).collect()
+        let grab = |p: Plane| -> Option<Vec<f64>> {
+            let mut v = Vec::with_capacity(npix);
+            for yy in sy0..sy0 + side {
+                v.extend(pair.row(p, sx0, yy, side)?.iter().map(|&v| v as f64));
+            }
+            Some(v)
         };
-        let sci = grab(pair.science);
-        let sci_var = grab(pair.science_variance);
-        let tmpl_var = pair.template_variance.map(grab);
+        let sci = grab(Plane::Science)?;
+        let sci_var = grab(Plane::ScienceVariance)?;
+        let tmpl_var = if pair.has_template_variance() { Some(grab(Plane::TemplateVariance)?) } else { None };
         if sci.iter().any(|v| !v.is_finite())
             || sci_var.iter().any(|v| !(v.is_finite() && *v > 0.0))
             || tmpl_var.as_ref().is_some_and(|t| t.iter().any(|v| !(v.is_finite() && *v >= 0.0)))
@@ -576,13 +580,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Fit the kernel of `pair` on `stamps` with `basis`.
-pub fn fit(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions) -> Result<KernelSolution, SubtractError> {
+pub fn fit(pair: &dyn Planes, basis: &Basis, stamps: &[Stamp], opts: &FitOptions) -> Result<KernelSolution, SubtractError> {
     fit_with(pair, basis, stamps, opts, &mut CpuGrams)
 }
 
 /// [`fit`] with the per-stamp convolutions and Gram sums computed by `grams` (e.g. a
 /// `GpuEngine`); the normal equations are assembled and solved in f64 on the CPU either way.
-pub fn fit_with(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions, grams: &mut dyn StampGrams) -> Result<KernelSolution, SubtractError> {
+pub fn fit_with(pair: &dyn Planes, basis: &Basis, stamps: &[Stamp], opts: &FitOptions, grams: &mut dyn StampGrams) -> Result<KernelSolution, SubtractError> {
     pair.check()?;
     if !(opts.clip_sigma.is_finite() && opts.clip_sigma > 0.0) {
         return Err(SubtractError::NonFinite { what: format!("clip_sigma {}", opts.clip_sigma) });
@@ -609,7 +613,7 @@ pub fn fit_with(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions,
     let mut chi2: Vec<f64> = vec![f64::NAN; data.len()];
     let mut chi2_core: Vec<f64> = vec![f64::NAN; data.len()];
     let max_it = opts.max_iterations.max(1);
-    let mut reweighted = pair.template_variance.is_none();
+    let mut reweighted = !pair.has_template_variance();
     let mut iterations = 0;
     let (x, ridge) = loop {
         iterations += 1;
@@ -686,7 +690,7 @@ pub fn fit_with(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions,
         if !reweighted {
             // The template's noise, convolved, adds ΣK² × its variance (at the pixel: the
             // template variance varies slowly against the kernel, except on the star itself).
-            let sol = unpack(basis, pair.width, pair.height, opts, &lay, &x);
+            let sol = unpack(basis, pair.size().0, pair.size().1, opts, &lay, &x);
             for d in &mut data {
                 let (xx, yy) = (d.stamp.x as f64, d.stamp.y as f64);
                 let s2: f64 = sol.kernel_at(xx, yy).iter().map(|v| v * v).sum();
@@ -696,7 +700,7 @@ pub fn fit_with(pair: &Pair, basis: &Basis, stamps: &[Stamp], opts: &FitOptions,
             reweighted = true;
         }
     };
-    let mut sol = unpack(basis, pair.width, pair.height, opts, &lay, &x);
+    let mut sol = unpack(basis, pair.size().0, pair.size().1, opts, &lay, &x);
     let (mut num, mut den) = (0.0, 0.0);
     for ((d, c), r) in data.iter().zip(&chi2).zip(&rejected) {
         if r.is_none() {
@@ -1036,7 +1040,7 @@ pub(crate) mod tests_support {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{fit_kernel, select_stamps, test_gaussians as gaussians, Options, StampOptions};
+    use super::super::{fit_kernel, select_stamps, test_gaussians as gaussians, Options, Pair, StampOptions};
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_distr::{Distribution, Normal};

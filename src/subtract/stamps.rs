@@ -7,7 +7,7 @@
 //! radius. Its template cutout is `h` wider again. A stamp is skipped when any pixel it uses is
 //! NaN, at or above saturation, or has a variance that is not positive.
 
-use super::Pair;
+use super::{Pair, SubtractError};
 
 /// How stamps are chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,25 +69,78 @@ fn all_in(data: &[f32], w: usize, x: usize, y: usize, r: usize, ok: impl Fn(f32)
 /// their whole stamp (no brighter neighbour), at least `min_peak_sigma` sky σ high, not a hot
 /// pixel or a cosmic ray (each of the four neighbours above a quarter of the peak), with the
 /// template cutout inside the frame and every pixel usable. In raster order of the cells.
+///
+/// In three steps the GPU repeats on planes it keeps (`detect::al`'s device stamps): the sky
+/// and the floor from a sample of the template ([`StampScan`]), every pixel that passes
+/// ([`stamp_candidates`], twin of `shaders/frame/frame_stamps.wgsl`), the brightest per cell
+/// ([`pick_per_cell`]).
 pub fn select_stamps(pair: &Pair, kernel_half: usize, opts: &StampOptions) -> Vec<Stamp> {
     let (w, h) = (pair.width, pair.height);
-    let r = kernel_half + opts.margin;
-    let reach = r + kernel_half;
-    if pair.check().is_err() || w <= 2 * reach + 2 || h <= 2 * reach + 2 || opts.grid == 0 || opts.per_cell == 0 {
+    let Some(step) = scan_step(w, h, kernel_half, opts) else { return Vec::new() };
+    if pair.check().is_err() {
         return Vec::new();
     }
+    let Some(scan) = StampScan::new(kernel_half, opts, pair.template.iter().step_by(step).copied().collect()) else { return Vec::new() };
+    pick_per_cell(&stamp_candidates(pair, &scan), w, h, &scan, opts)
+}
+
+/// The stride of the template sample [`StampScan::new`] takes its sky from (about 200 000
+/// pixels), or `None` where [`select_stamps`] finds nothing on a `w × h` frame (the stamps'
+/// reach does not fit, or no cell or no star per cell is asked for).
+pub fn scan_step(w: usize, h: usize, kernel_half: usize, opts: &StampOptions) -> Option<usize> {
+    let reach = 2 * kernel_half + opts.margin;
+    if w <= 2 * reach + 2 || h <= 2 * reach + 2 || opts.grid == 0 || opts.per_cell == 0 {
+        return None;
+    }
+    Some((w * h / 200_000).max(1))
+}
+
+/// What [`stamp_candidates`] looks for: stars of stamp half-side `r` whose template cutout
+/// reaches `reach` (`r` plus the kernel's half-width), peaking above `floor` (the sky plus
+/// `min_peak_sigma` sky σ) and below the saturation levels (`+∞` where none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StampScan {
+    pub r: usize,
+    pub reach: usize,
+    pub sky: f32,
+    pub floor: f32,
+    pub saturate_template: f32,
+    pub saturate_science: f32,
+}
+
+impl StampScan {
+    /// From `sample`, the template taken every [`scan_step`] pixels from the first; `None`
+    /// without a finite value in it.
+    pub fn new(kernel_half: usize, opts: &StampOptions, sample: Vec<f32>) -> Option<StampScan> {
+        let (sky, sigma) = robust_stats(sample)?;
+        let r = kernel_half + opts.margin;
+        Some(StampScan {
+            r,
+            reach: r + kernel_half,
+            sky,
+            floor: sky + opts.min_peak_sigma as f32 * sigma.max(f32::MIN_POSITIVE),
+            saturate_template: opts.saturate_template.unwrap_or(f32::INFINITY),
+            saturate_science: opts.saturate_science.unwrap_or(f32::INFINITY),
+        })
+    }
+}
+
+/// Every pixel of `pair`'s template that [`select_stamps`] would take if its cell had no
+/// brighter one, in raster order, as (pixel index, template value). The CPU twin of the
+/// `stamp_peaks` and `stamp_usable` kernels (`shaders/frame/frame_stamps.wgsl`).
+pub fn stamp_candidates(pair: &Pair, scan: &StampScan) -> Vec<(usize, f32)> {
+    let (w, h) = (pair.width, pair.height);
+    let (r, reach) = (scan.r, scan.reach);
     let t = pair.template;
-    let step = (w * h / 200_000).max(1);
-    let Some((sky, sigma)) = robust_stats(t.iter().step_by(step).copied().collect()) else { return Vec::new() };
-    let floor = sky + opts.min_peak_sigma as f32 * sigma.max(f32::MIN_POSITIVE);
-    let sat_t = opts.saturate_template.unwrap_or(f32::INFINITY);
-    let sat_s = opts.saturate_science.unwrap_or(f32::INFINITY);
-    let (gw, gh) = (w.div_ceil(opts.grid), h.div_ceil(opts.grid));
-    let mut cells: Vec<Vec<Stamp>> = vec![Vec::new(); opts.grid * opts.grid];
+    let (sat_t, sat_s, sky) = (scan.saturate_template, scan.saturate_science, scan.sky);
+    let mut out = Vec::new();
+    if w <= 2 * reach || h <= 2 * reach {
+        return out;
+    }
     for y in reach..h - reach {
         for x in reach..w - reach {
             let v = t[y * w + x];
-            if !(v > floor && v < sat_t) {
+            if !(v > scan.floor && v < sat_t) {
                 continue;
             }
             // The peak of its stamp, ties broken by raster order.
@@ -107,10 +160,26 @@ pub fn select_stamps(pair: &Pair, kernel_half: usize, opts: &StampOptions) -> Ve
                 && all_in(pair.science_variance, w, x, y, r, |u| u.is_finite() && u > 0.0)
                 && pair.template_variance.is_none_or(|tv| all_in(tv, w, x, y, r, |u| u.is_finite() && u >= 0.0));
             if usable {
-                let cell = (y / gh).min(opts.grid - 1) * opts.grid + (x / gw).min(opts.grid - 1);
-                cells[cell].push(Stamp { x, y, half: r, peak: v - sky });
+                out.push((y * w + x, v));
             }
         }
+    }
+    out
+}
+
+/// The `per_cell` brightest of `candidates` (raster order, as [`stamp_candidates`] gives them)
+/// in each of the `grid × grid` cells of a `w × h` frame, ties to the first; in raster order of
+/// the cells.
+pub fn pick_per_cell(candidates: &[(usize, f32)], w: usize, h: usize, scan: &StampScan, opts: &StampOptions) -> Vec<Stamp> {
+    if opts.grid == 0 || w == 0 {
+        return Vec::new();
+    }
+    let (gw, gh) = (w.div_ceil(opts.grid), h.div_ceil(opts.grid));
+    let mut cells: Vec<Vec<Stamp>> = vec![Vec::new(); opts.grid * opts.grid];
+    for &(i, v) in candidates {
+        let (x, y) = (i % w, i / w);
+        let cell = (y / gh).min(opts.grid - 1) * opts.grid + (x / gw).min(opts.grid - 1);
+        cells[cell].push(Stamp { x, y, half: scan.r, peak: v - scan.sky });
     }
     let mut out = Vec::new();
     for mut c in cells {
@@ -118,6 +187,162 @@ pub fn select_stamps(pair: &Pair, kernel_half: usize, opts: &StampOptions) -> Ve
         out.extend(c.into_iter().take(opts.per_cell));
     }
     out
+}
+
+/// One of the four planes of a pair, as [`Planes`] names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    Science,
+    Template,
+    ScienceVariance,
+    TemplateVariance,
+}
+
+impl Plane {
+    pub const ALL: [Plane; 4] = [Plane::Science, Plane::Template, Plane::ScienceVariance, Plane::TemplateVariance];
+}
+
+/// What the fit reads of a pair: rows of its planes around the stars. A [`Pair`] holds whole
+/// planes; [`Squares`] only the squares around some stars (cut on a GPU that keeps the planes,
+/// so a 4096² fit reads a few MB instead of four 67 MB planes).
+pub trait Planes {
+    /// The frame's width and height.
+    fn size(&self) -> (usize, usize);
+    fn has_template_variance(&self) -> bool;
+    /// Pixels `x0 .. x0 + len` of row `y` of `plane`; `None` where they are not held.
+    fn row(&self, plane: Plane, x0: usize, y: usize, len: usize) -> Option<&[f32]>;
+    /// Whether the planes are consistent (the sizes of a [`Pair`]'s buffers).
+    fn check(&self) -> Result<(), SubtractError> {
+        Ok(())
+    }
+}
+
+impl Planes for Pair<'_> {
+    fn size(&self) -> (usize, usize) {
+        (self.width, self.height)
+    }
+
+    fn has_template_variance(&self) -> bool {
+        self.template_variance.is_some()
+    }
+
+    fn row(&self, plane: Plane, x0: usize, y: usize, len: usize) -> Option<&[f32]> {
+        let p = match plane {
+            Plane::Science => self.science,
+            Plane::Template => self.template,
+            Plane::ScienceVariance => self.science_variance,
+            Plane::TemplateVariance => self.template_variance?,
+        };
+        if x0 + len > self.width || y >= self.height {
+            return None;
+        }
+        p.get(y * self.width + x0..y * self.width + x0 + len)
+    }
+
+    fn check(&self) -> Result<(), SubtractError> {
+        Pair::check(self)
+    }
+}
+
+/// Squares of half-side `half` around stars, of the four planes of a `width × height` pair
+/// (NaN off the frame): all a fit on those stars reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Squares {
+    pub width: usize,
+    pub height: usize,
+    pub half: usize,
+    /// The squares' centres (x, y).
+    pub centres: Vec<(usize, usize)>,
+    /// Per plane (in [`Plane::ALL`]'s order) the squares one after the other, row by row;
+    /// the template variance's empty when the pair has none.
+    pub data: [Vec<f32>; 4],
+}
+
+impl Squares {
+    /// Cut from the whole planes of `pair` (the CPU twin of the `stamp_squares` kernel).
+    pub fn from_pair(pair: &Pair, centres: &[(usize, usize)], half: usize) -> Squares {
+        let (w, h) = (pair.width, pair.height);
+        let side = 2 * half + 1;
+        let cut = |p: &[f32]| {
+            let mut out = Vec::with_capacity(centres.len() * side * side);
+            for &(cx, cy) in centres {
+                for sy in 0..side {
+                    for sx in 0..side {
+                        let (x, y) = ((cx + sx) as i64 - half as i64, (cy + sy) as i64 - half as i64);
+                        let inside = x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h;
+                        out.push(if inside { p[y as usize * w + x as usize] } else { f32::NAN });
+                    }
+                }
+            }
+            out
+        };
+        Squares {
+            width: w,
+            height: h,
+            half,
+            centres: centres.to_vec(),
+            data: [cut(pair.science), cut(pair.template), cut(pair.science_variance), pair.template_variance.map(cut).unwrap_or_default()],
+        }
+    }
+
+    fn side(&self) -> usize {
+        2 * self.half + 1
+    }
+}
+
+impl Planes for Squares {
+    fn size(&self) -> (usize, usize) {
+        (self.width, self.height)
+    }
+
+    fn has_template_variance(&self) -> bool {
+        !self.data[3].is_empty()
+    }
+
+    /// From the first square that holds the whole run.
+    fn row(&self, plane: Plane, x0: usize, y: usize, len: usize) -> Option<&[f32]> {
+        let (half, side) = (self.half, self.side());
+        let data = &self.data[Plane::ALL.iter().position(|p| *p == plane)?];
+        let k = self.centres.iter().position(|&(cx, cy)| y + half >= cy && y <= cy + half && x0 + half >= cx && x0 + len <= cx + half + 1)?;
+        let (cx, cy) = self.centres[k];
+        let at = k * side * side + (y + half - cy) * side + (x0 + half - cx);
+        data.get(at..at + len)
+    }
+
+    fn check(&self) -> Result<(), SubtractError> {
+        let want = self.centres.len() * self.side() * self.side();
+        match self.data.iter().enumerate().find(|(i, d)| d.len() != want && !(*i == 3 && d.is_empty())) {
+            Some((i, d)) => Err(SubtractError::Shape { what: format!("{:?} squares hold {} values, {want} expected", Plane::ALL[i], d.len()) }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a fit's stars and their pixels come from ([`crate::subtract::fit_kernel_from`]): a
+/// [`Pair`] of whole planes on the host, or planes kept on a GPU that finds the stars there
+/// and sends back only their squares.
+pub trait StampSource {
+    /// The frame's width and height.
+    fn size(&self) -> (usize, usize);
+    /// [`select_stamps`]'s stamps.
+    fn select(&mut self, kernel_half: usize, opts: &StampOptions) -> Result<Vec<Stamp>, SubtractError>;
+    /// The planes around `stamps` out to `half` pixels from each centre: what the fit on those
+    /// stamps reads.
+    fn around(&mut self, stamps: &[Stamp], half: usize) -> Result<Box<dyn Planes + '_>, SubtractError>;
+}
+
+impl StampSource for Pair<'_> {
+    fn size(&self) -> (usize, usize) {
+        (self.width, self.height)
+    }
+
+    fn select(&mut self, kernel_half: usize, opts: &StampOptions) -> Result<Vec<Stamp>, SubtractError> {
+        Ok(select_stamps(self, kernel_half, opts))
+    }
+
+    fn around(&mut self, _stamps: &[Stamp], _half: usize) -> Result<Box<dyn Planes + '_>, SubtractError> {
+        Ok(Box::new(*self))
+    }
 }
 
 /// The broad image's light beyond the kernel, against the sharp image's, measured on stars:
@@ -137,35 +362,47 @@ pub struct Wings {
     pub ring_snr: f64,
 }
 
-/// [`Wings`] of `pair` (`science` the broad image, `template` the sharp one) on `stamps`: per
+/// [`Wings`] of `pair` (`science` the broad image, `template` the sharp one) on `stamps` (what
+/// it reads: the squares of half-side `⌈r_out⌉` around them): per
 /// star the light within `r_in` (the core) and in the annulus `r_in ≤ r < r_out` of both
 /// images, sky already subtracted. `None` without a star whose core is positive in both.
-pub fn wings(pair: &Pair, stamps: &[Stamp], r_in: f64, r_out: f64, sigma_broad: f64) -> Option<Wings> {
-    let (w, h) = (pair.width, pair.height);
+pub fn wings(pair: &dyn Planes, stamps: &[Stamp], r_in: f64, r_out: f64, sigma_broad: f64) -> Option<Wings> {
+    let (w, h) = pair.size();
     if pair.check().is_err() || !(r_in > 0.0 && r_out > r_in && sigma_broad > 0.0) {
         return None;
     }
     let sum_p2 = 1.0 / (4.0 * std::f64::consts::PI * sigma_broad * sigma_broad);
     let reach = r_out.ceil() as usize;
+    let side = 2 * reach + 1;
     let mut per: Vec<(f64, f64)> = Vec::new();
-    for st in stamps {
+    'stars: for st in stamps {
         if st.x < reach || st.y < reach || st.x + reach >= w || st.y + reach >= h {
             continue;
         }
         let (mut fb, mut fs, mut eb, mut es, mut vb, mut vs, mut area) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64, 0usize);
+        let x0 = st.x - reach;
         for y in st.y - reach..=st.y + reach {
-            for x in st.x - reach..=st.x + reach {
+            let row = |p: Plane| pair.row(p, x0, y, side);
+            let (Some(rb), Some(rs), Some(rv)) = (row(Plane::Science), row(Plane::Template), row(Plane::ScienceVariance)) else { continue 'stars };
+            let rt = if pair.has_template_variance() {
+                match row(Plane::TemplateVariance) {
+                    Some(r) => Some(r),
+                    None => continue 'stars,
+                }
+            } else {
+                None
+            };
+            for (j, x) in (x0..=st.x + reach).enumerate() {
                 let d = ((x as f64 - st.x as f64).powi(2) + (y as f64 - st.y as f64).powi(2)).sqrt();
-                let i = y * w + x;
-                let (b, s) = (pair.science[i] as f64, pair.template[i] as f64);
+                let (b, s) = (rb[j] as f64, rs[j] as f64);
                 if d < r_in {
                     fb += b;
                     fs += s;
                 } else if d < r_out {
                     eb += b;
                     es += s;
-                    vb += pair.science_variance[i] as f64;
-                    vs += pair.template_variance.map_or(0.0, |v| v[i] as f64);
+                    vb += rv[j] as f64;
+                    vs += rt.map_or(0.0, |v| v[j] as f64);
                     area += 1;
                 }
             }
