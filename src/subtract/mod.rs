@@ -335,6 +335,67 @@ mod tests {
         assert!(g.excess.abs() < 0.002 && g.ring_snr.abs() < 1.0, "seed {seed}: {g:?}");
     }
 
+    /// A [`StampSource`] that selects on whole planes but hands the fit only the squares
+    /// around the stars (what a GPU keeping the planes sends back), `less` pixels short.
+    struct SquaresOnly<'a> {
+        pair: Pair<'a>,
+        less: usize,
+    }
+
+    impl StampSource for SquaresOnly<'_> {
+        fn size(&self) -> (usize, usize) {
+            (self.pair.width, self.pair.height)
+        }
+
+        fn select(&mut self, kernel_half: usize, opts: &StampOptions) -> Result<Vec<Stamp>, SubtractError> {
+            Ok(select_stamps(&self.pair, kernel_half, opts))
+        }
+
+        fn around(&mut self, stamps: &[Stamp], half: usize) -> Result<Box<dyn Planes + '_>, SubtractError> {
+            let centres: Vec<(usize, usize)> = stamps.iter().map(|s| (s.x, s.y)).collect();
+            Ok(Box::new(Squares::from_pair(&self.pair, &centres, half - self.less)))
+        }
+    }
+
+    #[test]
+    fn a_fit_on_squares_around_its_stars_is_the_fit_on_whole_planes() {
+        let seed = rand::random();
+        let sigma = |fwhm: f64| fwhm / 2.3548;
+        let gauss = |s: f64| move |r: f64| (-0.5 * r * r / (s * s)).exp();
+        // With wings (the wide Gaussian's test reads squares too), and without.
+        for (i, [b, s, vb, vs]) in [wing_pair(seed, moffat(3.6, 2.5), moffat(2.7, 3.0)), wing_pair(seed, gauss(sigma(3.6)), gauss(sigma(2.7)))].into_iter().enumerate() {
+            let pair = Pair { width: 400, height: 400, science: &b, template: &s, science_variance: &vb, template_variance: Some(&vs) };
+            let whole = fit_kernel(&pair, sigma(3.6), sigma(2.7), &Options::default()).unwrap();
+            assert_eq!(whole.basis.sigmas.len(), 4 - i, "seed {seed}");
+            let cut = fit_kernel_from(&mut SquaresOnly { pair, less: 0 }, sigma(3.6), sigma(2.7), &Options::default(), &mut solve::CpuGrams).unwrap();
+            assert_eq!(format!("{whole:?}"), format!("{cut:?}"), "seed {seed}, pair {i}");
+            // A pixel short, the stamps' edges are not there: no longer the same fit.
+            let short = fit_kernel_from(&mut SquaresOnly { pair, less: 1 }, sigma(3.6), sigma(2.7), &Options::default(), &mut solve::CpuGrams);
+            assert!(short.is_err() || format!("{:?}", short.unwrap()) != format!("{whole:?}"), "seed {seed}, pair {i}");
+        }
+    }
+
+    #[test]
+    fn squares_hold_the_planes_rows_and_nan_off_the_frame() {
+        let (w, h) = (37usize, 23usize);
+        let planes: Vec<Vec<f32>> = (0..4).map(|k| (0..w * h).map(|i| (k * 1000 + i) as f32).collect()).collect();
+        let pair = Pair { width: w, height: h, science: &planes[0], template: &planes[1], science_variance: &planes[2], template_variance: Some(&planes[3]) };
+        let sq = Squares::from_pair(&pair, &[(5, 5), (1, 20), (30, 10)], 4);
+        sq.check().unwrap();
+        for p in Plane::ALL {
+            // Inside a square: the plane's row.
+            assert_eq!(sq.row(p, 26, 12, 9), pair.row(p, 26, 12, 9), "{p:?}");
+            assert_eq!(sq.row(p, 3, 7, 3), pair.row(p, 3, 7, 3), "{p:?}");
+            // Past a square's edge, or in none: not held.
+            assert_eq!(sq.row(p, 27, 12, 9), None, "{p:?}");
+            assert_eq!(sq.row(p, 15, 15, 1), None, "{p:?}");
+        }
+        // Off the frame: NaN (the square at (1, 20) reaches x = −3 and y = 24).
+        let i = Plane::ALL.iter().position(|p| *p == Plane::Template).unwrap();
+        assert!(sq.data[i][81].is_nan() && sq.data[i][81 + 2].is_nan() && !sq.data[i][81 + 3].is_nan());
+        assert!(sq.data[i][2 * 81 - 1].is_nan());
+    }
+
     #[test]
     fn spatial_order_drops_with_few_stamps() {
         // 5 stamps per term: order 2 has 6 terms, order 1 three, order 0 one.
