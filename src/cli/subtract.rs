@@ -236,7 +236,7 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     };
     if let Some(g) = engine.frame_gpu() {
         let t = g.frame_traffic();
-        tracing::debug!(uploaded_mb = t.uploaded as f64 / 1e6, read_back_mb = t.read_back as f64 / 1e6, planes = (t.uploaded + t.read_back) as f64 / (w * h * 4) as f64, "whole planes moved between the host and the GPU");
+        tracing::debug!(uploaded_mb = t.uploaded as f64 / 1e6, read_back_mb = t.read_back as f64 / 1e6, planes = (t.uploaded + t.read_back) as f64 / (w * h * 4) as f64, fit_read_mb = t.fit_read as f64 / 1e6, "whole planes moved between the host and the GPU (and the fit's stars, samples and squares)");
     }
     tracing::debug!(score_s = ts.elapsed().as_secs_f64(), "score image");
     let work = t1.elapsed();

@@ -84,16 +84,18 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
     // masked again below. Only what is masked in the *convolved* image spreads through the
     // kernel; what is masked in the other image stays where it is (a bad column in the science
     // frame costs its own pixels, not a band 30 px wide), so the two masks are kept apart.
-    // (`cpu::frame::bad_mask`; on resident planes its twin `frame_bad_mask` makes them again.)
+    // (`cpu::frame::bad_mask`; on resident planes its twin `frame_bad_mask` makes them again,
+    // and `DeviceStamps` the fit's planes.) Made on the host only where the host needs them.
     let own_bad = |p: &Prepared| crate::cpu::frame::bad_mask(&p.sky_subtracted, &p.variance, &p.saturated);
-    let (bad_u, bad_c) = (own_bad(broad), own_bad(sharp));
-    let bad: Vec<bool> = bad_u.iter().zip(&bad_c).map(|(a, b)| *a || *b).collect();
     let clean_with = |v: &[f32], m: &[bool]| -> Vec<f32> { v.iter().zip(m).map(|(x, b)| if *b { 0.0 } else { *x }).collect() };
-    // The fit sees both masks; the convolution the convolved image's own (made only where the
-    // host needs it: not when the resident planes are convolved).
-    let (b_img, b_var) = (clean_with(&broad.sky_subtracted, &bad), clean_with(&broad.variance, &bad));
-    let sharp_cleaned = || (clean_with(&sharp.sky_subtracted, &bad_c), clean_with(&sharp.variance, &bad_c));
-    let (s_fit, s_fit_var) = (clean_with(&sharp.sky_subtracted, &bad), clean_with(&sharp.variance, &bad));
+    let host_clean = || {
+        let (bad_u, bad_c) = (own_bad(broad), own_bad(sharp));
+        let bad: Vec<bool> = bad_u.iter().zip(&bad_c).map(|(a, b)| *a || *b).collect();
+        // The fit sees both masks; the convolution the convolved image's own.
+        let (b_img, b_var) = (clean_with(&broad.sky_subtracted, &bad), clean_with(&broad.variance, &bad));
+        HostClean { bad_u, bad_c, bad, b_img, b_var }
+    };
+    let sharp_cleaned = |c: &HostClean| (clean_with(&sharp.sky_subtracted, &c.bad_c), clean_with(&sharp.variance, &c.bad_c));
     let mut o = Options::default();
     let sat = |img: &Image| img.header.saturate.map(|s| s as f32 * 0.999);
     let (sat_broad, sat_sharp) = if convolved_template { (sat(science), sat(template)) } else { (sat(template), sat(science)) };
@@ -112,15 +114,39 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
     let given = given.filter(|a| a.is_finite() && *a > 0.0);
     let scale_source = if given.is_some() { source } else { ScaleSource::Kernel };
     o.fit.fixed_scale = given.map(|a| if convolved_template { a } else { 1.0 / a });
-    let pair = Pair { width: w, height: h, science: &b_img, template: &s_fit, science_variance: &b_var, template_variance: Some(&s_fit_var) };
     let tf = Instant::now();
-    // The fit's stamp convolutions and Gram sums stay on the CPU even with a GPU: measured on
-    // an H100 host (16 cores), 100 stamps take 29 ms with `CpuGrams` and 70 ms through
-    // `GpuEngine` (reading the convolved stamps back for χ² dominates). `fit_kernel_with`
-    // takes the GPU where that changes.
-    let fitted = fit_kernel(&pair, sigma_broad, sigma_sharp, &o);
-    let sol = fitted.map_err(|e| DetectError::Engine { path: science.path.clone(), message: format!("Alard–Lupton kernel: {e}") })?;
-    drop((s_fit, s_fit_var));
+    let fit_error = |e: crate::subtract::SubtractError| DetectError::Engine { path: science.path.clone(), message: format!("Alard–Lupton kernel: {e}") };
+    // The fit: on resident planes, from the stars the GPU finds there (only their squares come
+    // back; the variances' medians from samples); else, or if the GPU fails, on the host
+    // planes. The same stars and pixels either way, so the same kernel, bit for bit.
+    let on_device = match (&mode, gpu.as_deref_mut()) {
+        (AfterFit::Prepared(rs, rt, _), Some(g)) => {
+            let (rb, rsh) = if convolved_template { (*rs, *rt) } else { (*rt, *rs) };
+            match fit_on_device(g, rb, rsh, sigma_broad, sigma_sharp, &o) {
+                Ok(done) => Some(done),
+                Err(DeviceFitError::Fit(e)) => return Err(fit_error(e)),
+                Err(DeviceFitError::Gpu(e)) => {
+                    tracing::warn!("the kernel fit's stars on the GPU failed ({e}); on the CPU");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut host = None;
+    let (sol, device_medians) = match on_device {
+        Some((sol, medians)) => (sol, Some(medians)),
+        None => {
+            let c: &HostClean = host.insert(host_clean());
+            let (s_fit, s_fit_var) = (clean_with(&sharp.sky_subtracted, &c.bad), clean_with(&sharp.variance, &c.bad));
+            let pair = Pair { width: w, height: h, science: &c.b_img, template: &s_fit, science_variance: &c.b_var, template_variance: Some(&s_fit_var) };
+            // The fit's stamp convolutions and Gram sums stay on the CPU even with a GPU:
+            // measured on an H100 host (16 cores), 100 stamps take 29 ms with `CpuGrams` and
+            // 70 ms through `GpuEngine` (reading the convolved stamps back for χ² dominates).
+            // `fit_kernel_with` takes the GPU where that changes.
+            (fit_kernel(&pair, sigma_broad, sigma_sharp, &o).map_err(fit_error)?, None)
+        }
+    };
     tracing::debug!(fit_s = tf.elapsed().as_secs_f64(), "AL: kernel fitted");
     let tc = Instant::now();
     let engine_err = |e: crate::subtract::SubtractError| DetectError::Engine { path: science.path.clone(), message: e.to_string() };
@@ -152,12 +178,19 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
         let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
         let (kc, scale_c) = (sol.kernel_at(cx, cy), sol.scale_at(cx, cy));
         let (m, m2) = if convolved_template || scale_c.is_nan() || scale_c.abs() <= 1e-12 { (1.0, 1.0) } else { (-1.0 / scale_c, 1.0 / (scale_c * scale_c)) };
-        let (var_u, var_c) = (median_variance(&b_var), median_variance_unmasked(&sharp.variance, &bad_c));
+        let (var_u, var_c) = match device_medians {
+            Some(m) => m,
+            None => {
+                let c = host.get_or_insert_with(host_clean);
+                (median_variance(&c.b_var), median_variance_unmasked(&sharp.variance, &c.bad_c))
+            }
+        };
         let src = match mode {
             AfterFit::Stages => None,
             AfterFit::Host => {
-                let (s_img, s_var) = host_sharp.insert(sharp_cleaned());
-                Some(PostFitSource::Host(PostFitInput { broad: &b_img, sharp: s_img, broad_var: &b_var, sharp_var: s_var, bad_u: &bad_u, bad_c: &bad_c, w, h }))
+                let c: &HostClean = host.get_or_insert_with(host_clean);
+                let (s_img, s_var) = host_sharp.insert(sharp_cleaned(c));
+                Some(PostFitSource::Host(PostFitInput { broad: &c.b_img, sharp: s_img, broad_var: &c.b_var, sharp_var: s_var, bad_u: &c.bad_u, bad_c: &c.bad_c, w, h }))
             }
             AfterFit::Prepared(rs, rt, _) => Some(if convolved_template { PostFitSource::Resident(rs, rt) } else { PostFitSource::Resident(rt, rs) }),
         };
@@ -172,13 +205,14 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
             }
         }
     }
+    let c: &HostClean = host.get_or_insert_with(host_clean);
     let (s_img, s_var) = match host_sharp {
         Some(p) => p,
-        None => sharp_cleaned(),
+        None => sharp_cleaned(c),
     };
     let model = sol.convolve_on(gpu.as_deref_mut(), &s_img, w, h).map_err(engine_err)?;
     let bg = crate::subtract::polynomial_image(&sol.background, sol.background_order, w, h);
-    let d: Vec<f32> = b_img.iter().zip(&model).zip(&bg).map(|((b, m), g)| b - m - *g as f32).collect();
+    let d: Vec<f32> = c.b_img.iter().zip(&model).zip(&bg).map(|((b, m), g)| b - m - *g as f32).collect();
     // The convolved variance: exact on the GPU, `ΣK² · (G ⊗ V)` on the CPU.
     let kv = match gpu.as_deref_mut().map(|g| g.al_convolve_variance(&sol, &s_var, w, h)) {
         Some(Ok(v)) => v,
@@ -188,7 +222,7 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
         }
         None => sol.convolve_variance(&s_var, w, h).map_err(engine_err)?,
     };
-    let mut eps2 = if opts.model_error { model_error(&sol, &d, &model, &b_var, &kv, w) } else { 0.0 };
+    let mut eps2 = if opts.model_error { model_error(&sol, &d, &model, &c.b_var, &kv, w) } else { 0.0 };
     if eps2 > MAX_MODEL_ERROR * MAX_MODEL_ERROR {
         tracing::warn!(frame = %science.path.display(), "the kernel misses the fit stars by {:.1}% of their light; the variance counts {:.0}%", 100.0 * eps2.sqrt(), 100.0 * MAX_MODEL_ERROR);
         eps2 = MAX_MODEL_ERROR * MAX_MODEL_ERROR;
@@ -205,14 +239,14 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
     // convolution as 0, and a saturated star's true light is many times the sky), the other
     // image's as it is.
     let r = sol.half() as i64;
-    let grown: Vec<bool> = grow(&bad_c, w, h, r).iter().zip(&bad_u).map(|(a, b)| *a || *b).collect();
+    let grown: Vec<bool> = grow(&c.bad_c, w, h, r).iter().zip(&c.bad_u).map(|(a, b)| *a || *b).collect();
     let mut difference = vec![0.0f32; w * h];
     let mut variance = vec![0.0f32; w * h];
     for i in 0..w * h {
         if !grown[i] {
             difference[i] = (d[i] as f64 * m) as f32;
             let mv = model[i] as f64;
-            variance[i] = ((b_var[i] as f64 + kv[i] as f64 + eps2 * mv * mv) * m2) as f32;
+            variance[i] = ((c.b_var[i] as f64 + kv[i] as f64 + eps2 * mv * mv) * m2) as f32;
         }
     }
     residual_background(gpu.as_deref_mut(), &mut difference, &variance, w, h, opts.background_mesh);
@@ -222,7 +256,7 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
     // blink writes; the score stays on the undecorrelated difference, whose matched filter
     // (the PSF, with the correlated noise in its normalisation) has the same signal to noise
     // without a non-separable filter per pixel.
-    let (var_u, var_c) = (median_variance(&b_var), median_variance(&s_var));
+    let (var_u, var_c) = (median_variance(&c.b_var), median_variance(&s_var));
     let decorrelated = if opts.decorrelate && var_u > 0.0 && var_c > 0.0 {
         let td = Instant::now();
         let side = 2 * sol.half() + 1;
@@ -253,14 +287,14 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
         // 24 px): on the simulated night the whole box hid a supernova next to a bad column.
         let phi = crate::subtract::decorr::PsfImage { side: dk.side(), pixels: dk.kernel.clone() };
         let reach = r + (crate::detect::psf::trimmed(&phi, 1e-3).side / 2) as i64;
-        let masked: Vec<bool> = grow(&bad_c, w, h, reach).iter().zip(grow(&bad_u, w, h, reach - r)).map(|(a, b)| *a || b).collect();
+        let masked: Vec<bool> = grow(&c.bad_c, w, h, reach).iter().zip(grow(&c.bad_u, w, h, reach - r)).map(|(a, b)| *a || b).collect();
         let mut dv = vec![0.0f32; w * h];
         for i in 0..w * h {
             if masked[i] {
                 dd[i] = 0.0;
             } else {
                 let mv = model[i] as f64;
-                dv[i] = ((dk.weight_unconvolved * b_var[i] as f64 + wc * kv[i] as f64 + eps2 * mv * mv) * m2) as f32;
+                dv[i] = ((dk.weight_unconvolved * c.b_var[i] as f64 + wc * kv[i] as f64 + eps2 * mv * mv) * m2) as f32;
             }
         }
         tracing::debug!(half = dk.half, truncated = dk.truncated_energy, sum_phi2 = dk.weight_unconvolved, var_u, var_c, out_var = dk.output_variance(), s = td.elapsed().as_secs_f64(), "AL: decorrelated");
@@ -277,6 +311,129 @@ fn median_variance_unmasked(v: &[f32], mask: &[bool]) -> f64 {
     let kept: Vec<f32> = v.iter().zip(mask).step_by(7).map(|(x, m)| if *m { 0.0 } else { *x }).collect();
     // `median_variance` samples every 7th pixel; `kept` is that sample already.
     super::frame::median_of_variances(kept)
+}
+
+/// The host planes [`subtract_al`] makes from the two prepared images when the fit or what
+/// follows runs on the host: each image's own unusable pixels (`bad_u` the image not
+/// convolved, `bad_c` the convolved one), both together, and the broad image and its variance
+/// zeroed where either is masked.
+struct HostClean {
+    bad_u: Vec<bool>,
+    bad_c: Vec<bool>,
+    bad: Vec<bool>,
+    b_img: Vec<f32>,
+    b_var: Vec<f32>,
+}
+
+/// Why [`fit_on_device`] failed: the fit itself (too few stars: the CPU would fail the same
+/// way), or the GPU (the CPU fit on host planes takes over).
+enum DeviceFitError {
+    Fit(crate::subtract::SubtractError),
+    Gpu(String),
+}
+
+/// The kernel fitted on the stars the GPU finds on the resident planes (`broad` the image not
+/// convolved), with the two variances' medians ([`median_variance`] of the broad variance as
+/// the fit cleans it, [`median_variance_unmasked`] of the sharp one) from samples taken there:
+/// what [`subtract_al`] computes from host planes, bit for bit, without reading them.
+fn fit_on_device(gpu: &mut GpuEngine, broad: &ResidentPrepared, sharp: &ResidentPrepared, sigma_broad: f64, sigma_sharp: f64, o: &Options) -> Result<(crate::subtract::KernelSolution, (f64, f64)), DeviceFitError> {
+    use crate::subtract::SubtractError;
+    let mut src = DeviceStamps::new(gpu, broad, sharp).map_err(|e| DeviceFitError::Gpu(e.to_string()))?;
+    let fitted = crate::subtract::fit_kernel_from(&mut src, sigma_broad, sigma_sharp, o, &mut crate::subtract::CpuGrams);
+    let medians = fitted.as_ref().ok().map(|_| src.variance_medians(&sharp.variance));
+    src.release();
+    match (fitted, medians) {
+        (Err(SubtractError::Gpu(e)), _) | (Ok(_), Some(Err(SubtractError::Gpu(e)))) => Err(DeviceFitError::Gpu(e)),
+        (Err(e), _) | (Ok(_), Some(Err(e))) => Err(DeviceFitError::Fit(e)),
+        (Ok(sol), Some(Ok(m))) => Ok((sol, m)),
+        (Ok(_), None) => Err(DeviceFitError::Gpu("no variance medians".into())),
+    }
+}
+
+/// The Alard–Lupton fit's stars found where the prepared planes stay, on the GPU
+/// (`shaders/frame/frame_stamps.wgsl`): the four planes the fit sees are made there as
+/// [`subtract_al`] makes them on the host (the broad and the sharp image and their variances,
+/// zeroed where either image cannot be used), and only the stars' list, a sample of the
+/// template for its sky, and the squares around the stars come back.
+struct DeviceStamps<'g> {
+    gpu: &'g mut GpuEngine,
+    /// The fit's planes in [`crate::subtract::Plane::ALL`]'s order (broad, sharp, broad
+    /// variance, sharp variance), then the two images' own masks (broad, sharp).
+    planes: Vec<GpuPlane>,
+    width: usize,
+    height: usize,
+}
+
+impl<'g> DeviceStamps<'g> {
+    fn new(gpu: &'g mut GpuEngine, broad: &ResidentPrepared, sharp: &ResidentPrepared) -> Result<DeviceStamps<'g>, crate::engine::EngineError> {
+        let (width, height) = (broad.sky_subtracted.width, broad.sky_subtracted.height);
+        let mut d = DeviceStamps { gpu, planes: Vec::with_capacity(6), width, height };
+        let made = (|| {
+            for p in [&broad.sky_subtracted, &sharp.sky_subtracted, &broad.variance, &sharp.variance] {
+                let q = d.gpu.frame_copy(p)?;
+                d.planes.push(q);
+            }
+            for r in [broad, sharp] {
+                let m = d.gpu.frame_bad_mask(&r.sky_subtracted, &r.variance, &r.saturated)?;
+                d.planes.push(m);
+            }
+            for k in 0..4 {
+                for m in [4, 5] {
+                    d.gpu.frame_mask_zero(&d.planes[k], &d.planes[m])?;
+                }
+            }
+            Ok(())
+        })();
+        match made {
+            Ok(()) => Ok(d),
+            Err(e) => {
+                d.release();
+                Err(e)
+            }
+        }
+    }
+
+    /// The medians of the variances [`subtract_al`] decorrelates with: the broad variance as
+    /// the fit cleans it, the sharp one (`sharp_variance`, resident) with its own mask zeroed,
+    /// each sampled every 7th pixel as [`median_variance`] samples.
+    fn variance_medians(&mut self, sharp_variance: &GpuPlane) -> Result<(f64, f64), crate::subtract::SubtractError> {
+        let gpu_err = |e: crate::engine::EngineError| crate::subtract::SubtractError::Gpu(e.to_string());
+        let u = self.gpu.frame_sample(&self.planes[2], 7, None).map_err(gpu_err)?;
+        let c = self.gpu.frame_sample(sharp_variance, 7, Some(&self.planes[5])).map_err(gpu_err)?;
+        Ok((super::frame::median_of_variances(u), super::frame::median_of_variances(c)))
+    }
+
+    fn release(self) {
+        for p in self.planes {
+            self.gpu.frame_release(p);
+        }
+    }
+}
+
+impl crate::subtract::StampSource for DeviceStamps<'_> {
+    fn size(&self) -> (usize, usize) {
+        (self.width, self.height)
+    }
+
+    fn select(&mut self, kernel_half: usize, opts: &crate::subtract::StampOptions) -> Result<Vec<crate::subtract::Stamp>, crate::subtract::SubtractError> {
+        use crate::subtract::stamps::{pick_per_cell, scan_step, StampScan};
+        let gpu_err = |e: crate::engine::EngineError| crate::subtract::SubtractError::Gpu(e.to_string());
+        let Some(step) = scan_step(self.width, self.height, kernel_half, opts) else { return Ok(Vec::new()) };
+        let sample = self.gpu.frame_sample(&self.planes[1], step, None).map_err(gpu_err)?;
+        let Some(scan) = StampScan::new(kernel_half, opts, sample) else { return Ok(Vec::new()) };
+        let p = &self.planes;
+        let found = self.gpu.frame_stamp_candidates(&p[1], &p[0], &p[2], Some(&p[3]), &scan).map_err(gpu_err)?;
+        Ok(pick_per_cell(&found, self.width, self.height, &scan, opts))
+    }
+
+    fn around(&mut self, stamps: &[crate::subtract::Stamp], half: usize) -> Result<Box<dyn crate::subtract::Planes + '_>, crate::subtract::SubtractError> {
+        let centres: Vec<(usize, usize)> = stamps.iter().map(|s| (s.x, s.y)).collect();
+        let planes: Vec<&GpuPlane> = self.planes[..4].iter().collect();
+        let mut data = self.gpu.frame_squares(&planes, &centres, half).map_err(|e| crate::subtract::SubtractError::Gpu(e.to_string()))?.into_iter();
+        let mut next = || data.next().unwrap_or_default();
+        let data = [next(), next(), next(), next()];
+        Ok(Box::new(crate::subtract::Squares { width: self.width, height: self.height, half, centres, data }))
+    }
 }
 
 /// The host planes [`post_fit_gpu`] starts from (those of [`subtract_al`] after the fit).

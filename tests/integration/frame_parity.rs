@@ -495,6 +495,10 @@ fn resident_subtraction_moves_fewer_planes() {
         assert_eq!(res_up, 2 * plane, "{test}: {what}: the resident chain uploaded {} planes", res_up as f64 / plane as f64);
         assert_eq!(res_read, 11 * plane + 2 * packed, "{test}: {what}: the resident chain read {} planes back", res_read as f64 / plane as f64);
         assert!(host_up == 10 * plane && host_read == res_read, "{test}: {what}: through the host {} planes up, {} back", host_up as f64 / plane as f64, host_read as f64 / plane as f64);
+        // The fit through the host planes reads nothing from the device; on resident planes it
+        // reads its stars' lists, samples and squares (`DeviceStamps`) and not the planes.
+        assert_eq!(t1.fit_read, t0.fit_read, "{test}: {what}: the host fit read from the device");
+        assert!(t2.fit_read > t1.fit_read && t4.fit_read > t3.fit_read, "{test}: {what}: the resident fits read no stars from the device");
     }
 }
 
@@ -548,4 +552,103 @@ fn nan_unless_matches_the_twin() {
             assert!(got[i].to_bits() == want[i].to_bits() || (got[i].is_nan() && want[i].is_nan()), "{test}: {keep:?}: pixel {i}: guard {} gpu {} cpu {}", guard[i], got[i], want[i]);
         }
     }
+}
+
+/// `stamp_peaks` + `stamp_usable` (`frame_stamps.wgsl`) against `stamp_candidates`, the
+/// `stamp_squares` kernel against `Squares::from_pair` and `stamp_sample` against `step_by`:
+/// equal, bit for bit. The planes are a star pair's with ±∞, NaN, saturated cores, zero and
+/// negative variances sprinkled in; the scan is run once as the fit runs it and once with the
+/// floor at the sky on a noisy frame, where the candidates overflow the kernel's first list.
+#[test]
+fn stamp_kernels_match_their_twins() {
+    use blink::subtract::stamps::{scan_step, stamp_candidates, StampScan};
+    use blink::subtract::{Pair, Squares, StampOptions};
+    let test = "stamp_kernels_match_their_twins";
+    let Some(mut g) = gpu(test) else { return };
+    let mut rng = seeded(test);
+    let side = 256;
+    let (science, template) = star_pair(&mut rng, side, true);
+    let mut sprinkle = |v: f32, p: f64| if rng.gen_bool(p) { [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0][rng.gen_range(0..4)] } else { v };
+    let mut t: Vec<f32> = template.data.iter().map(|v| sprinkle(v - 500.0, 2e-4)).collect();
+    // Between the stars, features that test the rules at their edges: a pixel whose four
+    // neighbours are 0.23 of it (a hot pixel by the quarter rule), and two equal peaks side by
+    // side (the first in raster order is the peak).
+    for (k, (i, j)) in (0..7).flat_map(|i| (0..3).map(move |j| (i, j))).enumerate() {
+        let c = (31 + 30 * j) * side + 31 + 30 * i;
+        if k % 2 == 0 {
+            t[c] = 2000.0;
+            for n in [c - 1, c + 1, c - side, c + side] {
+                t[n] = 460.0;
+            }
+        } else {
+            for n in [c - side - 1, c - side, c - side + 1, c - side + 2, c - 1, c + 2, c + side - 1, c + side, c + side + 1, c + side + 2] {
+                t[n] = 600.0;
+            }
+            t[c] = 1500.0;
+            t[c + 1] = 1500.0;
+        }
+    }
+    let s: Vec<f32> = science.data.iter().map(|v| sprinkle(v - 500.0, 2e-4)).collect();
+    let sv: Vec<f32> = science.data.iter().map(|v| sprinkle((v / 6.5).max(0.0) + 20.0, 3e-4)).collect();
+    let mut tv: Vec<f32> = template.data.iter().map(|v| sprinkle((v / 6.5).max(0.0) + 20.0, 3e-4)).collect();
+    for v in tv.iter_mut() {
+        if rng.gen_bool(5e-4) {
+            *v = -1.0;
+        }
+    }
+    let up = |g: &mut blink::gpu::GpuEngine, p: &[f32]| g.frame_upload(p, side, side).unwrap_or_else(|e| panic!("{e}"));
+    let (gs, gt, gsv, gtv) = (up(&mut g, &s), up(&mut g, &t), up(&mut g, &sv), up(&mut g, &tv));
+    let pair = Pair { width: side, height: side, science: &s, template: &t, science_variance: &sv, template_variance: Some(&tv) };
+    let same = |what: &str, a: &[(usize, f32)], b: &[(usize, f32)]| {
+        let d = a.iter().zip(b).position(|(x, y)| x.0 != y.0 || x.1.to_bits() != y.1.to_bits());
+        assert!(a.len() == b.len() && d.is_none(), "{test}: {what}: {} candidates on the GPU, {} on the CPU; first difference {d:?}", a.len(), b.len());
+    };
+    // As the fit scans: the stars, half of them saturated, some with an unusable pixel in
+    // reach, with and without the template's variance.
+    let kh = 8;
+    let step = scan_step(side, side, kh, &StampOptions::default()).unwrap_or_else(|| panic!("{test}: no scan"));
+    let sample = g.frame_sample(&gt, step, None).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let want_sample: Vec<f32> = t.iter().step_by(step).copied().collect();
+    assert!(sample.iter().zip(&want_sample).all(|(a, b)| a.to_bits() == b.to_bits()) && sample.len() == want_sample.len(), "{test}: sample");
+    let loose = StampScan::new(kh, &StampOptions::default(), sample).unwrap_or_else(|| panic!("{test}: no sky"));
+    let usable = stamp_candidates(&pair, &loose);
+    let mut peaks: Vec<f32> = usable.iter().map(|c| c.1).collect();
+    peaks.sort_by(f32::total_cmp);
+    let level = peaks.get(peaks.len() / 2).copied().unwrap_or(f32::INFINITY);
+    let scan = StampScan { saturate_template: level, saturate_science: level, ..loose };
+    let want = stamp_candidates(&pair, &scan);
+    let got = g.frame_stamp_candidates(&gt, &gs, &gsv, Some(&gtv), &scan).unwrap_or_else(|e| panic!("{test}: {e}"));
+    same("stars", &got, &want);
+    let no_tv = Pair { template_variance: None, ..pair };
+    let all = stamp_candidates(&no_tv, &loose);
+    assert!(want.len() >= 3 && want.len() < usable.len() && usable.len() < all.len(), "{test}: {} stars, {} unsaturated, {} without the template variance: the input does not test the checks", want.len(), usable.len(), all.len());
+    same("stars, no template variance", &g.frame_stamp_candidates(&gt, &gs, &gsv, None, &loose).unwrap_or_else(|e| panic!("{test}: {e}")), &all);
+    // Every positive local maximum over 3×3 of a noisy 500² (the sky far below, so no peak is
+    // a hot pixel): more than the first list holds.
+    let (nw, nh) = (500usize, 500usize);
+    let noise: Vec<f32> = (0..nw * nh).map(|_| rng.gen_range(-10.0f32..10.0)).collect();
+    let ones = vec![1.0f32; nw * nh];
+    let flat = Pair { width: nw, height: nh, science: &noise, template: &noise, science_variance: &ones, template_variance: None };
+    let crowd = StampScan { r: 1, reach: 2, sky: -1e6, floor: 0.0, saturate_template: f32::INFINITY, saturate_science: f32::INFINITY };
+    let want = stamp_candidates(&flat, &crowd);
+    assert!(want.len() > 16_384, "{test}: {} noise peaks: the list does not overflow", want.len());
+    let (gn, go) = (g.frame_upload(&noise, nw, nh).unwrap_or_else(|e| panic!("{e}")), g.frame_upload(&ones, nw, nh).unwrap_or_else(|e| panic!("{e}")));
+    same("noise peaks", &g.frame_stamp_candidates(&gn, &gn, &go, None, &crowd).unwrap_or_else(|e| panic!("{test}: {e}")), &want);
+    // Squares round the stars and at every edge and corner, whole planes' pixels or NaN.
+    let mut centres: Vec<(usize, usize)> = stamp_candidates(&pair, &scan).iter().map(|c| (c.0 % side, c.0 / side)).collect();
+    centres.extend([(0, 0), (side - 1, 0), (0, side - 1), (side - 1, side - 1), (3, 128), (128, side - 2)]);
+    centres.extend((0..10).map(|_| (rng.gen_range(0..side), rng.gen_range(0..side))));
+    let half = rng.gen_range(5..25);
+    let want = Squares::from_pair(&pair, &centres, half);
+    let got = g.frame_squares(&[&gs, &gt, &gsv, &gtv], &centres, half).unwrap_or_else(|e| panic!("{test}: {e}"));
+    for (k, (a, b)) in got.iter().zip(&want.data).enumerate() {
+        let d = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
+        assert!(a.len() == b.len() && d.is_none(), "{test}: squares of plane {k} (half {half}): first difference at {d:?}");
+    }
+    // The sample with a mask: zero where it is set.
+    let mask: Vec<bool> = (0..side * side).map(|_| rng.gen_bool(0.3)).collect();
+    let gm = g.frame_upload_mask(&mask, side, side).unwrap_or_else(|e| panic!("{e}"));
+    let got = g.frame_sample(&gsv, 7, Some(&gm)).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let want: Vec<f32> = sv.iter().zip(&mask).step_by(7).map(|(v, m)| if *m { 0.0 } else { *v }).collect();
+    assert!(got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{test}: masked sample");
 }

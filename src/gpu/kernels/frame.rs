@@ -14,7 +14,9 @@
 //!   [`GpuEngine::frame_mask_zero`]), the pixels a prepared image cannot use
 //!   ([`GpuEngine::frame_bad_mask`]) and NaN on a product's masked pixels
 //!   ([`GpuEngine::frame_nan_unless`]); the frame convolution itself is `shaders/al/al_convolve.wgsl`
-//!   on resident planes ([`GpuEngine::frame_al_convolve`]).
+//!   on resident planes ([`GpuEngine::frame_al_convolve`]);
+//! - `frame_stamps.wgsl`: the Alard–Lupton fit's stars found and cut on the device
+//!   (dispatchers in [`super::frame_stamps`]).
 //!
 //! A frame is uploaded once as a [`GpuPlane`]; each call records its dispatches and submits
 //! without waiting, so a chain of calls runs back to back on the device, and only what the
@@ -46,6 +48,8 @@ pub const PREPARE_WGSL: &str = include_str!("../../../shaders/frame/frame_prepar
 pub const GROW_WGSL: &str = include_str!("../../../shaders/frame/frame_grow.wgsl");
 /// `shaders/frame/frame_assemble.wgsl`.
 pub const ASSEMBLE_WGSL: &str = include_str!("../../../shaders/frame/frame_assemble.wgsl");
+/// `shaders/frame/frame_stamps.wgsl` (dispatchers in `super::frame_stamps`).
+pub const STAMPS_WGSL: &str = include_str!("../../../shaders/frame/frame_stamps.wgsl");
 
 // Keep in sync with the constants of the same names in shaders/frame/*.wgsl.
 /// Invocations per workgroup along x and y of the per-pixel entry points.
@@ -81,7 +85,7 @@ pub struct FrameParams {
 }
 
 impl FrameParams {
-    fn new(w: usize, h: usize) -> FrameParams {
+    pub(super) fn new(w: usize, h: usize) -> FrameParams {
         FrameParams { width: w as u32, height: h as u32, nan_bits: f32::NAN.to_bits(), inf_bits: f32::INFINITY.to_bits(), ..Default::default() }
     }
 }
@@ -97,14 +101,14 @@ pub enum PlaneKind {
 /// [`GpuEngine::frame_release`] to reuse its memory (dropping it frees it).
 #[derive(Debug)]
 pub struct GpuPlane {
-    buf: wgpu::Buffer,
+    pub(super) buf: wgpu::Buffer,
     pub width: usize,
     pub height: usize,
     pub kind: PlaneKind,
 }
 
 impl GpuPlane {
-    fn bytes(&self) -> u64 {
+    pub(super) fn bytes(&self) -> u64 {
         (self.width * self.height * 4) as u64
     }
 }
@@ -118,6 +122,10 @@ impl GpuPlane {
 pub struct FrameTraffic {
     pub uploaded: u64,
     pub read_back: u64,
+    /// Bytes the Alard–Lupton fit read back instead of planes: its stars' lists, the samples
+    /// of the template and of the variances, the squares around the stars
+    /// ([`super::frame_stamps`]). Not in `read_back`.
+    pub fit_read: u64,
 }
 
 /// The matched filter's planes on the device ([`GpuEngine::frame_score`]).
@@ -152,6 +160,10 @@ pub struct FramePipelines {
     al_variance: wgpu::ComputePipeline,
     bad_mask: wgpu::ComputePipeline,
     nan_unless: wgpu::ComputePipeline,
+    pub(super) stamp_peaks: wgpu::ComputePipeline,
+    pub(super) stamp_usable: wgpu::ComputePipeline,
+    pub(super) stamp_squares: wgpu::ComputePipeline,
+    pub(super) stamp_sample: wgpu::ComputePipeline,
     /// `al_convolve` on resident planes (its own layout), built on first use: it needs more
     /// workgroup memory than the rest.
     al: Option<(wgpu::BindGroupLayout, wgpu::ComputePipeline)>,
@@ -159,7 +171,7 @@ pub struct FramePipelines {
     dummy: [wgpu::Buffer; 4],
 }
 
-fn bad(what: impl Into<String>) -> EngineError {
+pub(super) fn bad(what: impl Into<String>) -> EngineError {
     EngineError::BadStamp(what.into())
 }
 
@@ -201,6 +213,7 @@ impl FramePipelines {
         let (score, mesh, prep, grow) =
             (module("blink.frame_score", SCORE_WGSL), module("blink.frame_mesh", MESH_WGSL), module("blink.frame_prepare", PREPARE_WGSL), module("blink.frame_grow", GROW_WGSL));
         let assemble = module("blink.frame_assemble", ASSEMBLE_WGSL);
+        let stamps = module("blink.frame_stamps", STAMPS_WGSL);
         let pipeline = |m: &wgpu::ShaderModule, entry: &str| {
             dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&format!("blink.{entry}")),
@@ -233,6 +246,10 @@ impl FramePipelines {
             al_variance: pipeline(&assemble, "al_variance"),
             bad_mask: pipeline(&assemble, "bad_mask"),
             nan_unless: pipeline(&assemble, "nan_unless"),
+            stamp_peaks: pipeline(&stamps, "stamp_peaks"),
+            stamp_usable: pipeline(&stamps, "stamp_usable"),
+            stamp_squares: pipeline(&stamps, "stamp_squares"),
+            stamp_sample: pipeline(&stamps, "stamp_sample"),
             al: None,
             layout,
             dummy,
@@ -246,16 +263,16 @@ impl FramePipelines {
 
 /// One dispatch: pipeline, parameters, taps, storage buffers (with the bytes bound; `None`:
 /// unused) and workgroup counts.
-struct Step<'a> {
-    pipe: &'a wgpu::ComputePipeline,
-    prm: FrameParams,
-    taps: &'a [f32],
-    bufs: [Option<(&'a wgpu::Buffer, u64)>; 4],
-    groups: (u32, u32),
+pub(super) struct Step<'a> {
+    pub(super) pipe: &'a wgpu::ComputePipeline,
+    pub(super) prm: FrameParams,
+    pub(super) taps: &'a [f32],
+    pub(super) bufs: [Option<(&'a wgpu::Buffer, u64)>; 4],
+    pub(super) groups: (u32, u32),
 }
 
 /// Record `steps` in one compute pass and submit them (no wait).
-fn submit(ctx: &GpuContext, p: &FramePipelines, steps: &[Step<'_>]) -> Result<(), EngineError> {
+pub(super) fn submit(ctx: &GpuContext, p: &FramePipelines, steps: &[Step<'_>]) -> Result<(), EngineError> {
     let dev = &ctx.device;
     let val = dev.push_error_scope(wgpu::ErrorFilter::Validation);
     let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -304,7 +321,7 @@ fn submit(ctx: &GpuContext, p: &FramePipelines, steps: &[Step<'_>]) -> Result<()
 }
 
 /// Workgroups covering a `w × h` plane with the per-pixel entry points.
-fn pixel_groups(w: usize, h: usize) -> (u32, u32) {
+pub(super) fn pixel_groups(w: usize, h: usize) -> (u32, u32) {
     (w.div_ceil(WG_X as usize) as u32, h.div_ceil(WG_Y as usize) as u32)
 }
 
@@ -317,7 +334,7 @@ impl GpuEngine {
     }
 
     /// The pipelines and context, built on first use.
-    fn frame_parts(&mut self) -> Result<(&GpuContext, &FramePipelines), EngineError> {
+    pub(super) fn frame_parts(&mut self) -> Result<(&GpuContext, &FramePipelines), EngineError> {
         self.frame_pipelines()?;
         match self.frame.as_ref() {
             Some(p) => Ok((&self.ctx, p)),
@@ -332,7 +349,7 @@ impl GpuEngine {
     }
 
     /// A device buffer of at least `bytes` (from the pool), checked against one binding.
-    fn frame_buffer(&mut self, label: &str, bytes: u64) -> Result<wgpu::Buffer, EngineError> {
+    pub(super) fn frame_buffer(&mut self, label: &str, bytes: u64) -> Result<wgpu::Buffer, EngineError> {
         let cap = self.frame_binding_cap();
         if bytes > cap || crate::gpu::pool::size_class(bytes) > self.ctx.limits.max_buffer_size {
             return Err(gpu_err(&self.ctx, format!("{label}: {bytes} bytes exceed a storage binding of {cap} bytes")));
@@ -378,7 +395,7 @@ impl GpuEngine {
     }
 
     /// Read planes back (waits for the device), as raw 32-bit words each.
-    fn frame_read_words(&mut self, planes: &[&GpuPlane]) -> Result<Vec<Vec<u32>>, EngineError> {
+    pub(super) fn frame_read_words(&mut self, planes: &[&GpuPlane]) -> Result<Vec<Vec<u32>>, EngineError> {
         let mut out = Vec::with_capacity(planes.len());
         self.frame_read_with(planes, |_, words| out.push(words.to_vec()))?;
         Ok(out)
@@ -442,6 +459,17 @@ impl GpuEngine {
         }
         self.pool.release(read);
         result
+    }
+
+    /// [`GpuEngine::frame_read_words`] for the fit's small reads: counted in
+    /// [`FrameTraffic::fit_read`], not as planes.
+    pub(super) fn frame_read_fit(&mut self, planes: &[&GpuPlane]) -> Result<Vec<Vec<u32>>, EngineError> {
+        let before = self.traffic.read_back;
+        let out = self.frame_read_words(planes);
+        let moved = self.traffic.read_back - before;
+        self.traffic.read_back = before;
+        self.traffic.fit_read += moved;
+        out
     }
 
     /// Whole planes moved so far ([`FrameTraffic`]).

@@ -11,6 +11,7 @@ pub mod convolve;
 pub mod difference_score;
 pub mod fit;
 pub mod frame;
+pub mod frame_stamps;
 pub mod ring;
 pub mod squares;
 pub mod stack;

@@ -1,0 +1,149 @@
+//! Dispatchers of `shaders/frame/frame_stamps.wgsl`: the Alard–Lupton fit's stars found on
+//! planes that stay on the device, and only the squares around them read back
+//! (`detect::al`'s `DeviceStamps`, a `subtract::StampSource`). A 4096² fit then reads a few MB
+//! instead of four 67 MB planes.
+//!
+//! Twins: [`crate::subtract::stamps::stamp_candidates`] ([`GpuEngine::frame_stamp_candidates`]),
+//! [`crate::subtract::Squares::from_pair`] ([`GpuEngine::frame_squares`]) and a strided
+//! `step_by` ([`GpuEngine::frame_sample`]); `frame_parity` compares them.
+
+use super::frame::{bad, pixel_groups, submit, FrameParams, GpuPlane, PlaneKind, Step};
+use crate::engine::EngineError;
+use crate::gpu::GpuEngine;
+use crate::subtract::stamps::StampScan;
+
+/// Room for candidates in the first `stamp_peaks` dispatch; a frame with more is scanned again
+/// with room for all (the count is exact either way).
+const FIRST_ROOM: usize = 16_384;
+
+/// Entries with this index were found unusable by `stamp_usable`.
+const NO_STAR: u32 = u32::MAX;
+
+/// Dispatch grid of `count` invocations numbered `k = y · mx + x`: (mx, workgroups).
+fn list_grid(count: usize) -> (u32, (u32, u32)) {
+    let mx = count.clamp(1, 1024);
+    (mx as u32, pixel_groups(mx, count.div_ceil(mx).max(1)))
+}
+
+impl GpuEngine {
+    /// `plane`'s pixels `0, step, 2·step, …` (as `plane.iter().step_by(step)`), with `mask`
+    /// 0 where it is set. The samples a median or the stamps' sky is taken from.
+    pub fn frame_sample(&mut self, plane: &GpuPlane, step: usize, mask: Option<&GpuPlane>) -> Result<Vec<f32>, EngineError> {
+        let n = plane.width * plane.height;
+        if step == 0 || mask.is_some_and(|m| (m.width, m.height) != (plane.width, plane.height)) {
+            return Err(bad(format!("a sample every {step} pixels of a {}x{} plane", plane.width, plane.height)));
+        }
+        let count = n.div_ceil(step);
+        let out = GpuPlane { buf: self.frame_buffer("blink.frame.sample", (count * 4) as u64)?, width: count, height: 1, kind: PlaneKind::Values };
+        let run = (|| {
+            let (ctx, pl) = self.frame_parts()?;
+            let (mx, groups) = list_grid(count);
+            let prm = FrameParams { mx, count: count as u32, side: step as u32, mode: mask.is_some() as u32, ..FrameParams::new(plane.width, plane.height) };
+            let bufs = [Some((&plane.buf, plane.bytes())), None, Some((&out.buf, out.bytes())), mask.map(|m| (&m.buf, m.bytes()))];
+            submit(ctx, pl, &[Step { pipe: &pl.stamp_sample, prm, taps: &[], bufs, groups }])?;
+            Ok(self.frame_read_fit(&[&out])?.pop().unwrap_or_default().into_iter().map(f32::from_bits).collect())
+        })();
+        self.frame_release(out);
+        run
+    }
+
+    /// [`stamp_candidates`](crate::subtract::stamps::stamp_candidates) of the pair whose
+    /// planes these are (`template` the image convolved, `science` the other, with their
+    /// variances), on the device: every pixel that passes, in raster order, as (pixel index,
+    /// template value). Only the list comes back.
+    pub fn frame_stamp_candidates(&mut self, template: &GpuPlane, science: &GpuPlane, science_var: &GpuPlane, template_var: Option<&GpuPlane>, scan: &StampScan) -> Result<Vec<(usize, f32)>, EngineError> {
+        let (w, h) = (template.width, template.height);
+        if [science, science_var].into_iter().chain(template_var).any(|p| (p.width, p.height) != (w, h)) {
+            return Err(bad(format!("stamp planes of other sizes than the template's {w}x{h}")));
+        }
+        if scan.r > scan.reach || w <= 2 * scan.reach || h <= 2 * scan.reach {
+            return Ok(Vec::new());
+        }
+        let mut room = FIRST_ROOM;
+        loop {
+            let (found, entries) = self.stamp_scan(template, science, science_var, template_var, scan, room)?;
+            if found <= room {
+                let mut out: Vec<(usize, f32)> = entries.chunks_exact(2).take(found).filter(|e| e[0] != NO_STAR).map(|e| (e[0] as usize, f32::from_bits(e[1]))).collect();
+                out.sort_unstable_by_key(|e| e.0);
+                return Ok(out);
+            }
+            room = found;
+        }
+    }
+
+    /// One scan with room for `room` candidates: how many there were, and the list's entries.
+    fn stamp_scan(&mut self, template: &GpuPlane, science: &GpuPlane, science_var: &GpuPlane, template_var: Option<&GpuPlane>, scan: &StampScan, room: usize) -> Result<(usize, Vec<u32>), EngineError> {
+        let (w, h) = (template.width, template.height);
+        let words = 2 + 2 * room;
+        let list = GpuPlane { buf: self.frame_buffer("blink.frame.stamps", (words * 4) as u64)?, width: words, height: 1, kind: PlaneKind::Mask };
+        let run = (|| {
+            self.ctx.queue.write_buffer(&list.buf, 0, bytemuck::cast_slice(&[0u32, 0u32]));
+            let (ctx, pl) = self.frame_parts()?;
+            let base = FrameParams { radius: scan.r as u32, side: scan.reach as u32, count: room as u32, f0: scan.floor, f1: scan.saturate_template, f2: scan.sky, f3: scan.saturate_science, ..FrameParams::new(w, h) };
+            let (mx, groups) = list_grid(room);
+            let usable = FrameParams { mx, mode: template_var.is_some() as u32, ..base };
+            let lb = Some((&list.buf, list.bytes()));
+            submit(
+                ctx,
+                pl,
+                &[
+                    Step { pipe: &pl.stamp_peaks, prm: base, taps: &[], bufs: [Some((&template.buf, template.bytes())), lb, None, None], groups: pixel_groups(w, h) },
+                    Step {
+                        pipe: &pl.stamp_usable,
+                        prm: usable,
+                        taps: &[],
+                        bufs: [Some((&science.buf, science.bytes())), lb, Some((&science_var.buf, science_var.bytes())), template_var.map(|t| (&t.buf, t.bytes()))],
+                        groups,
+                    },
+                ],
+            )?;
+            let mut words = self.frame_read_fit(&[&list])?.pop().unwrap_or_default();
+            let found = words.first().copied().unwrap_or(0) as usize;
+            Ok((found, words.split_off(2.min(words.len()))))
+        })();
+        self.frame_release(list);
+        run
+    }
+
+    /// The squares of half-side `half` around `centres` (x, y) of each of `planes` (NaN off the
+    /// frame), square after square, row by row: the data of
+    /// [`Squares`](crate::subtract::Squares), one `Vec` a plane, in one read-back.
+    pub fn frame_squares(&mut self, planes: &[&GpuPlane], centres: &[(usize, usize)], half: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+        let Some(first) = planes.first() else { return Ok(Vec::new()) };
+        let (w, h) = (first.width, first.height);
+        if planes.iter().any(|p| (p.width, p.height) != (w, h)) || centres.iter().any(|&(x, y)| x >= w || y >= h) {
+            return Err(bad(format!("squares of planes or centres off a {w}x{h} frame")));
+        }
+        let side = 2 * half + 1;
+        let rows = side * centres.len();
+        let max_groups = self.ctx.limits.max_compute_workgroups_per_dimension as usize;
+        if centres.is_empty() || rows.div_ceil(16) > max_groups {
+            return if centres.is_empty() { Ok(vec![Vec::new(); planes.len()]) } else { Err(bad(format!("{} squares of side {side} in one dispatch", centres.len()))) };
+        }
+        let idx: Vec<u32> = centres.iter().map(|&(x, y)| (y * w + x) as u32).collect();
+        let at = self.frame_buffer("blink.frame.centres", (idx.len() * 4) as u64)?;
+        self.ctx.queue.write_buffer(&at, 0, bytemuck::cast_slice(&idx));
+        let mut outs = Vec::with_capacity(planes.len());
+        let run = (|| {
+            for _ in planes {
+                outs.push(GpuPlane { buf: self.frame_buffer("blink.frame.squares", (rows * side * 4) as u64)?, width: side * side, height: centres.len(), kind: PlaneKind::Values });
+            }
+            let (ctx, pl) = self.frame_parts()?;
+            let prm = FrameParams { radius: half as u32, count: centres.len() as u32, ..FrameParams::new(w, h) };
+            let ab = (&at, (idx.len() * 4) as u64);
+            let steps: Vec<Step> = planes
+                .iter()
+                .zip(&outs)
+                .map(|(p, o)| Step { pipe: &pl.stamp_squares, prm, taps: &[], bufs: [Some((&p.buf, p.bytes())), Some(ab), Some((&o.buf, o.bytes())), None], groups: pixel_groups(side, rows) })
+                .collect();
+            submit(ctx, pl, &steps)?;
+            let read: Vec<&GpuPlane> = outs.iter().collect();
+            Ok(self.frame_read_fit(&read)?.into_iter().map(|v| v.into_iter().map(f32::from_bits).collect()).collect())
+        })();
+        self.pool.release(at);
+        for o in outs {
+            self.frame_release(o);
+        }
+        run
+    }
+}
