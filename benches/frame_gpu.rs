@@ -22,7 +22,7 @@
 //! `BLINK_BENCH_FRAME_SIZES=1024,4096` sets the sides.
 
 use blink::cpu::frame::Profile;
-use blink::detect::al::{prepare_gpu, prepare_gpu_resident, subtract_al, subtract_al_on_device};
+use blink::detect::al::{prepare_gpu, prepare_gpu_device, subtract_al, subtract_al_on_device};
 use blink::detect::frame::{products_gpu_resident, score_image, score_image_gpu, FrameOptions, Prepared};
 use blink::engine::{Engine, GpuEngine};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
@@ -157,11 +157,11 @@ fn bench(c: &mut Criterion) {
             })
         });
         // `blink subtract`'s chain: the prepared planes and the difference kept on the device,
-        // the two images up, the fit's planes and the two products (D, Z) back.
+        // the two images up, the fit's stars and squares and the two products (D, Z) back.
         group.bench_function(format!("e2e/subtract+score on device{tag}"), |b| {
             b.iter(|| {
-                let (a, ra) = prepare_gpu_resident(&mut gpu, &science, &opts).expect("prepare");
-                let (t, rt) = prepare_gpu_resident(&mut gpu, &template, &opts).expect("prepare");
+                let (a, ra) = prepare_gpu_device(&mut gpu, &science, &opts).expect("prepare");
+                let (t, rt) = prepare_gpu_device(&mut gpu, &template, &opts).expect("prepare");
                 let (dd, planes) = subtract_al_on_device(&science, &a, &ra, &template, &t, &rt, &opts, &mut gpu).expect("subtract");
                 let planes = planes.expect("the subtraction stayed on the GPU");
                 let (d, z) = products_gpu_resident(&dd, psf.as_ref(), &mut gpu, &planes).expect("products").expect("a GPU route");

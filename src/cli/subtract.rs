@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::detect::al::{prepare_on_resident, subtract_al, subtract_al_on_device};
+use crate::detect::al::{prepare_on_device, prepare_on_resident, subtract_al, subtract_al_on_device};
 use crate::subtract::decorr::PsfImage;
 use crate::detect::frame::{score_image, subtract, subtract_prepared, FrameOptions, Prepared, FWHM_PER_SIGMA};
 use crate::detect::image::{read_image, robust_stats, write_image, Image};
@@ -152,8 +152,11 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     // (`subtract_al_on_device`): only what the fit and the two products need crosses the bus.
     let mut resident = None;
     let mut diff = if a.method == "al" {
-        let (ps, rs) = prepare_on_resident(engine.frame_gpu(), &science, &opts)?;
-        let (pt, rt) = prepare_on_resident(engine.frame_gpu(), &template, &opts)?;
+        // The prepared planes are not read back (the fit takes its stars from the device),
+        // unless the model-error term needs the model on the host.
+        let prepare = if opts.model_error { prepare_on_resident } else { prepare_on_device };
+        let (mut ps, rs) = prepare(engine.frame_gpu(), &science, &opts)?;
+        let (mut pt, rt) = prepare(engine.frame_gpu(), &template, &opts)?;
         tracing::debug!(prepare_s = t1.elapsed().as_secs_f64(), "sky, variance, seeing of both images");
         let done = match (engine.frame_gpu(), &rs, &rt) {
             (Some(g), Some(rs), Some(rt)) => subtract_al_on_device(&science, &ps, rs, &template, &pt, rt, &opts, g).map(|(d, planes)| {
@@ -163,6 +166,14 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
             (g, _, _) => subtract_al(&science, &ps, &template, &pt, &opts, g),
         };
         if let Some(g) = engine.frame_gpu() {
+            // The Gaussian kernel below works on host planes.
+            if done.is_err() {
+                for (r, p) in [(&rs, &mut ps), (&rt, &mut pt)] {
+                    if let Some(r) = r {
+                        r.fill_host(g, p).map_err(|e| anyhow::anyhow!("reading the prepared planes back from the GPU: {e}"))?;
+                    }
+                }
+            }
             for r in [rs, rt].into_iter().flatten() {
                 r.release(g);
             }

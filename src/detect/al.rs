@@ -74,10 +74,53 @@ enum AfterFit<'a> {
     Prepared(&'a ResidentPrepared, &'a ResidentPrepared, bool),
 }
 
+/// Why [`subtract_al_core`] stopped: an error of the subtraction, or a GPU failure where the
+/// CPU must take over and the prepared planes are not on the host ([`prepare_gpu_device`]).
+enum AlError {
+    Detect(DetectError),
+    NeedHost(String),
+}
+
+impl From<DetectError> for AlError {
+    fn from(e: DetectError) -> AlError {
+        AlError::Detect(e)
+    }
+}
+
 fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, mut gpu: Option<&mut GpuEngine>, mode: AfterFit) -> Result<(Difference, Option<ResidentDifference>), DetectError> {
+    let resident = match mode {
+        AfterFit::Prepared(rs, rt, _) => Some((rs, rt)),
+        _ => None,
+    };
+    match subtract_al_core(science, ps, template, pt, opts, gpu.as_deref_mut(), mode) {
+        Ok(done) => Ok(done),
+        Err(AlError::Detect(e)) => Err(e),
+        Err(AlError::NeedHost(why)) => {
+            // The planes were left on the device: read them back and run on the CPU.
+            let engine_err = |e: crate::engine::EngineError| DetectError::Engine { path: science.path.clone(), message: format!("{why}; reading the prepared planes back: {e}") };
+            let (Some(g), Some((rs, rt))) = (gpu, resident) else { return Err(DetectError::Engine { path: science.path.clone(), message: why }) };
+            tracing::warn!("{why}; the prepared planes read back, on the CPU");
+            let copy = |p: &Prepared| Prepared { fwhm: p.fwhm, sky_subtracted: p.sky_subtracted.clone(), variance: p.variance.clone(), saturated: p.saturated.clone() };
+            let (mut ps2, mut pt2) = (copy(ps), copy(pt));
+            rs.fill_host(g, &mut ps2).map_err(engine_err)?;
+            rt.fill_host(g, &mut pt2).map_err(engine_err)?;
+            match subtract_al_core(science, &ps2, template, &pt2, opts, None, AfterFit::Host) {
+                Ok(done) => Ok(done),
+                Err(AlError::Detect(e)) => Err(e),
+                Err(AlError::NeedHost(why)) => Err(DetectError::Engine { path: science.path.clone(), message: why }),
+            }
+        }
+    }
+}
+
+fn subtract_al_core(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, mut gpu: Option<&mut GpuEngine>, mode: AfterFit) -> Result<(Difference, Option<ResidentDifference>), AlError> {
     let t0 = Instant::now();
     check_same_size(science, template)?;
     let (w, h) = (science.width, science.height);
+    // Whether the prepared planes are on the host (not where `prepare_gpu_device` made them):
+    // without them a GPU failure hands the subtraction back to `subtract_al_on`.
+    let on_host = |p: &Prepared| p.sky_subtracted.len() == w * h && p.variance.len() == w * h;
+    let host_planes = on_host(ps) && on_host(pt);
     let PsfRoles { sig_s, sig_t, convolved_template, sigma_broad, sigma_sharp } = PsfRoles::new(ps, pt);
     let (broad, sharp) = if convolved_template { (ps, pt) } else { (pt, ps) };
     // Masked pixels (NaN, zero variance, saturated) enter as sky (0 after the sky mesh) and are
@@ -124,7 +167,8 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
             let (rb, rsh) = if convolved_template { (*rs, *rt) } else { (*rt, *rs) };
             match fit_on_device(g, rb, rsh, sigma_broad, sigma_sharp, &o) {
                 Ok(done) => Some(done),
-                Err(DeviceFitError::Fit(e)) => return Err(fit_error(e)),
+                Err(DeviceFitError::Fit(e)) => return Err(fit_error(e).into()),
+                Err(DeviceFitError::Gpu(e)) if !host_planes => return Err(AlError::NeedHost(format!("the kernel fit's stars on the GPU failed ({e})"))),
                 Err(DeviceFitError::Gpu(e)) => {
                     tracing::warn!("the kernel fit's stars on the GPU failed ({e}); on the CPU");
                     None
@@ -201,9 +245,13 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
                     tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolution, difference, background and decorrelation on the GPU");
                     return Ok((finish(difference, variance, decorrelated, kc, (var_u, var_c), sol, scale_c), Some(planes)));
                 }
+                Err(e) if !host_planes => return Err(AlError::NeedHost(format!("the subtraction after the fit on the GPU failed ({e})"))),
                 Err(e) => tracing::warn!("the subtraction after the fit on the GPU failed ({e}); on the CPU"),
             }
         }
+    }
+    if !host_planes {
+        return Err(AlError::NeedHost("the prepared planes are on the GPU only".into()));
     }
     let c: &HostClean = host.get_or_insert_with(host_clean);
     let (s_img, s_var) = match host_sharp {
@@ -683,8 +731,20 @@ pub fn prepare_on(mut gpu: Option<&mut GpuEngine>, img: &Image, opts: &FrameOpti
 /// [`prepare_on`], keeping the planes on the GPU where it prepared them there
 /// ([`prepare_gpu_resident`]); `None` on the CPU.
 pub fn prepare_on_resident(gpu: Option<&mut GpuEngine>, img: &Image, opts: &FrameOptions) -> Result<(Prepared, Option<ResidentPrepared>), DetectError> {
+    prepare_on_with(gpu, img, opts, true)
+}
+
+/// [`prepare_on_resident`] without reading the planes back where they are on the GPU
+/// ([`prepare_gpu_device`]: the [`Prepared`]'s `sky_subtracted` and `variance` are empty until
+/// [`ResidentPrepared::fill_host`]); on the CPU, [`Prepared::new`].
+pub fn prepare_on_device(gpu: Option<&mut GpuEngine>, img: &Image, opts: &FrameOptions) -> Result<(Prepared, Option<ResidentPrepared>), DetectError> {
+    prepare_on_with(gpu, img, opts, false)
+}
+
+fn prepare_on_with(gpu: Option<&mut GpuEngine>, img: &Image, opts: &FrameOptions, read_back: bool) -> Result<(Prepared, Option<ResidentPrepared>), DetectError> {
     if let Some(g) = gpu {
-        match prepare_gpu_resident(g, img, opts) {
+        let made = if read_back { prepare_gpu_resident(g, img, opts) } else { prepare_gpu_device(g, img, opts) };
+        match made {
             Ok((p, r)) => return Ok((p, Some(r))),
             Err(e) => tracing::warn!(file = %img.path.display(), "preparing the image on the GPU failed ({e}); on the CPU"),
         }
@@ -720,12 +780,42 @@ impl ResidentPrepared {
             gpu.frame_release(p);
         }
     }
+
+    /// `p`'s host planes read back from these where [`prepare_gpu_device`] left them empty
+    /// (for a path that needs them: the Gaussian kernel, the CPU after a GPU failure).
+    pub fn fill_host(&self, gpu: &mut GpuEngine, p: &mut Prepared) -> Result<(), crate::engine::EngineError> {
+        let n = self.sky_subtracted.width * self.sky_subtracted.height;
+        if p.sky_subtracted.len() == n && p.variance.len() == n {
+            return Ok(());
+        }
+        let mut read = gpu.frame_read_all(&[&self.sky_subtracted, &self.variance])?.into_iter();
+        match (read.next(), read.next()) {
+            (Some(s), Some(v)) if s.len() == n && v.len() == n => {
+                (p.sky_subtracted, p.variance) = (s, v);
+                Ok(())
+            }
+            _ => Err(crate::engine::EngineError::Gpu("prepared planes missing".into())),
+        }
+    }
 }
 
 /// [`prepare_gpu`], keeping the planes on the device as well: one upload, the three planes read
-/// back once for the fit (the saturation mask packed, 1/32 of a plane), and the same three
-/// left on the device.
+/// back once (the saturation mask packed, 1/32 of a plane), and the same three left on the
+/// device.
 pub fn prepare_gpu_resident(gpu: &mut GpuEngine, img: &Image, opts: &FrameOptions) -> Result<(Prepared, ResidentPrepared), DetectError> {
+    let (mut p, planes) = prepare_gpu_device(gpu, img, opts)?;
+    if let Err(e) = planes.fill_host(gpu, &mut p) {
+        planes.release(gpu);
+        return Err(DetectError::Engine { path: img.path.clone(), message: e.to_string() });
+    }
+    Ok((p, planes))
+}
+
+/// [`prepare_gpu_resident`] reading back only the saturation mask (packed): the [`Prepared`]'s
+/// `sky_subtracted` and `variance` are **empty**, the planes on the device only, for a
+/// subtraction that keeps them there ([`subtract_al_on_device`]; its fit takes its stars from
+/// them). [`ResidentPrepared::fill_host`] reads them back where a path needs them.
+pub fn prepare_gpu_device(gpu: &mut GpuEngine, img: &Image, opts: &FrameOptions) -> Result<(Prepared, ResidentPrepared), DetectError> {
     let fwhm = img.fwhm()?;
     let (w, h) = (img.width, img.height);
     let g = img.gain_or_estimate();
@@ -760,19 +850,13 @@ pub fn prepare_gpu_resident(gpu: &mut GpuEngine, img: &Image, opts: &FrameOption
     };
     let planes = ResidentPrepared { sky_subtracted: sky, variance: var, saturated: sat };
     // The saturation mask comes back packed, 32 pixels a word.
-    let read = gpu.frame_read_all(&[&planes.sky_subtracted, &planes.variance]).and_then(|r| Ok((r, gpu.frame_read_mask_packed(&planes.saturated)?)));
-    let (mut read, saturated) = match read {
-        Ok((r, s)) => (r.into_iter(), s),
+    match gpu.frame_read_mask_packed(&planes.saturated) {
+        Ok(saturated) => Ok((Prepared { fwhm, sky_subtracted: Vec::new(), variance: Vec::new(), saturated }, planes)),
         Err(e) => {
             planes.release(gpu);
-            return Err(engine_err(e));
+            Err(engine_err(e))
         }
-    };
-    let (Some(sky_subtracted), Some(variance)) = (read.next(), read.next()) else {
-        planes.release(gpu);
-        return Err(engine_err(crate::engine::EngineError::Gpu("frame planes missing".into())));
-    };
-    Ok((Prepared { fwhm, sky_subtracted, variance, saturated }, planes))
+    }
 }
 
 /// [`subtract_residual_background`] on `gpu` when there is one (and it works), else on the CPU.
