@@ -12,8 +12,8 @@
 //!   the GPU (`detect::al::prepare_gpu`), and the whole Alard–Lupton subtraction
 //!   (`prepare_gpu` ×2, `subtract_al` with the GPU, `score_image_gpu` with the measured PSF,
 //!   read back; the PSF measurement itself is outside the loop), `blink subtract`'s chain with
-//!   the planes kept on the device (`on device`: the two images up, the fit's planes and the
-//!   two products back); at 1024² also the CPU path.
+//!   the planes kept on the device (`on device`: the two images up, the fit's stars and their
+//!   squares and the two products back); at 1024² also the CPU path.
 //! - `transfer/*`: one plane up, one plane back into a new `Vec` and into one reused (bytes
 //!   per second; the two read-backs differ by the host's page faults).
 //!

@@ -127,7 +127,7 @@ run() {
     for n in 1024 4096; do
         for f in "$out"/subtract$n.*.txt; do
             printf '%s² ' "$n"
-            grep -o -E 'prepare_s=[0-9.]+|fit_s=[0-9.]+|convolve_s=[0-9.]+| s=[0-9.]+|score_s=[0-9.]+|planes=[0-9.]+' "$f" | tr '\n' ' '
+            grep -o -E 'prepare_s=[0-9.]+|fit_s=[0-9.]+|convolve_s=[0-9.]+| s=[0-9.]+|score_s=[0-9.]+|planes=[0-9.]+|fit_read_mb=[0-9.]+' "$f" | tr '\n' ' '
             grep -o -E '[0-9.]+ s \([0-9.]+ s reading\); .*' "$f" || echo
         done
     done

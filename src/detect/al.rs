@@ -1,5 +1,6 @@
-//! Frame subtraction with the Alard–Lupton kernel of [`crate::subtract`] (the fit on the CPU,
-//! the rest on a real GPU when there is one): the image with the sharper PSF is convolved with
+//! Frame subtraction with the Alard–Lupton kernel of [`crate::subtract`] (the fit's sums and
+//! solve on the CPU, the rest on a real GPU when there is one, where on resident planes the
+//! fit's stars are found and cut too): the image with the sharper PSF is convolved with
 //! the kernel fitted on stars, so Moffat wings and ellipticity are matched where a single
 //! Gaussian cannot. Same inputs and output as
 //! [`frame::subtract_prepared`](super::frame::subtract_prepared); the score image, peaks and
@@ -19,8 +20,8 @@ use crate::subtract::{fit_kernel, Options, Pair};
 /// Gaussian kernel) when the frame holds too few usable stars.
 ///
 /// With `gpu`, the frame's convolution, its exact variance and the decorrelation filter run on
-/// it (`gpu::kernels::al`); the fit stays on the CPU (see below). A GPU failure falls back to the
-/// CPU with a warning.
+/// it (`gpu::kernels::al`); the fit on the host planes stays on the CPU (see below). A GPU
+/// failure falls back to the CPU with a warning.
 pub fn subtract_al(science: &Image, ps: &Prepared, template: &Image, pt: &Prepared, opts: &FrameOptions, gpu: Option<&mut GpuEngine>) -> Result<Difference, DetectError> {
     subtract_al_with(science, ps, template, pt, opts, gpu, true)
 }
@@ -41,8 +42,10 @@ pub fn subtract_al_with(science: &Image, ps: &Prepared, template: &Image, pt: &P
 /// ([`prepare_gpu_resident`]: `rs` the science's, `rt` the template's): after the fit, nothing
 /// is uploaded (the masks and cleaned planes are made on the device), and the difference's
 /// planes stay there for [`score_image_gpu_resident`](super::frame::score_image_gpu_resident),
-/// which then uploads nothing either. The fit still reads the prepared planes on the host
-/// (`ps`, `pt`). Same numbers as [`subtract_al`] with the GPU, bit for bit
+/// which then uploads nothing either. The fit takes its stars from the device too
+/// (`DeviceStamps`: only their list and squares come back), so `ps` and `pt` need not hold
+/// their planes ([`prepare_gpu_device`]; where they do not and the GPU fails, they are read
+/// back and the CPU finishes). Same numbers as [`subtract_al`] with the GPU, bit for bit
 /// (`frame_parity::resident_subtraction_moves_fewer_planes`). The planes are `None` where the
 /// GPU failed and the CPU finished the subtraction (with a warning); release them with
 /// [`ResidentDifference::release`].

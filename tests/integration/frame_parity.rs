@@ -467,7 +467,7 @@ fn resident_subtraction_moves_fewer_planes() {
         same("flux error", &got_sc.flux_err, &want_sc.flux_err);
         assert_eq!(got_sc.psf_peak, want_sc.psf_peak, "{test}: {what}");
         // Uploads: the two images only, against ten planes through the host; read-backs: the
-        // same (the fit's four planes and two saturation masks packed 32 pixels a word, the
+        // same (the prepared images' four planes and two saturation masks packed 32 pixels a word, the
         // four of the difference, the score's three).
         // `blink subtract`'s path: the difference stays on the device and only its two products
         // come back, the same pixels as made on the host from the planes read back.
