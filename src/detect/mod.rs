@@ -224,8 +224,10 @@ impl Detector {
         check_registration(&science, template)?;
         let tp = Instant::now();
         // On a real GPU the prepared planes stay there through the subtraction and the score
-        // (`al::subtract_al_resident`): only the science frame goes up.
-        let (sprep, sres) = al::prepare_on_resident(self.engine.frame_gpu(), &science, &self.options)?;
+        // (`al::subtract_al_resident`, whose fit takes its stars from there): only the science
+        // frame goes up, and its prepared planes come back only for the Gaussian kernel.
+        let prepare = if self.options.method == frame::Method::AlardLupton { al::prepare_on_device } else { al::prepare_on_resident };
+        let (mut sprep, sres) = prepare(self.engine.frame_gpu(), &science, &self.options)?;
         let science_prepare = tp.elapsed();
         let mut resident = None;
         let al = match self.options.method {
@@ -248,7 +250,9 @@ impl Detector {
             frame::Method::Gaussian => None,
         };
         if let (Some(r), Some(g)) = (sres, self.engine.frame_gpu()) {
+            let filled = if al.is_none() { r.fill_host(g, &mut sprep) } else { Ok(()) };
             r.release(g);
+            filled.map_err(|e| DetectError::Engine { path: science.path.clone(), message: format!("reading the prepared planes back from the GPU: {e}") })?;
         }
         let mut diff = match al {
             Some(d) => d,

@@ -224,8 +224,16 @@ fn the_gpu_frame_kernels_give_the_cpu_catalogue() {
     assert_eq!(cpu.frames.len(), 2);
     // Whole planes up: the template once and each frame, nothing else (a fall-back on the
     // host's planes would upload six more a frame).
-    let up = traffic.lock().unwrap_or_else(|e| e.into_inner()).uploaded;
-    assert_eq!(up, 3 * 320 * 320 * 4, "{} planes uploaded", up as f64 / (320.0 * 320.0 * 4.0));
+    let t = *traffic.lock().unwrap_or_else(|e| e.into_inner());
+    let plane = 320 * 320 * 4;
+    assert_eq!(t.uploaded, 3 * plane, "{} planes uploaded", t.uploaded as f64 / plane as f64);
+    // Whole planes back: the template's prepared planes once (its sky-subtracted image and
+    // variance), each frame's difference, variance, decorrelated pair and three score planes,
+    // and the three saturation masks packed; not the frames' prepared planes (the fit takes its
+    // stars from the device).
+    let packed = (320 * 320usize).div_ceil(32) as u64 * 4;
+    assert_eq!(t.read_back, (2 + 2 * 7) * plane + 3 * packed, "{} planes read back", t.read_back as f64 / plane as f64);
+    assert!(t.fit_read > 0, "the fits read no stars from the device");
     // Scores agree within a few per cent, not to round-off: the GPU convolves the variance
     // exactly, the CPU with ΣK²·(G ⊗ V) (`detect::al`), which moves bright sources' scores by
     // 0.2–1.5% and a few by up to 5% (measured on this night).
