@@ -21,6 +21,13 @@
 //   (side = 2 · radius + 1, invocation (sx, k · side + sy)), NaN off the frame.
 // - `stamp_sample`: s2[k] = s0[k · side] for k < count (invocation (x, y) with k = y · mx + x);
 //   with mode 1, 0 where the mask s3 (u32 bits read through f32) is set.
+// - `sample_hist` (workgroups of 256, invocation k = (group.y · mx + group.x) · 256 + local):
+//   of the samples s0[k · side] (k < count; with mode 1, none where the mask s3 is set) that
+//   are finite and > 0, those whose bits above bit `radius` + 8 equal `mesh` (all of them when
+//   `radius` is 24) are counted by their 8 bits from bit `radius` into s1[0..256] (zeroed by
+//   the host). Four passes (radius 24, 16, 8, 0) give the k-th smallest exactly: a radix
+//   select on the bits, which order positive floats as their values. CPU twin:
+//   `detect::frame::median_of_variances` of the sample.
 // FrameParams `prm`, WG_X/WG_Y/MAX_TAPS and the uniform `taps` come from
 // shaders/frame/shared/frame_params.wgsl, prepended.
 @group(0) @binding(2) var<storage, read_write> s0: array<f32>;
@@ -164,4 +171,30 @@ fn stamp_sample(@builtin(global_invocation_id) id: vec3<u32>) {
         v = 0.0;
     }
     s2[k] = v;
+}
+
+var<workgroup> bins: array<atomic<u32>, 256>;
+
+@compute @workgroup_size(256, 1, 1)
+fn sample_hist(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    atomicStore(&bins[li], 0u);
+    workgroupBarrier();
+    let k = (wg.y * prm.mx + wg.x) * 256u + li;
+    if (k < prm.count) {
+        let i = k * prm.side;
+        let v = s0[i];
+        let masked = prm.mode == 1u && bitcast<u32>(s3[i]) != 0u;
+        if (!masked && finite(v) && v > 0.0) {
+            let b = bitcast<u32>(v);
+            let sh = prm.radius;
+            if (sh >= 24u || (b >> (sh + 8u)) == prm.mesh) {
+                atomicAdd(&bins[(b >> sh) & 255u], 1u);
+            }
+        }
+    }
+    workgroupBarrier();
+    let c = atomicLoad(&bins[li]);
+    if (c > 0u) {
+        atomicAdd(&s1[li], c);
+    }
 }

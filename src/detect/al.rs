@@ -163,7 +163,7 @@ fn subtract_al_core(science: &Image, ps: &Prepared, template: &Image, pt: &Prepa
     let tf = Instant::now();
     let fit_error = |e: crate::subtract::SubtractError| DetectError::Engine { path: science.path.clone(), message: format!("Alard–Lupton kernel: {e}") };
     // The fit: on resident planes, from the stars the GPU finds there (only their squares come
-    // back; the variances' medians from samples); else, or if the GPU fails, on the host
+    // back; the variances' medians found there too); else, or if the GPU fails, on the host
     // planes. The same stars and pixels either way, so the same kernel, bit for bit.
     let on_device = match (&mode, gpu.as_deref_mut()) {
         (AfterFit::Prepared(rs, rt, _), Some(g)) => {
@@ -385,7 +385,7 @@ enum DeviceFitError {
 
 /// The kernel fitted on the stars the GPU finds on the resident planes (`broad` the image not
 /// convolved), with the two variances' medians ([`median_variance`] of the broad variance as
-/// the fit cleans it, [`median_variance_unmasked`] of the sharp one) from samples taken there:
+/// the fit cleans it, [`median_variance_unmasked`] of the sharp one) found there:
 /// what [`subtract_al`] computes from host planes, bit for bit, without reading them.
 fn fit_on_device(gpu: &mut GpuEngine, broad: &ResidentPrepared, sharp: &ResidentPrepared, sigma_broad: f64, sigma_sharp: f64, o: &Options) -> Result<(crate::subtract::KernelSolution, (f64, f64)), DeviceFitError> {
     use crate::subtract::SubtractError;
@@ -446,12 +446,13 @@ impl<'g> DeviceStamps<'g> {
 
     /// The medians of the variances [`subtract_al`] decorrelates with: the broad variance as
     /// the fit cleans it, the sharp one (`sharp_variance`, resident) with its own mask zeroed,
-    /// each sampled every 7th pixel as [`median_variance`] samples.
+    /// each sampled every 7th pixel as [`median_variance`] samples (the median found on the
+    /// device, `frame_sample_median`).
     fn variance_medians(&mut self, sharp_variance: &GpuPlane) -> Result<(f64, f64), crate::subtract::SubtractError> {
         let gpu_err = |e: crate::engine::EngineError| crate::subtract::SubtractError::Gpu(e.to_string());
-        let u = self.gpu.frame_sample(&self.planes[2], 7, None).map_err(gpu_err)?;
-        let c = self.gpu.frame_sample(sharp_variance, 7, Some(&self.planes[5])).map_err(gpu_err)?;
-        Ok((super::frame::median_of_variances(u), super::frame::median_of_variances(c)))
+        let u = self.gpu.frame_sample_median(&self.planes[2], 7, None).map_err(gpu_err)?;
+        let c = self.gpu.frame_sample_median(sharp_variance, 7, Some(&self.planes[5])).map_err(gpu_err)?;
+        Ok((u, c))
     }
 
     fn release(self) {

@@ -225,8 +225,10 @@ impl Detector {
         let tp = Instant::now();
         // On a real GPU the prepared planes stay there through the subtraction and the score
         // (`al::subtract_al_resident`, whose fit takes its stars from there): only the science
-        // frame goes up, and its prepared planes come back only for the Gaussian kernel.
-        let prepare = if self.options.method == frame::Method::AlardLupton { al::prepare_on_device } else { al::prepare_on_resident };
+        // frame goes up, and its prepared planes come back only for the Gaussian kernel (and
+        // the model-error term, which needs the model on the host).
+        let on_device = self.options.method == frame::Method::AlardLupton && !self.options.model_error;
+        let prepare = if on_device { al::prepare_on_device } else { al::prepare_on_resident };
         let (mut sprep, sres) = prepare(self.engine.frame_gpu(), &science, &self.options)?;
         let science_prepare = tp.elapsed();
         let mut resident = None;

@@ -653,6 +653,29 @@ fn stamp_kernels_match_their_twins() {
     let got = g.frame_sample(&gsv, 7, Some(&gm)).unwrap_or_else(|e| panic!("{test}: {e}"));
     let want: Vec<f32> = sv.iter().zip(&mask).step_by(7).map(|(v, m)| if *m { 0.0 } else { *v }).collect();
     assert!(got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{test}: masked sample");
+    // The median of the sample's positive finite values, found on the device by its bits: the
+    // variances (NaN, ±∞, zero and negative sprinkled in), masked or not, every 7th pixel or
+    // every one; a plane of five values (ties everywhere); none positive gives 0.
+    use blink::detect::frame::median_variance;
+    let masked: Vec<f32> = sv.iter().zip(&mask).map(|(v, m)| if *m { 0.0 } else { *v }).collect();
+    let lower_median = |v: &[f32]| {
+        let mut p: Vec<f32> = v.iter().copied().filter(|x| *x > 0.0 && x.is_finite()).collect();
+        p.sort_by(f32::total_cmp);
+        p.get(p.len().saturating_sub(1) / 2).map_or(0.0, |m| *m as f64)
+    };
+    let gz = g.frame_upload(&vec![-1.0f32; side * side], side, side).unwrap_or_else(|e| panic!("{e}"));
+    let five: Vec<f32> = (0..side * side).map(|_| [0.5f32, 1.0, 2.0, 2.0, 3.0, f32::NAN][rng.gen_range(0..6)]).collect();
+    let g5 = g.frame_upload(&five, side, side).unwrap_or_else(|e| panic!("{e}"));
+    for (what, plane, m, step, want) in [
+        ("every 7th", &gsv, None, 7, median_variance(&sv)),
+        ("every 7th, masked", &gsv, Some(&gm), 7, median_variance(&masked)),
+        ("every one", &gsv, None, 1, lower_median(&sv)),
+        ("ties", &g5, None, 1, lower_median(&five)),
+        ("none positive", &gz, None, 7, 0.0),
+    ] {
+        let got = g.frame_sample_median(plane, step, m).unwrap_or_else(|e| panic!("{test}: {what}: {e}"));
+        assert_eq!(got.to_bits(), want.to_bits(), "{test}: median, {what}: GPU {got}, CPU {want}");
+    }
 }
 
 /// Planes left on the device (`prepare_gpu_device`): a pair without stars fails the fit as the

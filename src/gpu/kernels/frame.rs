@@ -164,6 +164,7 @@ pub struct FramePipelines {
     pub(super) stamp_usable: wgpu::ComputePipeline,
     pub(super) stamp_squares: wgpu::ComputePipeline,
     pub(super) stamp_sample: wgpu::ComputePipeline,
+    pub(super) sample_hist: wgpu::ComputePipeline,
     /// `al_convolve` on resident planes (its own layout), built on first use: it needs more
     /// workgroup memory than the rest.
     al: Option<(wgpu::BindGroupLayout, wgpu::ComputePipeline)>,
@@ -250,6 +251,7 @@ impl FramePipelines {
             stamp_usable: pipeline(&stamps, "stamp_usable"),
             stamp_squares: pipeline(&stamps, "stamp_squares"),
             stamp_sample: pipeline(&stamps, "stamp_sample"),
+            sample_hist: pipeline(&stamps, "sample_hist"),
             al: None,
             layout,
             dummy,
