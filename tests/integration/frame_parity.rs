@@ -557,8 +557,8 @@ fn nan_unless_matches_the_twin() {
 }
 
 /// `stamp_peaks` + `stamp_usable` (`frame_stamps.wgsl`) against `stamp_candidates`, the
-/// `stamp_squares` kernel against `Squares::from_pair` and `stamp_sample` against `step_by`:
-/// equal, bit for bit. The planes are a star pair's with ±∞, NaN, saturated cores, zero and
+/// `stamp_squares` kernel against `Squares::from_pair`, `stamp_sample` against `step_by` and
+/// `sample_hist`'s median against `median_variance`: equal, bit for bit. The planes are a star pair's with ±∞, NaN, saturated cores, zero and
 /// negative variances sprinkled in; the scan is run once as the fit runs it and once with the
 /// floor at the sky on a noisy frame, where the candidates overflow the kernel's first list.
 #[test]
