@@ -181,8 +181,13 @@ fn subtract_al_core(science: &Image, ps: &Prepared, template: &Image, pt: &Prepa
         _ => None,
     };
     let mut host = None;
+    // The fit's planes on the device, for `post_fit_gpu` (released below if it does not run).
+    let mut fit_planes = None;
     let (sol, device_medians) = match on_device {
-        Some((sol, medians)) => (sol, Some(medians)),
+        Some((sol, medians, planes)) => {
+            fit_planes = Some(planes);
+            (sol, Some(medians))
+        }
         None => {
             let c: &HostClean = host.insert(host_clean());
             let (s_fit, s_fit_var) = (clean_with(&sharp.sky_subtracted, &c.bad), clean_with(&sharp.variance, &c.bad));
@@ -239,11 +244,11 @@ fn subtract_al_core(science: &Image, ps: &Prepared, template: &Image, pt: &Prepa
                 let (s_img, s_var) = host_sharp.insert(sharp_cleaned(c));
                 Some(PostFitSource::Host(PostFitInput { broad: &c.b_img, sharp: s_img, broad_var: &c.b_var, sharp_var: s_var, bad_u: &c.bad_u, bad_c: &c.bad_c, w, h }))
             }
-            AfterFit::Prepared(rs, rt, _) => Some(if convolved_template { PostFitSource::Resident(rs, rt) } else { PostFitSource::Resident(rt, rs) }),
+            AfterFit::Prepared(rs, rt, _) => Some(if convolved_template { PostFitSource::Resident(rs, rt, fit_planes.take()) } else { PostFitSource::Resident(rt, rs, fit_planes.take()) }),
         };
         let read_back = !matches!(mode, AfterFit::Prepared(_, _, false));
         if let Some(src) = src {
-            match post_fit_gpu(g, &sol, &kc, &src, (m, m2), (var_u, var_c), opts, read_back) {
+            match post_fit_gpu(g, &sol, &kc, src, (m, m2), (var_u, var_c), opts, read_back) {
                 Ok((difference, variance, decorrelated, planes)) => {
                     tracing::debug!(convolve_s = tc.elapsed().as_secs_f64(), "AL: convolution, difference, background and decorrelation on the GPU");
                     return Ok((finish(difference, variance, decorrelated, kc, (var_u, var_c), sol, scale_c), Some(planes)));
@@ -252,6 +257,9 @@ fn subtract_al_core(science: &Image, ps: &Prepared, template: &Image, pt: &Prepa
                 Err(e) => tracing::warn!("the subtraction after the fit on the GPU failed ({e}); on the CPU"),
             }
         }
+    }
+    if let (Some(f), Some(g)) = (fit_planes.take(), gpu.as_deref_mut()) {
+        f.release(g);
     }
     if !host_planes {
         return Err(AlError::NeedHost("the prepared planes are on the GPU only".into()));
@@ -386,59 +394,60 @@ enum DeviceFitError {
 /// The kernel fitted on the stars the GPU finds on the resident planes (`broad` the image not
 /// convolved), with the two variances' medians ([`median_variance`] of the broad variance as
 /// the fit cleans it, [`median_variance_unmasked`] of the sharp one) found there:
-/// what [`subtract_al`] computes from host planes, bit for bit, without reading them.
-fn fit_on_device(gpu: &mut GpuEngine, broad: &ResidentPrepared, sharp: &ResidentPrepared, sigma_broad: f64, sigma_sharp: f64, o: &Options) -> Result<(crate::subtract::KernelSolution, (f64, f64)), DeviceFitError> {
+/// what [`subtract_al`] computes from host planes, bit for bit, without reading them. The
+/// fit's planes are handed on for [`post_fit_gpu`], which needs the broad ones and the masks
+/// as they are.
+fn fit_on_device(gpu: &mut GpuEngine, broad: &ResidentPrepared, sharp: &ResidentPrepared, sigma_broad: f64, sigma_sharp: f64, o: &Options) -> Result<(crate::subtract::KernelSolution, (f64, f64), FitPlanes), DeviceFitError> {
     use crate::subtract::SubtractError;
-    let mut src = DeviceStamps::new(gpu, broad, sharp).map_err(|e| DeviceFitError::Gpu(e.to_string()))?;
-    let fitted = crate::subtract::fit_kernel_from(&mut src, sigma_broad, sigma_sharp, o, &mut crate::subtract::CpuGrams);
-    let medians = fitted.as_ref().ok().map(|_| src.variance_medians(&sharp.variance));
-    src.release();
+    let fit = FitPlanes::new(gpu, broad, sharp).map_err(|e| DeviceFitError::Gpu(e.to_string()))?;
+    let fitted = crate::subtract::fit_kernel_from(&mut DeviceStamps { gpu, fit: &fit }, sigma_broad, sigma_sharp, o, &mut crate::subtract::CpuGrams);
+    let medians = fitted.as_ref().ok().map(|_| fit.variance_medians(gpu, &sharp.variance));
     match (fitted, medians) {
-        (Err(SubtractError::Gpu(e)), _) | (Ok(_), Some(Err(SubtractError::Gpu(e)))) => Err(DeviceFitError::Gpu(e)),
-        (Err(e), _) | (Ok(_), Some(Err(e))) => Err(DeviceFitError::Fit(e)),
-        (Ok(sol), Some(Ok(m))) => Ok((sol, m)),
-        (Ok(_), None) => Err(DeviceFitError::Gpu("no variance medians".into())),
+        (Ok(sol), Some(Ok(m))) => Ok((sol, m, fit)),
+        (fitted, medians) => {
+            fit.release(gpu);
+            Err(match (fitted, medians) {
+                (Err(SubtractError::Gpu(e)), _) | (Ok(_), Some(Err(SubtractError::Gpu(e)))) => DeviceFitError::Gpu(e),
+                (Err(e), _) | (Ok(_), Some(Err(e))) => DeviceFitError::Fit(e),
+                _ => DeviceFitError::Gpu("no variance medians".into()),
+            })
+        }
     }
 }
 
-/// The Alard–Lupton fit's stars found where the prepared planes stay, on the GPU
-/// (`shaders/frame/frame_stamps.wgsl`): the four planes the fit sees are made there as
-/// [`subtract_al`] makes them on the host (the broad and the sharp image and their variances,
-/// zeroed where either image cannot be used), and only the stars' list, a sample of the
-/// template for its sky, and the squares around the stars come back.
-struct DeviceStamps<'g> {
-    gpu: &'g mut GpuEngine,
-    /// The fit's planes in [`crate::subtract::Plane::ALL`]'s order (broad, sharp, broad
-    /// variance, sharp variance), then the two images' own masks (broad, sharp).
+/// The four planes the Alard–Lupton fit sees, made on the GPU from the resident prepared planes
+/// as [`subtract_al`] makes them on the host (the broad and the sharp image and their
+/// variances, zeroed where either image cannot be used), and the two images' own masks.
+struct FitPlanes {
+    /// In [`crate::subtract::Plane::ALL`]'s order (broad, sharp, broad variance, sharp
+    /// variance), then the masks (broad, sharp).
     planes: Vec<GpuPlane>,
     width: usize,
     height: usize,
 }
 
-impl<'g> DeviceStamps<'g> {
-    fn new(gpu: &'g mut GpuEngine, broad: &ResidentPrepared, sharp: &ResidentPrepared) -> Result<DeviceStamps<'g>, crate::engine::EngineError> {
+impl FitPlanes {
+    fn new(gpu: &mut GpuEngine, broad: &ResidentPrepared, sharp: &ResidentPrepared) -> Result<FitPlanes, crate::engine::EngineError> {
         let (width, height) = (broad.sky_subtracted.width, broad.sky_subtracted.height);
-        let mut d = DeviceStamps { gpu, planes: Vec::with_capacity(6), width, height };
+        let mut f = FitPlanes { planes: Vec::with_capacity(6), width, height };
         let made = (|| {
             for p in [&broad.sky_subtracted, &sharp.sky_subtracted, &broad.variance, &sharp.variance] {
-                let q = d.gpu.frame_copy(p)?;
-                d.planes.push(q);
+                f.planes.push(gpu.frame_copy(p)?);
             }
             for r in [broad, sharp] {
-                let m = d.gpu.frame_bad_mask(&r.sky_subtracted, &r.variance, &r.saturated)?;
-                d.planes.push(m);
+                f.planes.push(gpu.frame_bad_mask(&r.sky_subtracted, &r.variance, &r.saturated)?);
             }
             for k in 0..4 {
                 for m in [4, 5] {
-                    d.gpu.frame_mask_zero(&d.planes[k], &d.planes[m])?;
+                    gpu.frame_mask_zero(&f.planes[k], &f.planes[m])?;
                 }
             }
             Ok(())
         })();
         match made {
-            Ok(()) => Ok(d),
+            Ok(()) => Ok(f),
             Err(e) => {
-                d.release();
+                f.release(gpu);
                 Err(e)
             }
         }
@@ -448,43 +457,51 @@ impl<'g> DeviceStamps<'g> {
     /// the fit cleans it, the sharp one (`sharp_variance`, resident) with its own mask zeroed,
     /// each sampled every 7th pixel as [`median_variance`] samples (the median found on the
     /// device, `frame_sample_median`).
-    fn variance_medians(&mut self, sharp_variance: &GpuPlane) -> Result<(f64, f64), crate::subtract::SubtractError> {
+    fn variance_medians(&self, gpu: &mut GpuEngine, sharp_variance: &GpuPlane) -> Result<(f64, f64), crate::subtract::SubtractError> {
         let gpu_err = |e: crate::engine::EngineError| crate::subtract::SubtractError::Gpu(e.to_string());
-        let u = self.gpu.frame_sample_median(&self.planes[2], 7, None).map_err(gpu_err)?;
-        let c = self.gpu.frame_sample_median(sharp_variance, 7, Some(&self.planes[5])).map_err(gpu_err)?;
+        let u = gpu.frame_sample_median(&self.planes[2], 7, None).map_err(gpu_err)?;
+        let c = gpu.frame_sample_median(sharp_variance, 7, Some(&self.planes[5])).map_err(gpu_err)?;
         Ok((u, c))
     }
 
-    fn release(self) {
+    fn release(self, gpu: &mut GpuEngine) {
         for p in self.planes {
-            self.gpu.frame_release(p);
+            gpu.frame_release(p);
         }
     }
 }
 
+/// The Alard–Lupton fit's stars found where the prepared planes stay, on the GPU
+/// (`shaders/frame/frame_stamps.wgsl`), on the fit's planes: only the stars' list, a sample of
+/// the template for its sky, and the squares around the stars come back.
+struct DeviceStamps<'a> {
+    gpu: &'a mut GpuEngine,
+    fit: &'a FitPlanes,
+}
+
 impl crate::subtract::StampSource for DeviceStamps<'_> {
     fn size(&self) -> (usize, usize) {
-        (self.width, self.height)
+        (self.fit.width, self.fit.height)
     }
 
     fn select(&mut self, kernel_half: usize, opts: &crate::subtract::StampOptions) -> Result<Vec<crate::subtract::Stamp>, crate::subtract::SubtractError> {
         use crate::subtract::stamps::{pick_per_cell, scan_step, StampScan};
         let gpu_err = |e: crate::engine::EngineError| crate::subtract::SubtractError::Gpu(e.to_string());
-        let Some(step) = scan_step(self.width, self.height, kernel_half, opts) else { return Ok(Vec::new()) };
-        let sample = self.gpu.frame_sample(&self.planes[1], step, None).map_err(gpu_err)?;
+        let Some(step) = scan_step(self.fit.width, self.fit.height, kernel_half, opts) else { return Ok(Vec::new()) };
+        let sample = self.gpu.frame_sample(&self.fit.planes[1], step, None).map_err(gpu_err)?;
         let Some(scan) = StampScan::new(kernel_half, opts, sample) else { return Ok(Vec::new()) };
-        let p = &self.planes;
+        let p = &self.fit.planes;
         let found = self.gpu.frame_stamp_candidates(&p[1], &p[0], &p[2], Some(&p[3]), &scan).map_err(gpu_err)?;
-        Ok(pick_per_cell(&found, self.width, self.height, &scan, opts))
+        Ok(pick_per_cell(&found, self.fit.width, self.fit.height, &scan, opts))
     }
 
     fn around(&mut self, stamps: &[crate::subtract::Stamp], half: usize) -> Result<Box<dyn crate::subtract::Planes + '_>, crate::subtract::SubtractError> {
         let centres: Vec<(usize, usize)> = stamps.iter().map(|s| (s.x, s.y)).collect();
-        let planes: Vec<&GpuPlane> = self.planes[..4].iter().collect();
+        let planes: Vec<&GpuPlane> = self.fit.planes[..4].iter().collect();
         let mut data = self.gpu.frame_squares(&planes, &centres, half).map_err(|e| crate::subtract::SubtractError::Gpu(e.to_string()))?.into_iter();
         let mut next = || data.next().unwrap_or_default();
         let data = [next(), next(), next(), next()];
-        Ok(Box::new(crate::subtract::Squares { width: self.width, height: self.height, half, centres, data }))
+        Ok(Box::new(crate::subtract::Squares { width: self.fit.width, height: self.fit.height, half, centres, data }))
     }
 }
 
@@ -505,7 +522,9 @@ struct PostFitInput<'a> {
 /// from the two images' resident prepared planes (broad, sharp), so nothing is uploaded.
 enum PostFitSource<'a> {
     Host(PostFitInput<'a>),
-    Resident(&'a ResidentPrepared, &'a ResidentPrepared),
+    /// With the fit's planes where the fit was made on the device: its broad image, variance
+    /// and masks are what is needed here, so they are taken over, not made again.
+    Resident(&'a ResidentPrepared, &'a ResidentPrepared, Option<FitPlanes>),
 }
 
 /// What [`post_fit_gpu`] reads back: the difference, its variance, and the decorrelated pair;
@@ -547,7 +566,7 @@ fn post_fit_gpu(
     g: &mut GpuEngine,
     sol: &crate::subtract::KernelSolution,
     kc: &[f64],
-    src: &PostFitSource,
+    src: PostFitSource,
     (m, m2): (f64, f64),
     (var_u, var_c): (f64, f64),
     opts: &FrameOptions,
@@ -559,6 +578,8 @@ fn post_fit_gpu(
     let mut arena = Vec::new();
     let result = (|| {
         let r = sol.half() as i64;
+        // (plane, mask) pairs: the plane zeroed where the mask is set, once all are made.
+        let mut zero: Vec<(usize, usize)> = Vec::new();
         let mut keep = |q: crate::gpu::kernels::frame::GpuPlane| {
             arena.push(q);
             arena.len() - 1
@@ -577,23 +598,33 @@ fn post_fit_gpu(
                     keep(g.frame_upload_mask(p.bad_c, w, h)?),
                 )
             }
-            PostFitSource::Resident(broad, sharp) => {
-                let mu = keep(g.frame_bad_mask(&broad.sky_subtracted, &broad.variance, &broad.saturated)?);
-                let mc = keep(g.frame_bad_mask(&sharp.sky_subtracted, &sharp.variance, &sharp.saturated)?);
-                let b = keep(g.frame_copy(&broad.sky_subtracted)?);
-                let bv = keep(g.frame_copy(&broad.variance)?);
+            PostFitSource::Resident(broad, sharp, fit) => {
+                let (b, bv, mu, mc) = match fit {
+                    // The fit's: the broad image and its variance cleaned by both masks already.
+                    Some(f) => {
+                        let [b, sf, bv, sfv, mu, mc]: [GpuPlane; 6] = f.planes.try_into().map_err(|_| EngineError::Gpu("the fit's planes went missing".into()))?;
+                        g.frame_release(sf);
+                        g.frame_release(sfv);
+                        (keep(b), keep(bv), keep(mu), keep(mc))
+                    }
+                    None => {
+                        let mu = keep(g.frame_bad_mask(&broad.sky_subtracted, &broad.variance, &broad.saturated)?);
+                        let mc = keep(g.frame_bad_mask(&sharp.sky_subtracted, &sharp.variance, &sharp.saturated)?);
+                        let b = keep(g.frame_copy(&broad.sky_subtracted)?);
+                        let bv = keep(g.frame_copy(&broad.variance)?);
+                        zero.extend([(b, mu), (b, mc), (bv, mu), (bv, mc)]);
+                        (b, bv, mu, mc)
+                    }
+                };
                 let s = keep(g.frame_copy(&sharp.sky_subtracted)?);
                 let sv = keep(g.frame_copy(&sharp.variance)?);
+                zero.extend([(s, mc), (sv, mc)]);
                 (b, s, bv, sv, mu, mc)
             }
         };
         let _ = keep;
-        if let PostFitSource::Resident(..) = src {
-            for (plane, masks) in [(b, &[mu, mc][..]), (bv, &[mu, mc][..]), (s, &[mc][..]), (sv, &[mc][..])] {
-                for &q in masks {
-                    g.frame_mask_zero(&arena[plane], &arena[q])?;
-                }
-            }
+        for (plane, q) in zero {
+            g.frame_mask_zero(&arena[plane], &arena[q])?;
         }
         let model = g.frame_al_convolve(&term_kernels(sol), sol.half(), sol.spatial_order, &arena[s])?;
         arena.push(model);
