@@ -495,13 +495,13 @@ impl crate::subtract::StampSource for DeviceStamps<'_> {
         Ok(pick_per_cell(&found, self.fit.width, self.fit.height, &scan, opts))
     }
 
-    fn around(&mut self, stamps: &[crate::subtract::Stamp], half: usize) -> Result<Box<dyn crate::subtract::Planes + '_>, crate::subtract::SubtractError> {
+    fn around(&mut self, stamps: &[crate::subtract::Stamp], halves: [usize; 4]) -> Result<Box<dyn crate::subtract::Planes + '_>, crate::subtract::SubtractError> {
         let centres: Vec<(usize, usize)> = stamps.iter().map(|s| (s.x, s.y)).collect();
-        let planes: Vec<&GpuPlane> = self.fit.planes[..4].iter().collect();
-        let mut data = self.gpu.frame_squares(&planes, &centres, half).map_err(|e| crate::subtract::SubtractError::Gpu(e.to_string()))?.into_iter();
+        let planes: Vec<(&GpuPlane, usize)> = self.fit.planes[..4].iter().zip(halves).collect();
+        let mut data = self.gpu.frame_squares(&planes, &centres).map_err(|e| crate::subtract::SubtractError::Gpu(e.to_string()))?.into_iter();
         let mut next = || data.next().unwrap_or_default();
         let data = [next(), next(), next(), next()];
-        Ok(Box::new(crate::subtract::Squares { width: self.fit.width, height: self.fit.height, half, centres, data }))
+        Ok(Box::new(crate::subtract::Squares { width: self.fit.width, height: self.fit.height, halves, centres, data }))
     }
 }
 

@@ -208,8 +208,9 @@ fn fit_on(src: &mut dyn StampSource, basis: &Basis, opts: &Options, grams: &mut 
     let stamps = src.select(basis.half, &opts.stamps)?;
     let mut fit = opts.fit.clone();
     fit.spatial_order = spatial_order_for(fit.spatial_order, stamps.len());
-    let reach = basis.half + opts.stamps.margin + basis.half;
-    let planes = src.around(&stamps, reach)?;
+    // The stamp's pixels, and the template's out to the kernel's reach beyond them.
+    let r = basis.half + opts.stamps.margin;
+    let planes = src.around(&stamps, [r, r + basis.half, r, r])?;
     solve::fit_with(&*planes, basis, &stamps, &fit, grams)
 }
 
@@ -229,7 +230,7 @@ fn wants_wide(src: &mut dyn StampSource, half: usize, sigma_broad: f64, opts: &O
     }
     let (r_in, r_out) = (half as f64, half as f64 + WING_ANNULUS);
     let stars = src.select((r_out as usize).saturating_sub(opts.stamps.margin).max(1), &opts.stamps)?;
-    let planes = src.around(&stars, r_out.ceil() as usize)?;
+    let planes = src.around(&stars, [r_out.ceil() as usize; 4])?;
     let wings = stamps::wings(&*planes, &stars, r_in, r_out, sigma_broad);
     let wide = wings.is_some_and(|g| g.ring_snr >= opts.basis.wide_min_ring_snr);
     tracing::debug!(?wings, half, wide, "AL: wing test");
@@ -351,9 +352,9 @@ mod tests {
             Ok(select_stamps(&self.pair, kernel_half, opts))
         }
 
-        fn around(&mut self, stamps: &[Stamp], half: usize) -> Result<Box<dyn Planes + '_>, SubtractError> {
+        fn around(&mut self, stamps: &[Stamp], halves: [usize; 4]) -> Result<Box<dyn Planes + '_>, SubtractError> {
             let centres: Vec<(usize, usize)> = stamps.iter().map(|s| (s.x, s.y)).collect();
-            Ok(Box::new(Squares::from_pair(&self.pair, &centres, half - self.less)))
+            Ok(Box::new(Squares::from_pair(&self.pair, &centres, halves.map(|h| h - self.less))))
         }
     }
 
@@ -380,7 +381,7 @@ mod tests {
         let (w, h) = (37usize, 23usize);
         let planes: Vec<Vec<f32>> = (0..4).map(|k| (0..w * h).map(|i| (k * 1000 + i) as f32).collect()).collect();
         let pair = Pair { width: w, height: h, science: &planes[0], template: &planes[1], science_variance: &planes[2], template_variance: Some(&planes[3]) };
-        let sq = Squares::from_pair(&pair, &[(5, 5), (1, 20), (30, 10)], 4);
+        let sq = Squares::from_pair(&pair, &[(5, 5), (1, 20), (30, 10)], [4; 4]);
         sq.check().unwrap();
         for p in Plane::ALL {
             // Inside a square: the plane's row.

@@ -244,13 +244,15 @@ impl Planes for Pair<'_> {
     }
 }
 
-/// Squares of half-side `half` around stars, of the four planes of a `width × height` pair
-/// (NaN off the frame): all a fit on those stars reads.
+/// Squares around stars of the four planes of a `width × height` pair, each plane's of its own
+/// half-side (NaN off the frame): all a fit on those stars reads (the template out to the
+/// kernel's reach, the others to the stamp's edge).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Squares {
     pub width: usize,
     pub height: usize,
-    pub half: usize,
+    /// Half-side of each plane's squares, in [`Plane::ALL`]'s order.
+    pub halves: [usize; 4],
     /// The squares' centres (x, y).
     pub centres: Vec<(usize, usize)>,
     /// Per plane (in [`Plane::ALL`]'s order) the squares one after the other, row by row;
@@ -260,10 +262,10 @@ pub struct Squares {
 
 impl Squares {
     /// Cut from the whole planes of `pair` (the CPU twin of the `stamp_squares` kernel).
-    pub fn from_pair(pair: &Pair, centres: &[(usize, usize)], half: usize) -> Squares {
+    pub fn from_pair(pair: &Pair, centres: &[(usize, usize)], halves: [usize; 4]) -> Squares {
         let (w, h) = (pair.width, pair.height);
-        let side = 2 * half + 1;
-        let cut = |p: &[f32]| {
+        let cut = |p: &[f32], half: usize| {
+            let side = 2 * half + 1;
             let mut out = Vec::with_capacity(centres.len() * side * side);
             for &(cx, cy) in centres {
                 for sy in 0..side {
@@ -279,14 +281,10 @@ impl Squares {
         Squares {
             width: w,
             height: h,
-            half,
+            halves,
             centres: centres.to_vec(),
-            data: [cut(pair.science), cut(pair.template), cut(pair.science_variance), pair.template_variance.map(cut).unwrap_or_default()],
+            data: [cut(pair.science, halves[0]), cut(pair.template, halves[1]), cut(pair.science_variance, halves[2]), pair.template_variance.map(|v| cut(v, halves[3])).unwrap_or_default()],
         }
-    }
-
-    fn side(&self) -> usize {
-        2 * self.half + 1
     }
 }
 
@@ -301,18 +299,19 @@ impl Planes for Squares {
 
     /// From the first square that holds the whole run.
     fn row(&self, plane: Plane, x0: usize, y: usize, len: usize) -> Option<&[f32]> {
-        let (half, side) = (self.half, self.side());
-        let data = &self.data[Plane::ALL.iter().position(|p| *p == plane)?];
+        let p = Plane::ALL.iter().position(|q| *q == plane)?;
+        let half = self.halves[p];
+        let side = 2 * half + 1;
         let k = self.centres.iter().position(|&(cx, cy)| y + half >= cy && y <= cy + half && x0 + half >= cx && x0 + len <= cx + half + 1)?;
         let (cx, cy) = self.centres[k];
         let at = k * side * side + (y + half - cy) * side + (x0 + half - cx);
-        data.get(at..at + len)
+        self.data[p].get(at..at + len)
     }
 
     fn check(&self) -> Result<(), SubtractError> {
-        let want = self.centres.len() * self.side() * self.side();
-        match self.data.iter().enumerate().find(|(i, d)| d.len() != want && !(*i == 3 && d.is_empty())) {
-            Some((i, d)) => Err(SubtractError::Shape { what: format!("{:?} squares hold {} values, {want} expected", Plane::ALL[i], d.len()) }),
+        let want = |i: usize| self.centres.len() * (2 * self.halves[i] + 1).pow(2);
+        match self.data.iter().enumerate().find(|(i, d)| d.len() != want(*i) && !(*i == 3 && d.is_empty())) {
+            Some((i, d)) => Err(SubtractError::Shape { what: format!("{:?} squares hold {} values, {} expected", Plane::ALL[i], d.len(), want(i)) }),
             None => Ok(()),
         }
     }
@@ -326,9 +325,9 @@ pub trait StampSource {
     fn size(&self) -> (usize, usize);
     /// [`select_stamps`]'s stamps.
     fn select(&mut self, kernel_half: usize, opts: &StampOptions) -> Result<Vec<Stamp>, SubtractError>;
-    /// The planes around `stamps` out to `half` pixels from each centre: what the fit on those
-    /// stamps reads.
-    fn around(&mut self, stamps: &[Stamp], half: usize) -> Result<Box<dyn Planes + '_>, SubtractError>;
+    /// The planes around `stamps`, each out to its half-side of `halves` (in [`Plane::ALL`]'s
+    /// order) from each centre: what the fit on those stamps reads.
+    fn around(&mut self, stamps: &[Stamp], halves: [usize; 4]) -> Result<Box<dyn Planes + '_>, SubtractError>;
 }
 
 impl StampSource for Pair<'_> {
@@ -340,7 +339,7 @@ impl StampSource for Pair<'_> {
         Ok(select_stamps(self, kernel_half, opts))
     }
 
-    fn around(&mut self, _stamps: &[Stamp], _half: usize) -> Result<Box<dyn Planes + '_>, SubtractError> {
+    fn around(&mut self, _stamps: &[Stamp], _halves: [usize; 4]) -> Result<Box<dyn Planes + '_>, SubtractError> {
         Ok(Box::new(*self))
     }
 }

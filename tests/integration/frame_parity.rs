@@ -640,12 +640,12 @@ fn stamp_kernels_match_their_twins() {
     let mut centres: Vec<(usize, usize)> = stamp_candidates(&pair, &scan).iter().map(|c| (c.0 % side, c.0 / side)).collect();
     centres.extend([(0, 0), (side - 1, 0), (0, side - 1), (side - 1, side - 1), (3, 128), (128, side - 2)]);
     centres.extend((0..10).map(|_| (rng.gen_range(0..side), rng.gen_range(0..side))));
-    let half = rng.gen_range(5..25);
-    let want = Squares::from_pair(&pair, &centres, half);
-    let got = g.frame_squares(&[&gs, &gt, &gsv, &gtv], &centres, half).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let halves: [usize; 4] = std::array::from_fn(|_| rng.gen_range(5..25));
+    let want = Squares::from_pair(&pair, &centres, halves);
+    let got = g.frame_squares(&[(&gs, halves[0]), (&gt, halves[1]), (&gsv, halves[2]), (&gtv, halves[3])], &centres).unwrap_or_else(|e| panic!("{test}: {e}"));
     for (k, (a, b)) in got.iter().zip(&want.data).enumerate() {
         let d = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
-        assert!(a.len() == b.len() && d.is_none(), "{test}: squares of plane {k} (half {half}): first difference at {d:?}");
+        assert!(a.len() == b.len() && d.is_none(), "{test}: squares of plane {k} (halves {halves:?}): first difference at {d:?}");
     }
     // The sample with a mask: zero where it is set.
     let mask: Vec<bool> = (0..side * side).map(|_| rng.gen_bool(0.3)).collect();

@@ -151,36 +151,41 @@ impl GpuEngine {
         run
     }
 
-    /// The squares of half-side `half` around `centres` (x, y) of each of `planes` (NaN off the
-    /// frame), square after square, row by row: the data of
+    /// The squares around `centres` (x, y) of each of `planes`, each plane's of its own
+    /// half-side (NaN off the frame), square after square, row by row: the data of
     /// [`Squares`](crate::subtract::Squares), one `Vec` a plane, in one read-back.
-    pub fn frame_squares(&mut self, planes: &[&GpuPlane], centres: &[(usize, usize)], half: usize) -> Result<Vec<Vec<f32>>, EngineError> {
-        let Some(first) = planes.first() else { return Ok(Vec::new()) };
+    pub fn frame_squares(&mut self, planes: &[(&GpuPlane, usize)], centres: &[(usize, usize)]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let Some((first, _)) = planes.first() else { return Ok(Vec::new()) };
         let (w, h) = (first.width, first.height);
-        if planes.iter().any(|p| (p.width, p.height) != (w, h)) || centres.iter().any(|&(x, y)| x >= w || y >= h) {
+        if planes.iter().any(|(p, _)| (p.width, p.height) != (w, h)) || centres.iter().any(|&(x, y)| x >= w || y >= h) {
             return Err(bad(format!("squares of planes or centres off a {w}x{h} frame")));
         }
-        let side = 2 * half + 1;
-        let rows = side * centres.len();
+        if centres.is_empty() {
+            return Ok(vec![Vec::new(); planes.len()]);
+        }
         let max_groups = self.ctx.limits.max_compute_workgroups_per_dimension as usize;
-        if centres.is_empty() || rows.div_ceil(16) > max_groups {
-            return if centres.is_empty() { Ok(vec![Vec::new(); planes.len()]) } else { Err(bad(format!("{} squares of side {side} in one dispatch", centres.len()))) };
+        if let Some((_, half)) = planes.iter().find(|(_, half)| ((2 * half + 1) * centres.len()).div_ceil(16) > max_groups) {
+            return Err(bad(format!("{} squares of half-side {half} in one dispatch", centres.len())));
         }
         let idx: Vec<u32> = centres.iter().map(|&(x, y)| (y * w + x) as u32).collect();
         let at = self.frame_buffer("blink.frame.centres", (idx.len() * 4) as u64)?;
         self.ctx.queue.write_buffer(&at, 0, bytemuck::cast_slice(&idx));
         let mut outs = Vec::with_capacity(planes.len());
         let run = (|| {
-            for _ in planes {
-                outs.push(GpuPlane { buf: self.frame_buffer("blink.frame.squares", (rows * side * 4) as u64)?, width: side * side, height: centres.len(), kind: PlaneKind::Values });
+            for (_, half) in planes {
+                let side = 2 * half + 1;
+                outs.push(GpuPlane { buf: self.frame_buffer("blink.frame.squares", (centres.len() * side * side * 4) as u64)?, width: side * side, height: centres.len(), kind: PlaneKind::Values });
             }
             let (ctx, pl) = self.frame_parts()?;
-            let prm = FrameParams { radius: half as u32, count: centres.len() as u32, ..FrameParams::new(w, h) };
             let ab = (&at, (idx.len() * 4) as u64);
             let steps: Vec<Step> = planes
                 .iter()
                 .zip(&outs)
-                .map(|(p, o)| Step { pipe: &pl.stamp_squares, prm, taps: &[], bufs: [Some((&p.buf, p.bytes())), Some(ab), Some((&o.buf, o.bytes())), None], groups: pixel_groups(side, rows) })
+                .map(|((p, half), o)| {
+                    let side = 2 * half + 1;
+                    let prm = FrameParams { radius: *half as u32, count: centres.len() as u32, ..FrameParams::new(w, h) };
+                    Step { pipe: &pl.stamp_squares, prm, taps: &[], bufs: [Some((&p.buf, p.bytes())), Some(ab), Some((&o.buf, o.bytes())), None], groups: pixel_groups(side, side * centres.len()) }
+                })
                 .collect();
             submit(ctx, pl, &steps)?;
             let read: Vec<&GpuPlane> = outs.iter().collect();
