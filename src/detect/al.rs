@@ -103,8 +103,7 @@ fn subtract_al_on(science: &Image, ps: &Prepared, template: &Image, pt: &Prepare
             let engine_err = |e: crate::engine::EngineError| DetectError::Engine { path: science.path.clone(), message: format!("{why}; reading the prepared planes back: {e}") };
             let (Some(g), Some((rs, rt))) = (gpu, resident) else { return Err(DetectError::Engine { path: science.path.clone(), message: why }) };
             tracing::warn!("{why}; the prepared planes read back, on the CPU");
-            let copy = |p: &Prepared| Prepared { fwhm: p.fwhm, sky_subtracted: p.sky_subtracted.clone(), variance: p.variance.clone(), saturated: p.saturated.clone() };
-            let (mut ps2, mut pt2) = (copy(ps), copy(pt));
+            let (mut ps2, mut pt2) = (ps.clone(), pt.clone());
             rs.fill_host(g, &mut ps2).map_err(engine_err)?;
             rt.fill_host(g, &mut pt2).map_err(engine_err)?;
             match subtract_al_core(science, &ps2, template, &pt2, opts, None, AfterFit::Host) {

@@ -20,6 +20,14 @@ const FIRST_ROOM: usize = 16_384;
 /// Entries with this index were found unusable by `stamp_usable`.
 const NO_STAR: u32 = u32::MAX;
 
+/// How many pixels a sample of `plane` every `step` pixels takes, checked against `mask`.
+fn sample_count(plane: &GpuPlane, step: usize, mask: Option<&GpuPlane>) -> Result<usize, EngineError> {
+    if step == 0 || mask.is_some_and(|m| (m.width, m.height) != (plane.width, plane.height)) {
+        return Err(bad(format!("a sample every {step} pixels of a {}x{} plane", plane.width, plane.height)));
+    }
+    Ok((plane.width * plane.height).div_ceil(step))
+}
+
 /// Dispatch grid of `count` invocations numbered `k = y · mx + x`: (mx, workgroups).
 fn list_grid(count: usize) -> (u32, (u32, u32)) {
     let mx = count.clamp(1, 1024);
@@ -30,11 +38,7 @@ impl GpuEngine {
     /// `plane`'s pixels `0, step, 2·step, …` (as `plane.iter().step_by(step)`), with `mask`
     /// 0 where it is set. The samples a median or the stamps' sky is taken from.
     pub fn frame_sample(&mut self, plane: &GpuPlane, step: usize, mask: Option<&GpuPlane>) -> Result<Vec<f32>, EngineError> {
-        let n = plane.width * plane.height;
-        if step == 0 || mask.is_some_and(|m| (m.width, m.height) != (plane.width, plane.height)) {
-            return Err(bad(format!("a sample every {step} pixels of a {}x{} plane", plane.width, plane.height)));
-        }
-        let count = n.div_ceil(step);
+        let count = sample_count(plane, step, mask)?;
         let out = GpuPlane { buf: self.frame_buffer("blink.frame.sample", (count * 4) as u64)?, width: count, height: 1, kind: PlaneKind::Values };
         let run = (|| {
             let (ctx, pl) = self.frame_parts()?;
@@ -53,11 +57,7 @@ impl GpuEngine {
     /// [`GpuEngine::frame_sample`]'s sample, exactly, from four 256-bin histograms of the
     /// values' bits (a radix select; 4 KB read back instead of the sample).
     pub fn frame_sample_median(&mut self, plane: &GpuPlane, step: usize, mask: Option<&GpuPlane>) -> Result<f64, EngineError> {
-        let n = plane.width * plane.height;
-        if step == 0 || mask.is_some_and(|m| (m.width, m.height) != (plane.width, plane.height)) {
-            return Err(bad(format!("a sample every {step} pixels of a {}x{} plane", plane.width, plane.height)));
-        }
-        let count = n.div_ceil(step);
+        let count = sample_count(plane, step, mask)?;
         let groups = count.div_ceil(256);
         let gx = groups.clamp(1, 1024);
         let hist = GpuPlane { buf: self.frame_buffer("blink.frame.histogram", 256 * 4)?, width: 256, height: 1, kind: PlaneKind::Mask };
