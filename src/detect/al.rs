@@ -159,6 +159,7 @@ fn subtract_al_core(science: &Image, ps: &Prepared, template: &Image, pt: &Prepa
     let given = given.filter(|a| a.is_finite() && *a > 0.0);
     let scale_source = if given.is_some() { source } else { ScaleSource::Kernel };
     o.fit.fixed_scale = given.map(|a| if convolved_template { a } else { 1.0 / a });
+    o.fit.regularization = opts.kernel_regularization;
     let tf = Instant::now();
     let fit_error = |e: crate::subtract::SubtractError| DetectError::Engine { path: science.path.clone(), message: format!("Alard–Lupton kernel: {e}") };
     // The fit: on resident planes, from the stars the GPU finds there (only their squares come

@@ -382,6 +382,23 @@ fn subtract_writes_the_difference_and_a_unit_score_image() {
     let (code, err) = blink(&fargs);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--flux-scale 0 is not a positive number"), "{err}");
+    // The kernel's ridge reaches the fit (another kernel, another difference); out of 0..1 it
+    // is refused.
+    let ridge = dir.join("diff-ridge.fits");
+    let mut rargs = args.to_vec();
+    rargs[6] = ridge.to_str().unwrap();
+    rargs.truncate(7);
+    rargs.extend(["--engine", "cpu", "--kernel-regularization", "1e-4"]);
+    let (code, err) = blink(&rargs);
+    assert_eq!(code, 0, "{err}");
+    let (_, _, diff_ridge, _) = read_fits(&ridge);
+    assert_eq!(diff_ridge.iter().filter(|v| v.is_nan()).count(), diff.iter().filter(|v| v.is_nan()).count());
+    assert!(diff_ridge.iter().zip(&diff).any(|(a, b)| a.is_finite() && a != b), "the same difference with the ridge 1e-4");
+    rargs.pop();
+    rargs.push("2");
+    let (code, err) = blink(&rargs);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--kernel-regularization") && err.contains("2 is not between 0 and 1"), "{err}");
     // The Gaussian kernel on the engine takes the zero points.
     let mut gargs = args.to_vec();
     gargs.extend(["--method", "gaussian"]);
