@@ -282,6 +282,7 @@ mod tests {
         }
         chi2
     }
+
     /// [`wing_pair`] with more of the harness's hard pairs: the broad image's fluxes ×
     /// `broad_flux` and its stars moved by `shift` px, sky variances of their own, the sharp
     /// profile `sharp(r, x)` free to change across the frame (`x` in 0..1), and each pixel the
@@ -479,4 +480,3 @@ mod tests {
         }
     }
 }
-
