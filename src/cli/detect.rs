@@ -49,6 +49,12 @@ pub struct DetectOptionsArgs {
     /// have the frame `stack:<window>:<last frame>` in the catalogue (docs/stacking.md).
     #[arg(long, default_value = "1,3,10,30")]
     pub stack_windows: String,
+    /// Relative ridge on the Alard–Lupton kernel's coefficients (as `blink subtract`'s). The
+    /// default 1e-2 suits nights of faint stars; 1e-4 takes away the residuals at the cores of
+    /// stars of 10⁶ e⁻ and more, but on the default simulated night it adds false positives
+    /// (docs/detections.md).
+    #[arg(long, default_value_t = 1e-2, value_parser = super::kernel_regularization)]
+    pub kernel_regularization: f64,
 }
 
 impl DetectOptionsArgs {
@@ -61,7 +67,7 @@ impl DetectOptionsArgs {
         }
         let method = self.method.parse().map_err(|e: String| anyhow::anyhow!(e))?;
         let stack_windows = crate::detect::stacking::parse_windows(&self.stack_windows).map_err(|e| anyhow::anyhow!("--stack-windows: {e}"))?;
-        Ok(FrameOptions { threshold: self.threshold, tile: self.tile, method, stack_windows, ..FrameOptions::default() })
+        Ok(FrameOptions { threshold: self.threshold, tile: self.tile, method, stack_windows, kernel_regularization: self.kernel_regularization, ..FrameOptions::default() })
     }
 }
 

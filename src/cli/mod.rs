@@ -103,6 +103,15 @@ pub struct EngineArgs {
 }
 
 /// The engine asked for with `--engine` (default auto).
+/// `--kernel-regularization` of `subtract`, `detect` and `bench`: a number in 0..1.
+pub fn kernel_regularization(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && (0.0..=1.0).contains(&x) => Ok(x),
+        Ok(x) => Err(format!("{x} is not between 0 and 1")),
+        Err(e) => Err(format!("{v:?} is not a number: {e}")),
+    }
+}
+
 pub fn engine_preference(args: &EngineArgs) -> anyhow::Result<crate::engine::EnginePreference> {
     Ok(args.engine.as_deref().unwrap_or("auto").parse()?)
 }

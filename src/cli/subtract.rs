@@ -95,18 +95,10 @@ pub struct SubtractArgs {
     /// kernel fitted on faint stars from fitting their noise; it also shrinks the kernel by
     /// about that fraction, which shows at the cores of stars of 10⁶ e⁻ and more as residuals
     /// of −5 to −10σ. For pairs with such stars, 1e-4 takes them away (docs/detections.md).
-    #[arg(long, default_value_t = 1e-2, value_parser = regularization)]
+    #[arg(long, default_value_t = 1e-2, value_parser = super::kernel_regularization)]
     pub kernel_regularization: f64,
     #[command(flatten)]
     pub engine: super::EngineArgs,
-}
-
-fn regularization(v: &str) -> Result<f64, String> {
-    match v.parse::<f64>() {
-        Ok(x) if x.is_finite() && (0.0..=1.0).contains(&x) => Ok(x),
-        Ok(x) => Err(format!("{x} is not between 0 and 1")),
-        Err(e) => Err(format!("{v:?} is not a number: {e}")),
-    }
 }
 
 fn apply(img: &mut Image, gain: Option<f64>, read_noise: Option<f64>, seeing: Option<f64>, saturate: Option<f64>) -> anyhow::Result<()> {

@@ -81,7 +81,7 @@ pub struct FrameOptions {
     /// unchanged; but on the default simulated night, whose stars are faint, the kernel then
     /// fits noise: unflagged false positives per frame 6.87 → 9.33, completeness at SNR ≥ 10
     /// 0.997 → 0.995, 10-night stacks 6.29 → 6.86 false positives and 64 of 65 slow transients.
-    /// `blink subtract --kernel-regularization`.
+    /// `--kernel-regularization` of `blink subtract`, `detect` and `bench`.
     pub kernel_regularization: f64,
     /// Windows, nights, over which `Detector::detect_night` stacks each field's and band's
     /// differences and detects on the stacks (`detect::stacking`); empty: no stacking.

@@ -276,6 +276,15 @@ fn folders_that_are_not_nights_get_an_error_naming_the_file() {
     assert_eq!(code, 0, "{err}");
     let text = std::fs::read_to_string(out).unwrap();
     assert!(text.starts_with(blink::detect::catalog::HEADER), "{text}");
+    // The kernel's ridge reaches detect's fits (other fluxes in the catalogue); out of 0..1 it
+    // is refused.
+    let ridge = dir.join("det-ridge.csv");
+    let (code, err) = blink(&["detect", d, "--out", ridge.to_str().unwrap(), "--engine", "cpu", "-q", "--kernel-regularization", "1e-4"]);
+    assert_eq!(code, 0, "{err}");
+    assert_ne!(std::fs::read_to_string(&ridge).unwrap(), text, "the same catalogue with the ridge 1e-4");
+    let (code, err) = blink(&["detect", d, "--out", out, "--kernel-regularization", "1.5"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--kernel-regularization") && err.contains("1.5 is not between 0 and 1"), "{err}");
 
     // No manifest.
     let empty = tmp("empty");
