@@ -53,7 +53,7 @@ pub struct DetectOptionsArgs {
     /// default 1e-2 suits nights of faint stars; 1e-4 takes away the residuals at the cores of
     /// stars of 10⁶ e⁻ and more, but on the default simulated night it adds false positives
     /// (docs/detections.md).
-    #[arg(long, default_value_t = 1e-2, value_parser = super::kernel_regularization)]
+    #[arg(long, default_value_t = crate::subtract::FitOptions::default().regularization, value_parser = super::kernel_regularization)]
     pub kernel_regularization: f64,
 }
 

@@ -95,7 +95,7 @@ pub struct SubtractArgs {
     /// kernel fitted on faint stars from fitting their noise; it also shrinks the kernel by
     /// about that fraction, which shows at the cores of stars of 10⁶ e⁻ and more as residuals
     /// of −5 to −10σ. For pairs with such stars, 1e-4 takes them away (docs/detections.md).
-    #[arg(long, default_value_t = 1e-2, value_parser = super::kernel_regularization)]
+    #[arg(long, default_value_t = crate::subtract::FitOptions::default().regularization, value_parser = super::kernel_regularization)]
     pub kernel_regularization: f64,
     #[command(flatten)]
     pub engine: super::EngineArgs,
