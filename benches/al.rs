@@ -42,6 +42,7 @@ fn solution(rng: &mut StdRng, side: usize) -> KernelSolution {
         iterations: 1,
         chi2: 1.0,
         ridge: 0.0,
+        regularization: blink::subtract::FitOptions::default().regularization,
     }
 }
 

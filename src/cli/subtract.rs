@@ -257,13 +257,16 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     }
     tracing::debug!(score_s = ts.elapsed().as_secs_f64(), "score image");
     let work = t1.elapsed();
-    let numbers = [
+    let mut numbers = vec![
         ("FWHM_SCI", diff.sigma_science * FWHM_PER_SIGMA, "science PSF FWHM used, px"),
         ("FWHM_TPL", diff.sigma_template * FWHM_PER_SIGMA, "template PSF FWHM used, px"),
         ("FWHM_DIF", diff.sigma_difference * FWHM_PER_SIGMA, "difference PSF FWHM (matched filter), px"),
         ("KSIGMA", diff.kernel_sigma, "Gaussian matching kernel sigma, px"),
         ("FSCALE", diff.scale, "flux scale science / template"),
     ];
+    if let Some(sol) = &diff.kernel_solution {
+        numbers.push(("KRIDGE", sol.regularization, "relative ridge of the Alard-Lupton fit"));
+    }
     let texts = [
         ("CONVOLVD", if diff.convolved_template { "template" } else { "science" }.to_string(), "image convolved"),
         ("FSCALSRC", diff.scale_source.name().to_string(), "where the flux scale came from"),
@@ -280,13 +283,14 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let sample: Vec<f32> = z.iter().step_by(3).copied().filter(|v| v.is_finite()).collect();
     let sigma = robust_stats(&sample).map(|(_, s)| s).unwrap_or(f32::NAN);
     eprintln!(
-        "{}x{}: FWHM science {:.2} px, template {:.2} px; convolved the {} (kernel sigma {:.2} px); flux scale {:.4} ({}); score sigma {:.3}; {:.2} s ({:.2} s reading); {}",
+        "{}x{}: FWHM science {:.2} px, template {:.2} px; convolved the {} (kernel sigma {:.2} px{}); flux scale {:.4} ({}); score sigma {:.3}; {:.2} s ({:.2} s reading); {}",
         w,
         h,
         diff.sigma_science * FWHM_PER_SIGMA,
         diff.sigma_template * FWHM_PER_SIGMA,
         if diff.convolved_template { "template" } else { "science" },
         diff.kernel_sigma,
+        diff.kernel_solution.as_ref().map(|k| format!(", ridge {:e}", k.regularization)).unwrap_or_default(),
         diff.scale,
         diff.scale_source.name(),
         sigma,

@@ -124,6 +124,9 @@ pub struct KernelSolution {
     pub chi2: f64,
     /// Ridge added to the (unit-diagonal) normal matrix to solve it; 0 normally.
     pub ridge: f64,
+    /// The relative ridge on the kernel's coefficients this fit used
+    /// ([`FitOptions::regularization`]).
+    pub regularization: f64,
 }
 
 /// One stamp's data: the template cutout and its convolved basis images, the science pixels,
@@ -737,6 +740,7 @@ fn unpack(basis: &Basis, width: usize, height: usize, opts: &FitOptions, lay: &L
         iterations: 0,
         chi2: f64::NAN,
         ridge: 0.0,
+        regularization: opts.regularization,
     }
 }
 

@@ -69,6 +69,7 @@ fn random_solution(rng: &mut StdRng, w: usize, h: usize, sharp: f64, broad: f64)
         iterations: 1,
         chi2: 1.0,
         ridge: 0.0,
+        regularization: blink::subtract::FitOptions::default().regularization,
     }
 }
 

@@ -372,6 +372,9 @@ fn subtract_writes_the_difference_and_a_unit_score_image() {
     let hdu = f.primary_hdu().unwrap();
     // Both headers have MAGZP: the kernel's sum is held at their ratio, the shape fitted.
     assert_eq!(hdu.read_key::<String>(&mut f, "FSCALSRC").unwrap(), "zero points");
+    // The ridge the fit used, as `--kernel-regularization` left it.
+    assert_eq!(hdu.read_key::<f64>(&mut f, "KRIDGE").unwrap(), blink::subtract::FitOptions::default().regularization);
+    assert!(err.contains(&format!("ridge {:e}", blink::subtract::FitOptions::default().regularization)), "{err}");
     let a: f64 = hdu.read_key(&mut f, "FSCALE").unwrap();
     let zp = |p: &Path| blink::detect::image::read_image(p).unwrap().header.zero_point.unwrap();
     let want = 10f64.powf(0.4 * (zp(&sci) - zp(&tpl)));
@@ -400,7 +403,9 @@ fn subtract_writes_the_difference_and_a_unit_score_image() {
     rargs.extend(["--engine", "cpu", "--kernel-regularization", "1e-4"]);
     let (code, err) = blink(&rargs);
     assert_eq!(code, 0, "{err}");
-    let (_, _, diff_ridge, _) = read_fits(&ridge);
+    assert!(err.contains("ridge 1e-4"), "{err}");
+    let (_, _, diff_ridge, mut fr) = read_fits(&ridge);
+    assert_eq!(fr.primary_hdu().unwrap().read_key::<f64>(&mut fr, "KRIDGE").unwrap(), 1e-4);
     assert_eq!(diff_ridge.iter().filter(|v| v.is_nan()).count(), diff.iter().filter(|v| v.is_nan()).count());
     assert!(diff_ridge.iter().zip(&diff).any(|(a, b)| a.is_finite() && a != b), "the same difference with the ridge 1e-4");
     rargs.pop();
