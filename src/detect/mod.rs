@@ -299,6 +299,7 @@ impl Detector {
             zero_point: science.header.zero_point,
             wcs: template.header.wcs.or(science.header.wcs),
             aperture_correction: aperture_correction.unwrap_or(1.0),
+            convolved_science: (!diff.convolved_template).then(|| frame::ConvolvedScience { data: &science.data, gain: science.gain_or_estimate(), sigma: diff.sigma_science }),
         };
         let detections = frame::find_peaks(&diff, &sc, &meta, self.options.threshold);
         let sample: Vec<f32> =
