@@ -201,7 +201,7 @@ pub struct FalsePositiveStats {
     pub total: FpCounts,
     /// Mean over every listed frame; None without frames.
     pub per_frame_mean: Option<FpRates>,
-    /// Those of `total` that carry an artifact flag (sharp, dipole, saturated, masked): what a
+    /// Those of `total` that carry an artifact flag (sharp, streak, dipole, saturated, masked, residual): what a
     /// flag cut would remove.
     pub flagged: FpCounts,
     pub by_timescale: BTreeMap<String, TimescaleFp>,

@@ -21,9 +21,12 @@ pub mod flags {
     pub const DIPOLE: u32 = 32;
     /// Elongated far beyond the PSF: a cosmic-ray track or a satellite trail.
     pub const STREAK: u32 = 64;
+    /// Beside a bright star of the template and a small fraction of its flux: what the
+    /// subtraction left of the star (`detect::sources`).
+    pub const RESIDUAL: u32 = 128;
 
     /// Every flag with its name, in the order they are written.
-    pub const NAMES: [(u32, &str); 7] = [
+    pub const NAMES: [(u32, &str); 8] = [
         (EDGE, "edge"),
         (MASKED, "masked"),
         (SATURATED, "saturated"),
@@ -31,6 +34,7 @@ pub mod flags {
         (SHARP, "sharp"),
         (DIPOLE, "dipole"),
         (STREAK, "streak"),
+        (RESIDUAL, "residual"),
     ];
 
     /// `edge|sharp`-style text for a set of flags.
@@ -50,7 +54,7 @@ pub mod flags {
 }
 
 /// Flags that mark a detection as probably not astrophysical (artifact tests).
-pub const ARTIFACT_FLAGS: u32 = flags::SHARP | flags::STREAK | flags::DIPOLE | flags::SATURATED | flags::MASKED;
+pub const ARTIFACT_FLAGS: u32 = flags::SHARP | flags::STREAK | flags::DIPOLE | flags::SATURATED | flags::MASKED | flags::RESIDUAL;
 
 /// One detection: a local extremum of the score image above threshold.
 #[derive(Debug, Clone, PartialEq)]

@@ -779,6 +779,9 @@ pub struct FrameMeta<'a> {
     /// The science frame's own pixels where it was the image convolved, for the `sharp` test
     /// ([`sharp_in_science`]); `None` where the template was convolved, and on stacks.
     pub convolved_science: Option<ConvolvedScience<'a>>,
+    /// The template's point sources and the factor from the template's flux units to the
+    /// difference's, for the `residual` flag ([`super::sources`]); `None`: no such flag.
+    pub point_sources: Option<(&'a super::sources::PointSources, f64)>,
 }
 
 /// A science frame that was convolved by the matching kernel, as read (ADU, sky included).
@@ -1004,6 +1007,15 @@ fn measure(diff: &Difference, sc: &ScoreImage, meta: &FrameMeta, x: usize, y: us
     }
     let ac = meta.aperture_correction;
     let flux = sc.flux[i] as f64 / ac;
+    // Beside a bright star and a small share of its flux: the star's residual. Its reach from
+    // the width of the PSF the score used (a stack's is its own, not its last frame's): the
+    // Gaussian of the same centre value.
+    if let Some((sources, scale)) = meta.point_sources {
+        let width = if sc.psf_peak > 0.0 && sc.psf_peak < 1.0 { FWHM_PER_SIGMA / (2.0 * std::f64::consts::PI * sc.psf_peak).sqrt() } else { fwhm };
+        if sources.is_residual(px, py, flux, scale, super::sources::RESIDUAL_REACH_FWHM * width) {
+            fl |= flags::RESIDUAL;
+        }
+    }
     let (ra, dec) = match meta.wcs {
         Some(wcs) => {
             let (r, d) = wcs.pixel_to_sky(px, py);

@@ -14,7 +14,7 @@ use crate::sim::night::wcs::TanWcs;
 pub const MAX_PIXELS: usize = 1 << 28;
 
 /// What the header says about an image, with the reader's fallbacks applied.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ImageHeader {
     /// Start of the exposure, MJD; `None` without a time key (detection on a night needs one,
     /// `blink subtract` does not).

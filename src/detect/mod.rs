@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod frame;
 pub mod image;
 pub mod psf;
+pub mod sources;
 pub mod stacking;
 
 use std::path::{Path, PathBuf};
@@ -177,6 +178,8 @@ pub struct Detector {
     /// and its prepared planes where they were made on a GPU (kept there for every frame of it).
     template: Option<(Image, frame::Prepared)>,
     template_resident: Option<al::ResidentPrepared>,
+    /// The cached template's point sources (the `residual` flag).
+    template_sources: sources::PointSources,
     /// Stacks of the night being detected (`detect_night`), and the stacks its frames ended.
     stacker: Option<stacking::FrameStacker>,
     stacks: Vec<stacking::StackResult>,
@@ -184,7 +187,16 @@ pub struct Detector {
 
 impl Detector {
     pub fn new(engine: Box<dyn Engine>, options: FrameOptions) -> Detector {
-        Detector { engine, options, keep_images: false, template: None, template_resident: None, stacker: None, stacks: Vec::new() }
+        Detector {
+            engine,
+            options,
+            keep_images: false,
+            template: None,
+            template_resident: None,
+            template_sources: sources::PointSources::default(),
+            stacker: None,
+            stacks: Vec::new(),
+        }
     }
 
     pub fn adapter(&self) -> String {
@@ -212,6 +224,7 @@ impl Detector {
                 old.release(g);
             }
             let (prepared, resident) = al::prepare_on_resident(self.engine.frame_gpu(), &t, &self.options)?;
+            self.template_sources = sources::point_sources(&t, prepared.fwhm / frame::FWHM_PER_SIGMA);
             template_prepare = tp.elapsed();
             self.template = Some((t, prepared));
             self.template_resident = resident;
@@ -300,6 +313,7 @@ impl Detector {
             wcs: template.header.wcs.or(science.header.wcs),
             aperture_correction: aperture_correction.unwrap_or(1.0),
             convolved_science: (!diff.convolved_template).then(|| frame::ConvolvedScience { data: &science.data, gain: science.gain_or_estimate(), sigma: diff.sigma_science }),
+            point_sources: Some((&self.template_sources, diff.scale)),
         };
         let detections = frame::find_peaks(&diff, &sc, &meta, self.options.threshold);
         let sample: Vec<f32> =
@@ -316,6 +330,7 @@ impl Detector {
                 zero_point: meta.zero_point,
                 wcs: meta.wcs,
                 aperture_correction: meta.aperture_correction,
+                point_sources: meta.point_sources,
             };
             self.stacks.extend(st.add(&info, &diff, psf.as_ref(), &detections));
         }

@@ -91,6 +91,9 @@ pub struct FrameInfo<'a> {
     pub zero_point: Option<f64>,
     pub wcs: Option<crate::sim::night::wcs::TanWcs>,
     pub aperture_correction: f64,
+    /// The template's point sources and the factor to this frame's flux units (the
+    /// `residual` flag on the stacks, which are in the field's first frame's units).
+    pub point_sources: Option<(&'a super::sources::PointSources, f64)>,
 }
 
 /// The path of the template's noise into one frame's decorrelated difference, as a kernel
@@ -130,6 +133,8 @@ struct Group {
     zero_point: Option<f64>,
     wcs: Option<crate::sim::night::wcs::TanWcs>,
     aperture_correction: f64,
+    /// The first frame's [`FrameInfo::point_sources`].
+    point_sources: Option<(super::sources::PointSources, f64)>,
 }
 
 /// Stacks frames as they come (in time order within each field and band).
@@ -173,6 +178,7 @@ impl FrameStacker {
             zero_point: info.zero_point,
             wcs: info.wcs,
             aperture_correction: info.aperture_correction,
+            point_sources: info.point_sources.map(|(s, f)| (s.clone(), f)),
         });
         if g.saturated.len() != diff.width * diff.height {
             tracing::warn!(frame = info.frame, "the frame's size differs from its field's earlier frames: left out of the stacks");
@@ -545,7 +551,10 @@ fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (
         g.saturated.clone(),
         g.sigma_difference,
     );
-    let meta = FrameMeta { frame: key, mjd, band: &g.band, zero_point: g.zero_point, wcs: g.wcs, aperture_correction: g.aperture_correction, convolved_science: None };
+    let meta = FrameMeta { frame: key, mjd, band: &g.band, zero_point: g.zero_point, wcs: g.wcs, aperture_correction: g.aperture_correction,
+        convolved_science: None,
+        point_sources: g.point_sources.as_ref().map(|(s, f)| (s, *f)),
+    };
     let dets = frame::find_peaks(&diff, &sc, &meta, threshold);
     (dets, raw_sigma, sc.score)
 }
