@@ -103,7 +103,9 @@ impl PointSources {
 /// supernova 2.4 px from the core of a galaxy of 9·10⁴ ADU is not a star's residual. The
 /// matching kernel's leftovers are at a PSF's sharp core and wings, which a galaxy smooths.
 /// `sigma`: the template PSF's Gaussian σ, pixels. Saturated stars are listed too (their flux
-/// from the clipped peak is a lower bound, which only makes the flag rarer).
+/// from the clipped peak is a lower bound, which only makes the flag rarer). Not
+/// `image::isolated_stars`: that one keeps isolated, unsaturated stars to measure on
+/// and stops at 400; residuals come from every bright star, crowded or saturated.
 pub fn point_sources(img: &Image, sigma: f64) -> PointSources {
     let (w, h) = (img.width, img.height);
     let d = &img.data;
