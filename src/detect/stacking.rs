@@ -551,7 +551,13 @@ fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (
         g.saturated.clone(),
         g.sigma_difference,
     );
-    let meta = FrameMeta { frame: key, mjd, band: &g.band, zero_point: g.zero_point, wcs: g.wcs, aperture_correction: g.aperture_correction,
+    let meta = FrameMeta {
+        frame: key,
+        mjd,
+        band: &g.band,
+        zero_point: g.zero_point,
+        wcs: g.wcs,
+        aperture_correction: g.aperture_correction,
         convolved_science: None,
         point_sources: g.point_sources.as_ref().map(|(s, f)| (s, *f)),
     };
