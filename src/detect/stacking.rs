@@ -348,10 +348,21 @@ fn template_share(diff: &Difference, dk: &crate::subtract::decorr::Decorrelation
 pub const CLIP_SIGMA: f64 = 6.0;
 /// Pixels around an outlier masked with it: the decorrelation filter spreads it a little.
 pub const CLIP_GROW: usize = 2;
+/// Where the night's other exposures show a source (their mean at ≥ this many σ, within
+/// [`CLIP_GROW`] pixels) nothing is clipped: a source's core in an exposure of sharper seeing,
+/// or its wings in one of broader seeing, stand far above the others' mean without being
+/// cosmic rays. Without this, every bright transient's core or wings were clipped in some
+/// exposure, and the stacks measured it low: on a default simulated night (seed 2) the
+/// 1-night stacks' |score| / ideal SNR was 0.77 for targets of SNR 50–100. A cosmic ray on a
+/// source is left to the frame's own flags (`sharp`, `streak`), which mask it. 4σ, not less:
+/// pure noise reaches it at 6·10⁻⁵ of pixels, so with the growth about 0.2% of a frame's area
+/// goes unclipped for nothing.
+pub const CLIP_SOURCE_SIGMA: f64 = 4.0;
 
 /// Per pixel, with at least three usable epochs: an epoch whose value lies more than `k` σ
 /// above the inverse-variance mean of the others (σ from both variances) is masked there, the
-/// mask grown by `grow` pixels in that epoch. Only upward: what a single exposure adds that its
+/// mask grown by `grow` pixels in that epoch, except where the others show a source
+/// ([`CLIP_SOURCE_SIGMA`]). Only upward: what a single exposure adds that its
 /// night's other exposures lack is a cosmic ray or a flash, which the frame itself reports; a
 /// transient seen in every exposure is never clipped. Returns the pixels masked.
 // One pixel index runs over every epoch's planes and the hit masks at once.
@@ -365,33 +376,45 @@ pub fn clip_outliers(epochs: &mut [StackEpoch], k: f64, grow: usize) -> usize {
     if epochs.iter().any(|e| e.width != w || e.height != h) {
         return 0;
     }
-    let mut hits: Vec<Vec<bool>> = vec![vec![false; w * h]; n];
-    let mut any = false;
-    for i in 0..w * h {
-        let (mut sw, mut swd, mut cnt) = (0.0f64, 0.0f64, 0);
-        for e in epochs.iter() {
+    // Per pixel, the inverse-variance sums over the usable epochs and their count.
+    let mut sums = vec![(0.0f64, 0.0f64, 0usize); w * h];
+    for e in epochs.iter() {
+        for (i, s) in sums.iter_mut().enumerate() {
             let (d, v) = (e.diff[i], e.var[i]);
             if d.is_finite() && v > 0.0 {
-                sw += 1.0 / v as f64;
-                swd += d as f64 / v as f64;
-                cnt += 1;
+                s.0 += 1.0 / v as f64;
+                s.1 += d as f64 / v as f64;
+                s.2 += 1;
             }
         }
-        if cnt < 3 {
-            continue;
-        }
-        for (k_e, e) in epochs.iter().enumerate() {
+    }
+    let mut hits: Vec<Vec<bool>> = vec![vec![false; w * h]; n];
+    let mut any = false;
+    for (e, hit) in epochs.iter().zip(hits.iter_mut()) {
+        // The others' mean and its σ at every pixel, and where it shows a source.
+        let mut others = vec![(0.0f64, 0.0f64); w * h];
+        let mut source = vec![false; w * h];
+        for i in 0..w * h {
+            let (sw, swd, cnt) = sums[i];
             let (d, v) = (e.diff[i], e.var[i]);
-            if !(d.is_finite() && v > 0.0) {
-                continue;
-            }
-            let (ow, owd) = (sw - 1.0 / v as f64, swd - d as f64 / v as f64);
-            if ow <= 0.0 {
+            let usable = d.is_finite() && v > 0.0;
+            let (ow, owd) = if usable { (sw - 1.0 / v as f64, swd - d as f64 / v as f64) } else { (sw, swd) };
+            if cnt < 3 || ow <= 0.0 {
                 continue;
             }
             let mean = owd / ow;
+            others[i] = (mean, ow);
+            source[i] = mean.abs() * ow.sqrt() >= CLIP_SOURCE_SIGMA;
+        }
+        let near_source = crate::cpu::frame::grow(&source, w, h, grow);
+        for i in 0..w * h {
+            let (d, v) = (e.diff[i], e.var[i]);
+            let (mean, ow) = others[i];
+            if !(d.is_finite() && v > 0.0) || ow <= 0.0 || near_source[i] {
+                continue;
+            }
             if (d as f64 - mean) > k * (v as f64 + 1.0 / ow).sqrt() {
-                hits[k_e][i] = true;
+                hit[i] = true;
                 any = true;
             }
         }
@@ -608,6 +631,23 @@ mod tests {
         // Two exposures cannot tell which one is odd.
         let mut two = vec![epoch(&mut rng, w, 0.0), epoch(&mut rng, w, 50.0)];
         assert_eq!(clip_outliers(&mut two, CLIP_SIGMA, CLIP_GROW), 0);
+        // A bright source (5000 σ·px) in three exposures of different seeing (σ 1.0, 1.2 and
+        // 1.4 px: the sharpest core 1.65× the others' mean, the broadest wings several times
+        // theirs): not clipped. A cosmic ray of 50 σ beside it, 8 px out, is.
+        let seeing = |rng: &mut rand::rngs::ThreadRng, s: f64| {
+            let mut e = epoch(rng, w, 0.0);
+            let p = PsfImage::gaussian(15, s, 0.0, 0.0);
+            for (k, v) in p.pixels.iter().enumerate() {
+                let (x, y) = (w / 2 + k % 15 - 7, w / 2 + k / 15 - 7);
+                e.diff[y * w + x] += (5000.0 * v) as f32;
+            }
+            e
+        };
+        let mut bright = vec![seeing(&mut rng, 1.0), seeing(&mut rng, 1.2), seeing(&mut rng, 1.4)];
+        assert_eq!(clip_outliers(&mut bright, CLIP_SIGMA, CLIP_GROW), 0, "a sharper exposure's core is not an outlier");
+        bright[1].diff[c + 8] += 50.0;
+        clip_outliers(&mut bright, CLIP_SIGMA, CLIP_GROW);
+        assert!(bright[1].diff[c + 8].is_nan() && !bright[1].diff[c].is_nan() && !bright[0].diff[c + 8].is_nan() && !bright[2].diff[c + 8].is_nan());
     }
 
     #[test]
