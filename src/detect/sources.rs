@@ -96,9 +96,9 @@ impl PointSources {
 /// The template's point sources: every pixel that is the brightest of its 5 × 5 (ties to the
 /// first in raster order), [`MIN_PEAK_SIGMA`] sky σ above the sky, with each of its four
 /// neighbours above a quarter of its height (hot pixels are sharper), at the vertex of a
-/// Gaussian through it and its neighbours, and not extended: the mean of its four neighbours over its peak (`s₄`, sky
-/// subtracted) at most `q + 0.3 (1 − q)`, `q` the lower quartile of `s₄` over all those peaks
-/// (a star's; a galaxy's light falls more slowly). On the default simulated night's template
+/// Gaussian through it and its neighbours, and not extended: the mean of its four neighbours
+/// over its peak (`s₄`, sky subtracted) at most `q + 0.3 (1 − q)`, `q` the lower quartile of
+/// `s₄` over all those peaks (a star's; a galaxy's light falls more slowly). On the default simulated night's template
 /// (FWHM 2.4 px) stars had `s₄` 0.64–0.72 (5–95%), galaxies 0.76–0.90, the cut 0.75: a
 /// supernova 2.4 px from the core of a galaxy of 9·10⁴ ADU is not a star's residual. The
 /// matching kernel's leftovers are at a PSF's sharp core and wings, which a galaxy smooths.
