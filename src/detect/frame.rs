@@ -801,9 +801,9 @@ pub struct ConvolvedScience<'a> {
 /// (on a simulated night whose science frames were all sharper than the template, 235
 /// unflagged false positives per frame, nearly all at cosmic rays and hot pixels).
 ///
-/// A pixel `v` above the local sky, at ≥ 5σ and the brightest of its 3 × 3, is sharp where its faintest 4-neighbour falls
-/// short of `g · v` by 5σ, `g = exp(−1/σ²)` the least a neighbour of a point source's brightest
-/// pixel gets (the source centred on the pixel's edge, the neighbour 1.5 px from it, 0.5 px
+/// A pixel `v` above the local sky, at ≥ 5σ and the brightest of its 3 × 3, is sharp where its
+/// faintest 4-neighbour falls short of `g · v` by 5σ, `g = exp(−1/σ²)` the least a neighbour of
+/// a point source's brightest pixel gets (the source centred on the pixel's edge, the neighbour 1.5 px from it, 0.5 px
 /// the brightest); pixel integration only raises it, so a star is not flagged. Faint pixels
 /// never are: the deficit of a 5σ pixel cannot reach 5σ. Sky and its noise: median and MAD of
 /// the ring 6–8 px out; the pixels' own Poisson noise from the gain.
