@@ -24,9 +24,12 @@ pub mod flags {
     /// Beside a bright star of the template and a small fraction of its flux: what the
     /// subtraction left of the star (`detect::sources`).
     pub const RESIDUAL: u32 = 128;
+    /// On a stack: broader than the PSF, and a small part of the template's light around it:
+    /// what the subtraction left of a galaxy, added up night after night (`detect::shape`).
+    pub const BROAD: u32 = 256;
 
     /// Every flag with its name, in the order they are written.
-    pub const NAMES: [(u32, &str); 8] = [
+    pub const NAMES: [(u32, &str); 9] = [
         (EDGE, "edge"),
         (MASKED, "masked"),
         (SATURATED, "saturated"),
@@ -35,6 +38,7 @@ pub mod flags {
         (DIPOLE, "dipole"),
         (STREAK, "streak"),
         (RESIDUAL, "residual"),
+        (BROAD, "broad"),
     ];
 
     /// `edge|sharp`-style text for a set of flags.
@@ -54,7 +58,7 @@ pub mod flags {
 }
 
 /// Flags that mark a detection as probably not astrophysical (artifact tests).
-pub const ARTIFACT_FLAGS: u32 = flags::SHARP | flags::STREAK | flags::DIPOLE | flags::SATURATED | flags::MASKED | flags::RESIDUAL;
+pub const ARTIFACT_FLAGS: u32 = flags::SHARP | flags::STREAK | flags::DIPOLE | flags::SATURATED | flags::MASKED | flags::RESIDUAL | flags::BROAD;
 
 /// One detection: a local extremum of the score image above threshold.
 #[derive(Debug, Clone, PartialEq)]

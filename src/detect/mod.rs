@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod frame;
 pub mod image;
 pub mod psf;
+pub mod shape;
 pub mod sources;
 pub mod stacking;
 
@@ -331,6 +332,7 @@ impl Detector {
                 wcs: meta.wcs,
                 aperture_correction: meta.aperture_correction,
                 point_sources: meta.point_sources,
+                template_model: Some((&tprep.sky_subtracted, diff.scale)),
             };
             self.stacks.extend(st.add(&info, &diff, psf.as_ref(), &detections));
         }

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use super::catalog::{flags, Detection};
 use super::frame::{self, Difference, FrameMeta, ScoreImage};
 use super::psf;
+use super::shape;
 use crate::stack::{coadd, plan_windows, Stack, StackEpoch};
 use crate::subtract::decorr::{decorrelated_psf, PsfImage};
 
@@ -94,6 +95,9 @@ pub struct FrameInfo<'a> {
     /// The template's point sources and the factor to this frame's flux units (the
     /// `residual` flag on the stacks, which are in the field's first frame's units).
     pub point_sources: Option<(&'a super::sources::PointSources, f64)>,
+    /// The template's sky-subtracted pixels and the factor to this frame's flux units: the
+    /// template light beside a stack's detection, for the `broad` flag ([`shape`]).
+    pub template_model: Option<(&'a [f32], f64)>,
 }
 
 /// The path of the template's noise into one frame's decorrelated difference, as a kernel
@@ -135,6 +139,8 @@ struct Group {
     aperture_correction: f64,
     /// The first frame's [`FrameInfo::point_sources`].
     point_sources: Option<(super::sources::PointSources, f64)>,
+    /// The first frame's [`FrameInfo::template_model`], in its flux units.
+    model: Option<Vec<f32>>,
 }
 
 /// Stacks frames as they come (in time order within each field and band).
@@ -179,6 +185,7 @@ impl FrameStacker {
             wcs: info.wcs,
             aperture_correction: info.aperture_correction,
             point_sources: info.point_sources.map(|(s, f)| (s.clone(), f)),
+            model: info.template_model.filter(|(m, f)| m.len() == diff.width * diff.height && f.is_finite()).map(|(m, f)| m.iter().map(|v| (*v as f64 * f) as f32).collect()),
         });
         if g.saturated.len() != diff.width * diff.height {
             tracing::warn!(frame = info.frame, "the frame's size differs from its field's earlier frames: left out of the stacks");
@@ -584,7 +591,19 @@ fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (
         convolved_science: None,
         point_sources: g.point_sources.as_ref().map(|(s, f)| (s, *f)),
     };
-    let dets = frame::find_peaks(&diff, &sc, &meta, threshold);
+    let mut dets = frame::find_peaks(&diff, &sc, &meta, threshold);
+    // Broader than the PSF beside the template's light: what the subtraction left of an
+    // extended source, which a deep stack adds up night after night (`detect::shape`). Not on
+    // a star of the template: a variable star's stack profile is broader than the PSF when its
+    // changes follow the seeing, and a change of a star is no residual of a galaxy.
+    if let Some(model) = &g.model {
+        for d in dets.iter_mut() {
+            let on_star = g.point_sources.as_ref().is_some_and(|(s, _)| s.within(d.x, d.y, super::sources::CENTRED_PX).next().is_some());
+            if !on_star && shape::is_broad_residual(&stack.image, &stack.var, model, w, h, &stack.psf, d.x, d.y) {
+                d.flags |= flags::BROAD;
+            }
+        }
+    }
     (dets, raw_sigma, sc.score)
 }
 
