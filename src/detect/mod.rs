@@ -316,7 +316,20 @@ impl Detector {
             convolved_science: (!diff.convolved_template).then(|| frame::ConvolvedScience { data: &science.data, gain: science.gain_or_estimate(), sigma: diff.sigma_science }),
             point_sources: Some((&self.template_sources, diff.scale)),
         };
-        let detections = frame::find_peaks(&diff, &sc, &meta, self.options.threshold);
+        let mut detections = frame::find_peaks(&diff, &sc, &meta, self.options.threshold);
+        // On a star of the template, a profile much narrower than the PSF is the star's core
+        // left by a kernel that did not match it (`detect::shape`): on the decorrelated
+        // difference, whose noise is white, with the PSF through the decorrelation filter.
+        if let (Some(dc), Some(p)) = (diff.decorrelated.as_ref(), psf.as_ref()) {
+            if let Ok(q) = crate::subtract::decorr::decorrelated_psf(&dc.kernel, &p.pixels, p.side) {
+                let q = psf::trimmed(&q, 1e-4);
+                for d in detections.iter_mut().filter(|d| d.flags & catalog::ARTIFACT_FLAGS == 0) {
+                    if self.template_sources.within(d.x, d.y, sources::CENTRED_PX).next().is_some() && shape::is_narrow_core(&dc.difference, &dc.variance, diff.width, diff.height, &q, d.x, d.y) {
+                        d.flags |= catalog::flags::RESIDUAL;
+                    }
+                }
+            }
+        }
         let sample: Vec<f32> =
             sc.score.iter().zip(&diff.variance).step_by(3).filter(|(_, v)| **v > 0.0).map(|(s, _)| *s).collect();
         let score_sigma = image::robust_stats(&sample).map(|(_, s)| s as f64).unwrap_or(f64::NAN);

@@ -1,4 +1,5 @@
-//! Is a detection the PSF's shape, or broader? The `broad` flag on stacks (`docs/detections.md`).
+//! Is a detection the PSF's shape, broader or narrower? The `broad` flag on stacks, and the
+//! narrow-core case of the `residual` flag on frames (`docs/detections.md`).
 //!
 //! A stack of thirty nights averages the noise down sixfold but not what the subtraction leaves
 //! of a bright galaxy: the same smooth, faint patch beside it every night, which in a deep stack
@@ -13,6 +14,11 @@
 //! coefficient `b` is in flux units: a point source has `b ≈ 0`; a Gaussian blob 1.5× the PSF's
 //! width has `b/a ≈ 0.41`, twice its width `0.65` (see the tests). The shift terms take up a
 //! sub-pixel offset of the peak, which would otherwise read as a change of width.
+//!
+//! Narrower: on a frame where the science was the sharper image and was convolved, a kernel
+//! that leaves the convolved core a little broader than the template's leaves each bright star
+//! with a negative core and a positive ring, much narrower than a point source
+//! ([`is_narrow_core`]).
 //!
 //! Written here rather than taken from a crate: a four-parameter linear fit on one stamp, solved
 //! by the project's small Cholesky ([`crate::subtract::solve::solve_spd`]).
@@ -30,6 +36,10 @@ pub const BROAD_SIGMA: f64 = 3.0;
 pub const LIGHT_RATIO: f64 = 30.0;
 /// Radius of the template light counted, in FWHM of the stack's PSF.
 pub const LIGHT_RADIUS_FWHM: f64 = 5.0;
+/// `b/a` at or below which a detection on a template star is narrower than the PSF.
+pub const NARROW_INDEX: f64 = -0.5;
+/// How many σ the width coefficient must stand below 0, towards narrower.
+pub const NARROW_SIGMA: f64 = 3.0;
 /// Radius of the profile fit, in FWHM of the PSF.
 pub const FIT_RADIUS_FWHM: f64 = 2.0;
 
@@ -156,6 +166,19 @@ pub fn fit_profile(image: &[f32], var: &[f32], width: usize, height: usize, q: &
     Some(Profile { flux: sol[0], flux_err: vf.sqrt(), width: sol[1], width_err: vw.sqrt(), fwhm })
 }
 
+/// A detection at `(x, y)` much narrower than the PSF `q` ([`NARROW_INDEX`] at [`NARROW_SIGMA`]):
+/// on a star of the template, the star's core left by a kernel that did not match it.
+///
+/// Why: where the science frame is the sharper image it is the one convolved, and a kernel that
+/// leaves the convolved core a little broader than the template's leaves every bright star with
+/// a negative core and a positive ring (`docs/detections.md`). The filter sees the core; the fit
+/// sees that it is narrower than a point source. A variable star's change has the PSF's shape.
+/// On the night whose template is broader than every frame (seed 3), these residuals had `b/a`
+/// −0.78 (median; −1.02 to −0.40 for 10–90%), the targets on stars +0.10 (−0.11 to +0.30).
+pub fn is_narrow_core(image: &[f32], var: &[f32], width: usize, height: usize, q: &PsfImage, x: f64, y: f64) -> bool {
+    fit_profile(image, var, width, height, q, x, y).is_some_and(|p| p.width_index() <= NARROW_INDEX && p.broader_sigma() <= -NARROW_SIGMA)
+}
+
 /// The template's light (positive pixels of `model`, in the stack's units) within `radius` of
 /// `(x, y)`.
 pub fn template_light(model: &[f32], width: usize, height: usize, x: f64, y: f64, radius: f64) -> f64 {
@@ -228,11 +251,11 @@ mod tests {
             assert!((p.flux / (snr * sigma_f) - 1.0).abs() < 6.0 / snr, "flux {} for {}", p.flux, snr * sigma_f);
             assert!((p.flux_err / sigma_f - 1.0).abs() < 0.02, "flux error {} against {sigma_f}", p.flux_err);
             trials += 1;
-            flagged += usize::from(p.is_broad());
+            flagged += usize::from(p.is_broad()) + usize::from(is_narrow_core(&img, &var, w, w, &q, x0, y0));
             index.push((snr, p.width_index()));
         }
         // About the one-sided 3σ rate (0.13%); a handful at most.
-        assert!(flagged <= 4, "{flagged} of {trials} point sources flagged broad");
+        assert!(flagged <= 4, "{flagged} of {trials} point sources flagged broad or narrow");
         // A point source's width index stays near 0: within its noise (about 1/SNR) plus
         // what an offset of up to half a pixel from the fit's pixel reads as width (≤ 0.1).
         for (snr, b) in &index {
@@ -260,6 +283,31 @@ mod tests {
             hit += usize::from(fit_profile(&img, &var, w, w, &q, 32.0, 32.0).unwrap().is_broad());
         }
         assert!(hit >= 30, "{hit} of 50 broad negative patches flagged");
+    }
+
+    #[test]
+    fn a_mismatched_core_is_narrower_than_the_psf() {
+        // What a kernel leaves of a star whose convolved core came out broader than the other
+        // image's: the star at the PSF's width minus the same star 1.25× broader, a negative
+        // core and a positive ring (with the difference's sign), seen by the filter at 6–12σ.
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        let (w, s) = (64usize, 1.3);
+        let q = PsfImage::gaussian(21, s, 0.0, 0.0);
+        let var = vec![1.0f32; w * w];
+        let mut shape = vec![0.0f32; w * w];
+        add_gaussian(&mut shape, w, 32.3, 31.8, s, -1.0);
+        add_gaussian(&mut shape, w, 32.3, 31.8, s * 1.25, 1.0);
+        let unit = fit_profile(&shape, &var, w, w, &q, 32.3, 31.8).unwrap();
+        // −0.77, as the residuals on seed 3's stars (median −0.78).
+        assert!(unit.width_index() < -0.7, "b/a {}", unit.width_index());
+        let mut hit = 0;
+        for _ in 0..50 {
+            let snr = rng.gen_range(6.0..12.0);
+            let k = snr * unit.flux_err / unit.flux.abs();
+            let img: Vec<f32> = noise(&mut rng, w * w, 1.0).iter().zip(&shape).map(|(n, v)| n + v * k as f32).collect();
+            hit += usize::from(is_narrow_core(&img, &var, w, w, &q, 32.3, 31.8));
+        }
+        assert!(hit >= 40, "{hit} of 50 mismatched cores flagged narrow");
     }
 
     #[test]
