@@ -324,7 +324,7 @@ impl Detector {
             if let Ok(q) = crate::subtract::decorr::decorrelated_psf(&dc.kernel, &p.pixels, p.side) {
                 let q = psf::trimmed(&q, 1e-4);
                 for d in detections.iter_mut().filter(|d| d.flags & catalog::ARTIFACT_FLAGS == 0) {
-                    if self.template_sources.within(d.x, d.y, sources::CENTRED_PX).next().is_some() && shape::is_narrow_core(&dc.difference, &dc.variance, diff.width, diff.height, &q, d.x, d.y) {
+                    if self.template_sources.within(d.x, d.y, sources::CENTRED_PX).next().is_some() && shape::is_narrow_core(shape::Plane { data: &dc.difference, var: &dc.variance, width: diff.width, height: diff.height }, &q, d.x, d.y) {
                         d.flags |= catalog::flags::RESIDUAL;
                     }
                 }

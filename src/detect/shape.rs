@@ -43,6 +43,16 @@ pub const NARROW_SIGMA: f64 = 3.0;
 /// Radius of the profile fit, in FWHM of the PSF.
 pub const FIT_RADIUS_FWHM: f64 = 2.0;
 
+/// An image with its per-pixel variance (white noise), row-major `width × height`; NaN or a
+/// variance that is not positive marks a pixel masked.
+#[derive(Debug, Clone, Copy)]
+pub struct Plane<'a> {
+    pub data: &'a [f32],
+    pub var: &'a [f32],
+    pub width: usize,
+    pub height: usize,
+}
+
 /// The profile fit at a detection ([`fit_profile`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Profile {
@@ -86,10 +96,11 @@ pub fn psf_fwhm(q: &PsfImage) -> f64 {
     (m2 / 2.0).max(0.0).sqrt() * super::frame::FWHM_PER_SIGMA
 }
 
-/// The profile fit of `image` (variance `var`, white) around `(x, y)` with the PSF `q`, out to
+/// The profile fit of `img` around `(x, y)` with the PSF `q`, out to
 /// [`FIT_RADIUS_FWHM`] FWHM (at most `q`'s half-side); `None` where the disc leaves the image or
 /// holds a masked pixel (non-finite, or variance not positive), or the fit is singular.
-pub fn fit_profile(image: &[f32], var: &[f32], width: usize, height: usize, q: &PsfImage, x: f64, y: f64) -> Option<Profile> {
+pub fn fit_profile(img: Plane<'_>, q: &PsfImage, x: f64, y: f64) -> Option<Profile> {
+    let Plane { data: image, var, width, height } = img;
     let n = q.side;
     if n < 3 || q.pixels.len() != n * n || image.len() != width * height || var.len() != image.len() || !(x.is_finite() && y.is_finite()) {
         return None;
@@ -178,8 +189,8 @@ pub fn fit_profile(image: &[f32], var: &[f32], width: usize, height: usize, q: &
 /// The cut is at −0.7, not halfway: a variable star caught while the star's own residual
 /// outweighs its change reads as narrow too (on seed 1's 30-night run, six detections of
 /// variables at −0.6 to −0.7, whose fluxes were mostly the residual's).
-pub fn is_narrow_core(image: &[f32], var: &[f32], width: usize, height: usize, q: &PsfImage, x: f64, y: f64) -> bool {
-    fit_profile(image, var, width, height, q, x, y).is_some_and(|p| p.width_index() <= NARROW_INDEX && p.broader_sigma() <= -NARROW_SIGMA)
+pub fn is_narrow_core(img: Plane<'_>, q: &PsfImage, x: f64, y: f64) -> bool {
+    fit_profile(img, q, x, y).is_some_and(|p| p.width_index() <= NARROW_INDEX && p.broader_sigma() <= -NARROW_SIGMA)
 }
 
 /// The template's light (positive pixels of `model`, in the stack's units) within `radius` of
@@ -201,15 +212,15 @@ pub fn template_light(model: &[f32], width: usize, height: usize, x: f64, y: f64
     sum
 }
 
-/// A detection of `flux` at `(x, y)` on a stack is `broad`: its profile is broader than the PSF
+/// A detection at `(x, y)` on a stack is `broad`: its profile is broader than the PSF
 /// ([`Profile::is_broad`]) and the template holds [`LIGHT_RATIO`] times its |flux| within
 /// [`LIGHT_RADIUS_FWHM`] FWHM (what the subtraction left of an extended source).
-pub fn is_broad_residual(image: &[f32], var: &[f32], model: &[f32], width: usize, height: usize, q: &PsfImage, x: f64, y: f64) -> bool {
-    if model.len() != width * height {
+pub fn is_broad_residual(img: Plane<'_>, model: &[f32], q: &PsfImage, x: f64, y: f64) -> bool {
+    if model.len() != img.width * img.height {
         return false;
     }
-    let Some(p) = fit_profile(image, var, width, height, q, x, y) else { return false };
-    p.is_broad() && template_light(model, width, height, x, y, LIGHT_RADIUS_FWHM * p.fwhm) >= LIGHT_RATIO * p.flux.abs()
+    let Some(p) = fit_profile(img, q, x, y) else { return false };
+    p.is_broad() && template_light(model, img.width, img.height, x, y, LIGHT_RADIUS_FWHM * p.fwhm) >= LIGHT_RATIO * p.flux.abs()
 }
 
 #[cfg(test)]
@@ -217,6 +228,11 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_distr::{Distribution, Normal};
+
+    /// A square `w × w` plane.
+    fn plane<'a>(data: &'a [f32], var: &'a [f32], w: usize) -> Plane<'a> {
+        Plane { data, var, width: w, height: w }
+    }
 
     /// A Gaussian of `sigma` and `flux` at `(x0, y0)`, pixel-centre sampled, added to `img`.
     fn add_gaussian(img: &mut [f32], w: usize, x0: f64, y0: f64, sigma: f64, flux: f64) {
@@ -250,11 +266,11 @@ mod tests {
             let (x0, y0) = (32.0 + rng.gen_range(-0.5..0.5), 32.0 + rng.gen_range(-0.5..0.5));
             let mut img = noise(&mut rng, w * w, 1.0);
             add_gaussian(&mut img, w, x0, y0, s, snr * sigma_f);
-            let p = fit_profile(&img, &var, w, w, &q, x0, y0).unwrap();
+            let p = fit_profile(plane(&img, &var, w), &q, x0, y0).unwrap();
             assert!((p.flux / (snr * sigma_f) - 1.0).abs() < 6.0 / snr, "flux {} for {}", p.flux, snr * sigma_f);
             assert!((p.flux_err / sigma_f - 1.0).abs() < 0.02, "flux error {} against {sigma_f}", p.flux_err);
             trials += 1;
-            flagged += usize::from(p.is_broad()) + usize::from(is_narrow_core(&img, &var, w, w, &q, x0, y0));
+            flagged += usize::from(p.is_broad()) + usize::from(is_narrow_core(plane(&img, &var, w), &q, x0, y0));
             index.push((snr, p.width_index()));
         }
         // About the one-sided 3σ rate (0.13%); a handful at most.
@@ -271,7 +287,7 @@ mod tests {
         for k in [1.25, 1.5, 2.0] {
             let mut img = vec![0.0f32; w * w];
             add_gaussian(&mut img, w, 32.2, 31.7, s * k, 1000.0);
-            let b = fit_profile(&img, &var, w, w, &q, 32.2, 31.7).unwrap().width_index();
+            let b = fit_profile(plane(&img, &var, w), &q, 32.2, 31.7).unwrap().width_index();
             assert!(b > last + 0.1, "width {k}: b/a {b} after {last}");
             last = b;
         }
@@ -283,7 +299,7 @@ mod tests {
             let k = rng.gen_range(2.0..2.5);
             let f = rng.gen_range(6.0..9.0) * sigma_f * (1.0 + k * k) / 2.0;
             add_gaussian(&mut img, w, 32.0, 32.0, s * k, -f);
-            hit += usize::from(fit_profile(&img, &var, w, w, &q, 32.0, 32.0).unwrap().is_broad());
+            hit += usize::from(fit_profile(plane(&img, &var, w), &q, 32.0, 32.0).unwrap().is_broad());
         }
         assert!(hit >= 30, "{hit} of 50 broad negative patches flagged");
     }
@@ -301,7 +317,7 @@ mod tests {
             let mut shape = vec![0.0f32; w * w];
             add_gaussian(&mut shape, w, 32.3, 31.8, s, -1.0);
             add_gaussian(&mut shape, w, 32.3, 31.8, s * k, 1.0);
-            let unit = fit_profile(&shape, &var, w, w, &q, 32.3, 31.8).unwrap();
+            let unit = fit_profile(plane(&shape, &var, w), &q, 32.3, 31.8).unwrap();
             (shape, unit)
         };
         // The closer the widths, the nearer the pattern is to the width derivative itself
@@ -316,7 +332,7 @@ mod tests {
             let snr = rng.gen_range(8.0..14.0);
             let k = snr * unit.flux_err / unit.flux.abs();
             let img: Vec<f32> = noise(&mut rng, w * w, 1.0).iter().zip(&shape).map(|(n, v)| n + v * k as f32).collect();
-            hit += usize::from(is_narrow_core(&img, &var, w, w, &q, 32.3, 31.8));
+            hit += usize::from(is_narrow_core(plane(&img, &var, w), &q, 32.3, 31.8));
         }
         assert!(hit >= 40, "{hit} of 50 mismatched cores flagged narrow");
     }
@@ -332,17 +348,17 @@ mod tests {
         // A galaxy 10 px away holding 50 times the patch's flux, and none.
         let mut model = vec![0.0f32; w * w];
         add_gaussian(&mut model, w, 50.0, 40.0, 3.0, 20000.0);
-        assert!(is_broad_residual(&img, &var, &model, w, w, &q, 40.0, 40.0));
-        assert!(!is_broad_residual(&img, &var, &vec![0.0f32; w * w], w, w, &q, 40.0, 40.0));
+        assert!(is_broad_residual(plane(&img, &var, w), &model, &q, 40.0, 40.0));
+        assert!(!is_broad_residual(plane(&img, &var, w), &vec![0.0f32; w * w], &q, 40.0, 40.0));
         // A point source beside the same galaxy is no residual.
         let mut img = noise(&mut rng, w * w, 1.0);
         add_gaussian(&mut img, w, 40.0, 40.0, s, -400.0);
-        assert!(!is_broad_residual(&img, &var, &model, w, w, &q, 40.0, 40.0));
+        assert!(!is_broad_residual(plane(&img, &var, w), &model, &q, 40.0, 40.0));
         // Masked pixels or the edge within the fit: no fit, no flag.
         let mut masked = img.clone();
         masked[40 * w + 41] = f32::NAN;
-        assert!(fit_profile(&masked, &var, w, w, &q, 40.0, 40.0).is_none());
-        assert!(fit_profile(&img, &var, w, w, &q, 2.0, 40.0).is_none());
+        assert!(fit_profile(plane(&masked, &var, w), &q, 40.0, 40.0).is_none());
+        assert!(fit_profile(plane(&img, &var, w), &q, 2.0, 40.0).is_none());
         assert_eq!(template_light(&model, w, w, 50.0, 40.0, 100.0).round(), 20000.0f64.round());
     }
 }

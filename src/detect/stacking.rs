@@ -599,7 +599,7 @@ fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (
     if let Some(model) = &g.model {
         for d in dets.iter_mut() {
             let on_star = g.point_sources.as_ref().is_some_and(|(s, _)| s.within(d.x, d.y, super::sources::CENTRED_PX).next().is_some());
-            if !on_star && shape::is_broad_residual(&stack.image, &stack.var, model, w, h, &stack.psf, d.x, d.y) {
+            if !on_star && shape::is_broad_residual(shape::Plane { data: &stack.image, var: &stack.var, width: w, height: h }, model, &stack.psf, d.x, d.y) {
                 d.flags |= flags::BROAD;
             }
         }
