@@ -320,13 +320,12 @@ impl Detector {
         // On a star of the template, a profile much narrower than the PSF is the star's core
         // left by a kernel that did not match it (`detect::shape`): on the decorrelated
         // difference, whose noise is white, with the PSF through the decorrelation filter.
-        if let (Some(dc), Some(p)) = (diff.decorrelated.as_ref(), psf.as_ref()) {
-            if let Ok(q) = crate::subtract::decorr::decorrelated_psf(&dc.kernel, &p.pixels, p.side) {
-                let q = psf::trimmed(&q, 1e-4);
-                for d in detections.iter_mut().filter(|d| d.flags & catalog::ARTIFACT_FLAGS == 0) {
-                    if self.template_sources.within(d.x, d.y, sources::CENTRED_PX).next().is_some() && shape::is_narrow_core(shape::Plane { data: &dc.difference, var: &dc.variance, width: diff.width, height: diff.height }, &q, d.x, d.y) {
-                        d.flags |= catalog::flags::RESIDUAL;
-                    }
+        // Only with a measured PSF: a Gaussian stand-in is no yardstick for a core's width.
+        let decorrelated_psf = stacking::decorrelated_frame_psf(&diff, psf.as_ref());
+        if let (Some(dc), Some(q), true) = (diff.decorrelated.as_ref(), decorrelated_psf.as_ref(), psf.is_some()) {
+            for d in detections.iter_mut().filter(|d| d.flags & catalog::ARTIFACT_FLAGS == 0) {
+                if self.template_sources.within(d.x, d.y, sources::CENTRED_PX).next().is_some() && shape::is_narrow_core(shape::Plane { data: &dc.difference, var: &dc.variance, width: diff.width, height: diff.height }, q, d.x, d.y) {
+                    d.flags |= catalog::flags::RESIDUAL;
                 }
             }
         }
@@ -347,7 +346,7 @@ impl Detector {
                 point_sources: meta.point_sources,
                 template_model: Some((&tprep.sky_subtracted, diff.scale)),
             };
-            self.stacks.extend(st.add(&info, &diff, psf.as_ref(), &detections));
+            self.stacks.extend(st.add(&info, &diff, decorrelated_psf.as_ref(), &detections));
         }
         let stack = t3.elapsed();
         let images = self.keep_images.then(|| FrameImages {

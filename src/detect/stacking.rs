@@ -159,14 +159,14 @@ impl FrameStacker {
         FrameStacker { keep_scores: false, windows: windows.to_vec(), threshold, groups: BTreeMap::new(), longest }
     }
 
-    /// Add one frame's difference (`psf`: the difference's measured PSF, when there was one).
-    /// Returns the stacks of every night that this frame's arrival ended. A frame without a
-    /// decorrelated difference is left out, with a warning.
+    /// Add one frame's difference (`q`: its PSF through the decorrelation filter,
+    /// [`decorrelated_frame_psf`]). Returns the stacks of every night that this frame's arrival
+    /// ended. A frame without a decorrelated difference or `q` is left out, with a warning.
     /// `detections` are the frame's own: around those flagged sharp or streak (a cosmic ray,
     /// a hot pixel, a satellite) the frame is masked before it enters the stacks, so an
     /// artifact of one epoch, or one that sits on the same pixel in every epoch, does not add up.
-    pub fn add(&mut self, info: &FrameInfo<'_>, diff: &Difference, psf: Option<&PsfImage>, detections: &[Detection]) -> Vec<StackResult> {
-        let Some((mut epoch, mut path)) = epoch_of(diff, psf, info.mjd, info.band) else {
+    pub fn add(&mut self, info: &FrameInfo<'_>, diff: &Difference, q: Option<&PsfImage>, detections: &[Detection]) -> Vec<StackResult> {
+        let Some((mut epoch, mut path)) = q.and_then(|q| epoch_of(diff, q, info.mjd, info.band)) else {
             tracing::warn!(frame = info.frame, "no decorrelated difference: the frame is left out of the stacks");
             return Vec::new();
         };
@@ -234,21 +234,29 @@ impl FrameStacker {
 
 /// The StackEpoch of a frame: the decorrelated difference (NaN where masked), its variance,
 /// the template's share of it and the PSF through the decorrelation filter.
-fn epoch_of(diff: &Difference, psf: Option<&PsfImage>, mjd: f64, band: &str) -> Option<(StackEpoch, Option<TemplatePath>)> {
+fn epoch_of(diff: &Difference, q: &PsfImage, mjd: f64, band: &str) -> Option<(StackEpoch, Option<TemplatePath>)> {
     let dc = diff.decorrelated.as_ref()?;
-    let p = match psf {
-        Some(p) => p.clone(),
-        None => gaussian_psf(diff.sigma_difference),
-    };
-    let q = psf::trimmed(&decorrelated_psf(&dc.kernel, &p.pixels, p.side).ok()?, 1e-4);
-    let share = template_share(diff, &dc.kernel, &q);
+    let share = template_share(diff, &dc.kernel, q);
     tracing::debug!(share, "template share of the difference's matched-filter variance");
     let ok = |v: f32| v > 0.0 && v.is_finite();
     let d = dc.difference.iter().zip(&dc.variance).map(|(d, v)| if ok(*v) { *d } else { f32::NAN }).collect();
     let v: Vec<f32> = dc.variance.iter().map(|v| if ok(*v) { *v } else { f32::NAN }).collect();
     let vt = v.iter().map(|v| (*v as f64 * share) as f32).collect();
     let path = template_path(diff, &dc.kernel, median_finite(&v));
-    Some((StackEpoch { width: diff.width, height: diff.height, diff: d, var: v, var_template: vt, psf: q, mjd, band: band.to_string(), dx: 0.0, dy: 0.0 }, path))
+    Some((StackEpoch { width: diff.width, height: diff.height, diff: d, var: v, var_template: vt, psf: q.clone(), mjd, band: band.to_string(), dx: 0.0, dy: 0.0 }, path))
+}
+
+/// A frame's difference PSF through its decorrelation filter (what its decorrelated difference
+/// shows a point source as), trimmed where it falls below 1e-4 of its peak: from the measured
+/// PSF `psf`, or a Gaussian of the difference's width without one. `None` without a
+/// decorrelated difference.
+pub fn decorrelated_frame_psf(diff: &Difference, psf: Option<&PsfImage>) -> Option<PsfImage> {
+    let dc = diff.decorrelated.as_ref()?;
+    let p = match psf {
+        Some(p) => p.clone(),
+        None => gaussian_psf(diff.sigma_difference),
+    };
+    Some(psf::trimmed(&decorrelated_psf(&dc.kernel, &p.pixels, p.side).ok()?, 1e-4))
 }
 
 /// Median of the finite values (NaN when none).
