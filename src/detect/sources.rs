@@ -66,8 +66,18 @@ impl PointSources {
         self.list.is_empty()
     }
 
+    /// All sources, in the order [`PointSources::within_indexed`] numbers them.
+    pub fn all(&self) -> &[PointSource] {
+        &self.list
+    }
+
     /// The sources within `r` pixels of `(x, y)`.
     pub fn within(&self, x: f64, y: f64, r: f64) -> impl Iterator<Item = &PointSource> + '_ {
+        self.within_indexed(x, y, r).map(|(_, s)| s)
+    }
+
+    /// The sources within `r` pixels of `(x, y)`, with their index in [`PointSources::all`].
+    pub fn within_indexed(&self, x: f64, y: f64, r: f64) -> impl Iterator<Item = (usize, &PointSource)> + '_ {
         let c = self.cell as f64;
         let span = |v: f64, n: usize| {
             let lo = ((v - r) / c).floor().max(0.0) as usize;
@@ -77,8 +87,8 @@ impl PointSources {
         let (xs, ys) = (span(x, self.cols), span(y, self.rows));
         ys.flat_map(move |cy| xs.clone().map(move |cx| cy * self.cols + cx))
             .filter(|&i| i < self.grid.len())
-            .flat_map(move |i| self.grid[i].iter().map(move |&k| &self.list[k as usize]))
-            .filter(move |s| (s.x - x).hypot(s.y - y) <= r)
+            .flat_map(move |i| self.grid[i].iter().map(move |&k| (k as usize, &self.list[k as usize])))
+            .filter(move |(_, s)| (s.x - x).hypot(s.y - y) <= r)
     }
 
     /// Whether a detection at `(x, y)` with `flux` (in the template's units times `scale`,
