@@ -595,8 +595,9 @@ pub const TREND_SIGMA: f64 = 4.0;
 
 /// Flag `residual` the detections of a stack of `nights` nights that sit on a template star
 /// (within [`super::sources::CENTRED_PX`]), are fainter than [`STEADY_MAX_FRACTION`] of it and
-/// whose star does not change from frame to frame (`star_fluxes`, from MJD `since` on) by more
-/// than [`STEADY_FRACTION`] of it beyond the noise, nor drifts ([`TREND_SIGMA`]): a star's
+/// whose star does not change from frame to frame (`star_fluxes`: every frame kept) by more
+/// than [`STEADY_FRACTION`] of it beyond the noise, nor drifts over the window's frames (from
+/// MJD `since` on; [`TREND_SIGMA`]): a star's
 /// residual, which the stack's depth lifts to 5σ, not a variable star (whose frames scatter by
 /// its amplitude, even where a short period averages out over a night) or a transient on the
 /// star.
@@ -610,20 +611,24 @@ fn flag_steady_residuals(dets: &mut [Detection], nights: usize, sources: &super:
         if !(d.flux.abs() < STEADY_MAX_FRACTION * star) {
             continue;
         }
-        let frames: Vec<(f64, f64)> = star_fluxes.get(k).into_iter().flatten().filter(|r| r.0 >= since).map(|r| (r.1, r.2)).collect();
+        // The scatter over every frame kept (up to the longest window), not the window's alone:
+        // a variable star of a long period sits at its maximum for a few nights.
+        let all: Vec<(f64, f64, f64)> = star_fluxes.get(k).cloned().unwrap_or_default();
+        let frames: Vec<(f64, f64)> = all.iter().filter(|r| r.0 >= since).map(|r| (r.1, r.2)).collect();
         if frames.len() < STEADY_MIN_NIGHTS {
             continue;
         }
         // Robust: a frame or two whose kernel failed at the star (the worst seeing) would
         // make a steady star look variable.
-        let (Some(scatter), Some(noise)) = (robust_sigma(frames.iter().map(|f| f.0)), median_of(frames.iter().map(|f| f.1))) else { continue };
+        let (Some(scatter), Some(noise)) = (robust_sigma(all.iter().map(|f| f.1)), median_of(all.iter().map(|f| f.2))) else { continue };
         let scatter = scatter * scatter;
         tracing::debug!(x = d.x, y = d.y, flux = d.flux, star, frames = frames.len(), scatter = scatter.sqrt() / star, noise = noise.sqrt() / star, "a stack detection on a star: the star's frame-to-frame scatter");
         let third = frames.len() / 3;
         let (Some(first), Some(last)) = (median_of(frames[..third].iter().map(|f| f.0)), median_of(frames[frames.len() - third..].iter().map(|f| f.0))) else { continue };
-        // The frames' σ about a slow change, from successive differences; that of a median of
-        // `third` values is 1.2533 σ / √third.
-        let Some(sd) = robust_sigma(frames.windows(2).map(|w| w[1].0 - w[0].0)) else { continue };
+        // The frames' σ about a slow change, from successive differences of every frame kept
+        // (a short window's few give a noisy σ); that of a median of `third` values is
+        // 1.2533 σ / √third.
+        let Some(sd) = robust_sigma(all.windows(2).map(|w| w[1].1 - w[0].1)) else { continue };
         let trend = (last - first).abs() > (TREND_SIGMA * 1.2533 * sd / std::f64::consts::SQRT_2 * (2.0 / third as f64).sqrt()).max(0.02 * star);
         if scatter - noise < (STEADY_FRACTION * star).powi(2) && !trend {
             d.flags |= flags::RESIDUAL;
@@ -896,17 +901,21 @@ mod tests {
             let var = frames(&mut rng, amplitude, 0.03);
             assert!(!run(&var, det(20.4, 0.012 * star), 10), "a variable star of amplitude {amplitude}");
         }
-        // Frames before the window's first night do not count.
-        let mut late = frames(&mut rng, 0.3, 0.03);
-        late[0].iter_mut().filter(|r| r.0 >= 5.0).for_each(|r| r.1 = 0.01 * star);
-        let mut v = vec![det(20.4, 0.012 * star)];
-        flag_steady_residuals(&mut v, 5, &sources, 1.0, &late, 5.0);
-        assert!(v[0].flags & flags::RESIDUAL != 0, "steady since MJD 5");
-        let mut early = frames(&mut rng, 0.3, 0.03);
-        early[0].iter_mut().filter(|r| r.0 < 5.0).for_each(|r| r.1 = 0.01 * star);
-        let mut v = vec![det(20.4, 0.012 * star)];
-        flag_steady_residuals(&mut v, 5, &sources, 1.0, &early, 5.0);
-        assert!(v[0].flags & flags::RESIDUAL == 0, "variable since MJD 5");
+        // The scatter counts every frame kept, the window's (the last 3 nights here, from MJD 7)
+        // and those before it: a variable star of a long period that sits at its maximum
+        // through the window is no steady star. The drift is the window's.
+        let window = |recs: &[Vec<(f64, f64, f64)>]| {
+            let mut v = vec![det(20.4, 0.012 * star)];
+            flag_steady_residuals(&mut v, 3, &sources, 1.0, recs, 7.0);
+            v[0].flags & flags::RESIDUAL != 0
+        };
+        let mut flat_late = frames(&mut rng, 0.3, 0.01);
+        flat_late[0].iter_mut().filter(|r| r.0 >= 7.0).for_each(|r| r.1 = 0.31 * star + noise.sample(&mut rng));
+        assert!(!window(&flat_late), "flat through the window, variable before");
+        let mut steady_then_rising = frames(&mut rng, 0.0, 0.01);
+        steady_then_rising[0].iter_mut().filter(|r| r.0 >= 7.0).for_each(|r| r.1 += 0.25 * star * (r.0 - 7.0) / 2.7);
+        assert!(!window(&steady_then_rising), "rising by 25% within the window");
+        assert!(window(&frames(&mut rng, 0.0, 0.015)), "steady all along");
     }
 
     #[test]
