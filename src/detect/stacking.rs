@@ -613,7 +613,7 @@ fn flag_steady_residuals(dets: &mut [Detection], nights: usize, sources: &super:
         }
         // The scatter over every frame kept (up to the longest window), not the window's alone:
         // a variable star of a long period sits at its maximum for a few nights.
-        let all: Vec<(f64, f64, f64)> = star_fluxes.get(k).cloned().unwrap_or_default();
+        let all: &[(f64, f64, f64)] = star_fluxes.get(k).map_or(&[], |v| v.as_slice());
         let frames: Vec<(f64, f64)> = all.iter().filter(|r| r.0 >= since).map(|r| (r.1, r.2)).collect();
         if frames.len() < STEADY_MIN_NIGHTS {
             continue;
