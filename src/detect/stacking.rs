@@ -382,9 +382,12 @@ pub const CLIP_GROW: usize = 2;
 /// cosmic rays. Without this, every bright transient's core or wings were clipped in some
 /// exposure, and the stacks measured it low: on a default simulated night (seed 2) the
 /// 1-night stacks' |score| / ideal SNR was 0.77 for targets of SNR 50–100. A cosmic ray on a
-/// source is left to the frame's own flags (`sharp`, `streak`), which mask it. 4σ, not less:
-/// pure noise reaches it at 6·10⁻⁵ of pixels, so with the growth about 0.2% of a frame's area
-/// goes unclipped for nothing.
+/// source is left to the frame's own flags (`sharp`, `streak`), which mask it. A source is a
+/// pixel and one of its four neighbours both at ≥ 4σ of the same sign: pure noise puts a single
+/// pixel there at 6·10⁻⁵ of pixels, which with the growth left about 0.2% of a frame's area
+/// unclipped for nothing (and a cosmic ray beside such a pixel in the unit test, 1 run in
+/// 300); a pair of neighbours, 10⁻⁸. Any source whose core a sharper exposure can lift 6σ
+/// above the others' mean peaks at ~9σ there, its neighbours well above 4σ.
 pub const CLIP_SOURCE_SIGMA: f64 = 4.0;
 
 /// Per pixel, with at least three usable epochs: an epoch whose value lies more than `k` σ
@@ -421,7 +424,7 @@ pub fn clip_outliers(epochs: &mut [StackEpoch], k: f64, grow: usize) -> usize {
     for (e, hit) in epochs.iter().zip(hits.iter_mut()) {
         // The others' mean and its σ at every pixel, and where it shows a source.
         let mut others = vec![(0.0f64, 0.0f64); w * h];
-        let mut source = vec![false; w * h];
+        let mut signif = vec![0.0f64; w * h];
         for i in 0..w * h {
             let (sw, swd, cnt) = sums[i];
             let (d, v) = (e.diff[i], e.var[i]);
@@ -432,8 +435,16 @@ pub fn clip_outliers(epochs: &mut [StackEpoch], k: f64, grow: usize) -> usize {
             }
             let mean = owd / ow;
             others[i] = (mean, ow);
-            source[i] = mean.abs() * ow.sqrt() >= CLIP_SOURCE_SIGMA;
+            signif[i] = mean * ow.sqrt();
         }
+        let strong = |i: usize, sign: f64| signif[i] * sign >= CLIP_SOURCE_SIGMA;
+        let source: Vec<bool> = (0..w * h)
+            .map(|i| {
+                let (x, y) = (i % w, i / w);
+                let sign = signif[i].signum();
+                strong(i, sign) && ((x > 0 && strong(i - 1, sign)) || (x + 1 < w && strong(i + 1, sign)) || (y > 0 && strong(i - w, sign)) || (y + 1 < h && strong(i + w, sign)))
+            })
+            .collect();
         let near_source = crate::cpu::frame::grow(&source, w, h, grow);
         for i in 0..w * h {
             let (d, v) = (e.diff[i], e.var[i]);
@@ -880,16 +891,27 @@ mod tests {
             flag_steady_residuals(&mut v, nights, &sources, 1.0, recs, 0.0);
             v[0].flags & flags::RESIDUAL != 0
         };
-        let mut steady = frames(&mut rng, 0.0, 0.015);
-        assert!(run(&steady, det(20.4, 0.012 * star), 10), "a steady star's 1.2% residual");
+        // A steady star is flagged nearly always, not always: the drift test's σ comes from the
+        // frames themselves, and a low draw of it now and then calls noise a drift (about 1 in
+        // 400 draws of a 3-night window). So the steady cases count over 20 fresh draws each.
+        let mostly = |rng: &mut rand::rngs::ThreadRng, what: &str, case: &dyn Fn(&mut rand::rngs::ThreadRng) -> bool| {
+            let n = (0..20).filter(|_| case(rng)).count();
+            assert!(n >= 18, "{what}: flagged in {n} of 20 draws");
+        };
+        mostly(&mut rng, "a steady star's 1.2% residual", &|rng| run(&frames(rng, 0.0, 0.015), det(20.4, 0.012 * star), 10));
         // Three frames in 30 whose kernel failed at the star do not make it variable.
-        for i in [4, 11, 23] {
-            steady[0][i].1 += 0.4 * star;
-        }
-        assert!(run(&steady, det(20.4, 0.012 * star), 10), "three bad frames");
-        assert!(run(&steady, det(19.6, -0.012 * star), 3), "negative, or a 3-night window");
+        let bad_frames = |rng: &mut rand::rngs::ThreadRng| {
+            let mut steady = frames(rng, 0.0, 0.015);
+            for i in [4, 11, 23] {
+                steady[0][i].1 += 0.4 * star;
+            }
+            steady
+        };
+        mostly(&mut rng, "three bad frames", &|rng| run(&bad_frames(rng), det(20.4, 0.012 * star), 10));
+        mostly(&mut rng, "negative, or a 3-night window", &|rng| run(&bad_frames(rng), det(19.6, -0.012 * star), 3));
+        mostly(&mut rng, "3% of the star's estimated flux", &|rng| run(&bad_frames(rng), det(20.4, 0.03 * star), 10));
+        let steady = bad_frames(&mut rng);
         assert!(!run(&steady, det(20.4, 0.012 * star), 2), "two nights are too few to tell");
-        assert!(run(&steady, det(20.4, 0.03 * star), 10), "3% of the star's estimated flux");
         assert!(!run(&steady, det(20.4, 0.05 * star), 10), "5% of the star is more than a residual");
         // A star that brightens by 12% of itself over the window (a microlensing event's rise)
         // is no steady star, though its frames scatter by under 5% (robust σ 4.5%).
@@ -915,7 +937,7 @@ mod tests {
         let mut steady_then_rising = frames(&mut rng, 0.0, 0.01);
         steady_then_rising[0].iter_mut().filter(|r| r.0 >= 7.0).for_each(|r| r.1 += 0.25 * star * (r.0 - 7.0) / 2.7);
         assert!(!window(&steady_then_rising), "rising by 25% within the window");
-        assert!(window(&frames(&mut rng, 0.0, 0.015)), "steady all along");
+        mostly(&mut rng, "steady all along", &|rng| window(&frames(rng, 0.0, 0.015)));
     }
 
     #[test]
