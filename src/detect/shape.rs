@@ -275,10 +275,11 @@ mod tests {
         }
         // About the one-sided 3σ rate (0.13%); a handful at most.
         assert!(flagged <= 4, "{flagged} of {trials} point sources flagged broad or narrow");
-        // A point source's width index stays near 0: within its noise (about 1/SNR) plus
-        // what an offset of up to half a pixel from the fit's pixel reads as width (≤ 0.1).
+        // A point source's width index stays near 0: within 5 times its noise (about 1/SNR;
+        // at 4, one of 400 draws passed it in 1 run of 40) plus what an offset of up to half a
+        // pixel from the fit's pixel reads as width (≤ 0.1).
         for (snr, b) in &index {
-            assert!(b.abs() < 0.1 + 4.0 / snr, "a point source of SNR {snr:.1}: b/a {b:.3}");
+            assert!(b.abs() < 0.1 + 5.0 / snr, "a point source of SNR {snr:.1}: b/a {b:.3}");
         }
 
         // Broader blobs: b/a grows with the width (0.24, 0.41, 0.65), and patches twice the

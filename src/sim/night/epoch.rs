@@ -115,7 +115,8 @@ pub fn render_static(
     }
     for g in &field.galaxies {
         let flux = 10f64.powf(-0.4 * (g.mag - zp));
-        psf.convolve(&g.intrinsic, g.x, g.y, dx, dy).add_to(&mut img, w, h, flux);
+        let radius = psf.radius_for(psf.fwhm_at(g.x + dx, g.y + dy), flux);
+        psf.convolve(&g.intrinsic, g.x, g.y, dx, dy, radius).add_to(&mut img, w, h, flux);
     }
     img
 }

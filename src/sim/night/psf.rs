@@ -6,6 +6,7 @@
 use rand::Rng;
 
 use super::ObservingConfig;
+use crate::subtract::decorr::Fft2;
 
 /// One epoch's PSF.
 #[derive(Debug, Clone)]
@@ -201,29 +202,38 @@ impl Psf {
     }
 
     /// Convolve a galaxy's intrinsic image (unit sum, in frame pixels) with this PSF as it is
-    /// at (x, y), shifted by (dx, dy) (registration jitter): the result has unit sum.
-    pub fn convolve(&self, intrinsic: &Stamp, x: f64, y: f64, dx: f64, dy: f64) -> Stamp {
+    /// at (x, y), shifted by (dx, dy) (registration jitter), the PSF drawn out to `radius` (a
+    /// star's of the galaxy's flux, [`Psf::radius_for`]): the result has unit sum.
+    ///
+    /// The galaxy's light has the stars' wings. Drawn out to 2.5 FWHM only (before
+    /// 2026-11-29), a galaxy lost 0.3–3.7% of its light beyond that into its core, depending on
+    /// the epoch's β, while the matching kernel, fitted on stars, gave the template's galaxy
+    /// the whole wings: a 30-night stack of 90 frames showed each bright galaxy's core at
+    /// +0.7% and a ring of negative detections 6–24 px out. By FFT (`rustfft`, through
+    /// [`Fft2`]): a kernel of 8 FWHM on a galaxy of 61² pixels is 10⁷ products direct.
+    pub fn convolve(&self, intrinsic: &Stamp, x: f64, y: f64, dx: f64, dy: f64, radius: f64) -> Stamp {
+        use rustfft::num_complex::Complex;
         let fwhm = self.fwhm_at(x + dx, y + dy);
-        let kern = self.point_with_fwhm(fwhm, dx, dy, (2.5 * fwhm).ceil());
+        let kern = self.point_with_fwhm(fwhm, dx, dy, radius.max(2.5 * fwhm).ceil());
         let w = intrinsic.w + kern.w - 1;
         let h = intrinsic.h + kern.h - 1;
-        let mut data = vec![0.0; w * h];
-        for iy in 0..intrinsic.h {
-            for ix in 0..intrinsic.w {
-                let g = intrinsic.data[iy * intrinsic.w + ix];
-                if g == 0.0 {
-                    continue;
-                }
-                for ky in 0..kern.h {
-                    let row = (iy + ky) * w + ix;
-                    let krow = &kern.data[ky * kern.w..(ky + 1) * kern.w];
-                    for (o, k) in data[row..row + kern.w].iter_mut().zip(krow) {
-                        *o += g * k;
-                    }
+        let fft = Fft2::<f64>::new(w, h);
+        let padded = |s: &Stamp| {
+            let mut g = vec![Complex::new(0.0, 0.0); w * h];
+            for iy in 0..s.h {
+                for ix in 0..s.w {
+                    g[iy * w + ix].re = s.data[iy * s.w + ix];
                 }
             }
+            fft.forward(&mut g);
+            g
+        };
+        let mut g = padded(intrinsic);
+        for (a, b) in g.iter_mut().zip(padded(&kern)) {
+            *a *= b;
         }
-        Stamp { x0: intrinsic.x0 + kern.x0, y0: intrinsic.y0 + kern.y0, w, h, data }
+        fft.inverse(&mut g);
+        Stamp { x0: intrinsic.x0 + kern.x0, y0: intrinsic.y0 + kern.y0, w, h, data: g.iter().map(|c| c.re).collect() }
     }
 }
 
