@@ -484,16 +484,30 @@ pub fn mesh_background(d: &[f32], valid: impl Fn(usize) -> bool, w: usize, h: us
     out
 }
 
+/// Passes of [`subtract_residual_background`]. Each image's sky is a mesh median, and where
+/// faint light (a galaxy's outskirts, a bright star's wings) lies under a cell, the median of
+/// the noisier image (the science) rises with it more than the deep template's: the difference
+/// sinks by ~1 ADU under the cell, a bilinear tent over 128 px. One pass of the difference's
+/// own mesh median takes off only the cell's mean of that tent (~56% of its peak), and
+/// what was left added up in deep stacks as negative detections 10–40 px from bright galaxies
+/// and stars. Three take off ~90% of it. Default simulated night (seed 1, CPU engine),
+/// 1 → 3 passes: unflagged false positives per 3- and 10-night stack 2.67 → 2.11 and
+/// 5.14 → 3.86 (a frame's 3.87 → 3.90), score / ideal SNR on the 10-night stacks 0.967 →
+/// 0.992; 5 passes 2.00 and 3.86.
+pub const RESIDUAL_BACKGROUND_PASSES: usize = 3;
+
 /// Take what is left of the background off a difference (a `mesh`-px mesh median over the
-/// unmasked pixels, interpolated); `mesh` 0 does nothing.
+/// unmasked pixels, interpolated; [`RESIDUAL_BACKGROUND_PASSES`] times); `mesh` 0 does nothing.
 pub fn subtract_residual_background(difference: &mut [f32], variance: &[f32], w: usize, h: usize, mesh: usize) {
     if mesh == 0 {
         return;
     }
-    let b = mesh_background(difference, |i| variance[i] > 0.0, w, h, mesh);
-    for ((d, v), b) in difference.iter_mut().zip(variance).zip(&b) {
-        if *v > 0.0 {
-            *d -= b;
+    for _ in 0..RESIDUAL_BACKGROUND_PASSES {
+        let b = mesh_background(difference, |i| variance[i] > 0.0, w, h, mesh);
+        for ((d, v), b) in difference.iter_mut().zip(variance).zip(&b) {
+            if *v > 0.0 {
+                *d -= b;
+            }
         }
     }
 }

@@ -275,12 +275,12 @@ mod tests {
         }
         // About the one-sided 3σ rate (0.13%); a handful at most.
         assert!(flagged <= 4, "{flagged} of {trials} point sources flagged broad or narrow");
-        // A point source's width index stays near 0: within 5 times its noise (about 1/SNR;
-        // at 4, one of 400 draws passed it in 1 run of 40) plus what an offset of up to half a
-        // pixel from the fit's pixel reads as width (≤ 0.1).
-        for (snr, b) in &index {
-            assert!(b.abs() < 0.1 + 5.0 / snr, "a point source of SNR {snr:.1}: b/a {b:.3}");
-        }
+        // A point source's width index stays near 0: within 5 times its noise (about 1/SNR)
+        // plus what an offset of up to half a pixel from the fit's pixel reads as width
+        // (≤ 0.1), but for a rare draw (at 4/SNR one of the 400 passed it in 1 run of 40; at
+        // 5/SNR in about 1 of 70).
+        let wide: Vec<&(f64, f64)> = index.iter().filter(|(snr, b)| b.abs() >= 0.1 + 5.0 / snr).collect();
+        assert!(wide.len() <= 2, "point sources (SNR, b/a) beyond 0.1 + 5/SNR: {wide:?}");
 
         // Broader blobs: b/a grows with the width (0.24, 0.41, 0.65), and patches twice the
         // PSF's width or more, detected at 6–9σ, are mostly flagged.

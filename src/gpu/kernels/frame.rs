@@ -595,13 +595,16 @@ impl GpuEngine {
     }
 
     /// Take a difference's residual background off in place: a `mesh`-px mesh median over the
-    /// pixels with variance > 0, subtracted there (twin:
-    /// `detect::frame::subtract_residual_background`); `mesh` 0 does nothing.
+    /// pixels with variance > 0, subtracted there, `detect::frame::RESIDUAL_BACKGROUND_PASSES`
+    /// times (twin: `detect::frame::subtract_residual_background`); `mesh` 0 does nothing.
     pub fn frame_subtract_residual_background(&mut self, d: &GpuPlane, variance: &GpuPlane, mesh: usize) -> Result<(), EngineError> {
         if mesh == 0 {
             return Ok(());
         }
-        self.frame_mesh(d, variance, mesh, 1, 1, None)
+        for _ in 0..crate::detect::frame::RESIDUAL_BACKGROUND_PASSES {
+            self.frame_mesh(d, variance, mesh, 1, 1, None)?;
+        }
+        Ok(())
     }
 
     /// The background map itself (twin: `cpu::frame::mesh_background`), valid where `valid` is
