@@ -267,7 +267,10 @@ mod tests {
             let mut img = noise(&mut rng, w * w, 1.0);
             add_gaussian(&mut img, w, x0, y0, s, snr * sigma_f);
             let p = fit_profile(plane(&img, &var, w), &q, x0, y0).unwrap();
-            assert!((p.flux / (snr * sigma_f) - 1.0).abs() < 6.0 / snr, "flux {} for {}", p.flux, snr * sigma_f);
+            // Within 5σ (σ 1/SNR) and what fitting at the nearest pixel costs a source up to
+            // half a pixel off in both axes (about 7% at a corner, for this PSF: at 6/SNR alone, a source of SNR 56 at
+            // −11% failed about 1 run in 25).
+            assert!((p.flux / (snr * sigma_f) - 1.0).abs() < 0.1 + 5.0 / snr, "flux {} for {} (SNR {snr:.1}, at ({x0:.2}, {y0:.2}))", p.flux, snr * sigma_f);
             assert!((p.flux_err / sigma_f - 1.0).abs() < 0.02, "flux error {} against {sigma_f}", p.flux_err);
             trials += 1;
             flagged += usize::from(p.is_broad()) + usize::from(is_narrow_core(plane(&img, &var, w), &q, x0, y0));
@@ -277,8 +280,8 @@ mod tests {
         assert!(flagged <= 4, "{flagged} of {trials} point sources flagged broad or narrow");
         // A point source's width index stays near 0: within 5 times its noise (about 1/SNR)
         // plus what an offset of up to half a pixel from the fit's pixel reads as width
-        // (≤ 0.1), but for a rare draw (at 4/SNR one of the 400 passed it in 1 run of 40; at
-        // 5/SNR in about 1 of 70).
+        // (≤ 0.1), but for a rare draw (one of the 400, SNR 5.4 at b/a 1.19, passed 0.1 + 4/SNR
+        // in about 1 run of 150).
         let wide: Vec<&(f64, f64)> = index.iter().filter(|(snr, b)| b.abs() >= 0.1 + 5.0 / snr).collect();
         assert!(wide.len() <= 2, "point sources (SNR, b/a) beyond 0.1 + 5/SNR: {wide:?}");
 
