@@ -14,10 +14,12 @@ disconnection, --after SEQUENCE gets everything since, while the server still ho
 """
 
 import argparse
+import atexit
 import importlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 
@@ -34,6 +36,7 @@ def load_api(proto_root):
     if not os.path.isfile(proto):
         sys.exit(f"no blink.proto at {proto}: pass --proto PATH_TO/proto (the folder holding blink/v1/)")
     out = tempfile.mkdtemp(prefix="blink-proto-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     # grpc_tools ships the well-known types (google/protobuf/*.proto) in its _proto folder.
     well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     args = ["protoc", f"-I{proto_root}", f"-I{well_known}", f"--python_out={out}", f"--grpc_python_out={out}", proto]

@@ -15,14 +15,37 @@ use blink::engine::{CpuEngine, Engine, GpuEngine};
 use blink::sim::night::truth::{self, TruthRecord};
 use blink::sim::night::{simulate, SimConfig};
 
-fn tmp(name: &str) -> PathBuf {
+/// A night's folder under the temporary directory, removed when dropped (a failing test
+/// too leaves nothing behind).
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TmpDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("blink-detect-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    d
+    TmpDir(d)
 }
 
 /// A small night with plenty of transients and the usual contaminants.
-fn night(name: &str, seed: u64) -> (PathBuf, Vec<TruthRecord>) {
+fn night(name: &str, seed: u64) -> (TmpDir, Vec<TruthRecord>) {
     let mut c = SimConfig { width: 512, height: 384, nights: 2, epochs_per_night: 2, seed, ..Default::default() };
     c.transients.fast = 8;
     c.transients.sn = 30;
