@@ -709,7 +709,7 @@ mod tests {
     /// time, from the store's copies (a slot keeps less than its windows reach).
     #[test]
     fn a_late_alert_is_measured_at_its_own_time() {
-        let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+        let seed: u64 = std::env::var("BLINK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut kept, _) = stored_history(&mut rng, 8);
         for (i, e) in kept.iter_mut().enumerate() {

@@ -1346,7 +1346,7 @@ mod tests {
         let ec: Vec<f64> = corners.iter().map(|&(x, y)| kernel_error(&constant, &s, x, y)).collect();
         println!("seed {seed}: kernel error/peak at the corners, varying {ev:.4?}, constant {ec:.4?}; χ²/px {:.3} vs {:.3}", varying.chi2, constant.chi2);
         // The varying kernel's error at the corners: 0.005–0.075 of the peak over many seeds
-        // (the bound was 0.06, which 1 run in 30 passed); the constant kernel's 0.24–0.48.
+        // (a bound of 0.06 failed about 1 run in 30); the constant kernel's 0.24–0.48.
         for (v, c) in ev.iter().zip(&ec) {
             assert!(*v < 0.1 && *v < 0.5 * c, "seed {seed}: varying {ev:?} constant {ec:?}");
         }
