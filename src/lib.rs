@@ -50,3 +50,24 @@ pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("blink.v1");
 }
+
+/// Seeds for the unit tests' random inputs.
+#[cfg(test)]
+pub(crate) mod testing {
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    /// `BLINK_SEED`, else a fresh random one; printed (the harness shows it when the test
+    /// fails), so a failure can be rerun with the same inputs: `BLINK_SEED=<seed> cargo test <name>`.
+    pub fn seed() -> u64 {
+        let seed = std::env::var("BLINK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+        let test = std::thread::current().name().unwrap_or("test").to_string();
+        eprintln!("{test}: seed {seed} (rerun with BLINK_SEED={seed})");
+        seed
+    }
+
+    /// An RNG from [`seed`].
+    pub fn rng() -> StdRng {
+        StdRng::seed_from_u64(seed())
+    }
+}

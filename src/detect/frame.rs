@@ -1070,7 +1070,7 @@ mod tests {
     fn cosmic_rays_and_hot_pixels_in_a_convolved_science_frame_are_sharp_and_stars_are_not() {
         use rand::{Rng, SeedableRng};
         use rand_distr::{Distribution, Normal};
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (w, h, sky, gain) = (400usize, 400usize, 400.0f64, 1.0f64);
         // The sharpest seeing the simulated nights had (FWHM 1.9 px) and a broader one.

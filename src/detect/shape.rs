@@ -226,7 +226,7 @@ pub fn is_broad_residual(img: Plane<'_>, model: &[f32], q: &PsfImage, x: f64, y:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
     use rand_distr::{Distribution, Normal};
 
     /// A square `w × w` plane.
@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn a_point_source_is_the_psf_and_a_broad_patch_is_not() {
-        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut rng = crate::testing::rng();
         let (w, s) = (64usize, 1.3);
         let q = PsfImage::gaussian(21, s, 0.0, 0.0);
         assert!((psf_fwhm(&q) - 2.3548 * s).abs() < 0.05, "{}", psf_fwhm(&q));
@@ -313,7 +313,7 @@ mod tests {
         // What a kernel leaves of a star whose convolved core came out broader than the other
         // image's: the star at the PSF's width minus the same star `k`× broader, a negative
         // core and a positive ring (with the difference's sign).
-        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut rng = crate::testing::rng();
         let (w, s) = (64usize, 1.3);
         let q = PsfImage::gaussian(21, s, 0.0, 0.0);
         let var = vec![1.0f32; w * w];
@@ -343,7 +343,7 @@ mod tests {
 
     #[test]
     fn a_residual_needs_the_template_light_beside_it() {
-        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut rng = crate::testing::rng();
         let (w, s) = (80usize, 1.3);
         let q = PsfImage::gaussian(21, s, 0.0, 0.0);
         let var = vec![1.0f32; w * w];

@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn stars_are_found_with_their_flux_and_residuals_beside_them_are_told_from_variables() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (w, h, sky, sigma) = (300usize, 300usize, 500.0f64, 1.3f64);
         let mut img = vec![sky as f32; w * h];

@@ -778,7 +778,7 @@ mod tests {
 
     #[test]
     fn clipping_removes_a_one_exposure_spike_and_keeps_a_steady_source() {
-        let mut rng = rand::thread_rng();
+        let mut rng = crate::testing::rng();
         let w = 32;
         let c = w * w / 2 + w / 2;
         // A spike of 50 σ in one of three exposures: masked there, and only there (with its
@@ -799,7 +799,7 @@ mod tests {
         // A bright source (5000 σ·px) in three exposures of different seeing (σ 1.0, 1.2 and
         // 1.4 px: the sharpest core 1.65× the others' mean, the broadest wings several times
         // theirs): not clipped. A cosmic ray of 50 σ beside it, 8 px out, is.
-        let seeing = |rng: &mut rand::rngs::ThreadRng, s: f64| {
+        let seeing = |rng: &mut rand::rngs::StdRng, s: f64| {
             let mut e = epoch(rng, w, 0.0);
             let p = PsfImage::gaussian(15, s, 0.0, 0.0);
             for (k, v) in p.pixels.iter().enumerate() {
@@ -844,7 +844,7 @@ mod tests {
 
     #[test]
     fn psf_flux_fits_a_source_and_needs_most_of_its_psf() {
-        let mut rng = rand::thread_rng();
+        let mut rng = crate::testing::rng();
         let w = 40;
         for _ in 0..20 {
             let mut e = epoch(&mut rng, w, 0.0);
@@ -874,13 +874,13 @@ mod tests {
     fn a_steady_star_leaves_a_residual_and_a_variable_star_does_not() {
         use crate::detect::sources::{PointSource, PointSources};
         use rand_distr::{Distribution, Normal};
-        let mut rng = rand::thread_rng();
+        let mut rng = crate::testing::rng();
         let star = rng.gen_range(1e4..1e5);
         let sources = PointSources::new(vec![PointSource { x: 20.0, y: 20.0, flux: star }], 40, 40);
         let noise = Normal::new(0.0, 0.01 * star).unwrap();
         // 30 frames from MJD 0; the star's residual moves by 1.5% of it from frame to frame (the
         // simulated nights' static stars: up to 3.6%), a variable star's by its amplitude.
-        let frames = |rng: &mut rand::rngs::ThreadRng, amplitude: f64, kernel: f64| -> Vec<Vec<(f64, f64, f64)>> {
+        let frames = |rng: &mut rand::rngs::StdRng, amplitude: f64, kernel: f64| -> Vec<Vec<(f64, f64, f64)>> {
             let k = Normal::new(0.0, kernel * star).unwrap();
             let phase = rng.gen_range(0.0..std::f64::consts::TAU);
             vec![(0..30).map(|i| (i as f64 / 3.0, 0.01 * star + amplitude * star * (phase + 0.7 * i as f64).sin() + k.sample(rng) + noise.sample(rng), (0.01 * star).powi(2))).collect()]
@@ -894,13 +894,13 @@ mod tests {
         // A steady star is flagged nearly always, not always: the drift test's σ comes from the
         // frames themselves, and a low draw of it now and then calls noise a drift (about 1 in
         // 400 draws of a 3-night window). So the steady cases count over 20 fresh draws each.
-        let mostly = |rng: &mut rand::rngs::ThreadRng, what: &str, case: &dyn Fn(&mut rand::rngs::ThreadRng) -> bool| {
+        let mostly = |rng: &mut rand::rngs::StdRng, what: &str, case: &dyn Fn(&mut rand::rngs::StdRng) -> bool| {
             let n = (0..20).filter(|_| case(rng)).count();
             assert!(n >= 18, "{what}: flagged in {n} of 20 draws");
         };
         mostly(&mut rng, "a steady star's 1.2% residual", &|rng| run(&frames(rng, 0.0, 0.015), det(20.4, 0.012 * star), 10));
         // Three frames in 30 whose kernel failed at the star do not make it variable.
-        let bad_frames = |rng: &mut rand::rngs::ThreadRng| {
+        let bad_frames = |rng: &mut rand::rngs::StdRng| {
             let mut steady = frames(rng, 0.0, 0.015);
             for i in [4, 11, 23] {
                 steady[0][i].1 += 0.4 * star;

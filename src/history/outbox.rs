@@ -288,7 +288,7 @@ mod tests {
     }
 
     fn exercise(o: &dyn Outbox) {
-        let mut rng = rand::thread_rng();
+        let mut rng = crate::testing::rng();
         let payload: Vec<u8> = (0..rng.gen_range(0..300)).map(|_| rng.gen()).collect();
         let t0: u64 = rng.gen_range(1_600_000_000_000..1_900_000_000_000);
         let q = o

@@ -416,11 +416,11 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use crate::history::test_support::random_epoch;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
     #[test]
     fn epoch_round_trips_bit_for_bit() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let mut rng = crate::testing::rng();
         for _ in 0..50 {
             let e = random_epoch(&mut rng);
             let b = encode_epoch("ztf:id:x", &e);
@@ -432,7 +432,7 @@ mod tests {
 
     #[test]
     fn unknown_version_short_and_trailing_bytes_are_rejected() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let mut rng = crate::testing::rng();
         let e = random_epoch(&mut rng);
         let mut b = encode_epoch("k", &e);
         let cut = rng.gen_range(0..b.len());
@@ -447,7 +447,7 @@ mod tests {
 
     #[test]
     fn validate_rejects_bad_shapes_and_positions() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let mut rng = crate::testing::rng();
         let good = random_epoch(&mut rng);
         assert_eq!(validate(&good), Ok(()));
         let mut e = good.clone();
@@ -469,7 +469,7 @@ mod tests {
 
     #[test]
     fn key_orders_follow_mjd() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let mut rng = crate::testing::rng();
         let mut v: Vec<f64> = (0..200).map(|_| rng.gen_range(-1e5..1e5)).collect();
         let mut keys: Vec<Vec<u8>> = v.iter().map(|m| time_key(*m, b"x")).collect();
         keys.sort();

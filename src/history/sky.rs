@@ -54,7 +54,7 @@ pub(crate) fn distance_rad(ra1: f64, dec1: f64, ra2: f64, dec2: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
     const ARCSEC: f64 = std::f64::consts::PI / (180.0 * 3600.0);
 
@@ -62,7 +62,7 @@ mod tests {
     /// (cell edges, base-cell corners, poles) and for radii from 0.1 arcsec to 1 degree.
     #[test]
     fn cone_ranges_cover_the_disk() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let mut rng = crate::testing::rng();
         for _ in 0..2000 {
             let radius = 10f64.powf(rng.gen_range(-1.0..3.56)) * ARCSEC;
             let (ra, dec) = if rng.gen_bool(0.2) {

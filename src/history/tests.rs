@@ -35,7 +35,7 @@ impl Drop for TempDir {
 }
 
 fn rng() -> StdRng {
-    StdRng::seed_from_u64(rand::random())
+    crate::testing::rng()
 }
 
 type Named = (&'static str, Box<dyn HistoryStore>);

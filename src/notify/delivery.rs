@@ -72,7 +72,7 @@ mod tests {
 
     #[test]
     fn backoff_stays_in_its_bounds_and_spreads() {
-        let mut rng = rand::thread_rng();
+        let mut rng = crate::testing::rng();
         for _ in 0..200 {
             let first = Duration::from_millis(rng.gen_range(1..5000));
             let max = first * rng.gen_range(1..500);
@@ -93,7 +93,7 @@ mod tests {
 
     #[test]
     fn rate_limit_allows_per_minute_then_holds() {
-        let mut rng = rand::thread_rng();
+        let mut rng = crate::testing::rng();
         for _ in 0..50 {
             let per_minute = rng.gen_range(1..200u32);
             let t0 = Instant::now();

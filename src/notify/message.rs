@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(dec_dms(-12.345678), "-12:20:44.4");
         assert_eq!(dec_dms(89.99999999), "+90:00:00.0");
         assert_eq!(dec_dms(0.0), "+00:00:00.0");
-        let mut rng = rand::thread_rng();
+        let mut rng = crate::testing::rng();
         for _ in 0..1000 {
             let ra: f64 = rng.gen_range(0.0..360.0);
             let s = ra_hms(ra);
@@ -285,7 +285,7 @@ mod tests {
     #[test]
     fn webhook_template_escapes_values() {
         let t = BodyTemplate::parse(r#"{"text": "{rule}: {object_id} in {band}", "score": {score}, "new": {new_object}, "snr": {survey_snr}, "raw": {}}"#).unwrap();
-        let mut rng = rand::thread_rng();
+        let mut rng = crate::testing::rng();
         for _ in 0..200 {
             let mut d = super::super::rules::samples()[0].clone();
             // Quotes, backslashes, control and non-ASCII characters.

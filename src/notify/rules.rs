@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn conditions_agree_with_the_fields_on_random_detections() {
-        let mut rng = rand::thread_rng();
+        let mut rng = crate::testing::rng();
         let bright = Condition::compile(r#"score >= 8 && timescale == "1n" && new_object"#).unwrap();
         let abs = Condition::compile("abs_score > 5.5 && !stack").unwrap();
         let snr = Condition::compile("survey_snr > 5").unwrap();

@@ -66,7 +66,7 @@ fn bad_rules_fail_at_start_naming_the_rule() {
 
 #[tokio::test]
 async fn matches_are_queued_once_per_rule_object_and_timescale() {
-    let mut rng = rand::thread_rng();
+    let mut rng = crate::testing::rng();
     let store = outbox();
     let n = Notifier::new(
         &config(vec![slack_rule("bright", "abs_score >= 8"), slack_rule("stacks", "stack && score > 0")]),
@@ -107,7 +107,7 @@ async fn matches_are_queued_once_per_rule_object_and_timescale() {
 
 #[test]
 fn webhook_request_is_signed_over_the_body_sent_and_keeps_secrets_out_of_debug() {
-    let mut rng = rand::thread_rng();
+    let mut rng = crate::testing::rng();
     // At least 16 letters: a key of one or two letters is in any Debug text, so the check
     // below failed about one run in twenty for no fault of the code.
     let key: String = (0..rng.gen_range(16..40)).map(|_| rng.gen_range('a'..='z')).collect();

@@ -412,7 +412,7 @@ mod tests {
 
     #[test]
     fn a_stack_of_the_crop_measures_what_the_whole_stamps_do() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut cropped, mut measured) = (0, 0);
         for case in 0..12 {
@@ -466,7 +466,7 @@ mod tests {
 
     #[test]
     fn stored_stamps_are_the_square_around_the_candidate() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = StdRng::seed_from_u64(seed);
         let side = 2 * STORED_HALF + 1;
         for case in 0..40 {
@@ -517,7 +517,7 @@ mod tests {
     /// offsets are the sub-pixel part, the whole stamps' up to two pixels).
     #[test]
     fn stacks_of_stored_stamps_measure_what_whole_stamps_do() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut compared, mut single, mut worst) = (0, 0, 0.0f64);
         for case in 0..10 {
@@ -591,7 +591,7 @@ mod tests {
     /// Lanczos-3 three times.
     #[test]
     fn resident_stacks_measure_what_the_host_stacks_do() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut compared, mut worst, mut worst_err) = (0, 0.0f64, 0.0f64);
         for case in 0..12 {
@@ -614,9 +614,13 @@ mod tests {
                 worst = worst.max(d);
                 worst_err = worst_err.max((r.flux_err / m.flux_err - 1.0).abs());
                 let ctx = format!("seed {seed}, case {case}, {nights}-night window of {count}: ring {r:?}, host {m:?}");
-                // The PSFs differ (the host's is smoothed by three Lanczos moves): a few
-                // hundredths of a sigma, about a per cent of the error.
-                assert!(d <= 0.04 + 0.01 * m.score.abs(), "{ctx}");
+                // The PSFs differ (the host's is smoothed by three Lanczos moves), most where
+                // an epoch's is sharpest (sigma near 1 px): typically a hundredth of a sigma.
+                // Over 2,000 runs (70,853 windows) the largest was 0.057 at score 2.4, and
+                // about one window in 10^5 passed 0.04 + 0.01 |score| (a CI run failed on
+                // 0.060 at 1.96); the tail falls about threefold every 0.1 of that bound,
+                // so 1.5 times it is out of reach of noise and still catches a wrong weight.
+                assert!(d <= 0.06 + 0.015 * m.score.abs(), "{ctx}");
                 assert!((r.flux_err / m.flux_err - 1.0).abs() < 0.025, "{ctx}");
                 assert_eq!((r.x, r.y), (m.x, m.y), "{ctx}");
                 compared += 1;
@@ -630,7 +634,7 @@ mod tests {
     /// change a single bit of the sums.
     #[test]
     fn resident_stacks_do_not_depend_on_arrival_order_duplicates_or_cells() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = StdRng::seed_from_u64(seed);
         let (kept, t) = stored_history(&mut rng, 9);
         let add = |ring: &mut SquareRing, e: &Epoch, first: bool| {
@@ -669,7 +673,7 @@ mod tests {
     /// windows reaching past its horizon, is not served and fills again from the store.
     #[test]
     fn slots_are_given_up_least_recently_used_and_filled_again() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = StdRng::seed_from_u64(seed);
         let objects: Vec<(Vec<Epoch>, Touched)> = (0..3).map(|_| stored_history(&mut rng, 4)).collect();
         // Room for two objects of five epochs.
@@ -709,7 +713,7 @@ mod tests {
     /// time, from the store's copies (a slot keeps less than its windows reach).
     #[test]
     fn a_late_alert_is_measured_at_its_own_time() {
-        let seed: u64 = std::env::var("BLINK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+        let seed = crate::testing::seed();
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut kept, _) = stored_history(&mut rng, 8);
         for (i, e) in kept.iter_mut().enumerate() {
@@ -751,7 +755,7 @@ mod tests {
     /// of one cell: every object measured on its own), whatever the threads.
     #[test]
     fn evaluate_announces_the_same_from_the_ring_and_from_the_store() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = StdRng::seed_from_u64(seed);
         let store = crate::history::MemoryHistory::new(&crate::history::HistoryConfig::default()).expect("store");
         let mut touched = Vec::new();

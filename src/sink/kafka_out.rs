@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn a_detection_survives_the_round_trip_through_avro() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let s = schema();
         for k in 0..50 {

@@ -386,11 +386,11 @@ pub fn pad_clamped(image: &[f32], w: usize, h: usize, pad: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
     #[test]
     fn basis_sums_first_one_others_zero() {
-        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut rng = crate::testing::rng();
         for _ in 0..5 {
             let (s, b): (f64, f64) = (rng.gen_range(0.8..3.0), rng.gen_range(0.8..5.0));
             let basis = Basis::from_seeing(s.min(b), s.max(b), &BasisOptions::default()).unwrap();
@@ -418,7 +418,7 @@ mod tests {
 
     #[test]
     fn separable_matches_direct_2d() {
-        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut rng = crate::testing::rng();
         let basis = Basis::new(&[rng.gen_range(0.6..1.0), rng.gen_range(1.2..2.0)], &[3, 2], 6).unwrap();
         let h = basis.half as i64;
         // The grids against the formula, evaluated independently.

@@ -1229,7 +1229,7 @@ mod tests {
 
     #[test]
     fn recovers_a_non_gaussian_kernel_scale_and_background() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let basis = basis_for(1.5);
         let kh = basis.half;
         // A core with a sub-pixel shift (tests the convolution's direction) and wide wings.
@@ -1273,7 +1273,7 @@ mod tests {
 
     #[test]
     fn a_given_scale_is_held_and_the_shape_still_fitted() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let basis = basis_for(1.5);
         let kh = basis.half;
         let k = gaussians(kh, &[(0.7, 1.3, 0.3, -0.2), (0.3, 3.0, 0.0, 0.0)]);
@@ -1300,7 +1300,7 @@ mod tests {
     fn fixed_unknowns_give_the_least_squares_solution_of_the_rest() {
         // A random least-squares problem M x ≈ y; x_1 held at 0.7: the others must be the
         // least-squares solution of (M without column 1) x' ≈ y − 0.7 M_1.
-        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let mut rng = crate::testing::rng();
         let (rows, n) = (40, 4);
         let m: Vec<f64> = (0..rows * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let y: Vec<f64> = (0..rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
@@ -1332,7 +1332,7 @@ mod tests {
 
     #[test]
     fn spatially_varying_kernel_beats_a_constant_one_at_the_corners() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let basis = basis_for(1.6);
         let kh = basis.half;
         // The kernel's width goes from 0.9 to 2.2 px across the frame.
@@ -1355,7 +1355,7 @@ mod tests {
 
     #[test]
     fn variable_star_stamp_is_clipped() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let basis = basis_for(1.5);
         let kh = basis.half;
         let k = gaussians(kh, &[(0.8, 1.4, 0.0, 0.0), (0.2, 3.0, 0.0, 0.0)]);
@@ -1380,7 +1380,7 @@ mod tests {
 
     #[test]
     fn with_clip_kernel_error_a_bright_star_the_kernel_matches_to_its_fractional_error_is_kept() {
-        let seed: u64 = rand::random();
+        let seed = crate::testing::seed();
         let basis = basis_for(1.5);
         let kh = basis.half;
         // A kernel the Gaussian basis makes only to a fraction of a per cent: an off-centre
@@ -1415,7 +1415,7 @@ mod tests {
         let basis = basis_for(1.5);
         let kh = basis.half;
         let k = gaussians(kh, &[(1.0, 1.5, 0.0, 0.0)]);
-        let s = synth(rand::random(), 300, 300, 2, kh, k.clone(), k, None);
+        let s = synth(crate::testing::seed(), 300, 300, 2, kh, k.clone(), k, None);
         let err = fit_kernel(&pair(&s), (SIGMA_T * SIGMA_T + 2.25f64).sqrt(), SIGMA_T, &Options::default()).unwrap_err();
         match &err {
             // Two stars: the spatial order drops to 0 (`spatial_order_for`), which needs 3.
@@ -1435,7 +1435,7 @@ mod tests {
 
     #[test]
     fn cholesky_solves_random_spd_systems() {
-        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut rng = crate::testing::rng();
         for n in [1usize, 7, 60, 200] {
             let m: Vec<f64> = (0..n * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let mut a = vec![0.0; n * n];
@@ -1485,7 +1485,7 @@ mod tests {
 
     #[test]
     fn convolve_matches_kernel_at_each_pixel() {
-        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut rng = crate::testing::rng();
         let (w, h) = (70usize, 53usize);
         let sol = random_solution(&mut rng, w, h);
         let img: Vec<f32> = (0..w * h).map(|_| rng.gen_range(0.0..100.0)).collect();
@@ -1518,7 +1518,7 @@ mod tests {
 
     #[test]
     fn variance_propagation_with_the_squared_kernel() {
-        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut rng = crate::testing::rng();
         let (w, h) = (90usize, 80usize);
         let sol = random_solution(&mut rng, w, h);
         let kh = sol.half() as i64;
@@ -1556,7 +1556,7 @@ mod tests {
         let kh = basis.half;
         let k = gaussians(kh, &[(0.7, 1.3, 0.3, -0.2), (0.3, 3.0, 0.0, 0.0)]);
         let t0 = std::time::Instant::now();
-        let s = synth(rand::random(), 1024, 1024, 600, kh, k.clone(), k, None);
+        let s = synth(crate::testing::seed(), 1024, 1024, 600, kh, k.clone(), k, None);
         let t1 = std::time::Instant::now();
         let stamps = select_stamps(&pair(&s), kh, &StampOptions::default());
         let t2 = std::time::Instant::now();

@@ -95,9 +95,8 @@ fn stored_epochs(s: &dyn HistoryStore) -> Vec<Epoch> {
 fn kill_9_during_writes_loses_no_acked_epoch() {
     let dir = temp_dir("crash");
     let path = dir.join("h.redb");
-    let seed: u64 = rand::random();
+    let seed = crate::common::seed("kill -9 test");
     let mut rng = StdRng::seed_from_u64(seed);
-    eprintln!("kill -9 test: seed {seed}");
     let mut acked_all: Vec<u64> = Vec::new();
     let mut written: Vec<std::ops::Range<u64>> = Vec::new();
     // Two crashes on the same file at different points: single puts, then batches of 4.
@@ -160,7 +159,8 @@ fn kill_9_during_writes_loses_no_acked_epoch() {
 fn corrupt_file_is_a_named_error_and_rebuild_keeps_it_aside() {
     let dir = temp_dir("corrupt");
     let path = dir.join("history.redb");
-    let junk: Vec<u8> = (0..4096).map(|_| rand::random()).collect();
+    let mut rng = crate::common::seeded("corrupt file test");
+    let junk: Vec<u8> = (0..4096).map(|_| rng.gen()).collect();
     std::fs::write(&path, &junk).unwrap();
     let err = RedbHistory::open(&HistoryConfig::at(&path)).unwrap_err();
     assert!(matches!(err, HistoryError::Corrupt { .. }), "{err:?}");
@@ -169,7 +169,7 @@ fn corrupt_file_is_a_named_error_and_rebuild_keeps_it_aside() {
     let store = RedbHistory::open(&cfg).unwrap();
     let aside = store.moved_aside().expect("moved aside").to_owned();
     assert_eq!(std::fs::read(&aside).unwrap(), junk);
-    let e = crash_epoch(rand::random(), 1);
+    let e = crash_epoch(rng.gen(), 1);
     assert!(matches!(store.put(&e).unwrap(), PutOutcome::Added { new_object: true, .. }));
     drop(store);
     // The rebuilt file is a good store: a plain open works and has the epoch.
@@ -187,7 +187,7 @@ fn simulated_alerts_go_in_by_object_id_on_both_stores() {
     let cfg = HistoryConfig::at(dir.join("h.redb"));
     let stores: Vec<Arc<dyn HistoryStore>> =
         vec![Arc::new(MemoryHistory::new(&cfg).unwrap()), Arc::new(RedbHistory::open(&cfg).unwrap())];
-    let alerts = simulate_alerts(6, rand::random(), &AlertSimConfig { size: 21, ..Default::default() });
+    let alerts = simulate_alerts(6, crate::common::seed("simulated alerts test"), &AlertSimConfig { size: 21, ..Default::default() });
     for s in &stores {
         let epochs: Vec<Epoch> = alerts
             .iter()

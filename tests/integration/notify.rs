@@ -150,7 +150,7 @@ pub(crate) fn temp_dir(name: &str) -> PathBuf {
 /// arrives exactly once; a redelivered batch notifies nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_notifications_arrive_once_after_server_errors() {
-    let mut rng = rand::thread_rng();
+    let mut rng = crate::common::seeded(module_path!());
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
     let (url, log) = server(Arc::new(move |_, _| if c.fetch_add(1, Ordering::SeqCst) < 3 { 500 } else { 200 })).await;
@@ -193,7 +193,7 @@ async fn slack_notifications_arrive_once_after_server_errors() {
 /// permanent failure, not retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_bodies_are_signed_and_a_4xx_is_not_retried() {
-    let mut rng = rand::thread_rng();
+    let mut rng = crate::common::seeded(module_path!());
     let key: String = (0..24).map(|_| rng.gen_range('a'..='z')).collect();
     let k = key.clone();
     let (url, log) = server(Arc::new(move |h: &HashMap<String, String>, body: &[u8]| {
@@ -232,7 +232,7 @@ async fn webhook_bodies_are_signed_and_a_4xx_is_not_retried() {
 /// notify again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_delivers_what_was_queued_during_an_outage() {
-    let mut rng = rand::thread_rng();
+    let mut rng = crate::common::seeded(module_path!());
     let dir = temp_dir("restart");
     let hc = HistoryConfig::at(dir.join("history.redb"));
     let down = Arc::new(AtomicBool::new(true));
