@@ -10,7 +10,10 @@
 // interpolation is f32 where the CPU uses f64.
 //
 // Validity (`mode`): 0: s1 is a mask, valid where 0 (the image's sky: not saturated);
-// 1: s1 is a variance, valid where > 0 (a difference's residual background).
+// 1: s1 is a variance, valid where > 0 (a difference's residual background). In mode 1 with
+// `prm.f0` = κ² > 0 a cell's median is taken again over the valid pixels within κ·sqrt(var) of
+// the first, (x − m)² ≤ κ²·var in f32 as the CPU does (its first median kept when fewer than a
+// quarter of the cell are left): sources' light no longer pulls the estimate up.
 // Bindings: s0 = image (f32), s1 = validity plane (u32 view), s2 = grid (mx·my cells, then the
 // fill value), s3 = output plane (`mesh_apply`).
 // FrameParams `prm`, WG_X/WG_Y/MAX_TAPS and the uniform `taps` come from
@@ -49,8 +52,9 @@ fn value_of(k: u32) -> f32 {
 }
 
 // Element j of the set being selected from: (1 if valid, key). `cell` = (x0, y0, cell width);
-// `grid_mode`: the finite cells of the grid instead.
-fn element(j: u32, cell: vec3<u32>, grid_mode: bool) -> vec2<u32> {
+// `grid_mode`: the finite cells of the grid instead; `clip`: in mode 1, only the pixels with
+// (x − centre)² ≤ prm.f0·var.
+fn element(j: u32, cell: vec3<u32>, grid_mode: bool, clip: bool, centre: f32) -> vec2<u32> {
     if (grid_mode) {
         let g = s2[j];
         return vec2<u32>(select(0u, 1u, finite(g)), key_of(g));
@@ -61,21 +65,26 @@ fn element(j: u32, cell: vec3<u32>, grid_mode: bool) -> vec2<u32> {
     if (prm.mode == 0u) {
         ok = ok && s1[i] == 0u;
     } else {
-        ok = ok && bitcast<f32>(s1[i]) > 0.0;
+        let vr = bitcast<f32>(s1[i]);
+        ok = ok && vr > 0.0;
+        if (clip) {
+            let r = v - centre;
+            ok = ok && r * r <= prm.f0 * vr;
+        }
     }
     return vec2<u32>(select(0u, 1u, ok), key_of(v));
 }
 
 // The lower median of the `len` elements' valid ones, NaN when fewer than `need` are valid.
 // Called by every invocation of the workgroup (uniform control flow).
-fn radix_median(lid: u32, len: u32, cell: vec3<u32>, grid_mode: bool, need: u32) -> f32 {
+fn radix_median(lid: u32, len: u32, cell: vec3<u32>, grid_mode: bool, need: u32, clip: bool, centre: f32) -> f32 {
     if (lid == 0u) {
         atomicStore(&total, 0u);
     }
     workgroupBarrier();
     var c = 0u;
     for (var j = lid; j < len; j += MESH_WG) {
-        c += element(j, cell, grid_mode).x;
+        c += element(j, cell, grid_mode, clip, centre).x;
     }
     atomicAdd(&total, c);
     workgroupBarrier();
@@ -94,7 +103,7 @@ fn radix_median(lid: u32, len: u32, cell: vec3<u32>, grid_mode: bool, need: u32)
         atomicStore(&hist[lid], 0u);
         workgroupBarrier();
         for (var j = lid; j < len; j += MESH_WG) {
-            let e = element(j, cell, grid_mode);
+            let e = element(j, cell, grid_mode, clip, centre);
             if (e.x == 1u && (e.y & mask) == prefix) {
                 atomicAdd(&hist[(e.y >> shift) & 255u], 1u);
             }
@@ -121,7 +130,7 @@ fn radix_median(lid: u32, len: u32, cell: vec3<u32>, grid_mode: bool, need: u32)
     return value_of(prefix);
 }
 
-// One workgroup per cell (gx, gy): its median into s2.
+// One workgroup per cell (gx, gy): its median (clipped in mode 1 when prm.f0 > 0) into s2.
 @compute @workgroup_size(256, 1, 1)
 fn mesh_cells(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let mesh = prm.mesh;
@@ -129,7 +138,12 @@ fn mesh_cells(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     let y0 = wg.y * mesh;
     let cw = min(mesh, prm.width - x0);
     let ch = min(mesh, prm.height - y0);
-    let m = radix_median(lid, cw * ch, vec3<u32>(x0, y0, cw), false, mesh * mesh / 4u);
+    let need = mesh * mesh / 4u;
+    var m = radix_median(lid, cw * ch, vec3<u32>(x0, y0, cw), false, need, false, 0.0);
+    if (prm.mode == 1u && prm.f0 > 0.0 && finite(m)) {
+        let clipped = radix_median(lid, cw * ch, vec3<u32>(x0, y0, cw), false, need, true, m);
+        m = select(m, clipped, finite(clipped));
+    }
     if (lid == 0u) {
         s2[wg.y * prm.mx + wg.x] = m;
     }
@@ -139,7 +153,7 @@ fn mesh_cells(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
 @compute @workgroup_size(256, 1, 1)
 fn mesh_fill(@builtin(local_invocation_index) lid: u32) {
     let n = prm.mx * prm.my;
-    let m = radix_median(lid, n, vec3<u32>(0u, 0u, 1u), true, 1u);
+    let m = radix_median(lid, n, vec3<u32>(0u, 0u, 1u), true, 1u, false, 0.0);
     if (lid == 0u) {
         s2[n] = select(0.0, m, finite(m));
     }

@@ -547,10 +547,11 @@ impl GpuEngine {
     }
 
     /// The mesh kernels: cell medians of `d` where `valid` says (`cell_mode` 0: a mask, valid
-    /// where clear; 1: a variance, valid where > 0), the fill, then `mesh_apply` in `apply_mode`:
+    /// where clear; 1: a variance, valid where > 0; with `clip_k2` = κ² > 0 in mode 1 the
+    /// median is taken again within κ·sqrt(variance) of the first), the fill, then `mesh_apply` in `apply_mode`:
     /// 0 writes `d` less the map to `out`, 1 takes the map off `d` in place, 2 writes the map to
     /// `out`.
-    fn frame_mesh(&mut self, d: &GpuPlane, valid: &GpuPlane, mesh: usize, cell_mode: u32, apply_mode: u32, out: Option<&GpuPlane>) -> Result<(), EngineError> {
+    fn frame_mesh(&mut self, d: &GpuPlane, valid: &GpuPlane, mesh: usize, (cell_mode, clip_k2): (u32, f32), apply_mode: u32, out: Option<&GpuPlane>) -> Result<(), EngineError> {
         let (w, h) = (d.width, d.height);
         if (valid.width, valid.height) != (w, h) || out.is_some_and(|o| (o.width, o.height) != (w, h)) {
             return Err(bad(format!("planes of {w}x{h} and {}x{} for one mesh", valid.width, valid.height)));
@@ -569,7 +570,7 @@ impl GpuEngine {
             prm.mesh = mesh as u32;
             prm.mx = mx as u32;
             prm.my = my as u32;
-            let cells = FrameParams { mode: cell_mode, ..prm };
+            let cells = FrameParams { mode: cell_mode, f0: clip_k2, ..prm };
             let apply = FrameParams { mode: apply_mode, ..prm };
             let bufs = [Some((&d.buf, d.bytes())), Some((&valid.buf, valid.bytes())), Some((&grid, grid_bytes)), out.map(|o| (&o.buf, o.bytes()))];
             submit(
@@ -590,19 +591,21 @@ impl GpuEngine {
     /// interpolated (twin: `img − cpu::frame::mesh_background(img, !saturated)`).
     pub fn frame_sky_subtract(&mut self, img: &GpuPlane, saturated: &GpuPlane, mesh: usize) -> Result<GpuPlane, EngineError> {
         let out = self.frame_plane("blink.frame.sky_subtracted", img.width, img.height, PlaneKind::Values)?;
-        self.frame_mesh(img, saturated, mesh, 0, 0, Some(&out))?;
+        self.frame_mesh(img, saturated, mesh, (0, 0.0), 0, Some(&out))?;
         Ok(out)
     }
 
     /// Take a difference's residual background off in place: a `mesh`-px mesh median over the
-    /// pixels with variance > 0, subtracted there, `detect::frame::RESIDUAL_BACKGROUND_PASSES`
+    /// pixels with variance > 0, clipped at `detect::frame::RESIDUAL_BACKGROUND_CLIP` sigma,
+    /// subtracted there, `detect::frame::RESIDUAL_BACKGROUND_PASSES`
     /// times (twin: `detect::frame::subtract_residual_background`); `mesh` 0 does nothing.
     pub fn frame_subtract_residual_background(&mut self, d: &GpuPlane, variance: &GpuPlane, mesh: usize) -> Result<(), EngineError> {
         if mesh == 0 {
             return Ok(());
         }
         for _ in 0..crate::detect::frame::RESIDUAL_BACKGROUND_PASSES {
-            self.frame_mesh(d, variance, mesh, 1, 1, None)?;
+            let k = crate::detect::frame::RESIDUAL_BACKGROUND_CLIP;
+            self.frame_mesh(d, variance, mesh, (1, k * k), 1, None)?;
         }
         Ok(())
     }
@@ -612,7 +615,7 @@ impl GpuEngine {
     pub fn frame_mesh_background(&mut self, d: &GpuPlane, valid: &GpuPlane, mesh: usize) -> Result<GpuPlane, EngineError> {
         let out = self.frame_plane("blink.frame.background", d.width, d.height, PlaneKind::Values)?;
         let mode = if valid.kind == PlaneKind::Mask { 0 } else { 1 };
-        self.frame_mesh(d, valid, mesh, mode, 2, Some(&out))?;
+        self.frame_mesh(d, valid, mesh, (mode, 0.0), 2, Some(&out))?;
         Ok(out)
     }
 
