@@ -4,8 +4,8 @@
 //!
 //! - `frame_score`: the matched filter ([`score`]) with a separable Gaussian or any odd square
 //!   profile ([`Profile`]);
-//! - `frame_mesh`: the sky / residual background mesh ([`mesh_background`], which is
-//!   `detect::frame::mesh_background` itself);
+//! - `frame_mesh`: the sky / residual background mesh ([`mesh_background`], and
+//!   [`mesh_background_clipped`] for the residual's 3σ-clipped medians: `detect::frame`'s own);
 //! - `frame_prepare`: smoothed variance and saturation mask ([`variance_smoothed`],
 //!   [`saturation`]);
 //! - `frame_grow`: a mask grown by a square ([`grow`], separable in O(N) whatever the radius),
@@ -19,7 +19,7 @@
 
 use crate::detect::frame::ScoreImage;
 
-pub use crate::detect::frame::mesh_background;
+pub use crate::detect::frame::{mesh_background, mesh_background_clipped};
 
 /// Below this fraction of the frame's largest `den` the full route drops a pixel (it sees only
 /// the far wings of the profile, and round-off in an FFT): keep equal to the floor of

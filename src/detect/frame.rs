@@ -462,7 +462,7 @@ pub fn mesh_background_clipped(d: &[f32], valid: impl Fn(usize) -> bool, clip: O
                 }
             }
             let mut m = if vals.len() >= mesh * mesh / 4 { median(vals).unwrap_or(f32::NAN) } else { f32::NAN };
-            if let (Some((var, k2)), true) = (clip, m.is_finite()) {
+            if let Some((var, k2)) = clip.filter(|_| m.is_finite()) {
                 let mut kept = Vec::with_capacity(mesh * mesh);
                 for y in gy * mesh..((gy + 1) * mesh).min(h) {
                     for x in gx * mesh..((gx + 1) * mesh).min(w) {
