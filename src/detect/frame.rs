@@ -1153,12 +1153,18 @@ mod tests {
                 *v += n.sample(&mut rng) as f32;
             }
             let cs = ConvolvedScience { data: &img, gain, sigma };
-            for (i, &(x, y)) in stars.iter().enumerate() {
-                assert!(!sharp_in_science(&cs, w, h, x, y), "seed {seed}, σ {sigma}: star {i} at ({x}, {y}) called sharp");
-            }
+            // Noise on a star's core can make it look sharp: over 1,000 runs (72,000 stars) two
+            // were called sharp, never two in one frame (with none allowed, about one run in 500
+            // failed).
+            let called: Vec<usize> = stars.iter().enumerate().filter(|(_, &(x, y))| sharp_in_science(&cs, w, h, x, y)).map(|(i, _)| i).collect();
+            assert!(called.len() <= 1, "seed {seed}, σ {sigma}: stars {called:?} called sharp");
             let found = artifacts.iter().filter(|&&(x, y)| sharp_in_science(&cs, w, h, x, y)).count();
-            // Only the faintest tracks (1000 ADU over 10 px: 100 ADU, 5σ, a pixel) can escape.
-            assert!(found >= 22, "seed {seed}, σ {sigma}: {found} of {} cosmic rays and hot pixels found", artifacts.len());
+            // Hot pixels are always found; tracks whose light is spread evenly can escape, more
+            // at σ 0.8, where a star's neighbour may fall to e^(−1/σ²) = 0.21 of its peak (a
+            // track of 3000 ADU over 8 px has ~400 ADU a pixel, 20σ, and can escape). Over 1,000
+            // runs: σ 0.8 found 21 of 25 five times, 22 or more otherwise; σ 1.3 23 or more.
+            let least = if sigma < 1.0 { 19 } else { 22 };
+            assert!(found >= least, "seed {seed}, σ {sigma}: {found} of {} cosmic rays and hot pixels found", artifacts.len());
             // Empty sky is not sharp either.
             assert!(!sharp_in_science(&cs, w, h, 104, 72), "seed {seed}, σ {sigma}: empty sky");
         }
