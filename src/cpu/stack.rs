@@ -571,8 +571,12 @@ mod tests {
             let sum: f64 = want.iter().sum();
             assert_eq!(got.side, side);
             assert!((got.pixels.iter().sum::<f64>() - 1.0).abs() < 1e-9, "seed {seed}: unit sum");
+            // Normalising divides by the sum, which a shift moving much of the PSF off its box
+            // (or Lanczos's negative lobes) can leave small beside the terms: rounding then
+            // grows as Σ|w| / |Σw| (a pixel of −42.77 differed by 2·10⁻¹² in one run of 150).
+            let tol = 1e-12 * (want.iter().map(|v| v.abs()).sum::<f64>() / sum.abs()).max(1.0);
             for (g, w) in got.pixels.iter().zip(&want) {
-                assert!((g - w / sum).abs() < 1e-12, "seed {seed}: {g} against {}", w / sum);
+                assert!((g - w / sum).abs() < tol, "seed {seed}: {g} against {} (tolerance {tol:e})", w / sum);
             }
         }
     }
