@@ -14,6 +14,7 @@ use crate::bench::matching::{self, MATCH_RADIUS_PX};
 use crate::bench::plots::{self, GalleryPick, GalleryRow};
 use crate::bench::report::{BenchReport, FramesReport, Speed, StageTime};
 use crate::bench::stats;
+use crate::bench::stacks::{EpochPsfs, Moffat};
 use crate::detect::{Detection, Detector, FrameImages, FrameResult, Night};
 use crate::sim::night::truth::{self, TruthRecord};
 
@@ -155,9 +156,9 @@ fn run_frames(args: &BenchArgs, night: &Night, truth_rows: &[TruthRecord]) -> an
     // Stacks are scored against the combined truth of their frames (`bench::stacks`).
     let mut truth_all = truth_rows.to_vec();
     if !run.stacks.is_empty() {
-        let depths = template_depths(night);
-        let depth = |f: &str| depths.get(f).copied().unwrap_or(1.0);
-        truth_all.extend(crate::bench::stacks::stack_truth(truth_rows, &run.stacks, &depth));
+        let epochs = epoch_psfs(night);
+        let epoch = |f: &str| epochs.get(f).copied().unwrap_or(EpochPsfs::depth(1.0));
+        truth_all.extend(crate::bench::stacks::stack_truth(truth_rows, &run.stacks, &epoch));
         frames.extend(run.stacks.iter().map(|s| s.key.clone()));
         if !quiet {
             for s in &run.stacks {
@@ -189,15 +190,23 @@ fn run_frames(args: &BenchArgs, night: &Night, truth_rows: &[TruthRecord]) -> an
     Ok((FramesReport { summary, speed, score_sigma_empty_sky: sky, threshold: opts.threshold, stacks }, dets, sections))
 }
 
-/// Each frame's template depth (`NCOMBINE`, the number of exposures averaged), by frame file.
-fn template_depths(night: &Night) -> HashMap<String, f64> {
-    let mut by_template: HashMap<String, f64> = HashMap::new();
+/// Each frame's template depth (`NCOMBINE`, the number of exposures averaged) and, where the
+/// headers have `SEEING` and `PSFBETA` (as `blink simulate` writes them), the frame's PSF and
+/// its template's, by frame file: what the ideal stack SNR needs (`bench::stacks`).
+fn epoch_psfs(night: &Night) -> HashMap<String, EpochPsfs> {
+    let keys = |file: &str| crate::detect::image::read_keys(&night.path(file), &["NCOMBINE", "SEEING", "PSFBETA"]).unwrap_or_else(|_| vec![None; 3]);
+    let psf = |k: &[Option<f64>]| match (k[1], k[2]) {
+        (Some(fwhm), Some(beta)) if fwhm > 0.0 && beta > 1.0 => Some(Moffat { fwhm, beta }),
+        _ => None,
+    };
+    let mut by_template: HashMap<String, (f64, Option<Moffat>)> = HashMap::new();
     let mut out = HashMap::new();
     for e in &night.manifest.frames {
-        let d = *by_template.entry(e.template.clone()).or_insert_with(|| {
-            crate::detect::image::read_image(&night.path(&e.template)).ok().and_then(|t| t.header.ncombine).unwrap_or(1.0)
+        let (depth, template) = *by_template.entry(e.template.clone()).or_insert_with(|| {
+            let k = keys(&e.template);
+            (k[0].unwrap_or(1.0), psf(&k))
         });
-        out.insert(e.file.clone(), d);
+        out.insert(e.file.clone(), EpochPsfs { depth, science: psf(&keys(&e.file)), template });
     }
     out
 }

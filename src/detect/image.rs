@@ -121,25 +121,34 @@ fn read_wcs(f: &mut FitsFile, hdu: &FitsHdu) -> Option<TanWcs> {
 
 /// Read the first 2-D image HDU of `path` and its header. Errors name the file and what is wrong;
 /// missing optional keys become warnings (see [`Image::warnings`]).
-pub fn read_image(path: &Path) -> Result<Image, DetectError> {
+/// The file's first 2-D image HDU, open, with its width and height.
+fn first_image(path: &Path) -> Result<(FitsFile, FitsHdu, usize, usize), DetectError> {
     if !path.is_file() {
         return Err(DetectError::Fits { path: path.to_path_buf(), message: "no such file".into() });
     }
     let mut f = FitsFile::open(path).map_err(|e| fits_err(path, format!("not a FITS file ({e})")))?;
     let n = f.num_hdus().map_err(|e| fits_err(path, e))?;
-    let mut found = None;
     for i in 0..n {
         let hdu = f.hdu(i).map_err(|e| fits_err(path, e))?;
         if let HduInfo::ImageInfo { shape, .. } = &hdu.info {
             if shape.len() == 2 && shape[0] > 0 && shape[1] > 0 {
                 let (width, height) = (shape[1], shape[0]);
-                found = Some((hdu, width, height));
-                break;
+                return Ok((f, hdu, width, height));
             }
         }
     }
-    let (hdu, width, height) =
-        found.ok_or_else(|| fits_err(path, "no 2-D image HDU (NAXIS = 2) in the file: not an image"))?;
+    Err(fits_err(path, "no 2-D image HDU (NAXIS = 2) in the file: not an image"))
+}
+
+/// Numeric header keys of the file's first 2-D image, without reading its pixels (`None` for
+/// a key that is absent or not a number).
+pub fn read_keys(path: &Path, names: &[&str]) -> Result<Vec<Option<f64>>, DetectError> {
+    let (mut f, hdu, _, _) = first_image(path)?;
+    Ok(names.iter().map(|n| key_f64(&mut f, &hdu, &[n])).collect())
+}
+
+pub fn read_image(path: &Path) -> Result<Image, DetectError> {
+    let (mut f, hdu, width, height) = first_image(path)?;
     if width.saturating_mul(height) > MAX_PIXELS {
         return Err(fits_err(path, format!("image of {width}x{height} pixels is larger than blink reads ({MAX_PIXELS})")));
     }

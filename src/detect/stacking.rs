@@ -109,6 +109,13 @@ struct TemplatePath {
     side: usize,
     kernel: Vec<f64>,
     weight: f64,
+    /// The decorrelated difference's white noise level in the kernel's units (the filter's
+    /// `σ_u² + κ̂(0)²σ_c²`, times `f²`): `Σ kernel²` over it is the template's share of the
+    /// difference's per-pixel variance.
+    white: f64,
+    /// The frame's median per-pixel variance, in the stack's units (`f²` included): what
+    /// `white` is there.
+    var: f64,
 }
 
 /// One night of one field and band, and the frames in it.
@@ -207,6 +214,8 @@ impl FrameStacker {
                 if let Some(p) = path.as_mut() {
                     p.kernel.iter_mut().for_each(|v| *v *= f as f64);
                     p.weight /= (f * f) as f64;
+                    p.white *= (f * f) as f64;
+                    p.var *= (f * f) as f64;
                 }
             }
         }
@@ -294,7 +303,9 @@ fn template_path(diff: &Difference, dk: &crate::subtract::decorr::DecorrelationK
     };
     let sigma = var.max(0.0).sqrt();
     let weight = 1.0 / median_var;
-    (sigma > 0.0 && weight.is_finite() && weight > 0.0).then(|| TemplatePath { side, kernel: kernel.iter().map(|k| k * sigma).collect(), weight })
+    let white = dk.output_variance();
+    (sigma > 0.0 && weight.is_finite() && weight > 0.0 && white.is_finite() && white > 0.0)
+        .then(|| TemplatePath { side, kernel: kernel.iter().map(|k| k * sigma).collect(), weight, white, var: median_var })
 }
 
 /// How much of the template term a stack's coadd counts is really there, for the filter `q`.
@@ -329,6 +340,141 @@ fn template_correlation(paths: &[(f64, &TemplatePath)], q: &PsfImage) -> f64 {
     } else {
         1.0
     }
+}
+
+/// A stack's whitening filter ([`whitening`]).
+#[derive(Debug, Clone)]
+struct Whitening {
+    /// The filter `w` (`ŵ(k) = sqrt(N(0) / N(k))`), on a centred odd box, unit sum.
+    kernel: PsfImage,
+    /// `N(0)`: the whitened stack's per-pixel variance (white), where the epochs have their
+    /// median variance.
+    level: f64,
+    /// `max ŵ / min ŵ`: 1 for a stack whose noise is white already.
+    range: f64,
+    /// The point-source SNR the whitened stack's matched filter gains over the plain one's,
+    /// for the stack's PSF `Q`: `sqrt(Σ|Q̂|²/N · Σ|Q̂|²N) / Σ|Q̂|²` (≥ 1; Cauchy–Schwarz).
+    gain: f64,
+}
+
+/// Stacks are whitened only where that gains at least this factor in SNR: where the epochs'
+/// paths are alike (the template sharper than the frames, so each frame's kernel convolves
+/// it), the noise is white to a few percent, whitening gains well under 1%, and its variance
+/// model would only replace the one it matches ([`template_correlation`]).
+pub const WHITEN_MIN_GAIN: f64 = 1.01;
+
+/// The noise spectrum of a stack of decorrelated differences, and the filter that makes it
+/// white. Each epoch's difference is white on its own (its decorrelation filter saw to it), at
+/// its median variance `V_i`; of that, its template path `T_i` (`σ_T φ_i`, or `σ_T φ_i ⊗ κ_i`
+/// where the template was convolved) carries the template's noise, `|T̂_i(k)|²`, the rest
+/// being the epoch's own science noise. The science noise averages down in the stack; the
+/// template's is one and the same in every epoch and adds coherently, through each epoch's
+/// path. With the coadd's weights `c_i` (`Σ c_i = 1`):
+///
+/// ```text
+/// N(k) = Σ c_i² (V_i − |T̂_i(k)|²) + |Σ c_i T̂_i(k)|²
+/// ```
+///
+/// When the science frames were the convolved images, `φ_i` lifts the high frequencies, where
+/// only the template's noise is left: a stack of many such epochs is dominated there by noise
+/// that does not average down, which a matched filter that takes the stack as white leans on.
+/// Filtering the stack by `ŵ = sqrt(N(0)/N(k))` (as each frame's decorrelation does for its
+/// own difference) makes its noise white at `N(0)` per pixel, so the stack's matched filter,
+/// with its PSF through `w` as well, is the optimal one for that spectrum (`bench::stacks`
+/// computes the ideal SNR the same way). One epoch, or epochs whose paths are alike, give a
+/// flat `N` and `w = δ`. `None` when a path or weight is unusable.
+fn whitening(paths: &[(f64, &TemplatePath)], q: &PsfImage) -> Option<Whitening> {
+    use crate::subtract::decorr::Fft2;
+    use rustfft::num_complex::Complex;
+    let side = paths.iter().map(|(_, p)| p.side).max()?;
+    let n = (4 * side).max(q.side).max(64).next_power_of_two();
+    let fft = Fft2::<f64>::new(n, n);
+    let zero = Complex::new(0.0, 0.0);
+    let mut coherent = vec![zero; n * n];
+    let mut science = vec![0.0f64; n * n];
+    let wrap = |i: i64| i.rem_euclid(n as i64) as usize;
+    for (c, p) in paths {
+        if !(c.is_finite() && *c >= 0.0 && p.var.is_finite() && p.var > 0.0 && p.white > 0.0 && p.kernel.len() == p.side * p.side) {
+            return None;
+        }
+        let h = (p.side / 2) as i64;
+        let mut g = vec![zero; n * n];
+        for v in -h..=h {
+            for u in -h..=h {
+                g[wrap(v) * n + wrap(u)].re = p.kernel[((v + h) * p.side as i64 + u + h) as usize];
+            }
+        }
+        fft.forward(&mut g);
+        // The path in the stack's units: the epoch's white level is `white` in the kernel's.
+        let s = (p.var / p.white).sqrt();
+        for ((t, sci), coh) in g.iter().zip(science.iter_mut()).zip(coherent.iter_mut()) {
+            let tau = (t.norm_sqr() / p.white).min(1.0);
+            *sci += c * c * p.var * (1.0 - tau);
+            *coh += t * (c * s);
+        }
+    }
+    let power: Vec<f64> = science.iter().zip(&coherent).map(|(s, c)| s + c.norm_sqr()).collect();
+    let level = power[0];
+    if !(level.is_finite() && level > 0.0) {
+        return None;
+    }
+    let power: Vec<f64> = power.iter().map(|p| p.max(1e-12 * level)).collect();
+    let mut qg = vec![zero; n * n];
+    let qh = (q.side / 2) as i64;
+    for v in -qh..=qh {
+        for u in -qh..=qh {
+            qg[wrap(v) * n + wrap(u)].re = q.pixels[((v + qh) * q.side as i64 + u + qh) as usize];
+        }
+    }
+    fft.forward(&mut qg);
+    let (mut q2, mut q2_over, mut q2_times) = (0.0, 0.0, 0.0);
+    for (c, p) in qg.iter().zip(&power) {
+        let a = c.norm_sqr();
+        q2 += a;
+        q2_over += a / p;
+        q2_times += a * p;
+    }
+    let gain = (q2_over * q2_times).sqrt() / q2;
+    let mut g: Vec<Complex<f64>> = power.iter().map(|p| Complex::new((level / p).sqrt(), 0.0)).collect();
+    let (lo, hi) = g.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), c| (lo.min(c.re), hi.max(c.re)));
+    fft.inverse(&mut g);
+    let half = (2 * side).min(n / 2 - 1) as i64;
+    let box_side = 2 * half as usize + 1;
+    let mut pixels = vec![0.0; box_side * box_side];
+    for v in -half..=half {
+        for u in -half..=half {
+            pixels[((v + half) * box_side as i64 + u + half) as usize] = g[wrap(v) * n + wrap(u)].re;
+        }
+    }
+    Some(Whitening { kernel: psf::trimmed(&PsfImage { side: box_side, pixels }, 1e-6), level, range: hi / lo, gain })
+}
+
+/// Whiten `stack` by `wh` ([`whitening`]) and set its variance to the white level, scaled by
+/// each pixel's variance over the stack's median (a star's, a masked neighbour's). Masked
+/// pixels enter the filter as 0 (a difference's mean) and stay masked.
+fn whiten(stack: &mut Stack, wh: &Whitening) {
+    let m = median_finite(&stack.var);
+    if !(m.is_finite() && m > 0.0) {
+        return;
+    }
+    if wh.range > 1.0 + 1e-3 {
+        let (w, h) = (stack.width, stack.height);
+        let k = &wh.kernel;
+        let a: Vec<f64> = stack.image.iter().map(|v| if v.is_finite() { *v as f64 } else { 0.0 }).collect();
+        // `correlate_pair` correlates; the kernel flipped, it convolves.
+        let flipped: Vec<f64> = k.pixels.iter().rev().copied().collect();
+        let (out, _) = psf::correlate_pair(&a, &vec![0.0; w * h], w, h, &flipped, &vec![0.0; k.pixels.len()], k.side);
+        for (d, o) in stack.image.iter_mut().zip(out) {
+            if d.is_finite() {
+                *d = o as f32;
+            }
+        }
+        let q = crate::subtract::decorr::convolve_full(&stack.psf.pixels, stack.psf.side, &k.pixels, k.side);
+        stack.psf = psf::trimmed(&PsfImage { side: stack.psf.side + k.side - 1, pixels: q }, 1e-4);
+    }
+    let f = (wh.level / m) as f32;
+    stack.var.iter_mut().for_each(|v| *v *= f);
+    stack.var_template.iter_mut().for_each(|v| *v *= f);
 }
 
 /// The template term of `stack` scaled by `r` ([`template_correlation`]).
@@ -562,9 +708,18 @@ fn close_night(g: &mut Group, windows: &[f64], longest: f64, threshold: f64, kee
             let tot: f64 = nw.iter().sum();
             let weighted: Vec<(f64, &TemplatePath)> = members.iter().zip(&nw).flat_map(|(n, w)| n.paths.iter().map(move |p| (w / tot * p.weight, p))).collect();
             if tot.is_finite() && tot > 0.0 {
-                let r = template_correlation(&weighted, &stack.psf);
-                tracing::debug!(window = nights, r, "template term: measured correlation of the frames' template noise");
-                scale_template_term(&mut stack, r);
+                match whitening(&weighted, &stack.psf) {
+                    Some(wh) if wh.gain >= WHITEN_MIN_GAIN => {
+                        tracing::debug!(window = nights, level = wh.level, range = wh.range, gain = wh.gain, side = wh.kernel.side, "stack whitened against its noise spectrum");
+                        whiten(&mut stack, &wh);
+                    }
+                    wh => {
+                        tracing::debug!(window = nights, gain = wh.map(|w| w.gain), "stack noise white enough: not whitened");
+                        let r = template_correlation(&weighted, &stack.psf);
+                        tracing::debug!(window = nights, r, "template term: measured correlation of the frames' template noise");
+                        scale_template_term(&mut stack, r);
+                    }
+                }
             }
         }
         let stack = &stack;
@@ -820,7 +975,7 @@ mod tests {
         let q = PsfImage::gaussian(15, 1.5, 0.0, 0.0);
         let path = |sigma: f64, amp: f64| {
             let g = PsfImage::gaussian(13, sigma, 0.0, 0.0);
-            TemplatePath { side: 13, kernel: g.pixels.iter().map(|v| v * amp).collect(), weight: 1.0 }
+            TemplatePath { side: 13, kernel: g.pixels.iter().map(|v| v * amp).collect(), weight: 1.0, white: 1.0, var: 1.0 }
         };
         let (a, b) = (path(0.8, 2.0), path(2.5, 2.0));
         // The same path twice: fully correlated, nothing to take off.
@@ -840,6 +995,81 @@ mod tests {
         scale_template_term(&mut st, 0.75);
         assert_eq!((st.var[0], st.var_template[0]), (3.5, 1.5));
         assert_eq!(st.var[1], 1.0);
+    }
+
+    /// `image ⊗ kernel` (odd side, centred), zero outside the image.
+    fn convolve(image: &[f64], w: usize, kernel: &[f64], side: usize) -> Vec<f64> {
+        let flipped: Vec<f64> = kernel.iter().rev().copied().collect();
+        psf::correlate_pair(image, &vec![0.0; image.len()], w, image.len() / w, &flipped, &vec![0.0; kernel.len()], side).0
+    }
+
+    /// What a matched filter `q` sees of the noise `img` (over the centre, away from the edges)
+    /// against what it would see of white noise of the same per-pixel variance: 1 for white.
+    fn filtered_over_white(img: &[f64], w: usize, margin: usize, q: &PsfImage) -> f64 {
+        let f = convolve(img, w, &q.pixels, q.side);
+        let inner = |v: &[f64]| -> f64 {
+            let c: Vec<f64> = (margin..w - margin).flat_map(|y| (margin..w - margin).map(move |x| (x, y))).map(|(x, y)| v[y * w + x]).collect();
+            c.iter().map(|x| x * x).sum::<f64>() / c.len() as f64
+        };
+        inner(&f) / (inner(img) * q.pixels.iter().map(|p| p * p).sum::<f64>())
+    }
+
+    #[test]
+    fn a_stack_of_convolved_science_epochs_is_whitened_against_its_common_template_noise() {
+        use crate::subtract::decorr::decorrelation_kernel;
+        use rand_distr::{Distribution, Normal};
+        let mut rng = crate::testing::rng();
+        let normal = Normal::new(0.0, 1.0).unwrap();
+        let w = 320;
+        let margin = 40;
+        // The template, unconvolved, 20 times as deep as each science frame; the science frames,
+        // sharper, convolved by Gaussians of σ 1.0–1.6 px. Each epoch's decorrelated difference
+        // `φ_i ⊗ (n_T − κ_i ⊗ n_S,i)` is white on its own, at σ_T² + σ_S².
+        let (var_t, var_s) = (0.05, 1.0);
+        let template: Vec<f64> = (0..w * w).map(|_| normal.sample(&mut rng) * f64::sqrt(var_t)).collect();
+        let n = 12;
+        let mut stack = vec![0.0; w * w];
+        let mut paths = Vec::new();
+        let mut single = Vec::new();
+        for i in 0..n {
+            let sigma = rng.gen_range(1.0..1.6);
+            let kappa = PsfImage::gaussian(15, sigma, 0.0, 0.0);
+            let dk = decorrelation_kernel(&kappa.pixels, 15, var_t, var_s, 14).unwrap();
+            let science: Vec<f64> = (0..w * w).map(|_| normal.sample(&mut rng) * f64::sqrt(var_s)).collect();
+            let ks = convolve(&science, w, &kappa.pixels, 15);
+            let raw: Vec<f64> = template.iter().zip(&ks).map(|(t, k)| t - k).collect();
+            let d = convolve(&raw, w, &dk.kernel, dk.side());
+            let white = dk.output_variance();
+            if i == 0 {
+                single = d.clone();
+            }
+            stack.iter_mut().zip(&d).for_each(|(s, v)| *s += v / n as f64);
+            paths.push(TemplatePath { side: dk.side(), kernel: dk.kernel.iter().map(|k| k * var_t.sqrt()).collect(), weight: 1.0 / white, white, var: white });
+        }
+        // One epoch is white already: the filter is a δ, and a point-source filter sees the
+        // noise as white.
+        let q = PsfImage::gaussian(15, 1.8, 0.0, 0.0);
+        let one = whitening(&[(1.0, &paths[0])], &q).unwrap();
+        assert!(one.range < 1.0 + 1e-3 && one.gain < 1.0 + 1e-6, "{} {}", one.range, one.gain);
+        let r1 = filtered_over_white(&single, w, margin, &q);
+        // (Its scatter over seeds is 0.04: about 1,400 independent patches.)
+        assert!((r1 - 1.0).abs() < 0.15, "one epoch: {r1}");
+        // The stack is not: the template's noise, lifted at high frequencies by every φ_i
+        // alike, is common, so a point-source filter sees less noise than white noise of the
+        // stack's per-pixel variance would give it.
+        let weighted: Vec<(f64, &TemplatePath)> = paths.iter().map(|p| (1.0 / n as f64, p)).collect();
+        let wh = whitening(&weighted, &q).unwrap();
+        let before = filtered_over_white(&stack, w, margin, &q);
+        assert!(before < 0.8, "the stack's noise should not look white: {before}");
+        assert!(wh.range > 1.5 && wh.gain > WHITEN_MIN_GAIN, "{} {}", wh.range, wh.gain);
+        // Whitened: white again, at the per-pixel variance the model predicts.
+        let after = convolve(&stack, w, &wh.kernel.pixels, wh.kernel.side);
+        let r = filtered_over_white(&after, w, margin, &q);
+        assert!((r - 1.0).abs() < 0.15, "whitened stack: {r} (before {before})");
+        let inner: Vec<f64> = (margin..w - margin).flat_map(|y| (margin..w - margin).map(move |x| (x, y))).map(|(x, y)| after[y * w + x]).collect();
+        let var = inner.iter().map(|v| v * v).sum::<f64>() / inner.len() as f64;
+        assert!((var / wh.level - 1.0).abs() < 0.05, "variance {var} against the model's {}", wh.level);
+        assert!((wh.kernel.pixels.iter().sum::<f64>() - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Header<'a> {
     pub saturate: f64,
     pub zero_point: f64,
     pub seeing: f64,
+    /// Moffat β of the PSF (`PSFBETA`, the simulator's own key: `blink bench` computes the ideal
+    /// stack SNR from each frame's PSF and the template's).
+    pub beta: f64,
     pub wcs: TanWcs,
     pub field: &'a str,
     pub image_type: &'a str,
@@ -41,7 +44,7 @@ pub fn write_fits(path: &Path, width: usize, height: usize, data: &[f32], hdr: &
     let hdu = f.primary_hdu().map_err(fe)?;
     hdu.write_image(&mut f, data).map_err(fe)?;
     let s = |v: &str| v.to_string();
-    let keys_f: [(&str, f64, &str); 15] = [
+    let keys_f: [(&str, f64, &str); 16] = [
         ("MJD-OBS", hdr.mjd, "start of exposure, MJD (TAI)"),
         ("EXPTIME", hdr.exptime, "exposure time, s"),
         ("GAIN", hdr.gain, "e-/ADU"),
@@ -49,6 +52,7 @@ pub fn write_fits(path: &Path, width: usize, height: usize, data: &[f32], hdr: &
         ("SATURATE", hdr.saturate, "saturation level, ADU"),
         ("MAGZP", hdr.zero_point, "m = MAGZP - 2.5 log10(flux in ADU)"),
         ("SEEING", hdr.seeing, "PSF FWHM at the frame centre, pixels"),
+        ("PSFBETA", hdr.beta, "Moffat beta of the PSF (simulated)"),
         ("SKYLEVEL", hdr.sky, "sky at the frame centre, ADU"),
         ("CRVAL1", hdr.wcs.crval[0], "RA at CRPIX, deg"),
         ("CRVAL2", hdr.wcs.crval[1], "Dec at CRPIX, deg"),
@@ -237,6 +241,7 @@ impl NightWriter {
             saturate: self.saturate,
             zero_point: t.zero_point,
             seeing: t.psf.fwhm,
+            beta: t.psf.beta,
             wcs: self.wcs,
             field: &self.field,
             image_type: "template",
@@ -260,6 +265,7 @@ impl NightWriter {
             saturate: self.saturate,
             zero_point: fr.zero_point,
             seeing: fr.psf.fwhm,
+            beta: fr.psf.beta,
             wcs: self.wcs.shifted(fr.dx, fr.dy),
             field: &self.field,
             image_type: "science",
