@@ -387,7 +387,7 @@ fn whitening(paths: &[(f64, &TemplatePath)], q: &PsfImage) -> Option<Whitening> 
     use crate::subtract::decorr::Fft2;
     use rustfft::num_complex::Complex;
     let side = paths.iter().map(|(_, p)| p.side).max()?;
-    let n = (4 * side).max(q.side).max(64).next_power_of_two();
+    let n = (2 * side).max(q.side).max(64).next_power_of_two();
     let fft = Fft2::<f64>::new(n, n);
     let zero = Complex::new(0.0, 0.0);
     let mut coherent = vec![zero; n * n];

@@ -578,7 +578,7 @@ fn stacks_of_nights_find_what_single_frames_miss() {
     let mut frames: Vec<String> = run.frames.iter().map(|f| f.frame.clone()).collect();
     frames.extend(run.stacks.iter().map(|s| s.key.clone()));
     let mut all = truth.clone();
-    all.extend(blink::bench::stacks::stack_truth(&truth, &run.stacks, &|_| 100.0));
+    all.extend(blink::bench::stacks::stack_truth(&truth, &run.stacks, &|_| blink::bench::stacks::EpochPsfs::depth(100.0)));
     let dets: Vec<Detection> = run.detections().cloned().collect();
     let m = matching::match_night(&dets, &all, &frames, matching::MATCH_RADIUS_PX);
     let found = |ts: &str| {
