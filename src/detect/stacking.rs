@@ -393,18 +393,23 @@ fn whitening(paths: &[(f64, &TemplatePath)], q: &PsfImage) -> Option<Whitening> 
     let mut coherent = vec![zero; n * n];
     let mut science = vec![0.0f64; n * n];
     let wrap = |i: i64| i.rem_euclid(n as i64) as usize;
+    // The transform of a centred odd-sided kernel image, its centre at the grid's origin.
+    let spectrum = |pixels: &[f64], side: usize| -> Vec<Complex<f64>> {
+        let h = (side / 2) as i64;
+        let mut g = vec![zero; n * n];
+        for v in -h..=h {
+            for u in -h..=h {
+                g[wrap(v) * n + wrap(u)].re = pixels[((v + h) * side as i64 + u + h) as usize];
+            }
+        }
+        fft.forward(&mut g);
+        g
+    };
     for (c, p) in paths {
         if !(c.is_finite() && *c >= 0.0 && p.var.is_finite() && p.var > 0.0 && p.white > 0.0 && p.kernel.len() == p.side * p.side) {
             return None;
         }
-        let h = (p.side / 2) as i64;
-        let mut g = vec![zero; n * n];
-        for v in -h..=h {
-            for u in -h..=h {
-                g[wrap(v) * n + wrap(u)].re = p.kernel[((v + h) * p.side as i64 + u + h) as usize];
-            }
-        }
-        fft.forward(&mut g);
+        let g = spectrum(&p.kernel, p.side);
         // The path in the stack's units: the epoch's white level is `white` in the kernel's.
         let s = (p.var / p.white).sqrt();
         for ((t, sci), coh) in g.iter().zip(science.iter_mut()).zip(coherent.iter_mut()) {
@@ -419,14 +424,7 @@ fn whitening(paths: &[(f64, &TemplatePath)], q: &PsfImage) -> Option<Whitening> 
         return None;
     }
     let power: Vec<f64> = power.iter().map(|p| p.max(1e-12 * level)).collect();
-    let mut qg = vec![zero; n * n];
-    let qh = (q.side / 2) as i64;
-    for v in -qh..=qh {
-        for u in -qh..=qh {
-            qg[wrap(v) * n + wrap(u)].re = q.pixels[((v + qh) * q.side as i64 + u + qh) as usize];
-        }
-    }
-    fft.forward(&mut qg);
+    let qg = spectrum(&q.pixels, q.side);
     let (mut q2, mut q2_over, mut q2_times) = (0.0, 0.0, 0.0);
     for (c, p) in qg.iter().zip(&power) {
         let a = c.norm_sqr();
