@@ -21,7 +21,7 @@ fn bench(c: &mut Criterion) {
     let science = image(side, 3.0, 1, 1.0);
     let template = image(side, 2.4, 2, 1.0);
     let opts = FrameOptions::default();
-    let meta = FrameMeta { frame: "bench", mjd: 61000.0, band: "r", zero_point: Some(28.5), wcs: None, aperture_correction: 1.0, convolved_science: None, point_sources: None };
+    let meta = FrameMeta { frame: "bench", mjd: 61000.0, band: "r", zero_point: Some(28.5), wcs: None, aperture_correction: 1.0, convolved_science: None, repaired: None, point_sources: None };
     let run = |engine: &mut dyn Engine| {
         let d = subtract(engine, &science, &template, &opts).expect("subtract");
         let s = score_image(&d, None);

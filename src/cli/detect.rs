@@ -55,6 +55,12 @@ pub struct DetectOptionsArgs {
     /// (docs/detections.md).
     #[arg(long, default_value_t = crate::subtract::FitOptions::default().regularization, value_parser = super::kernel_regularization)]
     pub kernel_regularization: f64,
+    /// Keep cosmic rays and hot pixels as they are. By default both images' pixels far sharper
+    /// than their PSF allows are found and interpolated over before the subtraction, so the
+    /// kernel does not spread them into star-shaped blobs; detections beside one are flagged
+    /// `sharp` (docs/detections.md).
+    #[arg(long)]
+    pub no_repair: bool,
 }
 
 impl DetectOptionsArgs {
@@ -67,7 +73,7 @@ impl DetectOptionsArgs {
         }
         let method = self.method.parse().map_err(|e: String| anyhow::anyhow!(e))?;
         let stack_windows = crate::detect::stacking::parse_windows(&self.stack_windows).map_err(|e| anyhow::anyhow!("--stack-windows: {e}"))?;
-        Ok(FrameOptions { threshold: self.threshold, tile: self.tile, method, stack_windows, kernel_regularization: self.kernel_regularization, ..FrameOptions::default() })
+        Ok(FrameOptions { threshold: self.threshold, tile: self.tile, method, stack_windows, kernel_regularization: self.kernel_regularization, repair: !self.no_repair, ..FrameOptions::default() })
     }
 }
 

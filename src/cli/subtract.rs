@@ -97,6 +97,12 @@ pub struct SubtractArgs {
     /// of −5 to −10σ. For pairs with such stars, 1e-4 takes them away (docs/detections.md).
     #[arg(long, default_value_t = crate::subtract::FitOptions::default().regularization, value_parser = super::kernel_regularization)]
     pub kernel_regularization: f64,
+    /// Keep cosmic rays and hot pixels as they are. By default both images' pixels far sharper
+    /// than their PSF allows (5σ tests against the seeing and gain) are interpolated over before
+    /// the subtraction, so the kernel does not spread them into star-shaped blobs; the summary
+    /// line counts them (docs/detections.md).
+    #[arg(long)]
+    pub no_repair: bool,
     #[command(flatten)]
     pub engine: super::EngineArgs,
 }
@@ -143,13 +149,16 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
             img.header.seeing = Some(p.fwhm);
         }
     }
+    // Cosmic rays and hot pixels interpolated over before anything convolves them
+    // (`detect::repair`).
+    let (rep_s, rep_t) = if a.no_repair { (0, 0) } else { (science.repair_sharp().len(), template.repair_sharp().len()) };
     if a.method == "zogy" {
         let (Some(ps), Some(pt)) = (psf_s, psf_t) else {
             anyhow::bail!("--method zogy needs both PSFs: --science-psf and --template-psf (FITS images, odd square side)");
         };
         return run_zogy(a, &science, &template, &ps, &pt, t0);
     }
-    let opts = FrameOptions { tile: a.tile.clamp(16, 4096), decorrelate: !a.no_decorrelation, model_error: a.model_error, kernel_regularization: a.kernel_regularization, flux_scale: a.flux_scale, ..FrameOptions::default() };
+    let opts = FrameOptions { tile: a.tile.clamp(16, 4096), decorrelate: !a.no_decorrelation, model_error: a.model_error, kernel_regularization: a.kernel_regularization, flux_scale: a.flux_scale, repair: !a.no_repair, ..FrameOptions::default() };
     let mut engine = crate::engine::select_engine(super::engine_preference(&a.engine)?)?;
     let read = t0.elapsed();
     let t1 = Instant::now();
@@ -263,6 +272,8 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
         ("FWHM_DIF", diff.sigma_difference * FWHM_PER_SIGMA, "difference PSF FWHM (matched filter), px"),
         ("KSIGMA", diff.kernel_sigma, "Gaussian matching kernel sigma, px"),
         ("FSCALE", diff.scale, "flux scale science / template"),
+        ("NREPSCI", rep_s as f64, "science pixels repaired (cosmic rays, hot pixels)"),
+        ("NREPTPL", rep_t as f64, "template pixels repaired (cosmic rays, hot pixels)"),
     ];
     if let Some(sol) = &diff.kernel_solution {
         numbers.push(("KRIDGE", sol.regularization, "relative ridge of the Alard-Lupton fit"));
@@ -283,16 +294,22 @@ fn run_blocking(a: &SubtractArgs) -> anyhow::Result<()> {
     let sample: Vec<f32> = z.iter().step_by(3).copied().filter(|v| v.is_finite()).collect();
     let sigma = robust_stats(&sample).map(|(_, s)| s).unwrap_or(f32::NAN);
     eprintln!(
-        "{}x{}: FWHM science {:.2} px, template {:.2} px; convolved the {} (kernel sigma {:.2} px{}); flux scale {:.4} ({}); score sigma {:.3}; {:.2} s ({:.2} s reading); {}",
+        "{}x{}: FWHM science {:.2} px, template {:.2} px; convolved the {} ({}{}); flux scale {:.4} ({}); {}; score sigma {:.3}; {:.2} s ({:.2} s reading); {}",
         w,
         h,
         diff.sigma_science * FWHM_PER_SIGMA,
         diff.sigma_template * FWHM_PER_SIGMA,
         if diff.convolved_template { "template" } else { "science" },
-        diff.kernel_sigma,
+        // A template convolved though the science is a little sharper (`PsfRoles::for_al`).
+        if diff.convolved_template && diff.sigma_science < diff.sigma_template {
+            format!("kernel sharpening by sigma {:.2} px", (diff.sigma_template.powi(2) - diff.sigma_science.powi(2)).sqrt())
+        } else {
+            format!("kernel sigma {:.2} px", diff.kernel_sigma)
+        },
         diff.kernel_solution.as_ref().map(|k| format!(", ridge {:e}", k.regularization)).unwrap_or_default(),
         diff.scale,
         diff.scale_source.name(),
+        if a.no_repair { "no repair".to_string() } else { format!("repaired {rep_s} + {rep_t} sharp pixels") },
         sigma,
         (read + work).as_secs_f64(),
         read.as_secs_f64(),

@@ -123,7 +123,7 @@ fn subtract_al_core(science: &Image, ps: &Prepared, template: &Image, pt: &Prepa
     // without them a GPU failure hands the subtraction back to `subtract_al_on`.
     let on_host = |p: &Prepared| p.sky_subtracted.len() == w * h && p.variance.len() == w * h;
     let host_planes = on_host(ps) && on_host(pt);
-    let PsfRoles { sig_s, sig_t, convolved_template, sigma_broad, sigma_sharp } = PsfRoles::new(ps, pt);
+    let PsfRoles { sig_s, sig_t, convolved_template, sigma_broad, sigma_sharp } = PsfRoles::for_al(ps, pt);
     let (broad, sharp) = if convolved_template { (ps, pt) } else { (pt, ps) };
     // Masked pixels (NaN, zero variance, saturated) enter as sky (0 after the sky mesh) and are
     // masked again below. Only what is masked in the *convolved* image spreads through the

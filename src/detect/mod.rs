@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod frame;
 pub mod image;
 pub mod psf;
+pub mod repair;
 pub mod shape;
 pub mod sources;
 pub mod stacking;
@@ -178,6 +179,8 @@ pub struct Detector {
     /// The last template read, with what subtraction needs of it (computed once per template),
     /// and its prepared planes where they were made on a GPU (kept there for every frame of it).
     template: Option<(Image, frame::Prepared)>,
+    /// The cached template's repaired pixels ([`repair`]).
+    template_repaired: repair::Repaired,
     template_resident: Option<al::ResidentPrepared>,
     /// The cached template's point sources (the `residual` flag).
     template_sources: sources::PointSources,
@@ -193,6 +196,7 @@ impl Detector {
             options,
             keep_images: false,
             template: None,
+            template_repaired: repair::Repaired::default(),
             template_resident: None,
             template_sources: sources::PointSources::default(),
             stacker: None,
@@ -207,7 +211,7 @@ impl Detector {
     /// Detect on one frame of `night`.
     pub fn detect_frame(&mut self, night: &Night, entry: &FrameEntry) -> Result<FrameResult, DetectError> {
         let t0 = Instant::now();
-        let science = image::read_image(&night.path(&entry.file))?;
+        let mut science = image::read_image(&night.path(&entry.file))?;
         let mjd = science.header.mjd_mid().ok_or_else(|| DetectError::Header {
             path: science.path.clone(),
             key: "MJD-OBS".into(),
@@ -216,11 +220,12 @@ impl Detector {
         let tpath = night.path(&entry.template);
         let mut template_prepare = Duration::ZERO;
         if self.template.as_ref().map(|(t, _)| t.path != tpath).unwrap_or(true) {
-            let t = image::read_image(&tpath)?;
+            let mut t = image::read_image(&tpath)?;
             for w in &t.warnings {
                 tracing::warn!(file = %tpath.display(), "{w}");
             }
             let tp = Instant::now();
+            self.template_repaired = if self.options.repair { t.repair_sharp() } else { repair::Repaired::default() };
             if let (Some(old), Some(g)) = (self.template_resident.take(), self.engine.frame_gpu()) {
                 old.release(g);
             }
@@ -237,6 +242,7 @@ impl Detector {
         let read = t0.elapsed() - template_prepare;
         check_registration(&science, template)?;
         let tp = Instant::now();
+        let repaired = if self.options.repair { science.repair_sharp().union(&self.template_repaired) } else { repair::Repaired::default() };
         // On a real GPU the prepared planes stay there through the subtraction and the score
         // (`al::subtract_al_resident`, whose fit takes its stars from there): only the science
         // frame goes up, and its prepared planes come back only for the Gaussian kernel (and
@@ -314,6 +320,7 @@ impl Detector {
             wcs: template.header.wcs.or(science.header.wcs),
             aperture_correction: aperture_correction.unwrap_or(1.0),
             convolved_science: (!diff.convolved_template).then(|| frame::ConvolvedScience { data: &science.data, gain: science.gain_or_estimate(), sigma: diff.sigma_science }),
+            repaired: Some(&repaired),
             point_sources: Some((&self.template_sources, diff.scale)),
         };
         let mut detections = frame::find_peaks(&diff, &sc, &meta, self.options.threshold);

@@ -887,6 +887,7 @@ fn detect_on(stack: &Stack, g: &Group, key: &str, mjd: f64, threshold: f64) -> (
         wcs: g.wcs,
         aperture_correction: g.aperture_correction,
         convolved_science: None,
+        repaired: None,
         point_sources: g.point_sources.as_ref().map(|(s, f)| (s, *f)),
     };
     let mut dets = frame::find_peaks(&diff, &sc, &meta, threshold);
