@@ -37,6 +37,20 @@ pub const GROW_SIGMA: f64 = 3.0;
 pub const NEAR_PX: i64 = 2;
 /// Farthest good pixel an interpolation across a repaired pixel reaches, pixels.
 pub const INTERP_REACH: i64 = 4;
+/// A σ too large takes the cores of bright stars, whose noise is small against any excess of
+/// the floor over their true neighbour share: a seeing estimated from the image
+/// (`Image::fwhm`, the area above half maximum) reads about 10% high on pixel-integrated
+/// Gaussian stars, and on the subtraction harness's template (FWHM 2.5 px, read as 2.76) the
+/// floor of that σ took 448 pixels at the cores of its brightest stars (false positives on
+/// starlight 0.3 → 15 per image). So the floor is also held under what the image's own bright
+/// isolated stars show (`Image::neighbour_floor`): this share of the 5th percentile of their
+/// faintest-neighbour shares…
+pub const STAR_FLOOR_SHARE: f64 = 0.9;
+/// …where at least this many such stars are found;
+pub const MIN_FLOOR_STARS: usize = 10;
+/// else the floor is that of σ times this. (A margin on σ alone would cost faint hits: a lone
+/// pixel must stand 5σ·√(1 + g²)/g above the sky, 24σ instead of 14σ at 0.8 of a σ of 1 px.)
+pub const SIGMA_MARGIN: f64 = 0.8;
 /// Above this share of an image's pixels the repair is undone (with a warning): that many sharp
 /// pixels means the image is not what the test assumes (a PSF much narrower than its SEEING
 /// says, an undersampled image), and repairing would cut into stars.
@@ -88,20 +102,33 @@ impl Repaired {
 const AROUND: [(i64, i64); 8] = [(-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)];
 const CROSS: [(i64, i64); 4] = [(1, 0), (-1, 0), (0, 1), (0, -1)];
 
-/// The local sky at `(xi, yi)` and its variance: median and (1.4826 MAD)² of the ring 6–8 px out.
+/// The ring 6–8 px out ([`ring_sky`]): 88 offsets.
+fn ring_offsets() -> &'static [(i64, i64)] {
+    static RING: std::sync::OnceLock<Vec<(i64, i64)>> = std::sync::OnceLock::new();
+    RING.get_or_init(|| (-8i64..=8).flat_map(|dy| (-8i64..=8).map(move |dx| (dx, dy))).filter(|(dx, dy)| (36..=64).contains(&(dx * dx + dy * dy))).collect())
+}
+
+/// The local sky at `(xi, yi)` and its variance: median and (1.4826 MAD)² of the ring 6–8 px
+/// out (as [`robust_stats`], on the stack: it runs for every candidate pixel of an image).
 pub(crate) fn ring_sky(px: &dyn Fn(i64, i64) -> Option<f32>, xi: i64, yi: i64) -> Option<(f64, f64)> {
-    let mut ring = Vec::with_capacity(120);
-    for dy in -8i64..=8 {
-        for dx in -8i64..=8 {
-            if (36..=64).contains(&(dx * dx + dy * dy)) {
-                if let Some(v) = px(xi + dx, yi + dy) {
-                    ring.push(v);
-                }
-            }
+    let mut ring = [0f32; 96];
+    let mut n = 0;
+    for (dx, dy) in ring_offsets() {
+        if let Some(v) = px(xi + dx, yi + dy) {
+            ring[n] = v;
+            n += 1;
         }
     }
-    let (sky, sigma) = robust_stats(&ring)?;
-    let var = (sigma as f64).powi(2);
+    if n == 0 {
+        return None;
+    }
+    let ring = &mut ring[..n];
+    // The lower median, as `image::median`.
+    let k = (n - 1) / 2;
+    let sky = *ring.select_nth_unstable_by(k, f32::total_cmp).1;
+    ring.iter_mut().for_each(|v| *v = (*v - sky).abs());
+    let mad = *ring.select_nth_unstable_by(k, f32::total_cmp).1;
+    let var = (1.4826 * mad as f64).powi(2);
     (var > 0.0).then_some((sky as f64, var))
 }
 
@@ -109,16 +136,23 @@ pub(crate) fn ring_sky(px: &dyn Fn(i64, i64) -> Option<f32>, xi: i64, yi: i64) -
 /// module's test), against `sky` and its variance `var_sky`; `gain` e⁻/ADU for the pixels' own
 /// Poisson noise.
 pub(crate) fn sharp_pixel(px: &dyn Fn(i64, i64) -> Option<f32>, x: i64, y: i64, sky: f64, var_sky: f64, gain: f64, sigma: f64) -> bool {
-    sharp_pixel_at(px, x, y, sky, var_sky, gain, sigma, 5.0)
+    sharp_pixel_at(px, x, y, sky, var_sky, gain, neighbour_floor(sigma), 5.0)
 }
 
-/// [`sharp_pixel`] at `k` σ rather than 5 (both the pixel's height and its neighbour's deficit).
+/// The least share of a point source's brightest pixel its faintest 4-neighbour gets, for a
+/// Gaussian PSF of σ `sigma` sampled at pixel centres: `exp(−1/σ²)` (the source on the pixel's
+/// edge, the neighbour 1.5 px from it, the brightest 0.5 px). Pixel integration only raises it.
+pub fn neighbour_floor(sigma: f64) -> f64 {
+    let sig = sigma.max(0.5);
+    (-1.0 / (sig * sig)).exp()
+}
+
+/// [`sharp_pixel`] with the neighbour floor `g` given and at `k` σ rather than 5 (both the
+/// pixel's height and its neighbour's deficit).
 #[allow(clippy::too_many_arguments)]
-fn sharp_pixel_at(px: &dyn Fn(i64, i64) -> Option<f32>, x: i64, y: i64, sky: f64, var_sky: f64, gain: f64, sigma: f64, k: f64) -> bool {
+fn sharp_pixel_at(px: &dyn Fn(i64, i64) -> Option<f32>, x: i64, y: i64, sky: f64, var_sky: f64, gain: f64, g: f64, k: f64) -> bool {
     let Some(p) = px(x, y) else { return false };
     let gain = if gain.is_finite() && gain > 0.0 { gain } else { 1.0 };
-    let sig = sigma.max(0.5);
-    let g = (-1.0 / (sig * sig)).exp();
     let var = |v: f64| var_sky + v.max(0.0) / gain;
     let v = p as f64 - sky;
     if v < k * var(v).sqrt() {
@@ -133,54 +167,93 @@ fn sharp_pixel_at(px: &dyn Fn(i64, i64) -> Option<f32>, x: i64, y: i64, sky: f64
 }
 
 /// Find and repair sharp pixels of `data` (`w × h`, ADU with the sky, NaN where there is no
-/// data) in place; `sigma` the PSF's Gaussian σ, `gain` e⁻/ADU, pixels at or above `saturate`
+/// data) in place; `g` the least share of a star's brightest pixel its faintest 4-neighbour
+/// gets ([`neighbour_floor`]), `gain` e⁻/ADU, pixels at or above `saturate`
 /// left alone. Returns the repaired pixels (none, and `data` untouched, when they would exceed
 /// [`MAX_REPAIRED_SHARE`]: `Err` with their count).
-pub fn repair_data(data: &mut [f32], w: usize, h: usize, gain: f64, sigma: f64, saturate: Option<f32>) -> Result<Repaired, usize> {
+pub fn repair_data(data: &mut [f32], w: usize, h: usize, gain: f64, g: f64, saturate: Option<f32>) -> Result<Repaired, usize> {
     let none = Repaired { width: w, pixels: Vec::new() };
-    if w < 3 || h < 3 || data.len() != w * h || !(sigma > 0.0) {
+    if w < 3 || h < 3 || data.len() != w * h || !(g > 0.0 && g < 1.0) {
         return Ok(none);
     }
     let sat = saturate.unwrap_or(f32::INFINITY);
-    let sample: Vec<f32> = data.iter().step_by(5).copied().filter(|v| v.is_finite()).collect();
+    // The sky's σ from a sample of about 10⁵ pixels.
+    let step = (w * h / 100_000).max(1);
+    let sample: Vec<f32> = data.iter().step_by(step).copied().filter(|v| v.is_finite()).collect();
     let Some((_, sigma_sky)) = robust_stats(&sample) else { return Ok(none) };
     // A cheap first cut, looser than the test: a pixel it takes is a local maximum whose faintest
     // 4-neighbour it exceeds by 5 local σ (sky noise and no less), so by more than 4 global σ
-    // wherever the local sky noise is at least 0.8 of the global.
+    // wherever the local sky noise is at least 0.8 of the global. The 4-neighbours first (most
+    // pixels stop there), the rest of the 3 × 3 only for those that pass; the frame's edge
+    // pixels go through the same test with their neighbours inside the frame.
     let cut = 4.0 * sigma_sky;
     let (wi, hi) = (w as i64, h as i64);
-    let mut candidates = Vec::new();
-    for y in 0..h {
-        for x in 0..w {
-            let p = data[y * w + x];
-            if !p.is_finite() || p >= sat {
-                continue;
-            }
-            let mut nmin = f32::INFINITY;
-            let mut local_max = true;
-            for (ox, oy) in AROUND {
-                let (xx, yy) = (x as i64 + ox, y as i64 + oy);
-                if xx < 0 || yy < 0 || xx >= wi || yy >= hi {
-                    continue;
-                }
+    let passes = |x: usize, y: usize| -> bool {
+        let p = data[y * w + x];
+        if !p.is_finite() || p >= sat {
+            return false;
+        }
+        let mut nmin = f32::INFINITY;
+        for (ox, oy) in CROSS {
+            let (xx, yy) = (x as i64 + ox, y as i64 + oy);
+            if xx >= 0 && yy >= 0 && xx < wi && yy < hi {
                 let n = data[(yy * wi + xx) as usize];
-                if n > p {
-                    local_max = false;
-                    break;
-                }
-                if (ox == 0 || oy == 0) && n.is_finite() {
+                if n.is_finite() {
                     nmin = nmin.min(n);
                 }
             }
-            if local_max && nmin.is_finite() && p - nmin > cut {
-                candidates.push(y * w + x);
+        }
+        if !(p - nmin > cut) {
+            return false;
+        }
+        AROUND.iter().all(|(ox, oy)| {
+            let (xx, yy) = (x as i64 + ox, y as i64 + oy);
+            xx < 0 || yy < 0 || xx >= wi || yy >= hi || !(data[(yy * wi + xx) as usize] > p)
+        })
+    };
+    let scan = |y0: usize, y1: usize| -> Vec<usize> {
+        let mut out = Vec::new();
+        for y in y0..y1 {
+            if y == 0 || y == h - 1 {
+                out.extend((0..w).filter(|&x| passes(x, y)).map(|x| y * w + x));
+                continue;
+            }
+            if passes(0, y) {
+                out.push(y * w);
+            }
+            // Inside the frame: the 4-neighbours' minimum without bounds checks.
+            let (up, row, down) = (&data[(y - 1) * w..y * w], &data[y * w..(y + 1) * w], &data[(y + 1) * w..(y + 2) * w]);
+            for x in 1..w - 1 {
+                let p = row[x];
+                // NaN neighbours lose in `min` (f32::min returns the other), NaN `p` fails the `>`.
+                let nmin = up[x].min(down[x]).min(row[x - 1]).min(row[x + 1]);
+                if p - nmin > cut && passes(x, y) {
+                    out.push(y * w + x);
+                }
+            }
+            if passes(w - 1, y) {
+                out.push(y * w + w - 1);
             }
         }
-    }
+        out
+    };
+    // Bands of rows on every core (the scan and the first pass are most of the cost: ~20 ns a
+    // pixel on one core).
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16).min(h.div_ceil(64));
+    let candidates: Vec<usize> = if threads <= 1 {
+        scan(0, h)
+    } else {
+        let band = h.div_ceil(threads);
+        std::thread::scope(|sc| {
+            let jobs: Vec<_> = (0..threads).map(|t| sc.spawn(move || scan((t * band).min(h), ((t + 1) * band).min(h)))).collect();
+            jobs.into_iter().flat_map(|j| j.join().expect("repair scan")).collect()
+        })
+    };
     // Flagged pixels drop out of every later test (as neighbours too: a star beside a hot pixel
     // is judged on its own pixels), and are repaired once all are found.
     let mut flagged = vec![false; w * h];
     let mut found_all: Vec<usize> = Vec::new();
+    let mut candidates = candidates;
     for pass in 0..MAX_PASSES {
         let k = if pass == 0 { 5.0 } else { GROW_SIGMA };
         let found: Vec<usize> = {
@@ -191,15 +264,25 @@ pub fn repair_data(data: &mut [f32], w: usize, h: usize, gain: f64, sigma: f64, 
                 }
                 Some(d[(y * wi + x) as usize]).filter(|v| v.is_finite())
             };
-            candidates
-                .iter()
-                .copied()
-                .filter(|&i| !flagged[i] && data[i] < sat)
-                .filter(|&i| {
-                    let (x, y) = ((i % w) as i64, (i / w) as i64);
-                    ring_sky(&px, x, y).is_some_and(|(sky, var)| sharp_pixel_at(&px, x, y, sky, var, gain, sigma, k))
+            let test = |part: &[usize]| -> Vec<usize> {
+                part.iter()
+                    .copied()
+                    .filter(|&i| !f[i] && d[i] < sat)
+                    .filter(|&i| {
+                        let (x, y) = ((i % w) as i64, (i / w) as i64);
+                        ring_sky(&px, x, y).is_some_and(|(sky, var)| sharp_pixel_at(&px, x, y, sky, var, gain, g, k))
+                    })
+                    .collect()
+            };
+            if threads <= 1 || candidates.len() < 4096 {
+                test(&candidates)
+            } else {
+                let test = &test;
+                std::thread::scope(|sc| {
+                    let jobs: Vec<_> = candidates.chunks(candidates.len().div_ceil(threads)).map(|part| sc.spawn(move || test(part))).collect();
+                    jobs.into_iter().flat_map(|j| j.join().expect("repair test")).collect()
                 })
-                .collect()
+            }
         };
         if found.is_empty() {
             break;
@@ -271,14 +354,16 @@ impl Image {
     /// the image's seeing and gain). Nothing is repaired where the seeing is unknown and cannot
     /// be estimated, or where the test takes too many pixels ([`MAX_REPAIRED_SHARE`], logged).
     pub fn repair_sharp(&mut self) -> Repaired {
+        let t0 = std::time::Instant::now();
         let none = Repaired { width: self.width, pixels: Vec::new() };
         let Ok(fwhm) = self.fwhm() else { return none };
         let gain = self.gain_or_estimate();
         let sat = self.header.saturate.map(|s| s as f32 * 0.999);
+        let g = self.neighbour_floor(fwhm / super::frame::FWHM_PER_SIGMA);
         let (w, h) = (self.width, self.height);
-        match repair_data(&mut self.data, w, h, gain, fwhm / super::frame::FWHM_PER_SIGMA, sat) {
+        match repair_data(&mut self.data, w, h, gain, g, sat) {
             Ok(r) => {
-                tracing::debug!(file = %self.path.display(), pixels = r.len(), "cosmic rays and hot pixels repaired");
+                tracing::debug!(file = %self.path.display(), pixels = r.len(), g, s = t0.elapsed().as_secs_f64(), "cosmic rays and hot pixels repaired");
                 r
             }
             Err(n) => {
@@ -286,6 +371,31 @@ impl Image {
                 none
             }
         }
+    }
+
+    /// The neighbour floor the test uses on this image: [`neighbour_floor`] of the PSF's σ, or
+    /// less where the image's own bright stars show less ([`STAR_FLOOR_SHARE`] of the 5th
+    /// percentile of their faintest-neighbour shares, with at least [`MIN_FLOOR_STARS`]);
+    /// without that many stars, of [`SIGMA_MARGIN`] × σ.
+    fn neighbour_floor(&self, sigma: f64) -> f64 {
+        let model = neighbour_floor(sigma);
+        let Some(stars) = super::image::isolated_stars(self, 7) else { return neighbour_floor(SIGMA_MARGIN * sigma) };
+        let w = self.width;
+        let mut shares: Vec<f64> = stars
+            .at
+            .iter()
+            .filter_map(|&(x, y)| {
+                let p = (self.data[y * w + x] - stars.sky) as f64;
+                let n = [(x - 1, y), (x + 1, y), (x, y - 1), (x, y + 1)].iter().map(|&(xx, yy)| (self.data[yy * w + xx] - stars.sky) as f64).fold(f64::INFINITY, f64::min);
+                (p > 0.0 && n.is_finite()).then(|| n / p)
+            })
+            .collect();
+        if shares.len() < MIN_FLOOR_STARS {
+            return neighbour_floor(SIGMA_MARGIN * sigma);
+        }
+        shares.sort_by(f64::total_cmp);
+        let low = shares[shares.len() / 20];
+        model.min(STAR_FLOOR_SHARE * low)
     }
 }
 
@@ -363,7 +473,7 @@ mod tests {
                 tracks += 1;
             }
             let before = data.clone();
-            let r = repair_data(&mut data, w, w, 1.0, sigma, None).expect("within the share");
+            let r = repair_data(&mut data, w, w, 1.0, neighbour_floor(sigma), None).expect("within the share");
             // Every star's 5 × 5 core untouched.
             for (sx, sy) in &stars {
                 for y in (*sy as i64 - 2)..=(*sy as i64 + 2) {
@@ -398,12 +508,46 @@ mod tests {
     }
 
     #[test]
+    fn a_seeing_that_reads_high_takes_no_star_as_its_own_stars_bound_the_floor() {
+        // Stars of σ 1.06 px (FWHM 2.5) whose header says FWHM 2.9: the floor of that σ (0.52)
+        // is above what pixel-integrated stars of the true σ give their faintest neighbour
+        // (about 0.44), and their bright cores would be taken; the stars' own shares hold it.
+        let sigma = 1.06;
+        let (data, w, stars) = frame(21, sigma);
+        let mut header = super::super::image::ImageHeader { gain: Some(1.0), seeing: Some(2.9), ..Default::default() };
+        let img = |data: Vec<f32>, header: &super::super::image::ImageHeader| Image { path: "test.fits".into(), width: w, height: w, data, header: header.clone(), warnings: Vec::new() };
+        let floor = img(data.clone(), &header).neighbour_floor(2.9 / super::super::frame::FWHM_PER_SIGMA);
+        assert!(floor < neighbour_floor(2.9 / super::super::frame::FWHM_PER_SIGMA) && floor < 0.44, "floor {floor}");
+        let mut with_hot = data.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+        let mut hot = Vec::new();
+        while hot.len() < 20 {
+            let (x, y) = (rng.gen_range(10..w - 10), rng.gen_range(10..w - 10));
+            if stars.iter().all(|(sx, sy)| (sx - x as f64).hypot(sy - y as f64) > 10.0) {
+                with_hot[y * w + x] += 5000.0;
+                hot.push(y * w + x);
+            }
+        }
+        let mut im = img(with_hot, &header);
+        let r = im.repair_sharp();
+        // Every hot pixel; beside them, at most a noise pixel or two that the 3σ pass takes;
+        // nothing on a star.
+        assert!(hot.iter().all(|p| r.pixels.contains(p)), "{:?} of {hot:?}", r.pixels);
+        let beside = |p: usize| hot.iter().any(|&q| (p % w).abs_diff(q % w) <= 2 && (p / w).abs_diff(q / w) <= 2);
+        assert!(r.pixels.iter().all(|&p| beside(p)) && r.pixels.len() <= hot.len() + 2, "{:?}", r.pixels);
+        // Without enough stars to bound it, the floor is that of 0.8 σ.
+        header.seeing = Some(2.9);
+        let sparse = Image { data: vec![500.0; w * w], ..img(data, &header) };
+        assert_eq!(sparse.neighbour_floor(1.2), neighbour_floor(SIGMA_MARGIN * 1.2));
+    }
+
+    #[test]
     fn pure_noise_loses_no_pixel_and_too_many_sharp_pixels_repair_none() {
         // Pure Gaussian noise of any level: a 5σ deficit against a 5σ pixel cannot happen.
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let n = Normal::new(1000.0f32, 30.0).unwrap();
         let mut data: Vec<f32> = (0..512 * 512).map(|_| n.sample(&mut rng)).collect();
-        let r = repair_data(&mut data, 512, 512, 1.0, 1.0, None).unwrap();
+        let r = repair_data(&mut data, 512, 512, 1.0, neighbour_floor(1.0), None).unwrap();
         assert!(r.is_empty(), "{} noise pixels repaired", r.len());
         // More sharp pixels than MAX_REPAIRED_SHARE of the image: nothing is repaired.
         let (mut data, w, _) = frame(9, 1.0);
@@ -413,7 +557,7 @@ mod tests {
             data[i] += 5000.0;
         }
         let before = data.clone();
-        let r = repair_data(&mut data, w, w, 1.0, 1.0, None);
+        let r = repair_data(&mut data, w, w, 1.0, neighbour_floor(1.0), None);
         assert!(matches!(r, Err(n) if n as f64 > MAX_REPAIRED_SHARE * (w * w) as f64), "{r:?}");
         assert_eq!(data, before);
     }
