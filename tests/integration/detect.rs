@@ -3,7 +3,8 @@
 //! injected; the score image has unit scatter; the GPU engine gives the CPU engine's catalogue
 //! (its cutout kernels, and the Alard–Lupton frame kernels);
 //! folders that are not nights get an error that names the file, never a panic; stacks of
-//! several nights find the faint steady transients single frames miss (issue 5).
+//! several nights find the faint steady transients single frames miss (issue 5); cosmic rays
+//! and hot pixels are repaired before they are convolved.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -606,4 +607,38 @@ fn stacks_of_nights_find_what_single_frames_miss() {
     let med = r[r.len() / 2];
     eprintln!("epochs {e}/{ne}, 3n {s3}/{n3}, 10n {s10}/{n10}, score / ideal SNR median {med:.3} ({} targets)", r.len());
     assert!((0.85..1.15).contains(&med), "stack score / ideal SNR: median {med}");
+}
+
+#[test]
+fn cosmic_rays_and_hot_pixels_are_repaired_before_the_subtraction() {
+    // Science frames sharper than the template, so they are the images convolved, and ten
+    // times the usual cosmic rays: without the repair the kernel spreads each one into a
+    // star-shaped blob with rings.
+    let mut c = SimConfig { width: 512, height: 384, nights: 1, epochs_per_night: 2, seed: 17, ..Default::default() };
+    (c.transients.fast, c.transients.sn, c.transients.slow, c.variables.count) = (0, 25, 0, 0);
+    c.artifacts.cosmic_rays_per_mpix = 200.0;
+    c.template.fwhm_scale = 1.3;
+    c.alerts.enabled = false;
+    let dir = tmp("repair");
+    simulate(&c, &dir, &mut |_| {}).expect("simulate");
+    let truth = truth::read(&dir.join("truth.csv")).expect("truth");
+    let measure = |repair: bool| {
+        let run = detect_with(Box::new(CpuEngine::new()), &dir, FrameOptions { repair, stack_windows: Vec::new(), ..FrameOptions::default() });
+        let dets: Vec<Detection> = run.detections().cloned().collect();
+        let frames: Vec<String> = run.frames.iter().map(|f| f.frame.clone()).collect();
+        let m = match_night(&dets, &truth, &frames, MATCH_RADIUS_PX);
+        let artifacts: Vec<&Detection> = m.false_positives.iter().filter(|f| f.class == matching::FpClass::Artifact).map(|f| &dets[f.detection]).collect();
+        let unflagged = artifacts.iter().filter(|d| d.flags & blink::detect::catalog::ARTIFACT_FLAGS == 0).count();
+        let found: Vec<u64> = m.targets.iter().filter(|t| t.detection.is_some() && t.truth.snr.map(f64::abs).unwrap_or(0.0) >= 10.0).map(|t| t.truth.id).collect();
+        (artifacts.len(), unflagged, found, run.frames.iter().map(|f| f.score_sigma).collect::<Vec<_>>())
+    };
+    let (kept, kept_unflagged, found_kept, _) = measure(false);
+    let (left, left_unflagged, found, sigma) = measure(true);
+    assert!(kept >= 60, "the night should have its artifacts detected without the repair: {kept}");
+    assert!(left * 10 <= kept, "{left} detections at artifacts with the repair, {kept} without");
+    assert!(left_unflagged <= kept_unflagged.max(1), "unflagged at artifacts: {left_unflagged} with the repair, {kept_unflagged} without");
+    // Nothing real lost: every bright target found without the repair is found with it.
+    let lost: Vec<&u64> = found_kept.iter().filter(|id| !found.contains(id)).collect();
+    assert!(lost.is_empty(), "targets of |SNR| ≥ 10 lost to the repair: {lost:?}");
+    assert!(sigma.iter().all(|s| (0.95..1.05).contains(s)), "score σ {sigma:?}");
 }
