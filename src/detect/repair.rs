@@ -14,23 +14,26 @@
 //!
 //! The test is the one `sharp_in_science` applies ([`sharp_pixel`]): a pixel at ≥ 5σ above the
 //! local sky, the brightest of its 3 × 3, whose faintest 4-neighbour falls short by 5σ of the
-//! least a point source's brightest pixel gives its neighbour, `exp(−1/σ²)` of it (σ the PSF's
-//! Gaussian σ). Pixel integration only raises a star's neighbours, so no star is taken. A
-//! track of a cosmic ray is taken pixel by pixel: each pass tests the neighbours of what the last
-//! found (flagged pixels no longer count as neighbours), at [`GROW_SIGMA`] ([`MAX_PASSES`]). A repaired pixel takes the median of the
-//! linear interpolations across it along its row, its column and its diagonals (the nearest good
-//! pixels within [`INTERP_REACH`]). Saturated pixels are left to the saturation mask.
+//! least share of a point source's brightest pixel its neighbour gets, `exp(−1/σ²)` for a PSF
+//! of Gaussian σ ([`neighbour_floor`]; held under what the image's own stars show,
+//! [`STAR_FLOOR_SHARE`]). Pixel integration only raises a star's neighbours, so no star is
+//! taken. A cosmic ray's track is taken pixel by pixel: each pass tests the pixels within 2 px
+//! of what the last one found, at [`GROW_SIGMA`] ([`MAX_PASSES`]); pixels found drop out of
+//! every later test, as neighbours too. Once all are found, each takes the median of the linear
+//! interpolations across it along its row, its column and its diagonals (the nearest good
+//! pixels within [`INTERP_REACH`]). Saturated pixels are left to the saturation mask. Nothing
+//! is repaired where more than [`MAX_REPAIRED_SHARE`] of the image would be.
 //!
 //! Written here, not taken from a crate: the test needs the image's PSF width and gain, and no
 //! maintained Rust crate does cosmic-ray rejection (L.A.Cosmic, astroscrappy are Python/C).
 
 use super::image::{robust_stats, Image};
 
-/// Passes of test and repair: a cosmic-ray track is found a pixel or two further each pass.
+/// Passes of the test: a cosmic-ray track is found a pixel or two further each pass.
 pub const MAX_PASSES: usize = 32;
-/// The test's threshold, σ, for pixels within 2 px of one already repaired: the rest of a
+/// The test's threshold, σ, for pixels within 2 px of one already found: the rest of a
 /// cosmic ray's track, whose pixels share its charge and may each be under 5σ (the matched
-/// filter sums them). Only pixels beside a repaired one are tested at it, so the pure-noise rate
+/// filter sums them). Only pixels beside one found are tested at it, so the pure-noise rate
 /// of a 3σ deficit (about 1e-3 of those tested) repairs a pixel or two an image.
 pub const GROW_SIGMA: f64 = 3.0;
 /// A detection within this many pixels (Chebyshev) of a repaired pixel is flagged `sharp`.
