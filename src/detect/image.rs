@@ -387,11 +387,19 @@ pub(crate) fn isolated_stars(img: &Image, r: usize) -> Option<Stars> {
 /// `2·sqrt(A/π)` with `A` the number of pixels above half the peak (sky subtracted): the FWHM
 /// whatever the profile's wings. Returns `None` with fewer than 5 usable stars.
 pub fn estimate_fwhm(img: &Image) -> Option<f64> {
+    estimate_fwhm_from(img, &isolated_stars(img, FWHM_STAR_RADIUS)?)
+}
+
+/// Isolation radius of the stars [`estimate_fwhm`] measures.
+pub(crate) const FWHM_STAR_RADIUS: usize = 7;
+
+/// [`estimate_fwhm`] on stars already found (`isolated_stars(img, FWHM_STAR_RADIUS)`).
+pub(crate) fn estimate_fwhm_from(img: &Image, found: &Stars) -> Option<f64> {
     let w = img.width;
-    let r = 7usize;
-    let Stars { at: stars, sky } = isolated_stars(img, r)?;
+    let r = FWHM_STAR_RADIUS;
+    let (stars, sky) = (&found.at, found.sky);
     let mut fwhms = Vec::new();
-    for (x, y) in stars {
+    for &(x, y) in stars {
         let half = 0.5 * (img.data[y * w + x] - sky);
         let mut area = 0usize;
         for yy in y - r..=y + r {

@@ -359,10 +359,19 @@ impl Image {
     pub fn repair_sharp(&mut self) -> Repaired {
         let t0 = std::time::Instant::now();
         let none = Repaired { width: self.width, pixels: Vec::new() };
-        let Ok(fwhm) = self.fwhm() else { return none };
+        // The stars are found once: for the seeing where the header has none, and for the floor.
+        let stars = super::image::isolated_stars(self, super::image::FWHM_STAR_RADIUS);
+        let fwhm = match (self.header.seeing, &stars) {
+            (Some(s), _) => s,
+            (None, Some(st)) => match super::image::estimate_fwhm_from(self, st) {
+                Some(f) => f,
+                None => return none,
+            },
+            (None, None) => return none,
+        };
         let gain = self.gain_or_estimate();
         let sat = self.header.saturate.map(|s| s as f32 * 0.999);
-        let g = self.neighbour_floor(fwhm / super::frame::FWHM_PER_SIGMA);
+        let g = self.neighbour_floor(fwhm / super::frame::FWHM_PER_SIGMA, stars.as_ref());
         let (w, h) = (self.width, self.height);
         match repair_data(&mut self.data, w, h, gain, g, sat) {
             Ok(r) => {
@@ -379,10 +388,11 @@ impl Image {
     /// The neighbour floor the test uses on this image: [`neighbour_floor`] of the PSF's σ, or
     /// less where the image's own bright stars show less ([`STAR_FLOOR_SHARE`] of the 5th
     /// percentile of their faintest-neighbour shares, with at least [`MIN_FLOOR_STARS`]);
-    /// without that many stars, of [`SIGMA_MARGIN`] × σ.
-    fn neighbour_floor(&self, sigma: f64) -> f64 {
+    /// without that many stars (or none found: `stars`, those the seeing is estimated from), of
+    /// [`SIGMA_MARGIN`] × σ.
+    fn neighbour_floor(&self, sigma: f64, stars: Option<&super::image::Stars>) -> f64 {
         let model = neighbour_floor(sigma);
-        let Some(stars) = super::image::isolated_stars(self, 7) else { return neighbour_floor(SIGMA_MARGIN * sigma) };
+        let Some(stars) = stars else { return neighbour_floor(SIGMA_MARGIN * sigma) };
         let w = self.width;
         let mut shares: Vec<f64> = stars
             .at
@@ -519,7 +529,8 @@ mod tests {
         let (data, w, stars) = frame(21, sigma);
         let mut header = super::super::image::ImageHeader { gain: Some(1.0), seeing: Some(2.9), ..Default::default() };
         let img = |data: Vec<f32>, header: &super::super::image::ImageHeader| Image { path: "test.fits".into(), width: w, height: w, data, header: header.clone(), warnings: Vec::new() };
-        let floor = img(data.clone(), &header).neighbour_floor(2.9 / super::super::frame::FWHM_PER_SIGMA);
+        let im0 = img(data.clone(), &header);
+        let floor = im0.neighbour_floor(2.9 / super::super::frame::FWHM_PER_SIGMA, super::super::image::isolated_stars(&im0, 7).as_ref());
         assert!(floor < neighbour_floor(2.9 / super::super::frame::FWHM_PER_SIGMA) && floor < 0.44, "floor {floor}");
         let mut with_hot = data.clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(22);
@@ -541,7 +552,7 @@ mod tests {
         // Without enough stars to bound it, the floor is that of 0.8 σ.
         header.seeing = Some(2.9);
         let sparse = Image { data: vec![500.0; w * w], ..img(data, &header) };
-        assert_eq!(sparse.neighbour_floor(1.2), neighbour_floor(SIGMA_MARGIN * 1.2));
+        assert_eq!(sparse.neighbour_floor(1.2, super::super::image::isolated_stars(&sparse, 7).as_ref()), neighbour_floor(SIGMA_MARGIN * 1.2));
     }
 
     #[test]
